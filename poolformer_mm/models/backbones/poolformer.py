@@ -1,0 +1,238 @@
+"""PoolFormer (arXiv 2111.11418) as a dense-prediction backbone for mmdet / mmseg."""
+import copy
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint as cp
+from mmcv.cnn import build_norm_layer
+from mmengine.logging import print_log
+from mmengine.model import BaseModule
+from mmengine.registry import MODELS
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..layers import ConvMlp, ConvPatchEmbed, MetaFormerBlock, build_token_mixer
+from ..pretrained import load_backbone_weights
+
+
+class MetaFormerStage(nn.Module):
+    """An optional downsampling layer followed by a sequence of MetaFormer blocks."""
+
+    def __init__(self, downsample: Optional[nn.Module], blocks: Sequence[nn.Module],
+                 with_cp: bool = False):
+        super().__init__()
+        self.downsample = downsample
+        self.blocks = nn.ModuleList(blocks)
+        self.with_cp = with_cp
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.downsample is not None:
+            x = self.downsample(x)
+        for block in self.blocks:
+            if self.with_cp and x.requires_grad:
+                x = cp.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+
+@MODELS.register_module()
+class PoolFormer(BaseModule):
+    """PoolFormer backbone for dense prediction (detection, segmentation).
+
+    A MetaFormer with pooling as token mixer: a 7x7/4 convolutional stem, four stages of
+    MetaFormer blocks separated by 3x3/2 convolutions, and a GroupNorm on every returned stage
+    output ("output norm"). Outputs have strides 4, 8, 16 and 32.
+
+    Args:
+        arch (str | dict): 's12', 's24', 's36', 'm36', 'm48', or a dict with ``layers``
+            (blocks per stage), ``embed_dims``, ``mlp_ratios`` and ``layer_scale_init_value``.
+            Default: 's12'.
+        in_channels (int): Input image channels. Default: 3.
+        pool_size (int): Window of the pooling token mixer. Default: 3.
+        token_mixers (str | dict | Sequence): Token mixer for all stages, or one per stage, as a
+            name ('pool', 'identity', 'dwconv') or a dict with ``type``. Default: 'pool'.
+        norm_cfg (dict): Norm of the blocks and the output norms. Default: GroupNorm with one
+            group, i.e. normalisation over (C, H, W) with a per-channel affine.
+        act_cfg (dict): Activation of the MLPs. Default: ``dict(type='GELU')``.
+        drop_path_rate (float): Stochastic depth rate of the last block; it grows linearly from 0
+            over all blocks. Default: 0.
+        layer_scale_init_value (float, optional): Overrides the arch's initial layer scale.
+            Default: None (use the arch's value).
+        out_indices (Sequence[int]): Stages (0-3) whose outputs are returned. Only these stages
+            get an output norm, so no parameter is left unused. Default: (0, 1, 2, 3).
+        frozen_stages (int): -1 freezes nothing, 0 freezes the stem, k >= 1 freezes the stem and
+            the first k stages (their parameters stop training, their norms stay in eval mode).
+            Default: -1.
+        norm_eval (bool): Keep batch-statistics norms (BatchNorm) in eval mode while training.
+            GroupNorm has no running statistics, so this only matters with a BN ``norm_cfg``.
+            Default: False.
+        with_cp (bool): Gradient checkpointing per block: saves activation memory, costs a
+            second forward pass. Default: False.
+        init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=PATH)`` loads the official
+            ImageNet file, an mmpretrain or timm checkpoint, or an mmengine checkpoint of this
+            backbone or a whole detector/segmentor. Default: None (the paper's initialisation).
+
+    Example:
+        >>> import torch
+        >>> from poolformer_mm.models import PoolFormer
+        >>> model = PoolFormer('s12')
+        >>> [tuple(o.shape) for o in model(torch.rand(1, 3, 224, 224))]
+        [(1, 64, 56, 56), (1, 128, 28, 28), (1, 320, 14, 14), (1, 512, 7, 7)]
+    """
+
+    arch_settings: Dict[str, dict] = {
+        's12': dict(layers=[2, 2, 6, 2], embed_dims=[64, 128, 320, 512],
+                    mlp_ratios=[4, 4, 4, 4], layer_scale_init_value=1e-5),
+        's24': dict(layers=[4, 4, 12, 4], embed_dims=[64, 128, 320, 512],
+                    mlp_ratios=[4, 4, 4, 4], layer_scale_init_value=1e-5),
+        's36': dict(layers=[6, 6, 18, 6], embed_dims=[64, 128, 320, 512],
+                    mlp_ratios=[4, 4, 4, 4], layer_scale_init_value=1e-6),
+        'm36': dict(layers=[6, 6, 18, 6], embed_dims=[96, 192, 384, 768],
+                    mlp_ratios=[4, 4, 4, 4], layer_scale_init_value=1e-6),
+        'm48': dict(layers=[8, 8, 24, 8], embed_dims=[96, 192, 384, 768],
+                    mlp_ratios=[4, 4, 4, 4], layer_scale_init_value=1e-6),
+    }
+    num_stages = 4
+
+    def __init__(self,
+                 arch: Union[str, dict] = 's12',
+                 in_channels: int = 3,
+                 pool_size: int = 3,
+                 token_mixers: Union[str, dict, Sequence] = 'pool',
+                 norm_cfg: dict = dict(type='GN', num_groups=1),
+                 act_cfg: dict = dict(type='GELU'),
+                 drop_path_rate: float = 0.,
+                 layer_scale_init_value: Optional[float] = None,
+                 out_indices: Sequence[int] = (0, 1, 2, 3),
+                 frozen_stages: int = -1,
+                 norm_eval: bool = False,
+                 with_cp: bool = False,
+                 init_cfg: Optional[dict] = None):
+        super().__init__(init_cfg=init_cfg)
+        self.arch = self._resolve_arch(arch)
+        if layer_scale_init_value is not None:
+            self.arch['layer_scale_init_value'] = layer_scale_init_value
+        layers, embed_dims = self.arch['layers'], self.arch['embed_dims']
+        self.embed_dims = list(embed_dims)
+
+        self.out_indices = self._check_out_indices(out_indices)
+        if not -1 <= frozen_stages <= self.num_stages:
+            raise ValueError(f'frozen_stages must be in [-1, {self.num_stages}], got {frozen_stages}')
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+        self.with_cp = with_cp
+
+        mixers = self._per_stage(token_mixers, 'token_mixers')
+        mixers = [dict(type='pool', pool_size=pool_size) if m == 'pool' else m for m in mixers]
+
+        self.stem = ConvPatchEmbed(in_channels, embed_dims[0], kernel_size=7, stride=4, padding=2)
+        drop_path_rates = torch.linspace(0, drop_path_rate, sum(layers)).tolist()
+        self.stages = nn.ModuleList()
+        for i in range(self.num_stages):
+            downsample = None if i == 0 else ConvPatchEmbed(
+                embed_dims[i - 1], embed_dims[i], kernel_size=3, stride=2, padding=1)
+            first = sum(layers[:i])
+            blocks = [
+                MetaFormerBlock(
+                    embed_dims[i],
+                    token_mixer=build_token_mixer(mixers[i], embed_dims[i]),
+                    mlp_ratio=self.arch['mlp_ratios'][i],
+                    norm_cfg=norm_cfg,
+                    act_cfg=act_cfg,
+                    drop_path=drop_path_rates[first + j],
+                    layer_scale_init_value=self.arch['layer_scale_init_value'])
+                for j in range(layers[i])
+            ]
+            self.stages.append(MetaFormerStage(downsample, blocks, with_cp=with_cp))
+        self.output_norms = nn.ModuleDict({
+            str(i): build_norm_layer(norm_cfg, embed_dims[i])[1]
+            for i in self.out_indices
+        })
+        self._freeze_stages()
+
+    # ---------------------------------------------------------------- construction helpers
+    @classmethod
+    def _resolve_arch(cls, arch: Union[str, dict]) -> dict:
+        if isinstance(arch, str):
+            if arch.lower() not in cls.arch_settings:
+                raise ValueError(f"unknown PoolFormer arch '{arch}'; choose one of "
+                                 f'{sorted(cls.arch_settings)} or pass a dict with layers, '
+                                 'embed_dims, mlp_ratios and layer_scale_init_value')
+            return copy.deepcopy(cls.arch_settings[arch.lower()])
+        if not isinstance(arch, dict):
+            raise TypeError(f'arch must be a str or a dict, got {type(arch).__name__}')
+        required = {'layers', 'embed_dims', 'mlp_ratios', 'layer_scale_init_value'}
+        if set(arch) != required:
+            raise ValueError(f'a custom arch needs exactly the keys {sorted(required)}, '
+                             f'got {sorted(arch)}')
+        for key in ('layers', 'embed_dims', 'mlp_ratios'):
+            if len(arch[key]) != cls.num_stages:
+                raise ValueError(f'arch[{key!r}] needs {cls.num_stages} entries, got {arch[key]}')
+        return copy.deepcopy(dict(arch))
+
+    @classmethod
+    def _check_out_indices(cls, out_indices) -> Tuple[int, ...]:
+        out_indices = (out_indices, ) if isinstance(out_indices, int) else tuple(out_indices)
+        if not out_indices or any(not 0 <= i < cls.num_stages for i in out_indices):
+            raise ValueError(f'out_indices must be stage indices in [0, {cls.num_stages - 1}], '
+                             f'got {out_indices}')
+        return tuple(sorted(set(out_indices)))
+
+    @classmethod
+    def _per_stage(cls, value, name: str) -> list:
+        if isinstance(value, (str, dict)):
+            return [value] * cls.num_stages
+        value = list(value)
+        if len(value) != cls.num_stages:
+            raise ValueError(f'{name} needs one entry per stage ({cls.num_stages}), got {value}')
+        return value
+
+    # ---------------------------------------------------------------- weights
+    def init_weights(self) -> None:
+        if self.init_cfg is not None and self.init_cfg.get('type') == 'Pretrained':
+            load_backbone_weights(self, self.init_cfg['checkpoint'])
+            self._is_init = True
+            return
+        for module in self.modules():
+            if isinstance(module, ConvMlp):
+                module.init_weights()
+        if self.init_cfg is None:
+            # Nothing else to initialise; skip mmengine's per-parameter report of no changes.
+            self._is_init = True
+        else:
+            super().init_weights()
+
+    # ---------------------------------------------------------------- train / freeze
+    def _frozen_modules(self):
+        if self.frozen_stages >= 0:
+            yield self.stem
+        for i in range(min(self.frozen_stages, self.num_stages)):
+            yield self.stages[i]
+            if str(i) in self.output_norms:
+                yield self.output_norms[str(i)]
+
+    def _freeze_stages(self) -> None:
+        for module in self._frozen_modules():
+            module.eval()
+            for param in module.parameters():
+                param.requires_grad = False
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for module in self.modules():
+                if isinstance(module, _BatchNorm):
+                    module.eval()
+        return self
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        x = self.stem(x)
+        outs = []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i in self.out_indices:
+                outs.append(self.output_norms[str(i)](x))
+        return tuple(outs)

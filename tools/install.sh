@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Set up (or check) the poolformer-mm environment: a virtual environment with the official
+# OpenMMLab stack (torch, mmengine, mmcv, mmdet, mmsegmentation) and this package in editable mode.
+#
+#   VENV=.venv                 where the environment lives (created when missing)
+#   PYTHON=python3             interpreter used to create it
+#   MMCV_WHEELHOUSE=DIR        optional folder holding a prebuilt mmcv 2.1.0 wheel; it is passed as
+#                              --find-links to the mmcv step only (a global PIP_FIND_LINKS would
+#                              replace pip's own find-links and can pull a multi-GB CUDA torch).
+#
+# A second run with everything present only checks versions and takes seconds.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VENV:-$here/.venv}"
+PYTHON="${PYTHON:-python3}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "[install] creating virtual environment $VENV"
+    "$PYTHON" -m venv "$VENV"
+fi
+py="$VENV/bin/python"
+pip_install() { "$py" -m pip install --disable-pip-version-check -q "$@"; }
+
+# True when the installed distribution $1 satisfies the requirement specifier $2 (e.g. '>=2.1,<2.14').
+have() {
+    "$py" - "$1" "$2" <<'PY' 2>/dev/null
+import sys
+from importlib.metadata import version, PackageNotFoundError
+try:
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+except ImportError:
+    from pip._vendor.packaging.specifiers import SpecifierSet
+    from pip._vendor.packaging.version import Version
+try:
+    installed = Version(version(sys.argv[1]))
+except PackageNotFoundError:
+    sys.exit(1)
+spec = SpecifierSet(sys.argv[2])
+spec.prereleases = True
+sys.exit(0 if installed in spec else 1)
+PY
+}
+
+# torch >= 2.14 needs C++20 and breaks the mmcv 2.1.0 build; keep a compatible torch if present.
+if have torch '>=2.1,<2.14'; then
+    echo "[install] torch $("$py" -c 'import torch; print(torch.__version__)') already present"
+else
+    echo "[install] installing torch==2.13.0"
+    pip_install torch==2.13.0
+fi
+
+# mmcv's setup.py and mmengine's 'mmdet::' config inheritance import pkg_resources (gone in setuptools 82).
+have setuptools '<82' && have wheel '>=0' && have ninja '>=0' && have psutil '>=0' \
+    || pip_install 'setuptools<82' wheel ninja psutil
+
+if have mmcv '==2.1.0' && "$py" -c 'import mmcv.ops' 2>/dev/null; then
+    echo "[install] mmcv 2.1.0 (with ops) already present"
+else
+    find_links=()
+    if [ -n "${MMCV_WHEELHOUSE:-}" ] && [ -d "$MMCV_WHEELHOUSE" ]; then
+        echo "[install] mmcv 2.1.0: looking for a prebuilt wheel in $MMCV_WHEELHOUSE"
+        find_links=(--find-links "$MMCV_WHEELHOUSE")
+    else
+        echo "[install] mmcv 2.1.0: no prebuilt wheel given (MMCV_WHEELHOUSE); pip uses its cache or"
+        echo "[install] builds ~77 C++ files from source: 20-40 min on 2 cores. It is not hung."
+    fi
+    MAX_JOBS="${MAX_JOBS:-$(nproc)}" pip_install --no-build-isolation "${find_links[@]}" mmcv==2.1.0
+fi
+
+missing=()
+have mmengine '==0.10.7' || missing+=(mmengine==0.10.7)
+have mmdet '==3.3.0' || missing+=(mmdet==3.3.0)
+have mmsegmentation '==1.2.2' || missing+=(mmsegmentation==1.2.2)
+# mmseg 1.2.2 imports ftfy and regex at start-up without declaring them.
+for pkg in pycocotools ftfy regex pytest; do have "$pkg" '>=0' || missing+=("$pkg"); done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "[install] installing ${missing[*]}"
+    pip_install "${missing[@]}"
+fi
+
+if ! (cd / && "$py" -c "import sys, poolformer_mm; sys.exit(not poolformer_mm.__file__.startswith('$here/'))") 2>/dev/null; then
+    echo "[install] installing poolformer_mm (editable)"
+    pip_install --no-build-isolation --no-deps -e "$here"
+fi
+echo "[install] environment ready: $VENV"
