@@ -9,6 +9,7 @@ from .version import __version__
 
 register_safe_checkpoint_globals()
 
+from . import engine  # noqa: E402,F401  (registers BF16AutocastOptimWrapper)
 from .models import PoolFormer  # noqa: E402  (registers the backbone)
 
 __all__ = ['PoolFormer', '__version__']

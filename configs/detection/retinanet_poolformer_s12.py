@@ -1,0 +1,19 @@
+# RetinaNet with a PoolFormer-S12 backbone on COCO (paper Table 3): 1x schedule, AdamW.
+_base_ = 'mmdet::retinanet/retinanet_r50_fpn_1x_coco.py'
+custom_imports = dict(imports=['poolformer_mm'], allow_failed_imports=False)
+
+model = dict(
+    backbone=dict(
+        _delete_=True,
+        type='PoolFormer',
+        arch='s12',
+        # Only the last three stages feed the FPN; the backbone builds no output norm for
+        # stage 0, so DDP needs no find_unused_parameters.
+        out_indices=(1, 2, 3),
+        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/poolformer_s12.pth.tar')),
+    neck=dict(in_channels=[128, 320, 512], start_level=0, add_extra_convs='on_input', num_outs=5))
+
+optim_wrapper = dict(
+    _delete_=True,
+    type='OptimWrapper',
+    optimizer=dict(type='AdamW', lr=1e-4, weight_decay=1e-4))

@@ -1,0 +1,37 @@
+# Semantic FPN with a PoolFormer-S12 backbone on ADE20K (paper Table 6): 40k iterations, AdamW.
+_base_ = [
+    'mmseg::_base_/models/fpn_r50.py', 'mmseg::_base_/datasets/ade20k.py',
+    'mmseg::_base_/default_runtime.py', 'mmseg::_base_/schedules/schedule_40k.py'
+]
+custom_imports = dict(imports=['poolformer_mm'], allow_failed_imports=False)
+
+crop_size = (512, 512)
+model = dict(
+    pretrained=None,
+    data_preprocessor=dict(size=crop_size),
+    backbone=dict(
+        _delete_=True,
+        type='PoolFormer',
+        arch='s12',
+        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/poolformer_s12.pth.tar')),
+    neck=dict(in_channels=[64, 128, 320, 512]),
+    decode_head=dict(num_classes=150))
+
+# Test at short side 512, then round the size up to a multiple of 32 (mIoU drops about one
+# point without the rounding).
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=(2048, 512), keep_ratio=True),
+    dict(type='ResizeToMultiple', size_divisor=32),
+    dict(type='LoadAnnotations', reduce_zero_label=True),
+    dict(type='PackSegInputs')
+]
+val_dataloader = dict(dataset=dict(pipeline=test_pipeline))
+test_dataloader = val_dataloader
+
+# 8 GPUs x 4 images = batch 32 (the base's batch_size is 4 per GPU).
+optim_wrapper = dict(
+    _delete_=True,
+    type='OptimWrapper',
+    optimizer=dict(type='AdamW', lr=2e-4, weight_decay=1e-4))
+param_scheduler = [dict(type='PolyLR', power=0.9, eta_min=0.0, begin=0, end=40000, by_epoch=False)]

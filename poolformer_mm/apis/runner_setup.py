@@ -1,0 +1,201 @@
+"""Turn the command-line flags of tools/train.py and tools/test.py into config changes.
+
+The flags are those of mmdet 3.3's and mmseg 1.2's scripts, plus ``--eval`` (the old style) and
+``--data-root``. Which upstream behaviour applies is read from the config's ``default_scope``.
+"""
+import argparse
+import copy
+import json
+import os
+import os.path as osp
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import torch
+from mmengine.config import Config, DictAction
+
+from .data_checks import check_data_roots, override_data_root
+from .eval_metrics import DETECTION_METRICS, SEGMENTATION_METRICS, set_eval_metrics, task_of
+
+
+def _common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--work-dir', help='where logs and checkpoints go '
+                        '(default: ./work_dirs/<config name>)')
+    parser.add_argument('--data-root', help='use this data root for every dataset of the config')
+    parser.add_argument(
+        '--cfg-options', nargs='+', action=DictAction,
+        help='override config entries, e.g. model.backbone.init_cfg=None (key=value pairs)')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
+                        default='none', help='job launcher')
+    # torch.distributed.launch passes --local-rank (torch >= 2.0) or --local_rank
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+
+
+def train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description='Train a detector or segmentor')
+    parser.add_argument('config', help='config file')
+    parser.add_argument('--amp', action='store_true',
+                        help='mixed precision: fp16 AMP on GPU, bf16 autocast on CPU')
+    parser.add_argument('--auto-scale-lr', action='store_true',
+                        help='scale the learning rate by (total batch / auto_scale_lr.base_batch_size)')
+    parser.add_argument(
+        '--resume', nargs='?', type=str, const='auto',
+        help='resume from CHECKPOINT, or from the latest checkpoint in the work dir if no '
+        'checkpoint is given')
+    _common_arguments(parser)
+    return parser
+
+
+def test_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description='Test (and evaluate) a detector or segmentor')
+    parser.add_argument('config', help='config file')
+    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument(
+        '--eval', nargs='+', metavar='METRIC',
+        help=f'metrics to compute: {", ".join(DETECTION_METRICS)} (detection) or '
+        f'{", ".join(SEGMENTATION_METRICS)} (segmentation)')
+    parser.add_argument('--out', help='detection: dump predictions to this .pkl file; '
+                        'segmentation: save prediction PNGs to this folder')
+    parser.add_argument('--show', action='store_true', help='show results in a window')
+    parser.add_argument('--show-dir', help='write pictures of the results to this folder')
+    parser.add_argument('--wait-time', type=float, default=2, help='seconds a picture is shown')
+    parser.add_argument('--tta', action='store_true', help='test-time augmentation')
+    _common_arguments(parser)
+    return parser
+
+
+def _load_config(args) -> Config:
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    task_of(cfg)
+    cfg.launcher = args.launcher
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
+    if args.data_root:
+        override_data_root(cfg, args.data_root)
+    return cfg
+
+
+def _enable_amp(cfg: Config) -> None:
+    optim_wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
+    if optim_wrapper in ('AmpOptimWrapper', 'BF16AutocastOptimWrapper'):
+        return
+    if optim_wrapper != 'OptimWrapper':
+        raise ValueError(f'--amp works on an OptimWrapper, the config uses {optim_wrapper}')
+    if torch.cuda.is_available():
+        cfg.optim_wrapper.type = 'AmpOptimWrapper'
+        cfg.optim_wrapper.loss_scale = 'dynamic'
+    else:
+        # mmengine's AmpOptimWrapper asserts a GPU; see poolformer_mm.engine.
+        cfg.optim_wrapper.type = 'BF16AutocastOptimWrapper'
+
+
+def config_for_training(args) -> Config:
+    cfg = _load_config(args)
+    if args.amp:
+        _enable_amp(cfg)
+    if args.auto_scale_lr:
+        if 'base_batch_size' not in cfg.get('auto_scale_lr', {}):
+            raise RuntimeError('--auto-scale-lr needs auto_scale_lr=dict(base_batch_size=...) '
+                               'in the config')
+        cfg.auto_scale_lr.enable = True
+    if args.resume == 'auto':
+        cfg.resume, cfg.load_from = True, None
+    elif args.resume is not None:
+        if not osp.isfile(args.resume):
+            raise FileNotFoundError(f"--resume checkpoint '{args.resume}' not found")
+        cfg.resume, cfg.load_from = True, args.resume
+    check_data_roots(cfg, loaders=('train_dataloader', 'val_dataloader'))
+    return cfg
+
+
+def _enable_visualization(cfg: Config, args) -> None:
+    hook = cfg.default_hooks.get('visualization')
+    if hook is None:
+        raise RuntimeError('--show/--show-dir need a visualization hook in default_hooks')
+    hook['draw'] = True
+    if args.show:
+        hook['show'] = True
+        hook['wait_time'] = args.wait_time
+    if args.show_dir:
+        # absolute, so it is not nested under work_dir/<timestamp>/ as upstream does
+        show_dir = osp.abspath(args.show_dir)
+        if task_of(cfg) == 'mmdet':
+            hook['test_out_dir'] = show_dir
+        else:
+            cfg.visualizer['save_dir'] = show_dir
+    if task_of(cfg) == 'mmseg':
+        hook['interval'] = 1  # mmseg draws every 50th image by default; draw them all
+
+
+def _enable_tta(cfg: Config) -> None:
+    if task_of(cfg) == 'mmdet':
+        cfg.setdefault('tta_model', dict(
+            type='DetTTAModel',
+            tta_cfg=dict(nms=dict(type='nms', iou_threshold=0.5), max_per_img=100)))
+        if 'tta_pipeline' not in cfg:
+            # mmdet's default: the test pipeline with its packing step replaced by a flip TTA
+            pipeline = copy.deepcopy(list(cfg.test_dataloader.dataset.pipeline))
+            meta_keys = ('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor', 'flip',
+                         'flip_direction')
+            pipeline[-1] = dict(type='TestTimeAug', transforms=[
+                [dict(type='RandomFlip', prob=1.), dict(type='RandomFlip', prob=0.)],
+                [dict(type='PackDetInputs', meta_keys=meta_keys)]])
+            cfg.tta_pipeline = pipeline
+    elif 'tta_pipeline' not in cfg or 'tta_model' not in cfg:
+        raise RuntimeError('--tta needs tta_model and tta_pipeline in the config')
+    cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
+    cfg.tta_model.module = cfg.model
+    cfg.model = cfg.tta_model
+
+
+def config_for_testing(args) -> Config:
+    cfg = _load_config(args)
+    if not osp.isfile(args.checkpoint):
+        raise FileNotFoundError(f"checkpoint '{args.checkpoint}' not found")
+    cfg.load_from = args.checkpoint
+    if args.eval:
+        set_eval_metrics(cfg, args.eval)
+    if args.show or args.show_dir:
+        _enable_visualization(cfg, args)
+    if args.tta:
+        _enable_tta(cfg)
+    if args.out and task_of(cfg) == 'mmseg':
+        cfg.test_evaluator['output_dir'] = args.out
+        cfg.test_evaluator['keep_results'] = True
+    check_data_roots(cfg, loaders=('test_dataloader', ))
+    return cfg
+
+
+def build_runner(cfg: Config):
+    from mmengine.registry import RUNNERS
+    from mmengine.runner import Runner
+    return RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
+
+
+def run_training(argv: Optional[Sequence[str]] = None):
+    args = train_parser().parse_args(argv)
+    runner = build_runner(config_for_training(args))
+    runner.train()
+    return runner
+
+
+def run_testing(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
+    args = test_parser().parse_args(argv)
+    cfg = config_for_testing(args)
+    runner = build_runner(cfg)
+    if args.out and task_of(cfg) == 'mmdet':
+        from mmdet.evaluation import DumpDetResults
+        if not args.out.endswith(('.pkl', '.pickle')):
+            raise ValueError('--out for detection must be a .pkl or .pickle file')
+        runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
+    metrics = runner.test()
+    # One machine-readable line for scripts that drive this one (make demo, CI).
+    scalars = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
+    print('Test metrics: ' + json.dumps(scalars, sort_keys=True))
+    return metrics

@@ -1,0 +1,3 @@
+from .optim_wrapper import BF16AutocastOptimWrapper
+
+__all__ = ['BF16AutocastOptimWrapper']

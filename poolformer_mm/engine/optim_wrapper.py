@@ -1,0 +1,22 @@
+"""Mixed precision where mmengine's AmpOptimWrapper cannot go."""
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+from mmengine.optim import OptimWrapper
+from mmengine.registry import OPTIM_WRAPPERS
+
+
+@OPTIM_WRAPPERS.register_module()
+class BF16AutocastOptimWrapper(OptimWrapper):
+    """Runs the forward pass under ``torch.autocast('cpu', dtype=torch.bfloat16)``.
+
+    mmengine's ``AmpOptimWrapper`` asserts a CUDA/NPU/MLU/MUSA device, so ``--amp`` would die on a
+    CPU-only machine. bf16 has fp32's exponent range, so no loss scaling is needed. On CPUs
+    without bf16 units this is for correctness checks, not speed.
+    """
+
+    @contextmanager
+    def optim_context(self, model: nn.Module):
+        with super().optim_context(model), torch.autocast('cpu', dtype=torch.bfloat16):
+            yield
