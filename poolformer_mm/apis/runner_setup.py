@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from mmengine.config import Config, DictAction
 
+from .distributed import prepare_cpu_distributed
 from .data_checks import check_data_roots, override_data_root
 from .eval_metrics import DETECTION_METRICS, SEGMENTATION_METRICS, set_eval_metrics, task_of
 
@@ -175,6 +176,7 @@ def config_for_testing(args) -> Config:
 def build_runner(cfg: Config):
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
+    prepare_cpu_distributed(cfg)
     return RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
 
 

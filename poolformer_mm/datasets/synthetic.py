@@ -11,6 +11,7 @@ from typing import List, Tuple
 
 import cv2
 import numpy as np
+from pycocotools import mask as mask_utils
 
 TOY_COCO_CLASSES = ('circle', 'square', 'triangle')
 
@@ -62,16 +63,14 @@ def _draw_coco_split(root: str, split: str, num_images: int, size: int,
         for kind, polygon in _place_shapes(rng, size, 3, size * 0.12, size * 0.25):
             colour = [int(c) for c in rng.integers(0, 256, 3)]
             cv2.fillPoly(image, [np.round(polygon).astype(np.int32)], colour)
-            mask = np.zeros((size, size), np.uint8)
-            cv2.fillPoly(mask, [np.round(polygon).astype(np.int32)], 1)
-            ys, xs = np.nonzero(mask)
-            x0, y0 = float(xs.min()), float(ys.min())
+            segmentation = [np.round(polygon, 1).flatten().tolist()]
+            # Box and area as COCO defines them: from the polygon rasterised by pycocotools.
+            rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, size, size))
             annotations.append(dict(
                 id=len(annotations) + 1, image_id=image_id,
                 category_id=TOY_COCO_CLASSES.index(kind) + 1,
-                bbox=[x0, y0, float(xs.max()) + 1 - x0, float(ys.max()) + 1 - y0],
-                area=float(mask.sum()), iscrowd=0,
-                segmentation=[np.round(polygon, 1).flatten().tolist()]))
+                bbox=[round(float(v), 2) for v in mask_utils.toBbox(rle)],
+                area=float(mask_utils.area(rle)), iscrowd=0, segmentation=segmentation))
         file_name = f'{image_id:06d}.png'
         cv2.imwrite(osp.join(root, split, file_name), image)
         images.append(dict(id=image_id, file_name=file_name, width=size, height=size))

@@ -1,6 +1,6 @@
 # RetinaNet PoolFormer-S12 trained from scratch on the synthetic toy set written by
 # python tools/dataset_converters/make_toy_data.py coco data/toy_coco
-# (128x128 images of circles, squares and triangles): about 3 minutes on a 2-core CPU.
+# (128x128 images of circles, squares and triangles): about 4 minutes on a 2-core CPU.
 _base_ = '../retinanet_poolformer_s12.py'
 
 data_root = 'data/toy_coco/'
@@ -25,7 +25,7 @@ test_pipeline = [
          meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor'))
 ]
 train_dataloader = dict(
-    batch_size=4, num_workers=0, persistent_workers=False,
+    batch_size=2, num_workers=0, persistent_workers=False,
     dataset=dict(data_root=data_root, metainfo=metainfo, pipeline=train_pipeline,
                  ann_file='annotations/instances_train.json', data_prefix=dict(img='train/')))
 val_dataloader = dict(
@@ -36,7 +36,8 @@ test_dataloader = val_dataloader
 val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')
 test_evaluator = val_evaluator
 
-# From scratch on 48 images: higher lr, short warm-up, one step near the end.
+# From scratch on 48 images: batch 2 (more updates per minute), higher lr, short warm-up,
+# one step near the end.
 optim_wrapper = dict(optimizer=dict(lr=3e-4), clip_grad=dict(max_norm=10.))
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=48),
@@ -44,4 +45,5 @@ param_scheduler = [
 ]
 train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs)
 default_hooks = dict(logger=dict(interval=6), checkpoint=dict(interval=max_epochs // 2))
-auto_scale_lr = dict(base_batch_size=4)
+auto_scale_lr = dict(base_batch_size=2)
+randomness = dict(seed=0)

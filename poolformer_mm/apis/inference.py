@@ -1,0 +1,66 @@
+"""Draw a detector's or segmentor's predictions on image files, with the upstream visualisers."""
+import os
+import os.path as osp
+from typing import List, Sequence
+
+import mmcv
+from mmengine.config import Config
+
+from .eval_metrics import task_of
+
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
+
+
+def collect_images(inputs: Sequence[str]) -> List[str]:
+    """Image files given directly or found (non-recursively) in given folders, sorted."""
+    images = []
+    for path in inputs:
+        if osp.isdir(path):
+            images += sorted(osp.join(path, name) for name in os.listdir(path)
+                             if name.lower().endswith(IMAGE_SUFFIXES))
+        elif osp.isfile(path):
+            images.append(path)
+        else:
+            raise FileNotFoundError(f"input '{path}' is neither an image file nor a folder")
+    if not images:
+        raise FileNotFoundError(f'no images ({", ".join(IMAGE_SUFFIXES)}) found in {list(inputs)}')
+    return images
+
+
+def draw_predictions(config: str, checkpoint: str, inputs: Sequence[str], out_dir: str,
+                     device: str = 'cpu', score_thr: float = 0.3) -> List[str]:
+    """Run the model on every image of ``inputs`` and write one PNG per image to ``out_dir``.
+
+    Detection configs get boxes (and masks, for instance segmentation); segmentation configs get
+    a colour overlay of the predicted classes. Returns the written paths.
+    """
+    cfg = Config.fromfile(config)
+    images = collect_images(inputs)
+    if not osp.isfile(checkpoint):
+        raise FileNotFoundError(f"checkpoint '{checkpoint}' not found")
+    if task_of(cfg) == 'mmdet':
+        from mmdet.apis import inference_detector as infer
+        from mmdet.apis import init_detector as init
+        from mmdet.registry import VISUALIZERS
+        draw_kwargs = dict(pred_score_thr=score_thr)
+    else:
+        from mmseg.apis import inference_model as infer
+        from mmseg.apis import init_model as init
+        from mmseg.registry import VISUALIZERS
+        draw_kwargs = dict()
+    model = init(cfg, checkpoint, device=device)
+    visualizer_cfg = dict(model.cfg.visualizer, name='poolformer_mm_inference', vis_backends=[])
+    visualizer = VISUALIZERS.build(visualizer_cfg)
+    visualizer.dataset_meta = model.dataset_meta
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for path in images:
+        image = mmcv.imread(path, channel_order='rgb')
+        if image is None:
+            raise ValueError(f"'{path}' could not be read as an image")
+        result = infer(model, path)
+        out_file = osp.join(out_dir, osp.splitext(osp.basename(path))[0] + '.png')
+        visualizer.add_datasample(osp.basename(path), image, data_sample=result, draw_gt=False,
+                                  show=False, out_file=out_file, **draw_kwargs)
+        written.append(out_file)
+    return written

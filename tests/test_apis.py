@@ -1,0 +1,138 @@
+"""What tools/train.py and tools/test.py turn their flags into (no training here)."""
+import os.path as osp
+
+import pytest
+import torch
+
+from poolformer_mm.apis import (check_data_roots, config_for_testing, config_for_training,
+                                test_parser, train_parser)
+
+RETINANET = 'configs/detection/retinanet_poolformer_s12.py'
+MASK_RCNN = 'configs/detection/mask_rcnn_poolformer_s12.py'
+FPN = 'configs/segmentation/fpn_poolformer_s12.py'
+TOY_RETINANET = 'configs/detection/toy/retinanet_poolformer_s12_toy.py'
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    path = tmp_path / 'model.pth'
+    torch.save({'state_dict': {}}, path)
+    return str(path)
+
+
+@pytest.fixture
+def toy_coco(tmp_path):
+    from poolformer_mm.datasets import make_toy_coco
+    return make_toy_coco(str(tmp_path / 'toy_coco'), num_train=2, num_val=2)
+
+
+def _test_cfg(*argv):
+    return config_for_testing(test_parser().parse_args(list(argv)))
+
+
+def _train_cfg(*argv):
+    return config_for_training(train_parser().parse_args(list(argv)))
+
+
+def test_eval_bbox_segm_sets_the_coco_metrics(checkpoint, toy_coco):
+    cfg = _test_cfg(MASK_RCNN, checkpoint, '--eval', 'bbox', 'segm', '--data-root', toy_coco,
+                    '--cfg-options', 'test_dataloader.dataset.ann_file=annotations/'
+                    'instances_val.json', 'test_dataloader.dataset.data_prefix.img=val/')
+    assert cfg.test_evaluator.metric == ['bbox', 'segm']
+    assert cfg.load_from == checkpoint
+
+
+def test_eval_miou_sets_the_iou_metrics(checkpoint, tmp_path):
+    from poolformer_mm.datasets import make_toy_ade
+    root = make_toy_ade(str(tmp_path / 'ade'), num_train=1, num_val=1)
+    cfg = _test_cfg(FPN, checkpoint, '--eval', 'mIoU', 'mFscore', '--data-root', root)
+    assert cfg.test_evaluator.iou_metrics == ['mIoU', 'mFscore']
+    assert cfg.test_dataloader.dataset.data_root == root + '/'
+
+
+@pytest.mark.parametrize('config, metric, valid', [
+    (RETINANET, 'mIoU', 'bbox, segm, proposal'), (FPN, 'bbox', 'mIoU, mDice, mFscore')])
+def test_unknown_eval_metric_lists_the_valid_ones(checkpoint, config, metric, valid):
+    with pytest.raises(ValueError, match=f"unknown --eval metric.*'{metric}'.*valid: {valid}"):
+        _test_cfg(config, checkpoint, '--eval', metric)
+
+
+def test_missing_coco_data_root_names_expected_files_and_the_fix():
+    with pytest.raises(FileNotFoundError) as error:
+        _train_cfg(RETINANET)
+    message = str(error.value)
+    assert message.startswith("data root 'data/coco/' not found")
+    assert 'data/coco/annotations/instances_train2017.json' in message
+    assert 'data/coco/train2017/' in message
+    assert '--data-root DIR' in message
+
+
+def test_missing_ade_data_root_names_expected_layout(checkpoint):
+    with pytest.raises(FileNotFoundError) as error:
+        _test_cfg(FPN, checkpoint, '--data-root', '/nonexistent/ade')
+    message = str(error.value)
+    assert "data root '/nonexistent/ade/' not found" in message
+    assert '/nonexistent/ade/images/validation' in message
+    assert '/nonexistent/ade/annotations/validation' in message
+
+
+def test_data_root_override_moves_datasets_and_evaluator(toy_coco):
+    cfg = _train_cfg(TOY_RETINANET, '--data-root', toy_coco)
+    for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        assert cfg[loader].dataset.data_root == toy_coco + '/'
+    assert cfg.val_evaluator.ann_file == toy_coco + '/annotations/instances_val.json'
+    check_data_roots(cfg)  # complete now
+
+
+def test_missing_checkpoint_for_testing_is_a_clear_error(toy_coco):
+    with pytest.raises(FileNotFoundError, match="checkpoint 'nope.pth' not found"):
+        _test_cfg(TOY_RETINANET, 'nope.pth', '--data-root', toy_coco)
+
+
+def test_amp_on_cpu_uses_bf16_autocast(toy_coco):
+    cfg = _train_cfg(TOY_RETINANET, '--amp', '--data-root', toy_coco)
+    expected = 'AmpOptimWrapper' if torch.cuda.is_available() else 'BF16AutocastOptimWrapper'
+    assert cfg.optim_wrapper.type == expected
+
+
+def test_bf16_autocast_wrapper_runs_the_forward_in_bf16():
+    from mmengine.optim import build_optim_wrapper
+    model = torch.nn.Linear(4, 4)
+    wrapper = build_optim_wrapper(model, dict(type='BF16AutocastOptimWrapper',
+                                              optimizer=dict(type='SGD', lr=0.1)))
+    with wrapper.optim_context(model):
+        out = model(torch.rand(2, 4))
+    assert out.dtype == torch.bfloat16
+    before = model.weight.detach().clone()
+    wrapper.update_params(out.float().sum())
+    assert not torch.equal(before, model.weight)
+
+
+def test_resume_and_auto_scale_lr_flags(toy_coco, checkpoint):
+    cfg = _train_cfg(TOY_RETINANET, '--resume', '--auto-scale-lr', '--data-root', toy_coco)
+    assert cfg.resume is True and cfg.load_from is None
+    assert cfg.auto_scale_lr.enable is True
+    cfg = _train_cfg(TOY_RETINANET, '--resume', checkpoint, '--data-root', toy_coco)
+    assert cfg.resume is True and cfg.load_from == checkpoint
+    assert cfg.work_dir == './work_dirs/retinanet_poolformer_s12_toy'
+
+
+def test_show_dir_turns_on_drawing_into_that_folder(toy_coco, checkpoint, tmp_path):
+    cfg = _test_cfg(TOY_RETINANET, checkpoint, '--data-root', toy_coco, '--show-dir', 'pics')
+    hook = cfg.default_hooks.visualization
+    assert hook.draw is True and hook.test_out_dir == osp.abspath('pics')
+
+
+def test_tta_wraps_the_detector(toy_coco, checkpoint):
+    cfg = _test_cfg(MASK_RCNN, checkpoint, '--tta', '--data-root', toy_coco,
+                    '--cfg-options', 'test_dataloader.dataset.ann_file=annotations/'
+                    'instances_val.json', 'test_dataloader.dataset.data_prefix.img=val/')
+    assert cfg.model.type == 'DetTTAModel' and cfg.model.module.type == 'MaskRCNN'
+    assert cfg.test_dataloader.dataset.pipeline[-1].type == 'TestTimeAug'
+
+
+def test_config_without_known_scope_is_refused(tmp_path, checkpoint):
+    config = tmp_path / 'plain.py'
+    config.write_text("model = dict(type='PoolFormer')\n")
+    with pytest.raises(ValueError, match="default_scope=None; expected 'mmdet' or 'mmseg'"):
+        _test_cfg(str(config), checkpoint)

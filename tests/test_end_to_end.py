@@ -1,0 +1,155 @@
+"""End to end on CPU through the real scripts: train, resume, test with --eval, draw, learn.
+
+Marked slow: `make test` (and CI) runs them; `pytest -m "not slow"` skips them locally.
+"""
+import glob
+import json
+import os.path as osp
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from poolformer_mm.datasets import make_toy_ade, make_toy_coco
+
+REPO = Path(__file__).resolve().parents[1]
+TOY_RETINANET = 'configs/detection/toy/retinanet_poolformer_s12_toy.py'
+TOY_MASK_RCNN = 'configs/detection/toy/mask_rcnn_poolformer_s12_toy.py'
+TOY_FPN = 'configs/segmentation/toy/fpn_poolformer_s12_toy.py'
+
+pytestmark = pytest.mark.slow
+
+
+def run_tool(*args):
+    result = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, (result.stdout[-3000:] + result.stderr[-3000:])
+    return result.stdout + result.stderr
+
+
+def test_metrics(output):
+    return json.loads(output.rsplit('Test metrics: ', 1)[1].splitlines()[0])
+
+
+def logged_losses(work_dir):
+    records = []
+    for path in sorted(glob.glob(osp.join(work_dir, '*', 'vis_data', 'scalars.json'))):
+        with open(path) as f:
+            records += [json.loads(line) for line in f]
+    return [r['loss'] for r in records if 'loss' in r]
+
+
+@pytest.fixture(scope='module')
+def small_coco(tmp_path_factory):
+    return make_toy_coco(str(tmp_path_factory.mktemp('data') / 'coco'), num_train=8, num_val=4)
+
+
+@pytest.mark.parametrize('config, metrics', [
+    (TOY_RETINANET, ['bbox']), (TOY_MASK_RCNN, ['bbox', 'segm'])])
+def test_detector_trains_resumes_and_tests(tmp_path, small_coco, config, metrics):
+    work_dir = tmp_path / 'work'
+    schedule = ['train_cfg.val_interval=100', 'default_hooks.logger.interval=1',
+                'default_hooks.checkpoint.interval=1']
+    run_tool('tools/train.py', config, '--work-dir', work_dir, '--data-root', small_coco,
+             '--cfg-options', 'train_cfg.max_epochs=3', *schedule)
+    assert sorted(p.name for p in work_dir.glob('epoch_*.pth')) == [
+        'epoch_1.pth', 'epoch_2.pth', 'epoch_3.pth']
+    losses = logged_losses(work_dir)
+    assert len(losses) == 12  # 8 images, batch 2, 3 epochs
+    assert sum(losses[-3:]) < sum(losses[:3]), losses
+
+    out = run_tool('tools/train.py', config, '--work-dir', work_dir, '--data-root', small_coco,
+                   '--resume', work_dir / 'epoch_2.pth', '--cfg-options',
+                   'train_cfg.max_epochs=4', *schedule)
+    assert 'resumed epoch: 2, iter: 8' in out
+    assert (work_dir / 'epoch_4.pth').is_file()
+    resumed = torch.load(work_dir / 'epoch_4.pth', weights_only=True)
+    assert (resumed['meta']['epoch'], resumed['meta']['iter']) == (4, 16)
+
+    show_dir = tmp_path / 'pictures'
+    out = run_tool('tools/test.py', config, work_dir / 'epoch_4.pth', '--work-dir', work_dir,
+                   '--data-root', small_coco, '--eval', *metrics, '--show-dir', show_dir,
+                   '--out', tmp_path / 'predictions.pkl')
+    results = test_metrics(out)
+    for metric in metrics:
+        assert {f'coco/{metric}_mAP', f'coco/{metric}_mAP_50', f'coco/{metric}_mAP_75'} <= \
+            results.keys()
+    assert len(list(show_dir.glob('*.png'))) == 4
+    assert (tmp_path / 'predictions.pkl').stat().st_size > 0
+
+
+def test_toy_retinanet_learns(tmp_path):
+    """The demo's budget (20 epochs, about 4 minutes): box mAP far above an untrained model's."""
+    data = make_toy_coco(str(tmp_path / 'coco'))
+    work_dir = tmp_path / 'work'
+    run_tool('tools/train.py', TOY_RETINANET, '--work-dir', work_dir, '--data-root', data)
+    trained = test_metrics(run_tool('tools/test.py', TOY_RETINANET, work_dir / 'epoch_20.pth',
+                                    '--data-root', data, '--eval', 'bbox', '--work-dir',
+                                    work_dir))
+    untrained_path = tmp_path / 'untrained.pth'
+    initial = torch.load(work_dir / 'epoch_20.pth', weights_only=True)
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    from mmdet.registry import MODELS
+    init_default_scope('mmdet')
+    model = MODELS.build(Config.fromfile(str(REPO / TOY_RETINANET)).model)
+    model.init_weights()
+    initial['state_dict'] = model.state_dict()
+    torch.save({'state_dict': initial['state_dict'], 'meta': initial['meta']}, untrained_path)
+    untrained = test_metrics(run_tool('tools/test.py', TOY_RETINANET, untrained_path,
+                                      '--data-root', data, '--eval', 'bbox', '--work-dir',
+                                      work_dir))
+    assert untrained['coco/bbox_mAP_50'] < 0.02
+    assert trained['coco/bbox_mAP_50'] > 0.1
+    assert trained['coco/bbox_mAP'] > untrained['coco/bbox_mAP'] + 0.03
+
+
+def test_semantic_fpn_trains_on_one_cpu_process_and_learns(tmp_path):
+    data = make_toy_ade(str(tmp_path / 'ade'))
+    work_dir = tmp_path / 'work'
+    out = run_tool('tools/train.py', TOY_FPN, '--work-dir', work_dir, '--data-root', data,
+                   '--cfg-options', 'train_cfg.max_iters=120', 'train_cfg.val_interval=1000',
+                   'default_hooks.checkpoint.interval=60')
+    # the base config's SyncBN cannot run without a process group: it must have been replaced
+    assert 'SyncBatchNorm' not in out.split('Checkpoints will be saved')[-1]
+    checkpoint = torch.load(work_dir / 'iter_120.pth', weights_only=True)
+    assert checkpoint['meta']['iter'] == 120
+    show_dir = tmp_path / 'overlays'
+    results = test_metrics(run_tool(
+        'tools/test.py', TOY_FPN, work_dir / 'iter_120.pth', '--work-dir', work_dir,
+        '--data-root', data, '--eval', 'mIoU', 'mDice', '--show-dir', show_dir,
+        '--out', tmp_path / 'predictions'))
+    assert {'aAcc', 'mIoU', 'mAcc', 'mDice'} <= results.keys()
+    assert results['mIoU'] > 60  # chance level with 5 classes is about 20
+    overlays = list(show_dir.rglob('*.png'))
+    assert len(overlays) == 16
+    assert len(list((tmp_path / 'predictions').glob('*.png'))) == 16
+
+
+def test_inference_tool_writes_pictures_for_detection_and_segmentation(tmp_path):
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    written = {}
+    for config, make, images in [(TOY_MASK_RCNN, make_toy_coco, 'val'),
+                                 (TOY_FPN, make_toy_ade, 'images/validation')]:
+        cfg = Config.fromfile(str(REPO / config))
+        init_default_scope(cfg.default_scope)
+        if cfg.default_scope == 'mmdet':
+            from mmdet.registry import MODELS
+        else:
+            from mmseg.registry import MODELS
+        model = MODELS.build(cfg.model)
+        model.init_weights()
+        checkpoint = tmp_path / f'{cfg.default_scope}.pth'
+        torch.save({'state_dict': model.state_dict()}, checkpoint)
+        root = make(str(tmp_path / cfg.default_scope), num_train=1, num_val=2)
+        out_dir = tmp_path / f'{cfg.default_scope}_pictures'
+        out = run_tool('tools/infer.py', config, checkpoint, osp.join(root, images),
+                       '--out-dir', out_dir)
+        assert f'wrote 2 pictures to {out_dir}/' in out
+        written[cfg.default_scope] = sorted(out_dir.glob('*.png'))
+    import cv2
+    assert cv2.imread(str(written['mmdet'][0])).shape == (128, 128, 3)
+    assert cv2.imread(str(written['mmseg'][0])).shape == (128, 160, 3)
