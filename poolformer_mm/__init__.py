@@ -2,14 +2,15 @@
 
 Importing the package registers the backbones in MMEngine's root ``MODELS`` registry, so
 ``custom_imports=dict(imports=['poolformer_mm'], allow_failed_imports=False)`` in any mmdet or
-mmseg config makes ``dict(type='PoolFormer', arch='s12')`` available.
+mmseg config makes ``dict(type='PoolFormer', arch='s12')`` available. It also makes checkpoint
+loading safe (weights only) and checkpoint writing atomic; see ``compat`` and ``engine``.
 """
 from .compat import register_safe_checkpoint_globals
+from .engine import register_safe_checkpoint_io
+from .models import PoolFormer
 from .version import __version__
 
 register_safe_checkpoint_globals()
-
-from . import engine  # noqa: E402,F401  (registers BF16AutocastOptimWrapper)
-from .models import PoolFormer  # noqa: E402  (registers the backbone)
+register_safe_checkpoint_io()
 
 __all__ = ['PoolFormer', '__version__']

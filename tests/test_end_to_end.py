@@ -29,7 +29,7 @@ def run_tool(*args):
     return result.stdout + result.stderr
 
 
-def test_metrics(output):
+def parse_test_metrics(output):
     return json.loads(output.rsplit('Test metrics: ', 1)[1].splitlines()[0])
 
 
@@ -72,7 +72,7 @@ def test_detector_trains_resumes_and_tests(tmp_path, small_coco, config, metrics
     out = run_tool('tools/test.py', config, work_dir / 'epoch_4.pth', '--work-dir', work_dir,
                    '--data-root', small_coco, '--eval', *metrics, '--show-dir', show_dir,
                    '--out', tmp_path / 'predictions.pkl')
-    results = test_metrics(out)
+    results = parse_test_metrics(out)
     for metric in metrics:
         assert {f'coco/{metric}_mAP', f'coco/{metric}_mAP_50', f'coco/{metric}_mAP_75'} <= \
             results.keys()
@@ -85,7 +85,7 @@ def test_toy_retinanet_learns(tmp_path):
     data = make_toy_coco(str(tmp_path / 'coco'))
     work_dir = tmp_path / 'work'
     run_tool('tools/train.py', TOY_RETINANET, '--work-dir', work_dir, '--data-root', data)
-    trained = test_metrics(run_tool('tools/test.py', TOY_RETINANET, work_dir / 'epoch_20.pth',
+    trained = parse_test_metrics(run_tool('tools/test.py', TOY_RETINANET, work_dir / 'epoch_20.pth',
                                     '--data-root', data, '--eval', 'bbox', '--work-dir',
                                     work_dir))
     untrained_path = tmp_path / 'untrained.pth'
@@ -98,12 +98,14 @@ def test_toy_retinanet_learns(tmp_path):
     model.init_weights()
     initial['state_dict'] = model.state_dict()
     torch.save({'state_dict': initial['state_dict'], 'meta': initial['meta']}, untrained_path)
-    untrained = test_metrics(run_tool('tools/test.py', TOY_RETINANET, untrained_path,
+    untrained = parse_test_metrics(run_tool('tools/test.py', TOY_RETINANET, untrained_path,
                                       '--data-root', data, '--eval', 'bbox', '--work-dir',
                                       work_dir))
-    assert untrained['coco/bbox_mAP_50'] < 0.02
-    assert trained['coco/bbox_mAP_50'] > 0.1
-    assert trained['coco/bbox_mAP'] > untrained['coco/bbox_mAP'] + 0.03
+    # mmdet reports no metric at all when not one box scores above its threshold
+    untrained_map50 = untrained.get('coco/bbox_mAP_50', 0.0)
+    assert untrained_map50 < 0.02
+    assert trained['coco/bbox_mAP_50'] > max(0.1, untrained_map50 + 0.08), trained
+    assert trained['coco/bbox_mAP'] > untrained.get('coco/bbox_mAP', 0.0) + 0.03, trained
 
 
 def test_semantic_fpn_trains_on_one_cpu_process_and_learns(tmp_path):
@@ -117,7 +119,7 @@ def test_semantic_fpn_trains_on_one_cpu_process_and_learns(tmp_path):
     checkpoint = torch.load(work_dir / 'iter_120.pth', weights_only=True)
     assert checkpoint['meta']['iter'] == 120
     show_dir = tmp_path / 'overlays'
-    results = test_metrics(run_tool(
+    results = parse_test_metrics(run_tool(
         'tools/test.py', TOY_FPN, work_dir / 'iter_120.pth', '--work-dir', work_dir,
         '--data-root', data, '--eval', 'mIoU', 'mDice', '--show-dir', show_dir,
         '--out', tmp_path / 'predictions'))
@@ -143,7 +145,7 @@ def test_inference_tool_writes_pictures_for_detection_and_segmentation(tmp_path)
         model = MODELS.build(cfg.model)
         model.init_weights()
         checkpoint = tmp_path / f'{cfg.default_scope}.pth'
-        torch.save({'state_dict': model.state_dict()}, checkpoint)
+        torch.save({'state_dict': model.state_dict(), 'meta': {}}, checkpoint)
         root = make(str(tmp_path / cfg.default_scope), num_train=1, num_val=2)
         out_dir = tmp_path / f'{cfg.default_scope}_pictures'
         out = run_tool('tools/infer.py', config, checkpoint, osp.join(root, images),

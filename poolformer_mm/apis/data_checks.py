@@ -74,6 +74,11 @@ def check_data_roots(cfg: Config, loaders=_LOADERS, env_hint: Optional[str] = No
             missing.extend(_expected_paths(dataset))
             continue
         missing.extend(p for p in _expected_paths(dataset) if not osp.exists(p))
+    empty = [p for dataset in _datasets(cfg, loaders) for p in _expected_paths(dataset)[:1]
+             if dataset.get('ann_file') and osp.isfile(p) and osp.getsize(p) == 0]
+    if empty:
+        raise ValueError(f"annotation file '{empty[0]}' is empty (0 bytes); regenerate or "
+                         're-download it')
     if not missing and not roots:
         return
     missing = list(dict.fromkeys(missing))

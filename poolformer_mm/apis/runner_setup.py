@@ -82,6 +82,12 @@ def _load_config(args) -> Config:
     return cfg
 
 
+def _add_guard_hooks(cfg: Config, hooks) -> None:
+    present = {h.get('type') for h in cfg.get('custom_hooks', [])}
+    cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [
+        dict(type=h) for h in hooks if h not in present]
+
+
 def _enable_amp(cfg: Config) -> None:
     optim_wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
     if optim_wrapper in ('AmpOptimWrapper', 'BF16AutocastOptimWrapper'):
@@ -112,6 +118,7 @@ def config_for_training(args) -> Config:
             raise FileNotFoundError(f"--resume checkpoint '{args.resume}' not found")
         cfg.resume, cfg.load_from = True, args.resume
     check_data_roots(cfg, loaders=('train_dataloader', 'val_dataloader'))
+    _add_guard_hooks(cfg, ['FiniteLossHook'])
     return cfg
 
 
@@ -173,11 +180,40 @@ def config_for_testing(args) -> Config:
     return cfg
 
 
+def _refuse_empty_datasets(runner) -> None:
+    """Turn the error an empty data set gives deep inside mmengine into one that says why.
+
+    mmengine serialises a data set's sample list with ``np.concatenate``, which fails with "need
+    at least one array to concatenate" when an annotation file lists no images or, with
+    ``filter_empty_gt``, no image has an annotation.
+    """
+    build = runner.build_dataloader
+
+    def build_checked(dataloader, *args, **kwargs):
+        try:
+            return build(dataloader, *args, **kwargs)
+        except ValueError as err:
+            if 'need at least one array to concatenate' not in str(err):
+                raise
+            dataset = dataloader.get('dataset', {}) if isinstance(dataloader, dict) else {}
+            while 'dataset' in dataset:
+                dataset = dataset['dataset']
+            source = osp.join(dataset.get('data_root') or '', dataset.get('ann_file') or '')
+            raise ValueError(
+                f"the data set '{source}' has no usable samples: its annotation file lists no "
+                'images, or (training with filter_empty_gt=True) no image has an annotation. '
+                'Check the annotation file and the data root.') from None
+
+    runner.build_dataloader = build_checked
+
+
 def build_runner(cfg: Config):
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
     prepare_cpu_distributed(cfg)
-    return RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
+    runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
+    _refuse_empty_datasets(runner)
+    return runner
 
 
 def run_training(argv: Optional[Sequence[str]] = None):

@@ -1,3 +1,8 @@
+from .hooks import FiniteLossHook
 from .optim_wrapper import BF16AutocastOptimWrapper
+from .safe_checkpoints import AtomicLocalBackend, load_from_local_weights_only, register_safe_checkpoint_io
 
-__all__ = ['BF16AutocastOptimWrapper']
+__all__ = [
+    'AtomicLocalBackend', 'BF16AutocastOptimWrapper', 'FiniteLossHook',
+    'load_from_local_weights_only', 'register_safe_checkpoint_io'
+]

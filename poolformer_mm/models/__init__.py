@@ -1,4 +1,4 @@
-from .backbones import PoolFormer
+from .backbones import MetaFormer, PoolFormer
 from .pretrained import convert_to_poolformer_layout, load_backbone_weights
 
-__all__ = ['PoolFormer', 'convert_to_poolformer_layout', 'load_backbone_weights']
+__all__ = ['MetaFormer', 'PoolFormer', 'convert_to_poolformer_layout', 'load_backbone_weights']

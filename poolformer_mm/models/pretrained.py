@@ -13,13 +13,14 @@ Recognised layouts (detected from the keys):
 The classifier's final norm becomes the last output norm; classifier weights are dropped.
 """
 import os.path as osp
-import pickle
 import re
 from typing import Dict, List, Mapping, Tuple
 
 import torch
 import torch.nn as nn
 from mmengine.logging import print_log
+
+from ..engine.safe_checkpoints import load_from_local_weights_only
 
 # (pattern, replacement) rules per layout, applied to each key in order; the first match wins and
 # a key that matches no rule is kept as it is (it then shows up as unexpected).
@@ -47,23 +48,13 @@ _STRUCTURAL_KEY = re.compile(r'^(stem|stages)\.')
 
 
 def read_checkpoint(path: str) -> dict:
-    """Read a checkpoint file with ``weights_only=True``; raise one clear error when it cannot."""
+    """Read a pretrained file safely (``weights_only=True``); say where to get it when missing."""
     if not osp.isfile(path):
         raise FileNotFoundError(
             f"pretrained checkpoint '{path}' not found. Download the ImageNet weights "
             '(github.com/sail-sg/poolformer, release v1.0, poolformer_<arch>.pth.tar) into '
             "checkpoints/, or train from scratch with --cfg-options model.backbone.init_cfg=None")
-    try:
-        # weights_only=True: a checkpoint can never run code while it loads. The globals that
-        # mmengine checkpoints need are allow-listed in poolformer_mm.compat.
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"'{path}' was refused by the safe (weights_only) loader: it is not a plain checkpoint "
-            f'or it would run code when loaded. Loader said: {str(err).splitlines()[0]}') from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise ValueError(f"'{path}' is not a readable PyTorch checkpoint (truncated or another "
-                         f'file type): {str(err).splitlines()[0]}') from None
+    return load_from_local_weights_only(path, map_location='cpu')
 
 
 def _unwrap(checkpoint: Mapping) -> Tuple[Dict[str, torch.Tensor], bool]:

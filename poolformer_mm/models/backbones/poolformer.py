@@ -1,5 +1,7 @@
 """PoolFormer (arXiv 2111.11418) as a dense-prediction backbone for mmdet / mmseg."""
 import copy
+import difflib
+import inspect
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -109,7 +111,10 @@ class PoolFormer(BaseModule):
                  frozen_stages: int = -1,
                  norm_eval: bool = False,
                  with_cp: bool = False,
-                 init_cfg: Optional[dict] = None):
+                 init_cfg: Optional[dict] = None,
+                 **unknown):
+        if unknown:
+            raise TypeError(self._unknown_arguments_message(unknown))
         super().__init__(init_cfg=init_cfg)
         self.arch = self._resolve_arch(arch)
         if layer_scale_init_value is not None:
@@ -171,6 +176,19 @@ class PoolFormer(BaseModule):
             if len(arch[key]) != cls.num_stages:
                 raise ValueError(f'arch[{key!r}] needs {cls.num_stages} entries, got {arch[key]}')
         return copy.deepcopy(dict(arch))
+
+    @classmethod
+    def _unknown_arguments_message(cls, unknown: dict) -> str:
+        # A typo in a config (``out_indice=...``) would otherwise surface as a bare TypeError
+        # from deep inside the registry.
+        valid = [p for p in inspect.signature(cls.__init__).parameters
+                 if p not in ('self', 'unknown')]
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, valid, n=1)
+            hints.append(f"'{name}'" + (f" (did you mean '{close[0]}'?)" if close else ''))
+        return (f'PoolFormer got unknown argument(s) {", ".join(hints)}; valid arguments: '
+                f'{", ".join(valid)}')
 
     @classmethod
     def _check_out_indices(cls, out_indices) -> Tuple[int, ...]:

@@ -1,0 +1,31 @@
+"""A hook that stops a run early with a message instead of failing late or silently."""
+import math
+import os.path as osp
+
+from mmengine.hooks import Hook
+from mmengine.registry import HOOKS
+
+
+@HOOKS.register_module()
+class FiniteLossHook(Hook):
+    """Stop training at the first iteration whose loss is NaN or infinite.
+
+    It runs before the checkpoint hook, so no checkpoint with broken weights is written: the last
+    one on disk is the last good state, and ``--resume`` continues from it.
+    """
+    priority = 'ABOVE_NORMAL'
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        loss = (outputs or {}).get('loss')
+        if loss is None or math.isfinite(float(loss)):
+            return
+        last = osp.join(runner.work_dir, 'last_checkpoint')
+        if osp.isfile(last):
+            with open(last) as f:
+                kept = f"the last good checkpoint is {f.read().strip()}"
+        else:
+            kept = 'no checkpoint had been written yet'
+        raise FloatingPointError(
+            f'loss became {float(loss)} at iteration {runner.iter + 1} (epoch {runner.epoch + 1}); '
+            f'training stopped and {kept}. Lower the learning rate, enable gradient clipping '
+            '(optim_wrapper.clip_grad) or check the data, then train again with --resume.')

@@ -1,0 +1,369 @@
+"""The MetaFormer baselines (arXiv 2210.13452) as dense-prediction backbones for mmdet / mmseg,
+and the rules that load their ImageNet checkpoints (sail-sg/metaformer and timm layouts)."""
+import copy
+import difflib
+import inspect
+import os.path as osp
+import re
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from mmengine.logging import print_log
+from mmengine.model import BaseModule
+from mmengine.model.weight_init import trunc_normal_init
+from mmengine.registry import MODELS
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..layers.metaformer_v2 import (ChannelLayerNorm, Downsampling, MetaFormerV2Block, Stem,
+                                    build_v2_token_mixer)
+from ..pretrained import _STRUCTURAL_KEY, _fit_shapes, _unwrap, read_checkpoint
+from .poolformer import MetaFormerStage, PoolFormer
+
+# ---------------------------------------------------------------------------------- model zoo
+# Blocks per stage and channels per size; the families below pair them with token mixers.
+_SIZES_4_STAGE_POOL = {
+    's12': ([2, 2, 6, 2], [64, 128, 320, 512]),
+    's24': ([4, 4, 12, 4], [64, 128, 320, 512]),
+    's36': ([6, 6, 18, 6], [64, 128, 320, 512]),
+    'm36': ([6, 6, 18, 6], [96, 192, 384, 768]),
+    'm48': ([8, 8, 24, 8], [96, 192, 384, 768]),
+}
+_SIZES_CONV = {
+    's18': ([3, 3, 9, 3], [64, 128, 320, 512]),
+    's36': ([3, 12, 18, 3], [64, 128, 320, 512]),
+    'm36': ([3, 12, 18, 3], [96, 192, 384, 576]),
+    'b36': ([3, 12, 18, 3], [128, 256, 512, 768]),
+}
+# family: (token mixer per stage, block norm, sizes). Parameter-free mixers use the modified layer
+# norm (statistics over C, H, W), the convolution / attention families a channel LayerNorm.
+_FAMILIES = {
+    'identityformer': (['identity'] * 4, 'mln', _SIZES_4_STAGE_POOL),
+    'randformer': (['identity', 'identity', 'random', 'random'], 'mln', _SIZES_4_STAGE_POOL),
+    'poolformerv2': (['pool'] * 4, 'mln', _SIZES_4_STAGE_POOL),
+    'convformer': (['sepconv'] * 4, 'layer', _SIZES_CONV),
+    'caformer': (['sepconv', 'sepconv', 'attention', 'attention'], 'layer', _SIZES_CONV),
+}
+_ARCH_DEFAULTS = dict(block_norm='layer', mlp_ratios=[4, 4, 4, 4],
+                      layer_scale_init_values=[None] * 4,
+                      res_scale_init_values=[None, None, 1.0, 1.0])
+
+
+@MODELS.register_module()
+class MetaFormer(BaseModule):
+    """MetaFormer baselines (IdentityFormer, RandFormer, PoolFormerV2, ConvFormer, CAFormer) as a
+    backbone for dense prediction (detection, segmentation).
+
+    A 7x7/4 convolutional stem with a norm, four stages of MetaFormer v2 blocks separated by
+    norm + 3x3/2 convolutions, and a channel LayerNorm (with bias) on every returned stage output
+    ("output norm"; the classifier's final norm initialises the last one). Outputs have strides
+    4, 8, 16 and 32. Blocks use StarReLU, norms without bias, bias-free MLPs and a res scale in
+    the last two stages.
+
+    RandFormer's frozen random mixing matrices belong to the token grid of a
+    ``pretrain_img_size`` input (14x14 and 7x7 at 224). At any other input size they are resized
+    bilinearly over both spatial index pairs and each row is renormalised to sum to 1 (see
+    :class:`~poolformer_mm.models.layers.metaformer_v2.RandomMixing`); memory for them grows with
+    ``(H*W)**2`` of the stage, so RandFormer is costly at detection resolutions.
+
+    Args:
+        arch (str | dict): A timm model name: ``poolformerv2_{s12,s24,s36,m36,m48}``,
+            ``identityformer_{...}``, ``randformer_{...}`` (same sizes),
+            ``convformer_{s18,s36,m36,b36}`` or ``caformer_{s18,s36,m36,b36}``; or a dict with
+            ``layers`` (blocks per stage), ``embed_dims`` and ``token_mixers`` (one name or dict per
+            stage: 'identity', 'pool', 'random', 'sepconv', 'attention'), optionally
+            ``block_norm`` ('layer' or 'mln', default 'layer'), ``mlp_ratios`` (default 4s),
+            ``layer_scale_init_values`` (default Nones) and ``res_scale_init_values`` (default
+            ``[None, None, 1.0, 1.0]``). Default: 'caformer_s18'.
+        in_channels (int): Input image channels. Default: 3.
+        pretrain_img_size (int): Input side the random mixing matrices are drawn for; only
+            RandFormer uses it. Default: 224.
+        drop_path_rate (float): Stochastic depth rate of the last block; it grows linearly from 0
+            over all blocks. Default: 0.
+        out_indices (Sequence[int]): Stages (0-3) whose outputs are returned. Only these stages
+            get an output norm, so no parameter is left unused. Default: (0, 1, 2, 3).
+        frozen_stages (int): -1 freezes nothing, 0 freezes the stem, k >= 1 freezes the stem and
+            the first k stages with their output norms (parameters stop training, modules stay in
+            eval mode). Default: -1.
+        norm_eval (bool): Keep BatchNorm layers in eval mode while training. The MetaFormer norms
+            have no running statistics, so this only matters for BatchNorm added by a user.
+            Default: False.
+        with_cp (bool): Gradient checkpointing per block: saves activation memory, costs a
+            second forward pass; outputs and gradients are unchanged. Default: False.
+        init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=PATH)`` loads a
+            sail-sg/metaformer or timm ImageNet checkpoint of the same arch, or an mmengine
+            checkpoint of this backbone or of a whole detector / segmentor. Default: None
+            (truncated normal, std 0.02, for every conv and linear layer).
+
+    Example:
+        >>> import torch
+        >>> from poolformer_mm.models.backbones.metaformer import MetaFormer
+        >>> model = MetaFormer('caformer_s18')
+        >>> [tuple(o.shape) for o in model(torch.rand(1, 3, 224, 224))]
+        [(1, 64, 56, 56), (1, 128, 28, 28), (1, 320, 14, 14), (1, 512, 7, 7)]
+    """
+
+    arch_settings: Dict[str, dict] = {
+        f'{family}_{size}': dict(layers=layers, embed_dims=dims, token_mixers=mixers,
+                                 block_norm=norm)
+        for family, (mixers, norm, sizes) in _FAMILIES.items()
+        for size, (layers, dims) in sizes.items()
+    }
+    num_stages = 4
+
+    def __init__(self,
+                 arch: Union[str, dict] = 'caformer_s18',
+                 in_channels: int = 3,
+                 pretrain_img_size: int = 224,
+                 drop_path_rate: float = 0.,
+                 out_indices: Sequence[int] = (0, 1, 2, 3),
+                 frozen_stages: int = -1,
+                 norm_eval: bool = False,
+                 with_cp: bool = False,
+                 init_cfg: Optional[dict] = None,
+                 **unknown):
+        if unknown:
+            raise TypeError(self._unknown_arguments_message(unknown))
+        super().__init__(init_cfg=init_cfg)
+        self.arch_name = arch if isinstance(arch, str) else 'custom'
+        self.arch = self._resolve_arch(arch)
+        layers, embed_dims = self.arch['layers'], self.arch['embed_dims']
+        self.embed_dims = list(embed_dims)
+
+        # Same checks and meaning as PoolFormer's, so configs can swap the two backbones.
+        self.out_indices = PoolFormer._check_out_indices(out_indices)
+        if not -1 <= frozen_stages <= self.num_stages:
+            raise ValueError(f'frozen_stages must be in [-1, {self.num_stages}], '
+                             f'got {frozen_stages}')
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+        self.with_cp = with_cp
+
+        self.stem = Stem(in_channels, embed_dims[0])
+        grid = (pretrain_img_size + 2 * 2 - 7) // 4 + 1  # token grid side after the stem
+        # CPU even inside a ``torch.device('meta')`` context, where .tolist() would fail.
+        drop_path_rates = torch.linspace(0, drop_path_rate, sum(layers), device='cpu').tolist()
+        self.stages = nn.ModuleList()
+        for i in range(self.num_stages):
+            if i > 0:
+                grid = (grid + 2 * 1 - 3) // 2 + 1
+            downsample = None if i == 0 else Downsampling(embed_dims[i - 1], embed_dims[i])
+            mixer_cfg = self.arch['token_mixers'][i]
+            mixer_cfg = dict(type=mixer_cfg) if isinstance(mixer_cfg, str) else dict(mixer_cfg)
+            if mixer_cfg['type'] == 'random':
+                mixer_cfg.setdefault('base_size', (grid, grid))
+            first = sum(layers[:i])
+            blocks = [
+                MetaFormerV2Block(
+                    embed_dims[i],
+                    token_mixer=build_v2_token_mixer(mixer_cfg, embed_dims[i]),
+                    norm=self.arch['block_norm'],
+                    mlp_ratio=self.arch['mlp_ratios'][i],
+                    drop_path=drop_path_rates[first + j],
+                    layer_scale_init_value=self.arch['layer_scale_init_values'][i],
+                    res_scale_init_value=self.arch['res_scale_init_values'][i])
+                for j in range(layers[i])
+            ]
+            self.stages.append(MetaFormerStage(downsample, blocks, with_cp=with_cp))
+        self.output_norms = nn.ModuleDict({
+            str(i): ChannelLayerNorm(embed_dims[i], bias=True)
+            for i in self.out_indices
+        })
+        self._freeze_stages()
+
+    # ---------------------------------------------------------------- construction helpers
+    @classmethod
+    def _resolve_arch(cls, arch: Union[str, dict]) -> dict:
+        if isinstance(arch, str):
+            if arch.lower() not in cls.arch_settings:
+                close = difflib.get_close_matches(arch.lower(), cls.arch_settings, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ''
+                raise ValueError(f"unknown MetaFormer arch '{arch}'{hint}; choose one of "
+                                 f'{", ".join(sorted(cls.arch_settings))}, or pass a dict with '
+                                 'layers, embed_dims and token_mixers')
+            arch = cls.arch_settings[arch.lower()]
+        elif not isinstance(arch, dict):
+            raise TypeError(f'arch must be a str or a dict, got {type(arch).__name__}')
+        required = {'layers', 'embed_dims', 'token_mixers'}
+        allowed = required | set(_ARCH_DEFAULTS)
+        if not required <= set(arch) <= allowed:
+            raise ValueError(f'a custom MetaFormer arch needs the keys {sorted(required)} and may '
+                             f'have {sorted(_ARCH_DEFAULTS)}, got {sorted(arch)}')
+        resolved = copy.deepcopy({**_ARCH_DEFAULTS, **arch})
+        for key in ('layers', 'embed_dims', 'token_mixers', 'mlp_ratios',
+                    'layer_scale_init_values', 'res_scale_init_values'):
+            if len(resolved[key]) != cls.num_stages:
+                raise ValueError(f'arch[{key!r}] needs {cls.num_stages} entries, got '
+                                 f'{resolved[key]}')
+        return resolved
+
+    @classmethod
+    def _unknown_arguments_message(cls, unknown: dict) -> str:
+        # A typo in a config (``out_indice=...``) would otherwise surface as a bare TypeError
+        # from deep inside the registry.
+        valid = [p for p in inspect.signature(cls.__init__).parameters
+                 if p not in ('self', 'unknown')]
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, valid, n=1)
+            hints.append(f"'{name}'" + (f" (did you mean '{close[0]}'?)" if close else ''))
+        return (f'MetaFormer got unknown argument(s) {", ".join(hints)}; valid arguments: '
+                f'{", ".join(valid)}')
+
+    # ---------------------------------------------------------------- weights
+    def init_weights(self) -> None:
+        if self.init_cfg is not None and self.init_cfg.get('type') == 'Pretrained':
+            load_metaformer_weights(self, self.init_cfg['checkpoint'])
+            self._is_init = True
+            return
+        # The reference initialisation: truncated normal (std 0.02) for every conv and linear.
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                trunc_normal_init(module, std=0.02, bias=0.)
+        if self.init_cfg is None:
+            # Nothing else to initialise; skip mmengine's per-parameter report of no changes.
+            self._is_init = True
+        else:
+            super().init_weights()
+
+    # ---------------------------------------------------------------- train / freeze
+    def _frozen_modules(self):
+        if self.frozen_stages >= 0:
+            yield self.stem
+        for i in range(min(self.frozen_stages, self.num_stages)):
+            yield self.stages[i]
+            if str(i) in self.output_norms:
+                yield self.output_norms[str(i)]
+
+    def _freeze_stages(self) -> None:
+        for module in self._frozen_modules():
+            module.eval()
+            for param in module.parameters():
+                param.requires_grad = False
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for module in self.modules():
+                if isinstance(module, _BatchNorm):
+                    module.eval()
+        return self
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        x = self.stem(x)
+        outs = []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i in self.out_indices:
+                outs.append(self.output_norms[str(i)](x))
+        return tuple(outs)
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+# (pattern, replacement) per layout, applied in order; the first match wins, a key matching no
+# rule is kept as it is (and then shows up as unexpected), a None replacement drops the key.
+# sail-sg/metaformer works channels-last, so its MLP and SepConv pointwise layers are Linear
+# ([out, in]) where ours are 1x1 convs ([out, in, 1, 1]); ``_fit_shapes`` reshapes those.
+_SAILSG_RULES = [
+    (r'^downsample_layers\.0\.conv\.', 'stem.conv.'),
+    (r'^downsample_layers\.0\.post_norm\.', 'stem.norm.'),
+    (r'^downsample_layers\.(\d+)\.pre_norm\.', r'stages.\1.downsample.norm.'),
+    (r'^downsample_layers\.(\d+)\.conv\.', r'stages.\1.downsample.conv.'),
+    (r'^stages\.(\d+)\.(\d+)\.', r'stages.\1.blocks.\2.'),
+    (r'^norm\.', 'output_norms.3.'),
+    (r'^head\.', None),
+]
+# timm's names are ours except for the classifier; its attention stages use Linear MLPs.
+_TIMM_RULES = [
+    (r'^head\.norm\.', 'output_norms.3.'),
+    (r'^head\.', None),
+]
+_METAFORMER_LAYOUT_RULES = {'sail-sg/metaformer': _SAILSG_RULES, 'timm': _TIMM_RULES,
+                            'poolformer_mm': []}
+
+
+def _detect_metaformer_layout(state: Mapping) -> str:
+    if 'downsample_layers.0.conv.weight' in state:
+        return 'sail-sg/metaformer'
+    # timm stores PoolFormer v1 under the same names, but its stem has no norm.
+    is_timm_v1 = 'stem.conv.weight' in state and 'stem.norm.weight' not in state
+    if 'stem.conv.weight' in state and not is_timm_v1:
+        if any(k.startswith('output_norms.') for k in state):
+            return 'poolformer_mm'
+        return 'timm'
+    if is_timm_v1 or 'patch_embed.proj.weight' in state or 'stem.proj.weight' in state:
+        raise ValueError('checkpoint is a PoolFormer (v1) checkpoint, not a MetaFormer v2 one; '
+                         "load it with dict(type='PoolFormer', ...) instead")
+    sample = ', '.join(list(state)[:5])
+    raise ValueError('checkpoint is not a MetaFormer checkpoint in any known layout '
+                     f'(sail-sg/metaformer, timm, poolformer_mm); its first keys are: {sample}')
+
+
+def convert_to_metaformer_layout(checkpoint: Mapping) -> Tuple[Dict[str, Tensor], str]:
+    """Rename a checkpoint's keys to this package's :class:`MetaFormer` names.
+
+    Returns:
+        tuple: the converted state dict and the name of the detected layout.
+    """
+    state, _ = _unwrap(checkpoint)
+    layout = _detect_metaformer_layout(state)
+    converted = {}
+    for key, value in state.items():
+        for pattern, replacement in _METAFORMER_LAYOUT_RULES[layout]:
+            if re.match(pattern, key):
+                key = None if replacement is None else re.sub(pattern, replacement, key)
+                break
+        if key is not None:
+            converted[key] = value
+    return converted, layout
+
+
+def load_metaformer_weights(backbone: MetaFormer, path: str) -> None:
+    """Load a MetaFormer checkpoint in any known layout into ``backbone``.
+
+    Raises a clear error when a shape differs or the checkpoint's blocks do not match the model's
+    (a checkpoint of another arch); logs the keys that stay at their initial values and the
+    checkpoint tensors left unused, one line each.
+    """
+    path = osp.expanduser(path)
+    if not osp.isfile(path):
+        raise FileNotFoundError(
+            f"pretrained checkpoint '{path}' not found. Download the ImageNet weights of "
+            f'{backbone.arch_name} (github.com/sail-sg/metaformer, or timm on the Hugging Face '
+            "Hub) into checkpoints/, or train from scratch with "
+            '--cfg-options model.backbone.init_cfg=None')
+    # read_checkpoint loads weights only; the file is known to exist, so its PoolFormer-specific
+    # not-found message cannot show.
+    state, layout = convert_to_metaformer_layout(read_checkpoint(path))
+    target = backbone.state_dict()
+    what = f"checkpoint '{path}' ({layout} layout)"
+
+    mismatched = _fit_shapes(state, target)
+    if mismatched:
+        raise ValueError(f'{what} does not fit MetaFormer {backbone.arch_name}: '
+                         f'{len(mismatched)} shape mismatches, e.g. {"; ".join(mismatched[:3])}. '
+                         'Is it a checkpoint of another arch?')
+    unexpected = sorted(k for k in state if k not in target)
+    missing = sorted(k for k in target if k not in state)
+    extra = [k for k in unexpected if _STRUCTURAL_KEY.match(k)]
+    lacking = [k for k in missing if _STRUCTURAL_KEY.match(k)]
+    if extra or lacking:
+        raise ValueError(
+            f'{what} has a different block structure from MetaFormer {backbone.arch_name} '
+            f'({len(extra)} extra and {len(lacking)} missing backbone tensors, e.g. '
+            f'{(extra + lacking)[0]}). Is it a checkpoint of another arch?')
+
+    # What remains is benign: output norms the file lacks (ImageNet files have only the final
+    # norm) or output norms for stages this model does not return.
+    for key in unexpected:
+        state.pop(key)
+    backbone.load_state_dict(state, strict=False)
+    print_log(f'MetaFormer: loaded {len(state)} tensors from {what}', logger='current')
+    if missing:
+        print_log(f'MetaFormer: left at initial values (not in checkpoint): {", ".join(missing)}',
+                  logger='current')
+    if unexpected:
+        print_log(f'MetaFormer: unused checkpoint tensors: {", ".join(unexpected)}',
+                  logger='current')
