@@ -44,20 +44,24 @@ _TIMM_RULES = [
 _LAYOUT_RULES = {'official': _OFFICIAL_RULES, 'mmpretrain': _OFFICIAL_RULES,
                  'timm': _TIMM_RULES, 'poolformer_mm': []}
 # A key of our own layout that belongs to the backbone's structure (not an output norm).
-_STRUCTURAL_KEY = re.compile(r'^(stem|stages)\.')
+STRUCTURAL_KEY = re.compile(r'^(stem|stages)\.')
 
 
-def read_checkpoint(path: str) -> dict:
+POOLFORMER_DOWNLOAD_HINT = ('Download the ImageNet weights (github.com/sail-sg/poolformer, '
+                            'release v1.0, poolformer_<arch>.pth.tar) into checkpoints/')
+
+
+def read_checkpoint(path: str, download_hint: str = POOLFORMER_DOWNLOAD_HINT) -> dict:
     """Read a pretrained file safely (``weights_only=True``); say where to get it when missing."""
+    path = osp.expanduser(path)
     if not osp.isfile(path):
         raise FileNotFoundError(
-            f"pretrained checkpoint '{path}' not found. Download the ImageNet weights "
-            '(github.com/sail-sg/poolformer, release v1.0, poolformer_<arch>.pth.tar) into '
-            "checkpoints/, or train from scratch with --cfg-options model.backbone.init_cfg=None")
+            f"pretrained checkpoint '{path}' not found. {download_hint}, or train from scratch "
+            'with --cfg-options model.backbone.init_cfg=None')
     return load_from_local_weights_only(path, map_location='cpu')
 
 
-def _unwrap(checkpoint: Mapping) -> Tuple[Dict[str, torch.Tensor], bool]:
+def unwrap_state_dict(checkpoint: Mapping) -> Tuple[Dict[str, torch.Tensor], bool]:
     """Return the flat state dict and whether it came with a ``backbone.`` prefix."""
     state = checkpoint
     for wrapper in ('state_dict', 'model'):
@@ -89,20 +93,26 @@ def convert_to_poolformer_layout(checkpoint: Mapping) -> Tuple[Dict[str, torch.T
     Returns:
         tuple: the converted state dict and the name of the detected layout.
     """
-    state, had_prefix = _unwrap(checkpoint)
+    state, had_prefix = unwrap_state_dict(checkpoint)
     layout = _detect_layout(state, had_prefix)
+    return apply_layout_rules(state, _LAYOUT_RULES[layout]), layout
+
+
+def apply_layout_rules(state: Mapping[str, torch.Tensor], rules) -> Dict[str, torch.Tensor]:
+    """Rename keys by (pattern, replacement) rules: the first matching rule wins, a None
+    replacement drops the key, a key that matches no rule is kept as it is."""
     converted = {}
     for key, value in state.items():
-        for pattern, replacement in _LAYOUT_RULES[layout]:
+        for pattern, replacement in rules:
             if re.match(pattern, key):
                 key = None if replacement is None else re.sub(pattern, replacement, key)
                 break
         if key is not None:
             converted[key] = value
-    return converted, layout
+    return converted
 
 
-def _fit_shapes(state: Dict[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> List[str]:
+def fit_shapes(state: Dict[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> List[str]:
     """Reshape tensors that only differ by singleton dims (timm's [C,1,1] scales, Linear vs 1x1
     conv); return the keys whose shapes really differ."""
     mismatched = []
@@ -118,39 +128,45 @@ def _fit_shapes(state: Dict[str, torch.Tensor], target: Mapping[str, torch.Tenso
 
 
 def load_backbone_weights(backbone: nn.Module, path: str) -> None:
-    """Load a PoolFormer checkpoint in any known layout into ``backbone``.
+    """Load a PoolFormer checkpoint in any known layout into ``backbone``."""
+    state, layout = convert_to_poolformer_layout(read_checkpoint(path))
+    load_converted_weights(backbone, state, f"checkpoint '{path}' ({layout} layout)")
+
+
+def load_converted_weights(backbone: nn.Module, state: Dict[str, torch.Tensor],
+                           source: str) -> None:
+    """Load a state dict already in the backbone's own names.
 
     Raises a clear error when a shape differs or the checkpoint's blocks do not match the model's
-    (a checkpoint of another arch); logs the keys that stay at their initial values.
+    (a checkpoint of another arch); logs the keys that stay at their initial values and the
+    checkpoint tensors left unused, one line each.
     """
-    state, layout = convert_to_poolformer_layout(read_checkpoint(path))
+    name = type(backbone).__name__
     target = backbone.state_dict()
-
-    mismatched = _fit_shapes(state, target)
+    mismatched = fit_shapes(state, target)
     if mismatched:
-        raise ValueError(f"checkpoint '{path}' ({layout} layout) does not fit this PoolFormer: "
-                         f'{len(mismatched)} shape mismatches, e.g. {"; ".join(mismatched[:3])}. '
-                         'Is it a checkpoint of another arch?')
+        raise ValueError(f'{source} does not fit this {name}: {len(mismatched)} shape '
+                         f'mismatches, e.g. {"; ".join(mismatched[:3])}. Is it a checkpoint of '
+                         'another arch?')
     unexpected = sorted(k for k in state if k not in target)
     missing = sorted(k for k in target if k not in state)
-    structural = [k for k in unexpected + missing if _STRUCTURAL_KEY.match(k)]
-    if structural:
+    extra = [k for k in unexpected if STRUCTURAL_KEY.match(k)]
+    lacking = [k for k in missing if STRUCTURAL_KEY.match(k)]
+    if extra or lacking:
         raise ValueError(
-            f"checkpoint '{path}' ({layout} layout) has a different block structure from this "
-            f'PoolFormer ({len([k for k in unexpected if _STRUCTURAL_KEY.match(k)])} extra and '
-            f'{len([k for k in missing if _STRUCTURAL_KEY.match(k)])} missing backbone tensors, '
-            f'e.g. {structural[0]}). Is it a checkpoint of another arch?')
+            f'{source} has a different block structure from this {name} ({len(extra)} extra '
+            f'and {len(lacking)} missing backbone tensors, e.g. {(extra + lacking)[0]}). Is it a '
+            'checkpoint of another arch?')
 
     # What remains is benign: output norms the file lacks (ImageNet files have only the final
     # norm) or output norms for stages this model does not return.
     for key in unexpected:
         state.pop(key)
     backbone.load_state_dict(state, strict=False)
-    print_log(f"PoolFormer: loaded {len(state)} tensors from '{path}' ({layout} layout)",
-              logger='current')
+    print_log(f'{name}: loaded {len(state)} tensors from {source}', logger='current')
     if missing:
-        print_log(f'PoolFormer: left at initial values (not in checkpoint): {", ".join(missing)}',
+        print_log(f'{name}: left at initial values (not in checkpoint): {", ".join(missing)}',
                   logger='current')
     if unexpected:
-        print_log(f'PoolFormer: unused checkpoint tensors: {", ".join(unexpected)}',
+        print_log(f'{name}: unused checkpoint tensors: {", ".join(unexpected)}',
                   logger='current')

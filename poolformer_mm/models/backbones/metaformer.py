@@ -2,24 +2,20 @@
 and the rules that load their ImageNet checkpoints (sail-sg/metaformer and timm layouts)."""
 import copy
 import difflib
-import inspect
-import os.path as osp
-import re
 from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from mmengine.logging import print_log
-from mmengine.model import BaseModule
 from mmengine.model.weight_init import trunc_normal_init
 from mmengine.registry import MODELS
 from torch import Tensor
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..layers.metaformer_v2 import (ChannelLayerNorm, Downsampling, MetaFormerV2Block, Stem,
                                     build_v2_token_mixer)
-from ..pretrained import _STRUCTURAL_KEY, _fit_shapes, _unwrap, read_checkpoint
-from .poolformer import MetaFormerStage, PoolFormer
+from ..pretrained import (apply_layout_rules, load_converted_weights, read_checkpoint,
+                          unwrap_state_dict)
+from .base import DenseBackbone
+from .poolformer import MetaFormerStage
 
 # ---------------------------------------------------------------------------------- model zoo
 # Blocks per stage and channels per size; the families below pair them with token mixers.
@@ -51,7 +47,7 @@ _ARCH_DEFAULTS = dict(block_norm='layer', mlp_ratios=[4, 4, 4, 4],
 
 
 @MODELS.register_module()
-class MetaFormer(BaseModule):
+class MetaFormer(DenseBackbone):
     """MetaFormer baselines (IdentityFormer, RandFormer, PoolFormerV2, ConvFormer, CAFormer) as a
     backbone for dense prediction (detection, segmentation).
 
@@ -110,8 +106,6 @@ class MetaFormer(BaseModule):
         for family, (mixers, norm, sizes) in _FAMILIES.items()
         for size, (layers, dims) in sizes.items()
     }
-    num_stages = 4
-
     def __init__(self,
                  arch: Union[str, dict] = 'caformer_s18',
                  in_channels: int = 3,
@@ -123,21 +117,14 @@ class MetaFormer(BaseModule):
                  with_cp: bool = False,
                  init_cfg: Optional[dict] = None,
                  **unknown):
-        if unknown:
-            raise TypeError(self._unknown_arguments_message(unknown))
+        self._reject_unknown_arguments(unknown)
         super().__init__(init_cfg=init_cfg)
         self.arch_name = arch if isinstance(arch, str) else 'custom'
         self.arch = self._resolve_arch(arch)
         layers, embed_dims = self.arch['layers'], self.arch['embed_dims']
         self.embed_dims = list(embed_dims)
 
-        # Same checks and meaning as PoolFormer's, so configs can swap the two backbones.
-        self.out_indices = PoolFormer._check_out_indices(out_indices)
-        if not -1 <= frozen_stages <= self.num_stages:
-            raise ValueError(f'frozen_stages must be in [-1, {self.num_stages}], '
-                             f'got {frozen_stages}')
-        self.frozen_stages = frozen_stages
-        self.norm_eval = norm_eval
+        self._set_dense_interface(out_indices, frozen_stages, norm_eval)
         self.with_cp = with_cp
 
         self.stem = Stem(in_channels, embed_dims[0])
@@ -198,19 +185,6 @@ class MetaFormer(BaseModule):
                                  f'{resolved[key]}')
         return resolved
 
-    @classmethod
-    def _unknown_arguments_message(cls, unknown: dict) -> str:
-        # A typo in a config (``out_indice=...``) would otherwise surface as a bare TypeError
-        # from deep inside the registry.
-        valid = [p for p in inspect.signature(cls.__init__).parameters
-                 if p not in ('self', 'unknown')]
-        hints = []
-        for name in unknown:
-            close = difflib.get_close_matches(name, valid, n=1)
-            hints.append(f"'{name}'" + (f" (did you mean '{close[0]}'?)" if close else ''))
-        return (f'MetaFormer got unknown argument(s) {", ".join(hints)}; valid arguments: '
-                f'{", ".join(valid)}')
-
     # ---------------------------------------------------------------- weights
     def init_weights(self) -> None:
         if self.init_cfg is not None and self.init_cfg.get('type') == 'Pretrained':
@@ -227,45 +201,12 @@ class MetaFormer(BaseModule):
         else:
             super().init_weights()
 
-    # ---------------------------------------------------------------- train / freeze
-    def _frozen_modules(self):
-        if self.frozen_stages >= 0:
-            yield self.stem
-        for i in range(min(self.frozen_stages, self.num_stages)):
-            yield self.stages[i]
-            if str(i) in self.output_norms:
-                yield self.output_norms[str(i)]
-
-    def _freeze_stages(self) -> None:
-        for module in self._frozen_modules():
-            module.eval()
-            for param in module.parameters():
-                param.requires_grad = False
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            for module in self.modules():
-                if isinstance(module, _BatchNorm):
-                    module.eval()
-        return self
-
-    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
-        x = self.stem(x)
-        outs = []
-        for i, stage in enumerate(self.stages):
-            x = stage(x)
-            if i in self.out_indices:
-                outs.append(self.output_norms[str(i)](x))
-        return tuple(outs)
-
 
 # ---------------------------------------------------------------------------------- checkpoints
 # (pattern, replacement) per layout, applied in order; the first match wins, a key matching no
 # rule is kept as it is (and then shows up as unexpected), a None replacement drops the key.
 # sail-sg/metaformer works channels-last, so its MLP and SepConv pointwise layers are Linear
-# ([out, in]) where ours are 1x1 convs ([out, in, 1, 1]); ``_fit_shapes`` reshapes those.
+# ([out, in]) where ours are 1x1 convs ([out, in, 1, 1]); ``fit_shapes`` reshapes those.
 _SAILSG_RULES = [
     (r'^downsample_layers\.0\.conv\.', 'stem.conv.'),
     (r'^downsample_layers\.0\.post_norm\.', 'stem.norm.'),
@@ -307,63 +248,14 @@ def convert_to_metaformer_layout(checkpoint: Mapping) -> Tuple[Dict[str, Tensor]
     Returns:
         tuple: the converted state dict and the name of the detected layout.
     """
-    state, _ = _unwrap(checkpoint)
+    state, _ = unwrap_state_dict(checkpoint)
     layout = _detect_metaformer_layout(state)
-    converted = {}
-    for key, value in state.items():
-        for pattern, replacement in _METAFORMER_LAYOUT_RULES[layout]:
-            if re.match(pattern, key):
-                key = None if replacement is None else re.sub(pattern, replacement, key)
-                break
-        if key is not None:
-            converted[key] = value
-    return converted, layout
+    return apply_layout_rules(state, _METAFORMER_LAYOUT_RULES[layout]), layout
 
 
 def load_metaformer_weights(backbone: MetaFormer, path: str) -> None:
-    """Load a MetaFormer checkpoint in any known layout into ``backbone``.
-
-    Raises a clear error when a shape differs or the checkpoint's blocks do not match the model's
-    (a checkpoint of another arch); logs the keys that stay at their initial values and the
-    checkpoint tensors left unused, one line each.
-    """
-    path = osp.expanduser(path)
-    if not osp.isfile(path):
-        raise FileNotFoundError(
-            f"pretrained checkpoint '{path}' not found. Download the ImageNet weights of "
-            f'{backbone.arch_name} (github.com/sail-sg/metaformer, or timm on the Hugging Face '
-            "Hub) into checkpoints/, or train from scratch with "
-            '--cfg-options model.backbone.init_cfg=None')
-    # read_checkpoint loads weights only; the file is known to exist, so its PoolFormer-specific
-    # not-found message cannot show.
-    state, layout = convert_to_metaformer_layout(read_checkpoint(path))
-    target = backbone.state_dict()
-    what = f"checkpoint '{path}' ({layout} layout)"
-
-    mismatched = _fit_shapes(state, target)
-    if mismatched:
-        raise ValueError(f'{what} does not fit MetaFormer {backbone.arch_name}: '
-                         f'{len(mismatched)} shape mismatches, e.g. {"; ".join(mismatched[:3])}. '
-                         'Is it a checkpoint of another arch?')
-    unexpected = sorted(k for k in state if k not in target)
-    missing = sorted(k for k in target if k not in state)
-    extra = [k for k in unexpected if _STRUCTURAL_KEY.match(k)]
-    lacking = [k for k in missing if _STRUCTURAL_KEY.match(k)]
-    if extra or lacking:
-        raise ValueError(
-            f'{what} has a different block structure from MetaFormer {backbone.arch_name} '
-            f'({len(extra)} extra and {len(lacking)} missing backbone tensors, e.g. '
-            f'{(extra + lacking)[0]}). Is it a checkpoint of another arch?')
-
-    # What remains is benign: output norms the file lacks (ImageNet files have only the final
-    # norm) or output norms for stages this model does not return.
-    for key in unexpected:
-        state.pop(key)
-    backbone.load_state_dict(state, strict=False)
-    print_log(f'MetaFormer: loaded {len(state)} tensors from {what}', logger='current')
-    if missing:
-        print_log(f'MetaFormer: left at initial values (not in checkpoint): {", ".join(missing)}',
-                  logger='current')
-    if unexpected:
-        print_log(f'MetaFormer: unused checkpoint tensors: {", ".join(unexpected)}',
-                  logger='current')
+    """Load a MetaFormer checkpoint in any known layout into ``backbone``."""
+    hint = (f'Download the ImageNet weights of {backbone.arch_name} (github.com/sail-sg/metaformer, '
+            'or timm on the Hugging Face Hub) into checkpoints/')
+    state, layout = convert_to_metaformer_layout(read_checkpoint(path, download_hint=hint))
+    load_converted_weights(backbone, state, f"checkpoint '{path}' ({layout} layout)")

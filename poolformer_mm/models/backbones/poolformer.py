@@ -1,21 +1,17 @@
 """PoolFormer (arXiv 2111.11418) as a dense-prediction backbone for mmdet / mmseg."""
 import copy
-import difflib
-import inspect
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint as cp
 from mmcv.cnn import build_norm_layer
-from mmengine.logging import print_log
-from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 from torch import Tensor
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..layers import ConvMlp, ConvPatchEmbed, MetaFormerBlock, build_token_mixer
 from ..pretrained import load_backbone_weights
+from .base import DenseBackbone
 
 
 class MetaFormerStage(nn.Module):
@@ -40,7 +36,7 @@ class MetaFormerStage(nn.Module):
 
 
 @MODELS.register_module()
-class PoolFormer(BaseModule):
+class PoolFormer(DenseBackbone):
     """PoolFormer backbone for dense prediction (detection, segmentation).
 
     A MetaFormer with pooling as token mixer: a 7x7/4 convolutional stem, four stages of
@@ -96,8 +92,6 @@ class PoolFormer(BaseModule):
         'm48': dict(layers=[8, 8, 24, 8], embed_dims=[96, 192, 384, 768],
                     mlp_ratios=[4, 4, 4, 4], layer_scale_init_value=1e-6),
     }
-    num_stages = 4
-
     def __init__(self,
                  arch: Union[str, dict] = 's12',
                  in_channels: int = 3,
@@ -113,8 +107,7 @@ class PoolFormer(BaseModule):
                  with_cp: bool = False,
                  init_cfg: Optional[dict] = None,
                  **unknown):
-        if unknown:
-            raise TypeError(self._unknown_arguments_message(unknown))
+        self._reject_unknown_arguments(unknown)
         super().__init__(init_cfg=init_cfg)
         self.arch = self._resolve_arch(arch)
         if layer_scale_init_value is not None:
@@ -122,11 +115,7 @@ class PoolFormer(BaseModule):
         layers, embed_dims = self.arch['layers'], self.arch['embed_dims']
         self.embed_dims = list(embed_dims)
 
-        self.out_indices = self._check_out_indices(out_indices)
-        if not -1 <= frozen_stages <= self.num_stages:
-            raise ValueError(f'frozen_stages must be in [-1, {self.num_stages}], got {frozen_stages}')
-        self.frozen_stages = frozen_stages
-        self.norm_eval = norm_eval
+        self._set_dense_interface(out_indices, frozen_stages, norm_eval)
         self.with_cp = with_cp
 
         mixers = self._per_stage(token_mixers, 'token_mixers')
@@ -178,27 +167,6 @@ class PoolFormer(BaseModule):
         return copy.deepcopy(dict(arch))
 
     @classmethod
-    def _unknown_arguments_message(cls, unknown: dict) -> str:
-        # A typo in a config (``out_indice=...``) would otherwise surface as a bare TypeError
-        # from deep inside the registry.
-        valid = [p for p in inspect.signature(cls.__init__).parameters
-                 if p not in ('self', 'unknown')]
-        hints = []
-        for name in unknown:
-            close = difflib.get_close_matches(name, valid, n=1)
-            hints.append(f"'{name}'" + (f" (did you mean '{close[0]}'?)" if close else ''))
-        return (f'PoolFormer got unknown argument(s) {", ".join(hints)}; valid arguments: '
-                f'{", ".join(valid)}')
-
-    @classmethod
-    def _check_out_indices(cls, out_indices) -> Tuple[int, ...]:
-        out_indices = (out_indices, ) if isinstance(out_indices, int) else tuple(out_indices)
-        if not out_indices or any(not 0 <= i < cls.num_stages for i in out_indices):
-            raise ValueError(f'out_indices must be stage indices in [0, {cls.num_stages - 1}], '
-                             f'got {out_indices}')
-        return tuple(sorted(set(out_indices)))
-
-    @classmethod
     def _per_stage(cls, value, name: str) -> list:
         if isinstance(value, (str, dict)):
             return [value] * cls.num_stages
@@ -221,36 +189,3 @@ class PoolFormer(BaseModule):
             self._is_init = True
         else:
             super().init_weights()
-
-    # ---------------------------------------------------------------- train / freeze
-    def _frozen_modules(self):
-        if self.frozen_stages >= 0:
-            yield self.stem
-        for i in range(min(self.frozen_stages, self.num_stages)):
-            yield self.stages[i]
-            if str(i) in self.output_norms:
-                yield self.output_norms[str(i)]
-
-    def _freeze_stages(self) -> None:
-        for module in self._frozen_modules():
-            module.eval()
-            for param in module.parameters():
-                param.requires_grad = False
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            for module in self.modules():
-                if isinstance(module, _BatchNorm):
-                    module.eval()
-        return self
-
-    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
-        x = self.stem(x)
-        outs = []
-        for i, stage in enumerate(self.stages):
-            x = stage(x)
-            if i in self.out_indices:
-                outs.append(self.output_norms[str(i)](x))
-        return tuple(outs)
