@@ -1,32 +1,46 @@
 """PoolFormer (arXiv 2111.11418) as a dense-prediction backbone for mmdet / mmseg."""
 import copy
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint as cp
 from mmcv.cnn import build_norm_layer
+from mmengine.model.weight_init import trunc_normal_init
 from mmengine.registry import MODELS
 from torch import Tensor
 
-from ..layers import ConvMlp, ConvPatchEmbed, MetaFormerBlock, build_token_mixer
+from ..layers import (ChannelLayerNorm, ConvMlp, ConvPatchEmbed, MetaFormerBlock,
+                      PositionEmbedding, build_token_mixer)
 from ..pretrained import load_backbone_weights
 from .base import DenseBackbone
 
 
 class MetaFormerStage(nn.Module):
-    """An optional downsampling layer followed by a sequence of MetaFormer blocks."""
+    """An optional downsampling layer, an optional position embedding, then MetaFormer blocks.
+
+    Args:
+        downsample (nn.Module, optional): Changes resolution and width first.
+        blocks (Sequence[nn.Module]): The stage's blocks, run in turn.
+        with_cp (bool): Gradient checkpointing per block. Default: False.
+        pos_embed (nn.Module, optional): Added to the input of the first block (the paper's
+            attention hybrids have one at the start of their first attention stage).
+            Default: None.
+    """
 
     def __init__(self, downsample: Optional[nn.Module], blocks: Sequence[nn.Module],
-                 with_cp: bool = False):
+                 with_cp: bool = False, pos_embed: Optional[nn.Module] = None):
         super().__init__()
         self.downsample = downsample
+        self.pos_embed = pos_embed
         self.blocks = nn.ModuleList(blocks)
         self.with_cp = with_cp
 
     def forward(self, x: Tensor) -> Tensor:
         if self.downsample is not None:
             x = self.downsample(x)
+        if self.pos_embed is not None:
+            x = self.pos_embed(x)
         for block in self.blocks:
             if self.with_cp and x.requires_grad:
                 x = cp.checkpoint(block, x, use_reentrant=False)
@@ -40,20 +54,41 @@ class PoolFormer(DenseBackbone):
     """PoolFormer backbone for dense prediction (detection, segmentation).
 
     A MetaFormer with pooling as token mixer: a 7x7/4 convolutional stem, four stages of
-    MetaFormer blocks separated by 3x3/2 convolutions, and a GroupNorm on every returned stage
-    output ("output norm"). Outputs have strides 4, 8, 16 and 32.
+    MetaFormer blocks separated by 3x3/2 convolutions, and a norm on every returned stage output
+    ("output norm"). Outputs have strides 4, 8, 16 and 32.
+
+    The token mixer, norm, activation and pool size are the knobs of the paper's ablations
+    (Table 5), per stage where it matters: e.g. ``token_mixers=('pool', 'pool', 'attn', 'attn')``
+    is its [Pool, Pool, Attention, Attention] hybrid, which also adds a learnable position
+    embedding at the start of its first attention stage (resized to the feature map at other
+    input sizes) and, like the released hybrids, uses a channel LayerNorm in every stage.
 
     Args:
         arch (str | dict): 's12', 's24', 's36', 'm36', 'm48', or a dict with ``layers``
             (blocks per stage), ``embed_dims``, ``mlp_ratios`` and ``layer_scale_init_value``.
             Default: 's12'.
         in_channels (int): Input image channels. Default: 3.
-        pool_size (int): Window of the pooling token mixer. Default: 3.
+        pool_size (int): Window of the pooling token mixer (where a 'pool' mixer sets none).
+            Default: 3.
         token_mixers (str | dict | Sequence): Token mixer for all stages, or one per stage, as a
-            name ('pool', 'identity', 'dwconv') or a dict with ``type``. Default: 'pool'.
-        norm_cfg (dict): Norm of the blocks and the output norms. Default: GroupNorm with one
-            group, i.e. normalisation over (C, H, W) with a per-channel affine.
-        act_cfg (dict): Activation of the MLPs. Default: ``dict(type='GELU')``.
+            name or a dict with ``type``: 'pool', 'identity', 'dwconv', 'attn' (multi-head
+            self-attention, heads 32 wide), 'spatial_fc' (a learned [HW, HW] token matrix) or
+            'random' (a frozen random one); see ``layers/token_mixers.py`` for how each behaves
+            at input sizes other than ``pretrain_img_size``. Default: 'pool'.
+        pretrain_img_size (int | tuple[int, int]): Input size of the ImageNet pre-training.
+            It fixes the token grid of what is tied to one: the position embedding of an
+            attention stage and the matrices of 'spatial_fc' and 'random' (56, 28, 14, 7 per
+            stage at 224). Default: 224.
+        norm_cfg (dict | Sequence[dict], optional): Norm of the blocks and output norms, for all
+            stages or one per stage: ``dict(type='GN', num_groups=1)`` (the paper's "modified
+            layer norm": statistics over C, H, W; one group is the default), ``dict(type='LN')``
+            (LayerNorm over the channels of each position) or ``dict(type='BN')``; any other
+            mmcv norm config also works. Default: None, the paper's choice: a channel LayerNorm
+            in every stage when any stage uses attention (as the released hybrids
+            metaformer_pppa/ppaa_s12_224, so their weights fit), GroupNorm with one group
+            otherwise.
+        act_cfg (dict): Activation of the MLPs, e.g. ``dict(type='ReLU')`` or
+            ``dict(type='SiLU')``. Default: ``dict(type='GELU')``.
         drop_path_rate (float): Stochastic depth rate of the last block; it grows linearly from 0
             over all blocks. Default: 0.
         layer_scale_init_value (float, optional): Overrides the arch's initial layer scale.
@@ -78,6 +113,9 @@ class PoolFormer(DenseBackbone):
         >>> model = PoolFormer('s12')
         >>> [tuple(o.shape) for o in model(torch.rand(1, 3, 224, 224))]
         [(1, 64, 56, 56), (1, 128, 28, 28), (1, 320, 14, 14), (1, 512, 7, 7)]
+        >>> hybrid = PoolFormer('s12', token_mixers=('pool', 'pool', 'attn', 'attn'))
+        >>> [tuple(o.shape) for o in hybrid(torch.rand(1, 3, 256, 320))]
+        [(1, 64, 64, 80), (1, 128, 32, 40), (1, 320, 16, 20), (1, 512, 8, 10)]
     """
 
     arch_settings: Dict[str, dict] = {
@@ -97,7 +135,8 @@ class PoolFormer(DenseBackbone):
                  in_channels: int = 3,
                  pool_size: int = 3,
                  token_mixers: Union[str, dict, Sequence] = 'pool',
-                 norm_cfg: dict = dict(type='GN', num_groups=1),
+                 pretrain_img_size: Union[int, Sequence[int]] = 224,
+                 norm_cfg: Union[dict, Sequence[dict], None] = None,
                  act_cfg: dict = dict(type='GELU'),
                  drop_path_rate: float = 0.,
                  layer_scale_init_value: Optional[float] = None,
@@ -118,30 +157,37 @@ class PoolFormer(DenseBackbone):
         self._set_dense_interface(out_indices, frozen_stages, norm_eval)
         self.with_cp = with_cp
 
-        mixers = self._per_stage(token_mixers, 'token_mixers')
-        mixers = [dict(type='pool', pool_size=pool_size) if m == 'pool' else m for m in mixers]
+        mixers = self._resolve_mixers(token_mixers, pool_size)
+        norm_cfgs = self._resolve_norms(norm_cfg, mixers)
+        grids = self._token_grids(pretrain_img_size)
+        # Attention is blind to position, so the first attention stage adds a position embedding.
+        first_attention = next((i for i, m in enumerate(mixers) if m.get('type') == 'attn'), None)
 
         self.stem = ConvPatchEmbed(in_channels, embed_dims[0], kernel_size=7, stride=4, padding=2)
-        drop_path_rates = torch.linspace(0, drop_path_rate, sum(layers)).tolist()
+        # CPU even inside a ``torch.device('meta')`` context, where .tolist() would fail.
+        drop_path_rates = torch.linspace(0, drop_path_rate, sum(layers), device='cpu').tolist()
         self.stages = nn.ModuleList()
         for i in range(self.num_stages):
             downsample = None if i == 0 else ConvPatchEmbed(
                 embed_dims[i - 1], embed_dims[i], kernel_size=3, stride=2, padding=1)
+            pos_embed = (PositionEmbedding(embed_dims[i], grids[i])
+                         if i == first_attention else None)
             first = sum(layers[:i])
             blocks = [
                 MetaFormerBlock(
                     embed_dims[i],
-                    token_mixer=build_token_mixer(mixers[i], embed_dims[i]),
+                    token_mixer=build_token_mixer(mixers[i], embed_dims[i], grids[i]),
                     mlp_ratio=self.arch['mlp_ratios'][i],
-                    norm_cfg=norm_cfg,
+                    norm_cfg=norm_cfgs[i],
                     act_cfg=act_cfg,
                     drop_path=drop_path_rates[first + j],
                     layer_scale_init_value=self.arch['layer_scale_init_value'])
                 for j in range(layers[i])
             ]
-            self.stages.append(MetaFormerStage(downsample, blocks, with_cp=with_cp))
+            self.stages.append(
+                MetaFormerStage(downsample, blocks, with_cp=with_cp, pos_embed=pos_embed))
         self.output_norms = nn.ModuleDict({
-            str(i): build_norm_layer(norm_cfg, embed_dims[i])[1]
+            str(i): build_norm_layer(norm_cfgs[i], embed_dims[i])[1]
             for i in self.out_indices
         })
         self._freeze_stages()
@@ -175,6 +221,47 @@ class PoolFormer(DenseBackbone):
             raise ValueError(f'{name} needs one entry per stage ({cls.num_stages}), got {value}')
         return value
 
+    @classmethod
+    def _resolve_mixers(cls, token_mixers, pool_size: int) -> List[dict]:
+        mixers = [dict(type=m) if isinstance(m, str) else dict(m)
+                  for m in cls._per_stage(token_mixers, 'token_mixers')]
+        for mixer in mixers:
+            if mixer.get('type') == 'pool':
+                mixer.setdefault('pool_size', pool_size)
+        return mixers
+
+    @classmethod
+    def _resolve_norms(cls, norm_cfg, mixers: List[dict]) -> List[dict]:
+        if norm_cfg is None:
+            # The released hybrids (metaformer_pppa/ppaa_s12_224) use a channel LayerNorm in
+            # every stage, pooling ones included; the pooling-only models use GroupNorm(1).
+            with_attention = any(m.get('type') == 'attn' for m in mixers)
+            norm_cfg = dict(type='LN') if with_attention else dict(type='GN', num_groups=1)
+        return [cls._channel_norm_cfg(cfg) for cfg in cls._per_stage(norm_cfg, 'norm_cfg')]
+
+    @staticmethod
+    def _channel_norm_cfg(cfg: dict) -> dict:
+        cfg = dict(cfg)
+        if cfg.get('type') == 'LN':
+            # mmcv's 'LN' is torch's LayerNorm over the last axis, i.e. the width of an NCHW map;
+            # the paper's LayerNorm normalises each position over its channels (eps 1e-5, bias).
+            cfg.update(type=ChannelLayerNorm, bias=True)
+        elif cfg.get('type') == 'GN':
+            cfg.setdefault('num_groups', 1)  # the paper's "modified layer norm"
+        return cfg
+
+    @classmethod
+    def _token_grids(cls, img_size: Union[int, Sequence[int]]) -> List[Tuple[int, int]]:
+        """Token grid of each stage for an input of ``img_size``: stem 7x7/4 with padding 2,
+        then 3x3/2 with padding 1 before every later stage."""
+        h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+        h, w = (h - 3) // 4 + 1, (w - 3) // 4 + 1
+        grids = [(h, w)]
+        for _ in range(cls.num_stages - 1):
+            h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+            grids.append((h, w))
+        return grids
+
     # ---------------------------------------------------------------- weights
     def init_weights(self) -> None:
         if self.init_cfg is not None and self.init_cfg.get('type') == 'Pretrained':
@@ -184,6 +271,9 @@ class PoolFormer(DenseBackbone):
         for module in self.modules():
             if isinstance(module, ConvMlp):
                 module.init_weights()
+            elif isinstance(module, nn.Linear):
+                # Attention and spatial FC layers, initialised as in the official hybrids.
+                trunc_normal_init(module, std=0.02, bias=0.)
         if self.init_cfg is None:
             # Nothing else to initialise; skip mmengine's per-parameter report of no changes.
             self._is_init = True

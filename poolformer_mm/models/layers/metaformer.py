@@ -1,8 +1,9 @@
 """The generic MetaFormer block and the convolutional patch embedding PoolFormer uses."""
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from mmcv.cnn import build_activation_layer, build_norm_layer
 from mmcv.cnn.bricks import DropPath
 from mmengine.model.weight_init import trunc_normal_init
@@ -27,6 +28,37 @@ class ConvPatchEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(x)
+
+
+class PositionEmbedding(nn.Module):
+    """Learnable absolute position embedding added to an NCHW feature map.
+
+    The paper's attention hybrids add one at the start of their first attention stage, since
+    self-attention alone does not know where a token is. It is learned for the token grid of the
+    pre-training input (``base_size``); at any other grid it is resized bicubically to the feature
+    map, so the backbone takes any input size.
+
+    Args:
+        dim (int): Channels.
+        base_size (int | tuple[int, int]): Token grid ``(h, w)`` the embedding is learned for.
+    """
+
+    def __init__(self, dim: int, base_size: Union[int, Sequence[int]]):
+        super().__init__()
+        h, w = (base_size, base_size) if isinstance(base_size, int) else base_size
+        self.base_size = (int(h), int(w))
+        # Zeros, as the official hybrids: training starts from a position-agnostic stage.
+        self.weight = nn.Parameter(torch.zeros(1, dim, *self.base_size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        embedding = self.weight
+        if tuple(x.shape[-2:]) != self.base_size:
+            embedding = F.interpolate(embedding, size=x.shape[-2:], mode='bicubic',
+                                      align_corners=False)
+        return x + embedding
+
+    def extra_repr(self) -> str:
+        return f'base_size={self.base_size}'
 
 
 class ChannelScale(nn.Module):
@@ -76,7 +108,10 @@ class MetaFormerBlock(nn.Module):
         dim (int): Channels.
         token_mixer (nn.Module): Any module mapping (N, C, H, W) to the same shape.
         mlp_ratio (float): Hidden width of the MLP relative to ``dim``. Default: 4.
-        norm_cfg (dict): Norm config. Default: GroupNorm with one group.
+        norm_cfg (dict): mmcv norm config applied to the NCHW tensor. Default: GroupNorm with
+            one group. mmcv's 'LN' is refused: it is torch's LayerNorm over the last axis (the
+            width); pass a channel LayerNorm class as ``type`` instead (PoolFormer maps 'LN' to
+            one).
         act_cfg (dict): Activation of the MLP. Default: GELU.
         drop_path (float): Stochastic depth rate of both residual branches. Default: 0.
         layer_scale_init_value (float, optional): Initial layer scale; None disables layer scale.
@@ -93,6 +128,11 @@ class MetaFormerBlock(nn.Module):
                  layer_scale_init_value: Optional[float] = 1e-5):
         super().__init__()
         self.norm1 = build_norm_layer(norm_cfg, dim)[1]
+        if isinstance(self.norm1, nn.LayerNorm):
+            raise ValueError(
+                f"norm_cfg {dict(norm_cfg)} builds torch's LayerNorm, which on an NCHW tensor "
+                'normalises over the width, not the channels; use '
+                "dict(type=ChannelLayerNorm, bias=True) (PoolFormer turns type='LN' into it)")
         self.token_mixer = token_mixer
         self.norm2 = build_norm_layer(norm_cfg, dim)[1]
         self.mlp = ConvMlp(dim, int(dim * mlp_ratio), act_cfg)

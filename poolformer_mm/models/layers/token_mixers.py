@@ -1,9 +1,23 @@
 """Token mixers: the part of a MetaFormer block that exchanges information between positions.
 
 Each mixer is a small module that maps an ``(N, C, H, W)`` tensor to one of the same shape, so a
-:class:`~poolformer_mm.models.layers.MetaFormerBlock` can take any of them.
+:class:`~poolformer_mm.models.layers.MetaFormerBlock` can take any of them. ``TOKEN_MIXERS`` names
+the ones of the PoolFormer paper's ablations (Table 5): 'pool', 'identity', 'dwconv', 'attn',
+'spatial_fc' and 'random'.
+
+Behaviour at input sizes other than the pre-training one (224x224), which is every size in
+detection and segmentation:
+
+* 'pool', 'identity', 'dwconv', 'attn': nothing to adapt; they work on any token grid. (The
+  position embedding that goes with 'attn' is resized by the backbone's stage, see
+  :class:`~poolformer_mm.models.layers.PositionEmbedding`.)
+* 'spatial_fc': its learned ``[HW, HW]`` matrix belongs to one token grid; at another grid it is
+  resized (default) or the mixer raises a ValueError naming the grid it expects.
+* 'random': the frozen random matrix is resized and its rows renormalised (see
+  :class:`~poolformer_mm.models.layers.RandomMixing`).
 """
-from typing import Callable, Dict, Union
+import inspect
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
 import torch.nn.functional as F
@@ -63,17 +77,162 @@ class DepthwiseConvMixer(nn.Module):
         return self.conv(x)
 
 
+def resize_token_matrix(matrix: Tensor, base_size: Tuple[int, int],
+                        size: Tuple[int, int]) -> Tensor:
+    """Resize a ``[h0*w0, h0*w0]`` token-mixing matrix to a ``(h, w)`` token grid.
+
+    Entry ``[p, q]`` says how much output position ``p`` takes from input position ``q``; both
+    index a 2-D grid, so the matrix is resized bilinearly over each index pair in turn: first the
+    positions it reads from (each row is an ``h0 x w0`` map), then the positions it writes to.
+    The total weight of a row is not adjusted here: resizing the read-from pair multiplies it by
+    about ``(h*w) / (h0*w0)``, and callers decide how to correct that.
+
+    Args:
+        matrix (Tensor): ``[h0*w0, h0*w0]`` matrix.
+        base_size (tuple[int, int]): Grid ``(h0, w0)`` the matrix belongs to.
+        size (tuple[int, int]): Target grid ``(h, w)``.
+
+    Returns:
+        Tensor: ``[h*w, h*w]`` matrix.
+    """
+    (h0, w0), (h, w) = base_size, size
+    # Read-from pair: each row is an (h0, w0) map.
+    matrix = F.interpolate(matrix.reshape(h0 * w0, 1, h0, w0), size=(h, w), mode='bilinear',
+                           align_corners=False)
+    # Write-to pair: each read-from position becomes a channel over the (h0, w0) output grid.
+    matrix = matrix.reshape(h0, w0, h * w).permute(2, 0, 1).unsqueeze(0)
+    matrix = F.interpolate(matrix, size=(h, w), mode='bilinear', align_corners=False)
+    return matrix.reshape(h * w, h * w).t()
+
+
+def _pair(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    h, w = size
+    return int(h), int(w)
+
+
+class SpatialFC(nn.Module):
+    """The paper's "spatial FC" ablation: a learned ``[HW, HW]`` matrix, shared by all channels,
+    mixes the tokens of a fixed grid (no bias, as in the official hybrids).
+
+    The matrix is tied to the token grid of the pre-training input (``base_size``: 14x14 in stage
+    3 and 7x7 in stage 4 at 224x224). Dense prediction feeds other sizes, so:
+
+    * ``interpolate=True`` (default): the matrix is resized to the input's grid with
+      :func:`resize_token_matrix` and multiplied by ``(h0*w0) / (h*w)``. A resized row then gives
+      the same total weight to the new grid as the original row gave to the old one, so the
+      mixer's response to a constant map is unchanged (a matrix that averages still averages).
+      The resized matrix has ``(h*w)**2`` entries and is recomputed each forward (gradients flow
+      to the learned one), so memory grows with the fourth power of the input side; that is
+      acceptable in the last stages (a 1333x800 image gives 50x84 and 25x42 grids there).
+    * ``interpolate=False``: any other grid raises a ValueError naming the expected one, for
+      models that must see exactly what they were trained on.
+
+    Args:
+        dim (int): Channels (unused; every mixer takes it).
+        base_size (int | tuple[int, int]): Token grid ``(h, w)`` the matrix belongs to.
+            Default: (14, 14).
+        interpolate (bool): Resize the matrix for other grids instead of raising. Default: True.
+    """
+
+    def __init__(self, dim: int, base_size: Union[int, Sequence[int]] = (14, 14),
+                 interpolate: bool = True):
+        super().__init__()
+        self.base_size = _pair(base_size)
+        self.interpolate = interpolate
+        num_tokens = self.base_size[0] * self.base_size[1]
+        # A Linear over the token axis, so the official checkpoints' ``token_mixer.fc.weight`` fits.
+        self.fc = nn.Linear(num_tokens, num_tokens, bias=False)
+
+    def mixing_matrix(self, size: Tuple[int, int]) -> Tensor:
+        """The ``[h*w, h*w]`` mixing matrix for a token grid of ``size = (h, w)``."""
+        if tuple(size) == self.base_size:
+            return self.fc.weight
+        if not self.interpolate:
+            h0, w0 = self.base_size
+            raise ValueError(
+                f'spatial_fc mixes a fixed {h0}x{w0} token grid (its [{h0 * w0}, {h0 * w0}] '
+                f'matrix was built for it) but got a {size[0]}x{size[1]} grid; feed inputs of '
+                'the pre-training size, or build the mixer with interpolate=True to resize the '
+                'matrix')
+        h0, w0 = self.base_size
+        scale = (h0 * w0) / (size[0] * size[1])
+        return resize_token_matrix(self.fc.weight, self.base_size, size) * scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, c, h, w = x.shape
+        matrix = self.mixing_matrix((h, w))
+        return F.linear(x.reshape(n, c, h * w), matrix).reshape(n, c, h, w)
+
+    def extra_repr(self) -> str:
+        return f'base_size={self.base_size}, interpolate={self.interpolate}'
+
+
+# metaformer_v2 builds on this module (it reuses PoolingMixer and IdentityMixer), so its mixers
+# are imported when first built rather than at the top, which would be a circular import.
+def self_attention(dim: int, head_dim: int = 32, qkv_bias: bool = False,
+                   proj_bias: bool = True) -> nn.Module:
+    """Multi-head self-attention over all positions, as in the paper's hybrid stages.
+
+    The hybrids used timm's ViT attention: heads 32 wide, no bias on the query/key/value
+    projection, a bias on the output projection. This is CAFormer's
+    :class:`~poolformer_mm.models.layers.Attention` with those settings (CAFormer drops the
+    output bias); the weights keep the official names ``qkv`` and ``proj``.
+
+    Args:
+        dim (int): Channels.
+        head_dim (int): Width of each head. Default: 32.
+        qkv_bias (bool): Bias on the query/key/value projection. Default: False.
+        proj_bias (bool): Bias on the output projection. Default: True.
+    """
+    from .metaformer_v2 import Attention
+    return Attention(dim, head_dim=head_dim, qkv_bias=qkv_bias, proj_bias=proj_bias)
+
+
+def random_mixing(dim: int, base_size: Union[int, Sequence[int]] = (14, 14)) -> nn.Module:
+    """The paper's "global random matrix" ablation: a frozen random ``[HW, HW]`` matrix.
+
+    This is RandFormer's :class:`~poolformer_mm.models.layers.RandomMixing`: a row-stochastic
+    matrix kept as a buffer (never trained). At other grids it is resized like
+    :class:`SpatialFC`'s and each row renormalised to sum to 1.
+
+    Args:
+        dim (int): Channels (unused).
+        base_size (int | tuple[int, int]): Token grid the matrix is drawn for. Default: (14, 14).
+    """
+    from .metaformer_v2 import RandomMixing
+    return RandomMixing(dim, base_size=_pair(base_size))
+
+
 TOKEN_MIXERS: Dict[str, Callable[..., nn.Module]] = {
     'pool': PoolingMixer,
     'identity': IdentityMixer,
     'dwconv': DepthwiseConvMixer,
+    'attn': self_attention,
+    'spatial_fc': SpatialFC,
+    'random': random_mixing,
 }
 
 
-def build_token_mixer(cfg: Union[str, dict], dim: int) -> nn.Module:
-    """Build a token mixer from a name (``'pool'``) or a dict (``dict(type='pool', pool_size=5)``)."""
+def build_token_mixer(cfg: Union[str, dict], dim: int,
+                      token_grid: Optional[Sequence[int]] = None) -> nn.Module:
+    """Build a token mixer from a name (``'pool'``) or a dict (``dict(type='pool', pool_size=5)``).
+
+    Args:
+        cfg (str | dict): Mixer name from ``TOKEN_MIXERS``, or a dict with ``type`` and the
+            mixer's arguments.
+        dim (int): Channels.
+        token_grid (Sequence[int], optional): Token grid ``(h, w)`` of this stage at the
+            pre-training input size. Mixers tied to a grid ('spatial_fc', 'random': any whose
+            constructor takes ``base_size``) get it as ``base_size`` unless ``cfg`` sets one.
+            Default: None.
+    """
     cfg = dict(type=cfg) if isinstance(cfg, str) else dict(cfg)
     name = cfg.pop('type')
     if name not in TOKEN_MIXERS:
         raise KeyError(f"unknown token mixer '{name}'; choose one of {sorted(TOKEN_MIXERS)}")
-    return TOKEN_MIXERS[name](dim, **cfg)
+    builder = TOKEN_MIXERS[name]
+    if token_grid is not None and 'base_size' in inspect.signature(builder).parameters:
+        cfg.setdefault('base_size', tuple(token_grid))
+    return builder(dim, **cfg)

@@ -1,0 +1,259 @@
+"""Speed and memory of PoolFormer variants, measured side by side in one process.
+
+Each variant is the same network with the same weights, run a different way:
+
+* ``reference`` - :class:`ReferencePoolFormer`, the paper's block written out plainly (NCHW);
+* ``plain``     - :class:`PoolFormer` with its fast path switched off (the same formulation);
+* ``fast``      - :class:`PoolFormer`'s default token-layout path (trains; same gradients);
+* ``deploy``    - the fast path with norms and layer scales folded in (inference only);
+* ``cp``        - the default path with gradient checkpointing (``with_cp=True``).
+
+Timings interleave the variants (A B C A B C ...) so that a machine whose speed drifts treats
+them alike; medians are reported. Memory is the peak resident set size above the level just
+before the measured call (CPU, sampled every millisecond) or ``max_memory_allocated`` (CUDA).
+"""
+import copy
+import ctypes
+import gc
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import psutil
+import torch
+import torch.nn as nn
+
+from .reference import ReferencePoolFormer
+
+VARIANTS = ('reference', 'plain', 'fast', 'deploy', 'cp')
+
+
+@dataclass
+class Measurement:
+    variant: str
+    latency_ms: List[float] = field(default_factory=list)
+    peak_memory_mb: float = float('nan')
+    max_abs_diff: float = float('nan')
+    max_rel_diff: float = float('nan')
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.latency_ms)
+
+    def as_dict(self, batch: int) -> dict:
+        out = asdict(self)
+        out.update(median_ms=self.median_ms, min_ms=min(self.latency_ms),
+                   max_ms=max(self.latency_ms), images_per_s=batch * 1000 / self.median_ms)
+        return out
+
+
+def matmul_gflops(device: str = 'cpu', size: int = 2048, repeat: int = 5) -> float:
+    """The machine's large fp32 matrix-multiply rate, the ceiling for 1x1-conv-bound networks."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    times = []
+    for _ in range(repeat + 1):
+        _sync(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times[1:]) / 1e9
+
+
+def _sync(device: str) -> None:
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+
+
+def _release_memory() -> None:
+    gc.collect()
+    try:  # give freed heap back to the OS so the next RSS baseline is honest (glibc only)
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
+    except OSError:
+        pass
+
+
+class _PeakRss:
+    """Samples this process's RSS in a thread; ``peak_mb`` is the rise above the start."""
+
+    def __init__(self, interval: float = 0.001):
+        self.interval = interval
+        self.process = psutil.Process()
+
+    def __enter__(self):
+        self.start = self.peak = self.process.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+    @property
+    def peak_mb(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+
+def backbone_variants(arch: str, names: Sequence[str], seed: int = 0,
+                      **backbone_kwargs) -> Dict[str, nn.Module]:
+    """PoolFormer backbones of ``arch`` with identical random weights, one per variant."""
+    from ..models import PoolFormer
+    from ..models.fast_poolformer import switch_to_deploy
+    torch.manual_seed(seed)
+    base = PoolFormer(arch, **backbone_kwargs)
+    base.init_weights()
+    with torch.no_grad():  # non-trivial norms and layer scales, so folding is really tested
+        for name, param in base.named_parameters():
+            if 'norm' in name or 'layer_scale' in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    variants = {}
+    for name in names:
+        if name not in VARIANTS:
+            raise ValueError(f"unknown variant '{name}'; choose from {', '.join(VARIANTS)}")
+        if name == 'reference':
+            variants[name] = ReferencePoolFormer.like(base)
+            continue
+        model = copy.deepcopy(base)
+        model.fast_path = name != 'plain'
+        if name == 'deploy':
+            switch_to_deploy(model)
+        if name == 'cp':
+            for stage in model.stages:
+                stage.with_cp = True
+        variants[name] = model
+    return variants
+
+
+def measure(variants: Dict[str, nn.Module], step: Callable[[nn.Module], object],
+            train: bool = False, warmup: int = 2, repeat: int = 10,
+            device: str = 'cpu') -> Dict[str, Measurement]:
+    """Time ``step(model)`` for every variant (interleaved), then each one's peak memory."""
+    results = {name: Measurement(name) for name in variants}
+    for model in variants.values():
+        model.train(train)
+        for _ in range(warmup):
+            step(model)
+    for _ in range(repeat):
+        for name, model in variants.items():
+            _sync(device)
+            start = time.perf_counter()
+            step(model)
+            _sync(device)
+            results[name].latency_ms.append((time.perf_counter() - start) * 1000)
+    for name, model in variants.items():
+        _release_memory()
+        if device.startswith('cuda'):
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step(model)
+            results[name].peak_memory_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+        else:
+            with _PeakRss() as rss:
+                step(model)
+            results[name].peak_memory_mb = rss.peak_mb
+    return results
+
+
+def backbone_step(inputs: torch.Tensor, train: bool, dtype: torch.dtype) -> Callable:
+    """One inference (no grad) or training (forward + backward) call of a backbone."""
+    device_type = inputs.device.type
+
+    def step(model: nn.Module):
+        with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
+            if not train:
+                with torch.no_grad():
+                    return model(inputs)
+            outs = model(inputs)
+        sum(o.float().mean() for o in outs).backward()
+        model.zero_grad(set_to_none=True)
+
+    return step
+
+
+def output_differences(variants: Dict[str, nn.Module], inputs: torch.Tensor,
+                       results: Dict[str, Measurement]) -> None:
+    """Largest absolute and relative output difference of each variant against the first."""
+    models = list(variants.values())
+    with torch.no_grad():
+        expected = models[0].eval()(inputs)
+        scale = max(o.abs().max().item() for o in expected)
+        for name, model in variants.items():
+            diff = max((a - b).abs().max().item() for a, b in zip(expected, model.eval()(inputs)))
+            results[name].max_abs_diff, results[name].max_rel_diff = diff, diff / scale
+
+
+def segmentor_variants(config: str, names: Sequence[str], seed: int = 0) -> Dict[str, nn.Module]:
+    """The config's segmentor or detector with identical weights: 'plain', 'fast' or 'cp'."""
+    from .complexity import build_model_without_pretrained, load_config
+    cfg = load_config(config)
+    torch.manual_seed(seed)
+    base = build_model_without_pretrained(cfg)
+    base.init_weights()
+    variants = {}
+    for name in names:
+        if name not in ('plain', 'fast', 'cp'):
+            raise ValueError(f"whole models support the variants plain, fast and cp, not '{name}'")
+        model = copy.deepcopy(base)
+        model.backbone.fast_path = name != 'plain'
+        for stage in model.backbone.stages:
+            stage.with_cp = name == 'cp'
+        variants[name] = model
+    return variants
+
+
+def segmentation_training_step(model: nn.Module, height: int, width: int, batch: int,
+                               num_classes: int) -> Callable:
+    """A training step (loss, backward) of an mmseg model on a random labelled batch."""
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+    generator = torch.Generator().manual_seed(0)
+    samples = []
+    for _ in range(batch):
+        sample = SegDataSample(metainfo=dict(img_shape=(height, width),
+                                             ori_shape=(height, width),
+                                             pad_shape=(height, width)))
+        sample.gt_sem_seg = PixelData(data=torch.randint(
+            0, num_classes, (1, height, width), generator=generator))
+        samples.append(sample)
+    images = [torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator)
+              for _ in range(batch)]
+    data = model.data_preprocessor(dict(inputs=images, data_samples=samples), True)
+
+    def step(variant: nn.Module):
+        losses = variant(data['inputs'], data['data_samples'], mode='loss')
+        loss, _ = variant.parse_losses(losses)
+        loss.backward()
+        variant.zero_grad(set_to_none=True)
+
+    return step
+
+
+def format_results(results: Dict[str, Measurement], batch: int, baseline: str,
+                   gmacs: Optional[float] = None, matmul_rate: Optional[float] = None) -> str:
+    base_ms = results[baseline].median_ms if baseline in results else None
+    header = (f'{"variant":10} {"median ms":>10} {"min-max ms":>16} {"img/s":>8} '
+              f'{"speed-up":>9} {"peak MB":>9} {"max |diff|":>11} {"rel diff":>9}')
+    if gmacs and matmul_rate:
+        header += f' {"% matmul":>9}'
+    lines = [header]
+    for name, m in results.items():
+        speedup = f'{base_ms / m.median_ms:8.2f}x' if base_ms else '        -'
+        line = (f'{name:10} {m.median_ms:10.1f} {min(m.latency_ms):7.1f}-{max(m.latency_ms):<8.1f}'
+                f' {batch * 1000 / m.median_ms:8.2f} {speedup} {m.peak_memory_mb:9.0f} '
+                f'{m.max_abs_diff:11.2e} {m.max_rel_diff:9.2e}')
+        if gmacs and matmul_rate:
+            achieved = 2 * gmacs * batch / (m.median_ms / 1000)
+            line += f' {100 * achieved / matmul_rate:8.0f}%'
+        lines.append(line)
+    return '\n'.join(lines)
