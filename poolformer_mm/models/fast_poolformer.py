@@ -15,7 +15,8 @@ Why it is faster on a CPU (measured with tools/analysis/benchmark.py; see the RE
 Two forms:
 
 * :func:`stage_forward` computes a stage of ordinary :class:`MetaFormerBlock` s this way. It uses
-  the blocks' own parameters, so it trains: gradients equal the plain form's up to rounding.
+  the blocks' own parameters, so it trains: gradients equal the plain form's up to rounding,
+  and every parameter gets one (DDP needs that).
 * :class:`DeployPoolFormerBlock` (built by :func:`fold_block`) additionally folds the norms'
   affine maps and the layer scales into the MLP weights. Inference only.
 """
@@ -55,9 +56,11 @@ def _pool_minus_input(tokens: Tensor, pool_size: int) -> Tensor:
 
 def _block_forward(block: MetaFormerBlock, tokens: Tensor) -> Tensor:
     norm1, norm2, mlp = block.norm1, block.norm2, block.mlp
-    mixer_scale = block.layer_scale_1.scale * norm1.weight  # norm1's bias cancels, see above
-    mixed = _pool_minus_input(_normalize(tokens, norm1.eps), block.token_mixer.pool_size)
-    tokens = tokens + block.drop_path(mixed * mixer_scale)
+    # norm1's bias cancels in pool(y) - y, but it stays in the graph: DDP expects a gradient
+    # (zero, up to rounding) for every parameter, as the plain formulation gives.
+    normed = _normalize(tokens, norm1.eps) * norm1.weight + norm1.bias
+    mixed = _pool_minus_input(normed, block.token_mixer.pool_size)
+    tokens = tokens + block.drop_path(mixed * block.layer_scale_1.scale)
     hidden = _normalize(tokens, norm2.eps) * norm2.weight + norm2.bias
     hidden = mlp.act(F.linear(hidden, mlp.fc1.weight.flatten(1), mlp.fc1.bias))
     hidden = F.linear(hidden, mlp.fc2.weight.flatten(1), mlp.fc2.bias)
@@ -111,6 +114,8 @@ def stage_forward(stage: nn.Module, x: Tensor, with_cp: bool = False) -> Tensor:
     """
     if stage.downsample is not None:
         x = stage.downsample(x)
+    if getattr(stage, 'pos_embed', None) is not None:
+        x = stage.pos_embed(x)
     tokens = x.permute(0, 2, 3, 1)
     if not tokens.is_contiguous():
         tokens = tokens.contiguous()
@@ -132,12 +137,18 @@ def output_norm_forward(norm: nn.GroupNorm, x: Tensor) -> Tensor:
 
 
 def fast_forward(backbone: nn.Module, x: Tensor) -> tuple:
-    """The whole PoolFormer forward in token layout; same outputs as ``backbone.forward``."""
+    """A PoolFormer forward with every stage of PoolFormer blocks in token layout.
+
+    Same outputs as the plain forward. Stages with other token mixers (hybrids) run as usual.
+    """
     # the stem's output comes out channels-last, so the first permute to tokens is free
     x = backbone.stem(x.contiguous(memory_format=torch.channels_last))
     outs = []
     for i, stage in enumerate(backbone.stages):
-        x = stage_forward(stage, x, with_cp=getattr(stage, 'with_cp', False))
+        if all(can_run_fast(block) for block in stage.blocks):
+            x = stage_forward(stage, x, with_cp=getattr(stage, 'with_cp', False))
+        else:
+            x = stage(x.contiguous())
         if i in backbone.out_indices:
             norm = backbone.output_norms[str(i)]
             outs.append(output_norm_forward(norm, x) if _is_group_norm_1(norm) else

@@ -25,6 +25,8 @@ from ..engine.safe_checkpoints import load_from_local_weights_only
 # (pattern, replacement) rules per layout, applied to each key in order; the first match wins and
 # a key that matches no rule is kept as it is (it then shows up as unexpected).
 _OFFICIAL_RULES = [
+    # the attention hybrids' position embedding sits at the start of their first attention stage
+    (r'^network\.(\d+)\.pos_embed$', lambda m: f'stages.{(int(m[1]) + 1) // 2}.pos_embed.weight'),
     (r'^patch_embed\.proj\.', 'stem.proj.'),
     (r'^network\.(\d+)\.proj\.', lambda m: f'stages.{(int(m[1]) + 1) // 2}.downsample.proj.'),
     (r'^network\.(\d+)\.(\d+)\.layer_scale_(\d)$',

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ..layers import (ChannelLayerNorm, ConvMlp, ConvPatchEmbed, MetaFormerBlock,
                       PositionEmbedding, build_token_mixer)
+from .. import fast_poolformer
 from ..pretrained import load_backbone_weights
 from .base import DenseBackbone
 
@@ -103,6 +104,10 @@ class PoolFormer(DenseBackbone):
             Default: False.
         with_cp (bool): Gradient checkpointing per block: saves activation memory, costs a
             second forward pass. Default: False.
+        fast_path (bool): Run stages of pooling blocks in (N, H, W, C) token layout, where the
+            MLP is a plain matrix product and pooling is channels-last
+            (:mod:`poolformer_mm.models.fast_poolformer`): same outputs and gradients, about
+            1.4-1.6x faster on a CPU. False runs the literal NCHW formulation. Default: True.
         init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=PATH)`` loads the official
             ImageNet file, an mmpretrain or timm checkpoint, or an mmengine checkpoint of this
             backbone or a whole detector/segmentor. Default: None (the paper's initialisation).
@@ -130,6 +135,7 @@ class PoolFormer(DenseBackbone):
         'm48': dict(layers=[8, 8, 24, 8], embed_dims=[96, 192, 384, 768],
                     mlp_ratios=[4, 4, 4, 4], layer_scale_init_value=1e-6),
     }
+
     def __init__(self,
                  arch: Union[str, dict] = 's12',
                  in_channels: int = 3,
@@ -144,6 +150,7 @@ class PoolFormer(DenseBackbone):
                  frozen_stages: int = -1,
                  norm_eval: bool = False,
                  with_cp: bool = False,
+                 fast_path: bool = True,
                  init_cfg: Optional[dict] = None,
                  **unknown):
         self._reject_unknown_arguments(unknown)
@@ -156,6 +163,7 @@ class PoolFormer(DenseBackbone):
 
         self._set_dense_interface(out_indices, frozen_stages, norm_eval)
         self.with_cp = with_cp
+        self.fast_path = fast_path
 
         mixers = self._resolve_mixers(token_mixers, pool_size)
         norm_cfgs = self._resolve_norms(norm_cfg, mixers)
@@ -279,3 +287,14 @@ class PoolFormer(DenseBackbone):
             self._is_init = True
         else:
             super().init_weights()
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        if self.fast_path:
+            return fast_poolformer.fast_forward(self, x)
+        return super().forward(x)
+
+    def switch_to_deploy(self) -> 'PoolFormer':
+        """Fold norms and layer scales into the MLP weights (inference only; same outputs)."""
+        fast_poolformer.switch_to_deploy(self)
+        self.fast_path = True
+        return self

@@ -15,6 +15,10 @@ detection and segmentation:
   resized (default) or the mixer raises a ValueError naming the grid it expects.
 * 'random': the frozen random matrix is resized and its rows renormalised (see
   :class:`~poolformer_mm.models.layers.RandomMixing`).
+
+The two matrix mixers hold ``(H*W)**2`` entries for an ``H x W`` token grid, so they suit the last
+stages only at detection sizes: stage 4 of a 1333x800 image has a 25x42 grid (1.1 M entries), but
+stage 1 has 200x333 (4.4 G entries). The paper's all-stage random ablation is a classifier model.
 """
 import inspect
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union

@@ -1,0 +1,107 @@
+"""The fast PoolFormer paths compute the same function as the plain formulation.
+
+Speed is measured by tools/analysis/benchmark.py, never asserted here.
+"""
+import copy
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from poolformer_mm.analysis.reference import ReferencePoolFormer
+from poolformer_mm.models import PoolFormer
+from poolformer_mm.models.fast_poolformer import DeployPoolFormerBlock, switch_to_deploy
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _randomised(arch='s12', seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model = PoolFormer(arch, **kwargs)
+    model.init_weights()
+    with torch.no_grad():  # norms and layer scales far from their initial values
+        for name, param in model.named_parameters():
+            if 'norm' in name or 'layer_scale' in name:
+                param.add_(torch.randn_like(param) * 0.2)
+    return model
+
+
+def _rel_diff(a, b):
+    return max((x - y).abs().max().item() / x.abs().max().item() for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize('shape', [(2, 3, 64, 64), (1, 3, 223, 301), (1, 3, 32, 32)])
+def test_fast_path_outputs_match_the_plain_formulation(shape):
+    model = _randomised().eval()
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        fast = model(x)
+        model.fast_path = False
+        plain = model(x)
+    assert [o.shape for o in fast] == [o.shape for o in plain]
+    assert all(o.is_contiguous() for o in fast)
+    assert _rel_diff(plain, fast) <= 1e-5
+
+
+@pytest.mark.parametrize('with_cp', [False, True])
+def test_fast_path_gradients_match_the_plain_formulation(with_cp):
+    plain = _randomised(out_indices=(1, 2, 3))
+    plain.fast_path = False
+    fast = copy.deepcopy(plain)
+    fast.fast_path = True
+    for stage in fast.stages:
+        stage.with_cp = with_cp
+    x = torch.randn(2, 3, 96, 64)
+    grads = []
+    for model in (plain, fast):
+        model.train()
+        sum((o * o).mean() for o in model(x)).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name, expected in grads[0].items():
+        # every parameter gets a gradient (DDP needs it); norm1.bias's is 0 up to rounding
+        assert grads[1][name] is not None, name
+        torch.testing.assert_close(grads[1][name], expected, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_deploy_folds_every_block_and_keeps_the_outputs():
+    model = _randomised('s24').eval()
+    x = torch.randn(1, 3, 160, 224)
+    with torch.no_grad():
+        expected = model(x)
+        switch_to_deploy(model)
+        folded = model(x)
+    blocks = [b for s in model.stages for b in s.blocks]
+    assert len(blocks) == 24 and all(isinstance(b, DeployPoolFormerBlock) for b in blocks)
+    assert _rel_diff(expected, folded) <= 1e-5
+    assert not any('layer_scale' in n for n, _ in model.named_parameters())
+
+
+def test_reference_implementation_matches_poolformer():
+    model = _randomised(out_indices=(0, 2)).eval()
+    reference = ReferencePoolFormer.like(model).eval()
+    x = torch.randn(1, 3, 96, 96)
+    model.fast_path = False
+    with torch.no_grad():
+        for a, b in zip(model(x), reference(x)):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_benchmark_script_prints_every_variant_and_its_difference(tmp_path):
+    result = subprocess.run(
+        [sys.executable, 'tools/analysis/benchmark.py', '--arch', 's12', '--shape', '64',
+         '--warmup', '0', '--repeat', '2', '--variants', 'reference', 'plain', 'fast', 'deploy',
+         '--json', str(tmp_path / 'out.json')], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()
+            if re.match(r'(reference|plain|fast|deploy) +[\d.]+ ', line)}
+    assert set(rows) == {'reference', 'plain', 'fast', 'deploy'}
+    for name, row in rows.items():
+        assert float(row[6]) < 1e-4  # largest |difference| against the reference
+    import json
+    saved = json.loads((tmp_path / 'out.json').read_text())
+    assert saved['results']['deploy']['max_rel_diff'] <= 1e-5
+    assert 'fp32 matmul' in result.stdout and '% matmul' in result.stdout
