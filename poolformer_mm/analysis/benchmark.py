@@ -24,6 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import psutil
 import torch
 import torch.nn as nn
+from mmengine.model import revert_sync_batchnorm
 
 from .reference import ReferencePoolFormer
 
@@ -198,7 +199,8 @@ def segmentor_variants(config: str, names: Sequence[str], seed: int = 0) -> Dict
     from .complexity import build_model_without_pretrained, load_config
     cfg = load_config(config)
     torch.manual_seed(seed)
-    base = build_model_without_pretrained(cfg)
+    # as the Runner does in one process: SyncBN needs a process group
+    base = revert_sync_batchnorm(build_model_without_pretrained(cfg))
     base.init_weights()
     variants = {}
     for name in names:
