@@ -48,6 +48,26 @@ class DenseBackbone(BaseModule):
         raise TypeError(f'{cls.__name__} got unknown argument(s) {", ".join(hints)}; valid '
                         f'arguments: {", ".join(valid)}')
 
+    def init_weights(self) -> None:
+        """Pretrained ``init_cfg``: load it (see :meth:`_load_pretrained`); otherwise the paper's
+        initialisation (:meth:`_init_from_scratch`), then any other ``init_cfg``."""
+        if self.init_cfg is not None and self.init_cfg.get('type') == 'Pretrained':
+            self._load_pretrained(self.init_cfg['checkpoint'])
+            self._is_init = True
+            return
+        self._init_from_scratch()
+        if self.init_cfg is None:
+            # Nothing else to initialise; skip mmengine's per-parameter report of no changes.
+            self._is_init = True
+        else:
+            super().init_weights()
+
+    def _load_pretrained(self, path: str) -> None:
+        raise NotImplementedError
+
+    def _init_from_scratch(self) -> None:
+        raise NotImplementedError
+
     def _frozen_modules(self):
         if self.frozen_stages >= 0:
             yield self.stem

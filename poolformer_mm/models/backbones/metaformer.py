@@ -186,20 +186,14 @@ class MetaFormer(DenseBackbone):
         return resolved
 
     # ---------------------------------------------------------------- weights
-    def init_weights(self) -> None:
-        if self.init_cfg is not None and self.init_cfg.get('type') == 'Pretrained':
-            load_metaformer_weights(self, self.init_cfg['checkpoint'])
-            self._is_init = True
-            return
+    def _load_pretrained(self, path: str) -> None:
+        load_metaformer_weights(self, path)
+
+    def _init_from_scratch(self) -> None:
         # The reference initialisation: truncated normal (std 0.02) for every conv and linear.
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 trunc_normal_init(module, std=0.02, bias=0.)
-        if self.init_cfg is None:
-            # Nothing else to initialise; skip mmengine's per-parameter report of no changes.
-            self._is_init = True
-        else:
-            super().init_weights()
 
 
 # ---------------------------------------------------------------------------------- checkpoints

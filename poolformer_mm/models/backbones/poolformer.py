@@ -271,22 +271,16 @@ class PoolFormer(DenseBackbone):
         return grids
 
     # ---------------------------------------------------------------- weights
-    def init_weights(self) -> None:
-        if self.init_cfg is not None and self.init_cfg.get('type') == 'Pretrained':
-            load_backbone_weights(self, self.init_cfg['checkpoint'])
-            self._is_init = True
-            return
+    def _load_pretrained(self, path: str) -> None:
+        load_backbone_weights(self, path)
+
+    def _init_from_scratch(self) -> None:
         for module in self.modules():
             if isinstance(module, ConvMlp):
                 module.init_weights()
             elif isinstance(module, nn.Linear):
                 # Attention and spatial FC layers, initialised as in the official hybrids.
                 trunc_normal_init(module, std=0.02, bias=0.)
-        if self.init_cfg is None:
-            # Nothing else to initialise; skip mmengine's per-parameter report of no changes.
-            self._is_init = True
-        else:
-            super().init_weights()
 
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
         if self.fast_path:
