@@ -45,7 +45,8 @@ def can_run_fast(block: nn.Module) -> bool:
 def _normalize(tokens: Tensor, eps: float) -> Tensor:
     # GroupNorm(1) statistics over all of (H, W, C): the layout does not matter, so normalise the
     # flat memory as one group (faster than layer_norm over three dims at batch 1).
-    return F.group_norm(tokens.view(tokens.shape[0], 1, -1), 1, eps=eps).view_as(tokens)
+    flat = tokens.reshape(tokens.shape[0], 1, -1)  # a view for the usual contiguous tokens
+    return F.group_norm(flat, 1, eps=eps).view(tokens.shape)
 
 
 def _pool_minus_input(tokens: Tensor, pool_size: int) -> Tensor:
