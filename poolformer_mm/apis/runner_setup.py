@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from mmengine.config import Config, DictAction
 
-from .distributed import prepare_cpu_distributed
 from .data_checks import check_data_roots, override_data_root
+from .distributed import prepare_cpu_distributed
 from .eval_metrics import DETECTION_METRICS, SEGMENTATION_METRICS, set_eval_metrics, task_of
 
 
