@@ -106,6 +106,12 @@ def _analyse(module: nn.Module, inputs: tuple, params_of: nn.Module,
              input_shape: Tuple[int, int]) -> Complexity:
     """Trace ``module(*inputs)`` once and collect its counts."""
     module.eval()
+    # Count the paper's formulation (1x1 convs, GroupNorm): PoolFormer's fast path computes the
+    # same function with other ops (matmuls, normalisation of a flat view), which the counters
+    # would tally slightly differently.
+    for submodule in module.modules():
+        if hasattr(submodule, 'fast_path'):
+            submodule.fast_path = False
     analyzer = FlopAnalyzer(module, inputs)
     # The skipped ops are returned in the result instead of being logged one warning per op;
     # the tracer's own warnings (data-dependent shapes in detector heads) do not affect counts.
