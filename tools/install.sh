@@ -19,7 +19,7 @@ if [ ! -x "$VENV/bin/python" ]; then
     echo "[install] creating virtual environment $VENV"
     "$PYTHON" -m venv "$VENV"
 fi
-py="$VENV/bin/python"
+py="$(cd "$VENV" && pwd)/bin/python"  # absolute: some checks run from another folder
 pip_install() { "$py" -m pip install --disable-pip-version-check -q "$@"; }
 
 # True when the installed distribution $1 satisfies the requirement specifier $2 (e.g. '>=2.1,<2.14').
