@@ -9,6 +9,7 @@ old-style --eval flag, writes pictures with --show-dir, and prints the metrics a
 pictures are. Takes a few minutes on a 2-core CPU.
 """
 import argparse
+import glob
 import json
 import os.path as osp
 import subprocess
@@ -55,8 +56,12 @@ def main():
         out = run(['tools/test.py', job['config'], osp.join(work_dir, job['checkpoint']),
                    '--work-dir', work_dir, '--eval', *job['eval'], '--show-dir', show_dir])
         metrics = json.loads(out.rsplit('Test metrics: ', 1)[1].splitlines()[0])
+        # mmseg's visualiser nests its pictures (vis_data/vis_image/); report where they are
+        pictures = sorted(glob.glob(osp.join(REPO, show_dir, '**', '*.png'), recursive=True))
+        where = osp.relpath(osp.dirname(pictures[0]), REPO) if pictures else show_dir
         summary.append(f"{job['config']}: {job['metric']} = {metrics[job['metric']]:.3f}, "
-                       f'pictures in {show_dir}/ ({time.perf_counter() - start:.0f} s)')
+                       f'{len(pictures)} pictures in {where}/ '
+                       f'({time.perf_counter() - start:.0f} s)')
         print(summary[-1], flush=True)
     print('\n'.join(['', 'Demo finished:'] + summary))
 
