@@ -108,20 +108,25 @@ def _analyse(module: nn.Module, inputs: tuple, params_of: nn.Module,
     module.eval()
     # Count the paper's formulation (1x1 convs, GroupNorm): PoolFormer's fast path computes the
     # same function with other ops (matmuls, normalisation of a flat view), which the counters
-    # would tally slightly differently.
-    for submodule in module.modules():
-        if hasattr(submodule, 'fast_path'):
-            submodule.fast_path = False
-    analyzer = FlopAnalyzer(module, inputs)
-    # The skipped ops are returned in the result instead of being logged one warning per op;
-    # the tracer's own warnings (data-dependent shapes in detector heads) do not affect counts.
-    analyzer.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-    analyzer.tracer_warnings('none')
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        macs = analyzer.total()
-        by_operator = dict(analyzer.by_operator())
-        uncounted = dict(analyzer.unsupported_ops())
+    # would tally slightly differently. The caller's setting is restored afterwards.
+    fast = [m for m in module.modules() if getattr(m, 'fast_path', False)]
+    for submodule in fast:
+        submodule.fast_path = False
+    try:
+        analyzer = FlopAnalyzer(module, inputs)
+        # The skipped ops are returned in the result instead of being logged one warning per
+        # op; the tracer's own warnings (data-dependent shapes in detector heads) do not affect
+        # counts.
+        analyzer.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        analyzer.tracer_warnings('none')
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            macs = analyzer.total()
+            by_operator = dict(analyzer.by_operator())
+            uncounted = dict(analyzer.unsupported_ops())
+    finally:
+        for submodule in fast:
+            submodule.fast_path = True
     return Complexity(
         params=parameter_count(params_of)[''],
         macs=int(macs),

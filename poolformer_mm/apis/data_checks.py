@@ -1,6 +1,6 @@
 """Catch a missing data set before the Runner does, with one message that says what to do."""
 import os.path as osp
-from typing import Iterator, List, Optional
+from typing import Iterator, List
 
 from mmengine.config import Config, ConfigDict
 
@@ -64,7 +64,7 @@ def _expected_paths(dataset: ConfigDict) -> List[str]:
     return paths
 
 
-def check_data_roots(cfg: Config, loaders=_LOADERS, env_hint: Optional[str] = None) -> None:
+def check_data_roots(cfg: Config, loaders=_LOADERS) -> None:
     """Raise FileNotFoundError naming every missing file/folder the config's datasets need."""
     missing, roots = [], []
     for dataset in _datasets(cfg, loaders):

@@ -17,7 +17,7 @@ Two forms:
 * :func:`stage_forward` computes a stage of ordinary :class:`MetaFormerBlock` s this way. It uses
   the blocks' own parameters, so it trains: gradients equal the plain form's up to rounding,
   and every parameter gets one (DDP needs that).
-* :class:`DeployPoolFormerBlock` (built by :func:`fold_block`) additionally folds the norms'
+* :class:`DeployPoolFormerBlock` (built by :func:`switch_to_deploy`) additionally folds the norms'
   affine maps and the layer scales into the MLP weights. Inference only.
 """
 from typing import Optional
@@ -107,10 +107,6 @@ class DeployPoolFormerBlock(nn.Module):
         return self.forward_tokens(x.permute(0, 2, 3, 1).contiguous()).permute(0, 3, 1, 2)
 
 
-def fold_block(block: MetaFormerBlock) -> DeployPoolFormerBlock:
-    return DeployPoolFormerBlock(block)
-
-
 def stage_forward(stage: nn.Module, x: Tensor, with_cp: bool = False) -> Tensor:
     """Run a stage (optional downsample + blocks that :func:`can_run_fast`) in token layout.
 
@@ -169,5 +165,5 @@ def switch_to_deploy(backbone: nn.Module) -> nn.Module:
     for stage in backbone.stages:
         for j, block in enumerate(stage.blocks):
             if isinstance(block, MetaFormerBlock) and can_run_fast(block):
-                stage.blocks[j] = fold_block(block)
+                stage.blocks[j] = DeployPoolFormerBlock(block)
     return backbone
