@@ -13,6 +13,7 @@ import torch
 
 from poolformer_mm.analysis.reference import ReferencePoolFormer
 from poolformer_mm.models import PoolFormer
+from poolformer_mm.models import fast_poolformer
 from poolformer_mm.models.fast_poolformer import DeployPoolFormerBlock, switch_to_deploy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,6 +79,39 @@ def test_deploy_folds_every_block_and_keeps_the_outputs():
     assert len(blocks) == 24 and all(isinstance(b, DeployPoolFormerBlock) for b in blocks)
     assert _rel_diff(expected, folded) <= 1e-5
     assert not any('layer_scale' in n for n, _ in model.named_parameters())
+
+
+def test_deploy_block_fused_and_unfused_mlp_agree(monkeypatch):
+    block = DeployPoolFormerBlock(_randomised().stages[1].blocks[0]).eval()
+    tokens = torch.randn(2, 12, 10, 128)
+    with torch.no_grad():
+        if torch.backends.mkldnn.is_available():
+            # on a oneDNN CPU build the fused kernels are found and used
+            assert fast_poolformer.fused_linear_available()
+            assert fast_poolformer._uses_fused_linear(tokens, block.act)
+        fused = block.forward_tokens(tokens.clone())
+        monkeypatch.setattr(fast_poolformer, '_uses_fused_linear', lambda *args: False)
+        unfused = block.forward_tokens(tokens.clone())
+    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
+
+
+def test_deploy_block_uses_unfused_ops_where_the_fused_ones_do_not_apply():
+    block = DeployPoolFormerBlock(_randomised().stages[0].blocks[0])
+    tokens = torch.randn(1, 8, 8, 64)
+    # autograd (the fused kernels have no backward), bf16, the tanh GELU
+    assert not fast_poolformer._uses_fused_linear(tokens.requires_grad_(), block.act)
+    assert not fast_poolformer._uses_fused_linear(tokens.detach().bfloat16(), block.act)
+    assert not fast_poolformer._uses_fused_linear(tokens.detach(),
+                                                  torch.nn.GELU(approximate='tanh'))
+    # and with autograd the deploy block still passes gradients to its input
+    block.forward_tokens(tokens).sum().backward()
+    assert tokens.grad is not None and tokens.grad.abs().sum() > 0
+
+
+def test_deploy_stores_patch_embedding_weights_channels_last():
+    model = switch_to_deploy(_randomised())
+    convs = [model.stem.proj] + [s.downsample.proj for s in model.stages[1:]]
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
 
 
 def test_reference_implementation_matches_poolformer():

@@ -9,7 +9,8 @@ Each variant is the same network with the same weights, run a different way:
 * ``cp``        - the default path with gradient checkpointing (``with_cp=True``).
 
 Timings interleave the variants (A B C A B C ...) so that a machine whose speed drifts treats
-them alike; medians are reported. Memory is the peak resident set size above the level just
+them alike; medians are reported, and a speed-up is the median over rounds of the ratio of the
+two variants' times in the same round, which cancels slow drifts of a shared machine. Memory is the peak resident set size above the level just
 before the measured call (CPU, sampled every millisecond) or ``max_memory_allocated`` (CUDA).
 """
 import copy
@@ -43,6 +44,10 @@ class Measurement:
     def median_ms(self) -> float:
         return statistics.median(self.latency_ms)
 
+    def speedup_over(self, baseline: 'Measurement') -> float:
+        """Median over rounds of ``baseline time / own time``, the rounds being interleaved."""
+        return statistics.median(b / m for b, m in zip(baseline.latency_ms, self.latency_ms))
+
     def as_dict(self, batch: int) -> dict:
         out = asdict(self)
         out.update(median_ms=self.median_ms, min_ms=min(self.latency_ms),
@@ -50,8 +55,10 @@ class Measurement:
         return out
 
 
-def matmul_gflops(device: str = 'cpu', size: int = 2048, repeat: int = 5) -> float:
-    """The machine's large fp32 matrix-multiply rate, the ceiling for 1x1-conv-bound networks."""
+def matmul_gflops(device: str = 'cpu', size: int = 2048, repeat: int = 10) -> float:
+    """The machine's large fp32 matrix-multiply rate (best of ``repeat``): the ceiling for
+    networks whose MACs sit in 1x1 convolutions. The best run, because a shared machine's
+    slow moments would otherwise lower the ceiling and flatter the fraction reached."""
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)
     times = []
@@ -61,7 +68,7 @@ def matmul_gflops(device: str = 'cpu', size: int = 2048, repeat: int = 5) -> flo
         torch.mm(a, b)
         _sync(device)
         times.append(time.perf_counter() - start)
-    return 2 * size**3 / statistics.median(times[1:]) / 1e9
+    return 2 * size**3 / min(times[1:]) / 1e9
 
 
 def _sync(device: str) -> None:
@@ -243,14 +250,14 @@ def segmentation_training_step(model: nn.Module, height: int, width: int, batch:
 
 def format_results(results: Dict[str, Measurement], batch: int, baseline: str,
                    gmacs: Optional[float] = None, matmul_rate: Optional[float] = None) -> str:
-    base_ms = results[baseline].median_ms if baseline in results else None
+    base = results.get(baseline)
     header = (f'{"variant":10} {"median ms":>10} {"min-max ms":>16} {"img/s":>8} '
               f'{"speed-up":>9} {"peak MB":>9} {"max |diff|":>11} {"rel diff":>9}')
     if gmacs and matmul_rate:
         header += f' {"% matmul":>9}'
     lines = [header]
     for name, m in results.items():
-        speedup = f'{base_ms / m.median_ms:8.2f}x' if base_ms else '        -'
+        speedup = f'{m.speedup_over(base):8.2f}x' if base else '        -'
         line = (f'{name:10} {m.median_ms:10.1f} {min(m.latency_ms):7.1f}-{max(m.latency_ms):<8.1f}'
                 f' {batch * 1000 / m.median_ms:8.2f} {speedup} {m.peak_memory_mb:9.0f} '
                 f'{m.max_abs_diff:11.2e} {m.max_rel_diff:9.2e}')

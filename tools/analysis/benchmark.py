@@ -12,7 +12,8 @@
     # images/s against input size, as a PNG
     python tools/analysis/benchmark.py --arch s12 --plot speed.png --sizes 224 320 448 512
 
-The first variant is the baseline of the speed-up column and of the output differences.
+The first variant is the baseline of the speed-up column (median over rounds of the per-round
+time ratio; the variants run interleaved) and of the output differences.
 """
 import argparse
 import json
@@ -103,15 +104,18 @@ def main():
     base = results[names[0]]
     for name in names[1:]:
         m = results[name]
-        print(f'{name} vs {names[0]}: {base.median_ms / m.median_ms:.2f}x speed, '
+        print(f'{name} vs {names[0]}: {m.speedup_over(base):.2f}x speed, '
               f'{m.peak_memory_mb / base.peak_memory_mb:.2f}x peak memory'
-              if base.peak_memory_mb > 0 else f'{name}: {base.median_ms / m.median_ms:.2f}x')
+              if base.peak_memory_mb > 0 else f'{name}: {m.speedup_over(base):.2f}x')
 
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(dict(what=what, shape=[height, width], batch=args.batch, dtype=args.dtype,
                            threads=torch.get_num_threads(), matmul_gflops=matmul, gmacs=gmacs,
-                           results={k: v.as_dict(args.batch) for k, v in results.items()}), f,
+                           baseline=names[0],
+                           results={k: dict(v.as_dict(args.batch),
+                                            speedup=v.speedup_over(results[names[0]]))
+                                    for k, v in results.items()}), f,
                       indent=2)
     if args.plot:
         plot_sizes(args, arch, names, kwargs)
