@@ -6,16 +6,18 @@ Each variant is the same network with the same weights, run a different way:
 * ``plain``     - :class:`PoolFormer` with its fast path switched off (the same formulation);
 * ``fast``      - :class:`PoolFormer`'s default token-layout path (trains; same gradients);
 * ``deploy``    - the fast path with norms and layer scales folded in (inference only);
-* ``cp``        - the default path with gradient checkpointing (``with_cp=True``).
+* ``cp``        - the default path with gradient checkpointing (``with_cp=True``); for a whole
+  segmentor also the loss of :class:`LowMemoryFPNHead`.
 
 Timings interleave the variants (A B C A B C ...) so that a machine whose speed drifts treats
 them alike; medians are reported, and a speed-up is the median over rounds of the ratio of the
-two variants' times in the same round, which cancels slow drifts of a shared machine. Memory is the peak resident set size above the level just
-before the measured call (CPU, sampled every millisecond) or ``max_memory_allocated`` (CUDA).
+two variants' times in the same round, which cancels slow drifts of a shared machine. Memory is
+the peak resident set size above the level just before the measured call (CPU, sampled every millisecond) or ``max_memory_allocated`` (CUDA).
 """
 import copy
 import ctypes
 import gc
+import logging
 import statistics
 import threading
 import time
@@ -25,6 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import psutil
 import torch
 import torch.nn as nn
+from mmengine.logging import MMLogger
 from mmengine.model import revert_sync_batchnorm
 
 from .reference import ReferencePoolFormer
@@ -202,28 +205,52 @@ def output_differences(variants: Dict[str, nn.Module], inputs: torch.Tensor,
 
 
 def segmentor_variants(config: str, names: Sequence[str], seed: int = 0) -> Dict[str, nn.Module]:
-    """The config's segmentor or detector with identical weights: 'plain', 'fast' or 'cp'."""
+    """The config's segmentor with identical weights: 'plain', 'fast' or 'cp'.
+
+    'cp' is the memory-saving setup of ``fpn_poolformer_s12_with_cp.py``: ``with_cp=True`` in
+    the backbone and, where the config has mmseg's ``FPNHead``, :class:`LowMemoryFPNHead`.
+    """
     from .complexity import build_model_without_pretrained, load_config
     cfg = load_config(config)
     torch.manual_seed(seed)
     # as the Runner does in one process: SyncBN needs a process group
     base = revert_sync_batchnorm(build_model_without_pretrained(cfg))
-    base.init_weights()
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # init_weights logs one paragraph per parameter
+    try:
+        base.init_weights()
+    finally:
+        logger.setLevel(level)
     variants = {}
     for name in names:
         if name not in ('plain', 'fast', 'cp'):
             raise ValueError(f"whole models support the variants plain, fast and cp, not '{name}'")
-        model = copy.deepcopy(base)
-        model.backbone.fast_path = name != 'plain'
-        for stage in model.backbone.stages:
-            stage.with_cp = name == 'cp'
+        if name == 'cp':
+            model = revert_sync_batchnorm(build_model_without_pretrained(memory_saving(cfg)))
+            model.load_state_dict(base.state_dict())
+        else:
+            model = copy.deepcopy(base)
+            model.backbone.fast_path = name != 'plain'
+            for stage in model.backbone.stages:
+                stage.with_cp = False
         variants[name] = model
     return variants
 
 
-def segmentation_training_step(model: nn.Module, height: int, width: int, batch: int,
-                               num_classes: int) -> Callable:
-    """A training step (loss, backward) of an mmseg model on a random labelled batch."""
+def memory_saving(cfg):
+    """A copy of a segmentation config with ``with_cp`` and the low-memory FPN loss."""
+    cfg = copy.deepcopy(cfg)
+    cfg.model.backbone.with_cp = True
+    if cfg.model.decode_head.type in ('FPNHead', 'mmseg.FPNHead'):
+        from ..models.decode_heads import LowMemoryFPNHead  # registers it
+        cfg.model.decode_head.type = LowMemoryFPNHead.__name__
+    return cfg
+
+
+def segmentation_batch(model: nn.Module, height: int, width: int, batch: int,
+                       num_classes: int) -> dict:
+    """A random labelled batch, through ``model``'s data preprocessor (reproducible)."""
     from mmengine.structures import PixelData
     from mmseg.structures import SegDataSample
     generator = torch.Generator().manual_seed(0)
@@ -237,15 +264,36 @@ def segmentation_training_step(model: nn.Module, height: int, width: int, batch:
         samples.append(sample)
     images = [torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator)
               for _ in range(batch)]
-    data = model.data_preprocessor(dict(inputs=images, data_samples=samples), True)
+    return model.data_preprocessor(dict(inputs=images, data_samples=samples), True)
 
-    def step(variant: nn.Module):
+
+def segmentation_training_step(model: nn.Module, height: int, width: int, batch: int,
+                               num_classes: int) -> Callable:
+    """A training step (loss, backward) of an mmseg model on a random labelled batch."""
+    data = segmentation_batch(model, height, width, batch, num_classes)
+
+    def step(variant: nn.Module) -> float:
         losses = variant(data['inputs'], data['data_samples'], mode='loss')
         loss, _ = variant.parse_losses(losses)
         loss.backward()
         variant.zero_grad(set_to_none=True)
+        return loss.item()
 
     return step
+
+
+def loss_differences(variants: Dict[str, nn.Module], step: Callable[[nn.Module], float],
+                     results: Dict[str, Measurement]) -> None:
+    """Loss difference of each variant's training step against the first's (same weights and
+    random seed, so the head's dropout masks agree)."""
+    losses = {}
+    for name, model in variants.items():
+        torch.manual_seed(0)
+        losses[name] = step(model)
+    expected = next(iter(losses.values()))
+    for name, loss in losses.items():
+        results[name].max_abs_diff = abs(loss - expected)
+        results[name].max_rel_diff = abs(loss - expected) / abs(expected)
 
 
 def format_results(results: Dict[str, Measurement], batch: int, baseline: str,

@@ -6,14 +6,16 @@
     # backbone training step (forward + backward), batch 2
     python tools/analysis/benchmark.py --arch s12 --shape 512 --batch 2 --mode train \
         --variants reference fast cp
-    # whole Semantic FPN training step: gradient checkpointing's memory saving
+    # whole Semantic FPN training step: the memory saving of fpn_poolformer_s12_with_cp.py
+    # (with_cp in the backbone, LowMemoryFPNHead's loss)
     python tools/analysis/benchmark.py --config configs/segmentation/fpn_poolformer_s12.py \
         --whole-model --shape 512 --batch 2 --variants fast cp
     # images/s against input size, as a PNG
     python tools/analysis/benchmark.py --arch s12 --plot speed.png --sizes 224 320 448 512
 
 The first variant is the baseline of the speed-up column (median over rounds of the per-round
-time ratio; the variants run interleaved) and of the output differences.
+time ratio; the variants run interleaved) and of the output differences (of the loss, for a
+whole model).
 """
 import argparse
 import json
@@ -22,8 +24,9 @@ import platform
 import torch
 
 from poolformer_mm.analysis.benchmark import (backbone_step, backbone_variants, format_results,
-                                              matmul_gflops, measure, output_differences,
-                                              segmentation_training_step, segmentor_variants)
+                                              loss_differences, matmul_gflops, measure,
+                                              output_differences, segmentation_training_step,
+                                              segmentor_variants)
 from poolformer_mm.analysis.complexity import backbone_complexity, load_config
 
 
@@ -92,6 +95,7 @@ def main():
                                           args.batch, cfg.model.decode_head.num_classes)
         results = measure(variants, step, train=True, warmup=args.warmup, repeat=args.repeat,
                           device=args.device)
+        loss_differences(variants, step, results)  # the |diff| columns: of the loss
         what = f'{args.config} training step'
     else:
         results = run_backbone(args, arch, height, width, names, kwargs)

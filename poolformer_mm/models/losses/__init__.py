@@ -1,0 +1,3 @@
+from .upsampled_cross_entropy import upsampled_cross_entropy
+
+__all__ = ['upsampled_cross_entropy']

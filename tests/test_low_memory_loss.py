@@ -1,0 +1,150 @@
+"""The low-memory segmentation loss computes mmseg's cross-entropy exactly, without keeping
+full-resolution tensors for the backward pass. Memory is measured by
+tools/analysis/benchmark.py, not asserted here."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from mmengine.config import Config
+from mmengine.registry import init_default_scope
+from mmseg.models.losses import CrossEntropyLoss, accuracy
+
+from poolformer_mm.models.losses import upsampled_cross_entropy
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _mmseg_loss(low, labels, **loss_kwargs):
+    full = F.interpolate(low, size=labels.shape[-2:], mode='bilinear', align_corners=False)
+    loss = CrossEntropyLoss(**loss_kwargs)(full, labels, ignore_index=255)
+    return loss, accuracy(full, labels, ignore_index=255)
+
+
+@pytest.mark.parametrize('avg_non_ignore', [False, True])
+def test_loss_gradient_and_accuracy_equal_mmseg_cross_entropy(avg_non_ignore):
+    torch.manual_seed(0)
+    low = torch.randn(3, 7, 9, 11, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 7, (3, 35, 45))
+    labels[0, :5] = 255
+    labels[2] = 255  # an image without any label
+    expected, expected_accuracy = _mmseg_loss(low, labels, avg_non_ignore=avg_non_ignore,
+                                              loss_weight=0.7)
+    expected_grad, = torch.autograd.grad(expected, low)
+    loss, acc = upsampled_cross_entropy(low, labels, ignore_index=255,
+                                        avg_non_ignore=avg_non_ignore, loss_weight=0.7)
+    grad, = torch.autograd.grad(loss, low)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-15)
+    assert acc.item() == pytest.approx(expected_accuracy.item(), abs=1e-4)
+    assert grad[2].abs().max() == 0  # no label, no gradient
+
+
+def test_a_batch_without_labels_gives_zero_loss_and_gradient():
+    low = torch.randn(2, 4, 5, 5, requires_grad=True)
+    labels = torch.full((2, 20, 20), 255)
+    loss, acc = upsampled_cross_entropy(low, labels, avg_non_ignore=True)
+    loss.backward()
+    assert loss.item() == 0 and acc.item() == 0
+    assert torch.count_nonzero(low.grad) == 0
+
+
+def _saved_elements(fn):
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    return sum(saved)
+
+
+def test_nothing_of_full_resolution_is_kept_for_backward():
+    low = torch.randn(2, 150, 16, 16, requires_grad=True)
+    labels = torch.randint(0, 150, (2, 64, 64))
+    full_logits = 2 * 150 * 64 * 64
+    ours = _saved_elements(lambda: upsampled_cross_entropy(low, labels))
+    theirs = _saved_elements(lambda: _mmseg_loss(low, labels))
+    assert ours == low.numel() + labels.numel()  # the inputs, nothing else
+    assert theirs >= full_logits  # mmseg's path keeps at least the log-softmax
+
+
+def test_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match=r'\(N, K, h, w\) logits and \(N, H, W\) labels'):
+        upsampled_cross_entropy(torch.randn(2, 3, 4, 4), torch.zeros(2, 1, 8, 8).long())
+
+
+def _build(cfg):
+    init_default_scope('mmseg')
+    from mmseg.registry import MODELS
+    return MODELS.build(cfg)
+
+
+def test_low_memory_head_gives_fpn_head_loss_and_gradients():
+    from poolformer_mm.analysis.benchmark import segmentation_batch, segmentor_variants
+    variants = segmentor_variants('configs/segmentation/toy/fpn_poolformer_s12_toy.py',
+                                  ['fast', 'cp'])
+    assert type(variants['cp'].decode_head).__name__ == 'LowMemoryFPNHead'
+    assert all(stage.with_cp for stage in variants['cp'].backbone.stages)
+    data = segmentation_batch(variants['fast'], 80, 96, batch=2, num_classes=4)
+    grads, losses = [], []
+    for model in variants.values():
+        model.train()
+        torch.manual_seed(0)  # same dropout mask in the head
+        losses.append(model.parse_losses(
+            model(data['inputs'], data['data_samples'], mode='loss')))
+        losses[-1][0].backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    (fast_loss, fast_log), (cp_loss, cp_log) = losses
+    torch.testing.assert_close(cp_loss, fast_loss, rtol=1e-6, atol=0)
+    accuracies = [float(log['decode.acc_seg']) for log in (fast_log, cp_log)]
+    assert accuracies[1] == pytest.approx(accuracies[0], abs=1e-3)
+    for name, expected in grads[0].items():
+        torch.testing.assert_close(grads[1][name], expected, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_with_cp_config_is_the_plain_model_with_less_memory():
+    plain = Config.fromfile(REPO / 'configs/segmentation/fpn_poolformer_s12.py')
+    saving = Config.fromfile(REPO / 'configs/segmentation/fpn_poolformer_s12_with_cp.py')
+    assert saving.model.backbone.with_cp and saving.model.decode_head.type == 'LowMemoryFPNHead'
+    for cfg in (plain, saving):
+        cfg.model.backbone.init_cfg = None
+    plain_model, saving_model = _build(plain.model), _build(saving.model)
+    # checkpoints of either load into the other
+    saving_model.load_state_dict(plain_model.state_dict())
+    assert plain_model.state_dict().keys() == saving_model.state_dict().keys()
+
+
+@pytest.mark.parametrize('loss_decode, sampler, problem', [
+    (dict(type='CrossEntropyLoss', class_weight=[1.0, 2.0]), None, 'class_weight'),
+    (dict(type='DiceLoss'), None, 'DiceLoss'),
+    ([dict(type='CrossEntropyLoss'), dict(type='DiceLoss')], None, '2 losses'),
+    (dict(type='CrossEntropyLoss'), dict(type='OHEMPixelSampler'), 'a pixel sampler'),
+])
+def test_low_memory_head_refuses_losses_it_cannot_compute_exactly(loss_decode, sampler,
+                                                                   problem):
+    import poolformer_mm.models.decode_heads  # noqa: F401 (registers the head)
+    cfg = dict(type='LowMemoryFPNHead', in_channels=[8, 8], in_index=[0, 1],
+               feature_strides=[4, 8], channels=8, num_classes=2, loss_decode=loss_decode,
+               sampler=sampler)
+    with pytest.raises(ValueError, match=re.escape(problem) + r".*Use type='FPNHead'"):
+        _build(cfg)
+
+
+def test_benchmark_reports_the_whole_model_memory_saving(tmp_path):
+    result = subprocess.run(
+        [sys.executable, 'tools/analysis/benchmark.py', '--config',
+         'configs/segmentation/toy/fpn_poolformer_s12_toy.py', '--whole-model', '--shape', '64',
+         '--batch', '2', '--warmup', '0', '--repeat', '1', '--variants', 'fast', 'cp'],
+        cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()
+            if re.match(r'(fast|cp) +[\d.]+ ', line)}
+    assert set(rows) == {'fast', 'cp'}
+    assert float(rows['cp'][7]) < 1e-5  # relative loss difference
+    assert 'cp vs fast:' in result.stdout and 'peak memory' in result.stdout
