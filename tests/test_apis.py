@@ -123,6 +123,54 @@ def test_show_dir_turns_on_drawing_into_that_folder(toy_coco, checkpoint, tmp_pa
     assert hook.draw is True and hook.test_out_dir == osp.abspath('pics')
 
 
+def test_deploy_flag_adds_the_folding_hook(toy_coco, checkpoint):
+    cfg = _test_cfg(TOY_RETINANET, checkpoint, '--data-root', toy_coco, '--deploy')
+    assert dict(type='DeployBackboneHook') in cfg.custom_hooks
+    plain = _test_cfg(TOY_RETINANET, checkpoint, '--data-root', toy_coco)
+    assert dict(type='DeployBackboneHook') not in plain.get('custom_hooks', [])
+
+
+def test_deploy_hook_folds_the_backbone_inside_wrappers_and_keeps_predictions():
+    from types import SimpleNamespace
+
+    from mmengine.logging import MMLogger
+
+    from poolformer_mm.engine import DeployBackboneHook
+    from poolformer_mm.models import PoolFormer
+    from poolformer_mm.models.fast_poolformer import DeployPoolFormerBlock
+
+    class Detector(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = PoolFormer('s12')
+
+    class TTAWrapper(torch.nn.Module):  # as mmdet's and mmseg's TTA models hold the model
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    torch.manual_seed(0)
+    model = Detector().eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        expected = model.backbone(x)
+        runner = SimpleNamespace(model=TTAWrapper(model), logger=MMLogger.get_current_instance())
+        DeployBackboneHook().before_test(runner)
+        folded = model.backbone(x)
+    assert all(isinstance(b, DeployPoolFormerBlock) for s in model.backbone.stages
+               for b in s.blocks)
+    for a, b in zip(expected, folded):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_deploy_of_a_backbone_that_cannot_fold_is_a_clear_error():
+    from poolformer_mm.engine import switch_backbone_to_deploy
+    model = torch.nn.Module()
+    model.backbone = torch.nn.Conv2d(3, 8, 3)
+    with pytest.raises(ValueError, match='Conv2d, which has no switch_to_deploy'):
+        switch_backbone_to_deploy(model)
+
+
 def test_tta_wraps_the_detector(toy_coco, checkpoint):
     cfg = _test_cfg(MASK_RCNN, checkpoint, '--tta', '--data-root', toy_coco,
                     '--cfg-options', 'test_dataloader.dataset.ann_file=annotations/'

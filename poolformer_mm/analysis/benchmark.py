@@ -12,7 +12,8 @@ Each variant is the same network with the same weights, run a different way:
 Timings interleave the variants (A B C A B C ...) so that a machine whose speed drifts treats
 them alike; medians are reported, and a speed-up is the median over rounds of the ratio of the
 two variants' times in the same round, which cancels slow drifts of a shared machine. Memory is
-the peak resident set size above the level just before the measured call (CPU, sampled every millisecond) or ``max_memory_allocated`` (CUDA).
+the peak resident set size above the level just before the measured call (CPU, sampled every
+millisecond) or ``max_memory_allocated`` (CUDA).
 """
 import copy
 import ctypes

@@ -6,6 +6,7 @@ from typing import List, Sequence
 import mmcv
 from mmengine.config import Config
 
+from ..engine import switch_backbone_to_deploy
 from .eval_metrics import task_of
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
@@ -28,11 +29,13 @@ def collect_images(inputs: Sequence[str]) -> List[str]:
 
 
 def draw_predictions(config: str, checkpoint: str, inputs: Sequence[str], out_dir: str,
-                     device: str = 'cpu', score_thr: float = 0.3) -> List[str]:
+                     device: str = 'cpu', score_thr: float = 0.3,
+                     deploy: bool = False) -> List[str]:
     """Run the model on every image of ``inputs`` and write one PNG per image to ``out_dir``.
 
     Detection configs get boxes (and masks, for instance segmentation); segmentation configs get
-    a colour overlay of the predicted classes. Returns the written paths.
+    a colour overlay of the predicted classes. ``deploy`` folds the PoolFormer backbone after
+    loading (same predictions, faster). Returns the written paths.
     """
     cfg = Config.fromfile(config)
     images = collect_images(inputs)
@@ -49,6 +52,8 @@ def draw_predictions(config: str, checkpoint: str, inputs: Sequence[str], out_di
         from mmseg.registry import VISUALIZERS
         draw_kwargs = dict()
     model = init(cfg, checkpoint, device=device)
+    if deploy:
+        switch_backbone_to_deploy(model)
     visualizer_cfg = dict(model.cfg.visualizer, name='poolformer_mm_inference', vis_backends=[])
     visualizer = VISUALIZERS.build(visualizer_cfg)
     visualizer.dataset_meta = model.dataset_meta

@@ -61,6 +61,9 @@ def test_parser() -> argparse.ArgumentParser:
     parser.add_argument('--show-dir', help='write pictures of the results to this folder')
     parser.add_argument('--wait-time', type=float, default=2, help='seconds a picture is shown')
     parser.add_argument('--tta', action='store_true', help='test-time augmentation')
+    parser.add_argument('--deploy', action='store_true',
+                        help="fold the PoolFormer backbone's norms and layer scales into its "
+                        'weights after loading the checkpoint: same results, faster')
     _common_arguments(parser)
     return parser
 
@@ -173,6 +176,8 @@ def config_for_testing(args) -> Config:
         _enable_visualization(cfg, args)
     if args.tta:
         _enable_tta(cfg)
+    if args.deploy:
+        cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [dict(type='DeployBackboneHook')]
     if args.out and task_of(cfg) == 'mmseg':
         cfg.test_evaluator['output_dir'] = args.out
         cfg.test_evaluator['keep_results'] = True
