@@ -68,6 +68,25 @@ def test_fast_path_gradients_match_the_plain_formulation(with_cp):
         torch.testing.assert_close(grads[1][name], expected, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_fast_path_with_stochastic_depth_matches_the_plain_formulation():
+    plain = _randomised(drop_path_rate=0.3)
+    plain.fast_path = False
+    fast = copy.deepcopy(plain)
+    fast.fast_path = True
+    x = torch.randn(4, 3, 64, 64)
+    outputs, grads = [], []
+    for model in (plain, fast):
+        model.train()
+        torch.manual_seed(1)  # the same samples dropped in the same branches
+        out = model(x)
+        sum((o * o).mean() for o in out).backward()
+        outputs.append(out)
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert _rel_diff(outputs[0], outputs[1]) <= 1e-5
+    for name, expected in grads[0].items():
+        torch.testing.assert_close(grads[1][name], expected, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_deploy_folds_every_block_and_keeps_the_outputs():
     model = _randomised('s24').eval()
     x = torch.randn(1, 3, 160, 224)

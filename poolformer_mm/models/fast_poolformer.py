@@ -14,9 +14,11 @@ Why it is faster on a CPU (measured with tools/analysis/benchmark.py; see the RE
 
 Two forms:
 
-* :func:`stage_forward` computes a stage of ordinary :class:`MetaFormerBlock` s this way. It uses
-  the blocks' own parameters, so it trains: gradients equal the plain form's up to rounding,
-  and every parameter gets one (DDP needs that).
+* :func:`stage_forward` computes a stage of ordinary :class:`MetaFormerBlock` s this way. It
+  folds the norms' affine maps and the layer scales into per-channel scales and the MLP
+  weights at every call (small products of parameters, differentiated by autograd), so it
+  trains: gradients equal the plain form's up to rounding, and every parameter gets one (DDP
+  needs that).
 * :class:`DeployPoolFormerBlock` (built by :func:`switch_to_deploy`) additionally folds the norms'
   affine maps and the layer scales into the MLP weights. Inference only. On a CPU it runs the MLP
   with oneDNN's fused linear kernels (bias + GELU after fc1, bias + residual add after fc2): the
@@ -77,15 +79,26 @@ def _pool_minus_input(tokens: Tensor, pool_size: int) -> Tensor:
 
 def _block_forward(block: MetaFormerBlock, tokens: Tensor) -> Tensor:
     norm1, norm2, mlp = block.norm1, block.norm2, block.mlp
-    # norm1's bias cancels in pool(y) - y, but it stays in the graph: DDP expects a gradient
-    # (zero, up to rounding) for every parameter, as the plain formulation gives.
-    normed = _normalize(tokens, norm1.eps) * norm1.weight + norm1.bias
-    mixed = _pool_minus_input(normed, block.token_mixer.pool_size)
-    tokens = tokens + block.drop_path(mixed * block.layer_scale_1.scale)
-    hidden = _normalize(tokens, norm2.eps) * norm2.weight + norm2.bias
-    hidden = mlp.act(F.linear(hidden, mlp.fc1.weight.flatten(1), mlp.fc1.bias))
-    hidden = F.linear(hidden, mlp.fc2.weight.flatten(1), mlp.fc2.bias)
-    return tokens + block.drop_path(hidden * block.layer_scale_2.scale)
+    # pool(a*x + b) - (a*x + b) = a * (pool(x) - x): norm1's weight joins the layer scale and
+    # its bias cancels. The bias stays in the graph with a zero factor, because DDP expects a
+    # gradient for every parameter (the plain formulation's is 0 up to rounding).
+    mixer_scale = norm1.weight * block.layer_scale_1.scale + 0 * norm1.bias
+    mixed = _pool_minus_input(_normalize(tokens, norm1.eps), block.token_mixer.pool_size)
+    # norm2's affine map and layer_scale_2 fold into the MLP weights: (C x 4C) products per
+    # step instead of passes over the activations, forward and backward
+    fc1_weight = mlp.fc1.weight.flatten(1)
+    fc1 = fc1_weight * norm2.weight, mlp.fc1.bias + fc1_weight @ norm2.bias
+    scale2 = block.layer_scale_2.scale
+    fc2 = mlp.fc2.weight.flatten(1) * scale2[:, None], mlp.fc2.bias * scale2
+    if isinstance(block.drop_path, nn.Identity):
+        tokens = torch.addcmul(tokens, mixed, mixer_scale)
+        hidden = mlp.act(F.linear(_normalize(tokens, norm2.eps), *fc1))
+        flat = tokens.view(-1, tokens.shape[-1])
+        out = torch.addmm(flat, hidden.view(flat.shape[0], -1), fc2[0].t()) + fc2[1]
+        return out.view(tokens.shape)
+    tokens = tokens + block.drop_path(mixed * mixer_scale)
+    hidden = mlp.act(F.linear(_normalize(tokens, norm2.eps), *fc1))
+    return tokens + block.drop_path(F.linear(hidden, *fc2))
 
 
 @functools.lru_cache(maxsize=None)
