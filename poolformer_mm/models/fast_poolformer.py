@@ -163,8 +163,9 @@ class DeployPoolFormerBlock(nn.Module):
         mixer_scale = (inv_std[:, None] * self.mixer_scale).view(n, 1, 1, channels)
         tokens = torch.addcmul(tokens, _pool_minus_input(tokens, self.pool_size), mixer_scale)
         mean, inv_std = _moments(tokens, self.eps2)
-        # (x - mean) * inv_std in one pass
-        normed = torch.addcmul((-mean * inv_std).view(n, 1, 1, 1), tokens, inv_std.view(n, 1, 1, 1))
+        per_sample = (n, 1, 1, 1)  # (x - mean) * inv_std in one pass
+        normed = torch.addcmul((-mean * inv_std).view(per_sample), tokens,
+                               inv_std.view(per_sample))
         if _uses_fused_linear(tokens, self.act):
             linear = torch.ops.mkldnn._linear_pointwise
             hidden = linear(normed, self.fc1_weight, self.fc1_bias, 'gelu', [], 'none')
