@@ -127,6 +127,18 @@ def test_deploy_block_uses_unfused_ops_where_the_fused_ones_do_not_apply():
     assert tokens.grad is not None and tokens.grad.abs().sum() > 0
 
 
+def test_deploy_runs_under_bf16_autocast():
+    model = _randomised().eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        switch_to_deploy(model)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            folded = model(x)
+    assert [o.shape for o in folded] == [o.shape for o in expected]
+    assert _rel_diff(expected, [o.float() for o in folded]) <= 5e-2  # bf16 has 8 bits
+
+
 def test_deploy_stores_patch_embedding_weights_channels_last():
     model = switch_to_deploy(_randomised())
     convs = [model.stem.proj] + [s.downsample.proj for s in model.stages[1:]]

@@ -171,7 +171,8 @@ class DeployPoolFormerBlock(nn.Module):
             hidden = linear(normed, self.fc1_weight, self.fc1_bias, 'gelu', [], 'none')
             return linear.binary(hidden, tokens, self.fc2_weight, self.fc2_bias, 'add')
         hidden = self.act(F.linear(normed, self.fc1_weight, self.fc1_bias))
-        if torch.is_grad_enabled() and tokens.requires_grad:  # autograd forbids the in-place form
+        # autograd forbids the in-place form, and autocast does not cast for in-place ops
+        if (torch.is_grad_enabled() and tokens.requires_grad) or hidden.dtype != tokens.dtype:
             return tokens + F.linear(hidden, self.fc2_weight, self.fc2_bias)
         # tokens is this block's own fresh tensor: accumulate the MLP into it in place
         flat = tokens.view(-1, tokens.shape[-1])
