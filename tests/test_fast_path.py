@@ -133,10 +133,42 @@ def test_deploy_runs_under_bf16_autocast():
     with torch.no_grad():
         expected = model(x)
         switch_to_deploy(model)
+        fast_poolformer.fused_linear_available.cache_clear()
         with torch.autocast('cpu', dtype=torch.bfloat16):
+            # the probe's answer does not depend on the caller's autocast
+            assert fast_poolformer.fused_linear_available() == torch.backends.mkldnn.is_available()
+            assert not fast_poolformer._uses_fused_linear(torch.zeros(1, 2, 2, 8),
+                                                          torch.nn.GELU())
             folded = model(x)
     assert [o.shape for o in folded] == [o.shape for o in expected]
     assert _rel_diff(expected, [o.float() for o in folded]) <= 5e-2  # bf16 has 8 bits
+
+
+def test_training_path_keeps_bf16_autocast_error_at_the_plain_formulations_level():
+    plain = _randomised()
+    plain.fast_path = False
+    fast = copy.deepcopy(plain)
+    fast.fast_path = True
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        exact = plain(x)
+        errors = []
+        for model in (plain, fast):
+            with torch.autocast('cpu', dtype=torch.bfloat16):
+                errors.append(_rel_diff(exact, [o.float() for o in model(x)]))
+    # rounding the residual stream or the folded layer scale to bf16 would double the error
+    assert errors[1] <= 1.5 * errors[0] + 1e-3, errors
+
+
+@pytest.mark.parametrize('offset', [0.0, 3.0, 1000.0])
+def test_deploy_statistics_equal_group_norms(offset):
+    tokens = torch.randn(2, 24, 20, 64) + offset
+    mean, inv_std = fast_poolformer._moments(tokens, 1e-5)
+    flat = tokens.reshape(2, 1, -1)
+    _, expected_mean, expected_inv_std = torch.native_group_norm(flat, None, None, 2, 1,
+                                                                 flat.shape[-1], 1, 1e-5)
+    torch.testing.assert_close(mean, expected_mean.view(2), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(inv_std, expected_inv_std.view(2), rtol=1e-5, atol=0)
 
 
 def test_deploy_stores_patch_embedding_weights_channels_last():

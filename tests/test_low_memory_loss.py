@@ -52,6 +52,19 @@ def test_a_batch_without_labels_gives_zero_loss_and_gradient():
     assert torch.count_nonzero(low.grad) == 0
 
 
+def test_loss_is_fp32_for_bf16_logits_and_a_zero_weight_gives_zero():
+    low = torch.randn(2, 5, 6, 6, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 5, (2, 24, 24))
+    loss, acc = upsampled_cross_entropy(low, labels)
+    assert loss.dtype == acc.dtype == torch.float32
+    expected, _ = _mmseg_loss(low.detach().float(), labels)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-2)
+    loss.backward()
+    assert low.grad.dtype == torch.bfloat16
+    zero, _ = upsampled_cross_entropy(low.detach().requires_grad_(), labels, loss_weight=0.0)
+    assert zero.item() == 0
+
+
 def _saved_elements(fn):
     saved = []
 
@@ -118,6 +131,14 @@ def test_with_cp_config_is_the_plain_model_with_less_memory():
     # checkpoints of either load into the other
     saving_model.load_state_dict(plain_model.state_dict())
     assert plain_model.state_dict().keys() == saving_model.state_dict().keys()
+
+
+def test_low_memory_head_accepts_a_one_element_loss_list():
+    import poolformer_mm.models.decode_heads  # noqa: F401 (registers the head)
+    head = _build(dict(type='LowMemoryFPNHead', in_channels=[8, 8], in_index=[0, 1],
+                       feature_strides=[4, 8], channels=8, num_classes=2,
+                       loss_decode=[dict(type='CrossEntropyLoss', loss_weight=0.5)]))
+    assert head._cross_entropy.loss_weight == 0.5
 
 
 @pytest.mark.parametrize('loss_decode, sampler, problem', [

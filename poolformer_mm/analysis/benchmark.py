@@ -168,6 +168,8 @@ def measure(variants: Dict[str, nn.Module], step: Callable[[nn.Module], object],
             device: str = 'cpu') -> Dict[str, Measurement]:
     """Time ``step(model)`` for every variant (interleaved), then each one's peak memory."""
     results = {name: Measurement(name) for name in variants}
+    if not device.startswith('cuda'):
+        _map_large_blocks_separately()  # before timing too, so that both see one allocator
     for model in variants.values():
         model.train(train)
         for _ in range(warmup):
@@ -179,8 +181,6 @@ def measure(variants: Dict[str, nn.Module], step: Callable[[nn.Module], object],
             step(model)
             _sync(device)
             results[name].latency_ms.append((time.perf_counter() - start) * 1000)
-    if not device.startswith('cuda'):
-        _map_large_blocks_separately()
     for name, model in variants.items():
         _release_memory()
         if device.startswith('cuda'):
@@ -312,7 +312,7 @@ def loss_differences(variants: Dict[str, nn.Module], step: Callable[[nn.Module],
     expected = next(iter(losses.values()))
     for name, loss in losses.items():
         results[name].max_abs_diff = abs(loss - expected)
-        results[name].max_rel_diff = abs(loss - expected) / abs(expected)
+        results[name].max_rel_diff = abs(loss - expected) / max(abs(expected), 1e-12)
 
 
 def format_results(results: Dict[str, Measurement], batch: int, baseline: str,

@@ -19,13 +19,15 @@ Two forms:
   weights at every call (small products of parameters, differentiated by autograd), so it
   trains: gradients equal the plain form's up to rounding, and every parameter gets one (DDP
   needs that).
-* :class:`DeployPoolFormerBlock` (built by :func:`switch_to_deploy`) additionally folds the norms'
-  affine maps and the layer scales into the MLP weights. Inference only. On a CPU it runs the MLP
-  with oneDNN's fused linear kernels (bias + GELU after fc1, bias + residual add after fc2): the
-  same kernels ``torch.compile`` emits, identical outputs, and two fewer passes over the largest
-  activations per block. Elsewhere it falls back to ``F.linear`` and ``addmm``.
+* :class:`DeployPoolFormerBlock` (built by :func:`switch_to_deploy`) folds them once, into
+  buffers, and needs only the norms' statistics. Inference only. On a CPU it runs the MLP with
+  oneDNN's fused linear kernels (bias + GELU after fc1, bias + residual add after fc2): the
+  kernels ``torch.compile`` emits, the same outputs up to rounding, and two fewer passes over
+  the largest activations per block. Elsewhere it uses ``F.linear`` and ``addmm``. Fold in
+  fp32 or bf16: fp16 would flush the folded layer scales (1e-5, 1e-6) towards zero.
 """
 import functools
+import warnings
 from typing import Optional
 
 import torch
@@ -56,18 +58,25 @@ def _normalize(tokens: Tensor, eps: float) -> Tensor:
 
 
 def _moments(tokens: Tensor, eps: float) -> tuple:
-    """Per-sample mean and ``1 / sqrt(var + eps)`` over all of (H, W, C), as GroupNorm(1) has.
-
-    GroupNorm's kernel runs on one thread per sample; these reductions use every thread. Sums
-    run in fp32 along each token's channels only, then in fp64 across tokens: as accurate as
-    GroupNorm's statistics, where one fp32 sum over a whole sample is not.
-    """
-    rows = tokens.reshape(tokens.shape[0], -1, tokens.shape[-1])
-    count = rows.shape[1] * rows.shape[2]
-    mean = rows.sum(2).double().sum(1) / count
-    mean_square = torch.linalg.vector_norm(rows, dim=2).double().square().sum(1) / count
-    inv_std = torch.rsqrt((mean_square - mean.square()).clamp_min(0) + eps)
-    return mean.to(tokens.dtype), inv_std.to(tokens.dtype)
+    """Per-sample mean and ``1 / sqrt(var + eps)`` over all of (H, W, C), as GroupNorm(1) has."""
+    n = tokens.shape[0]
+    if tokens.device.type == 'cpu':
+        # GroupNorm's CPU kernel runs on one thread per sample; these reductions use every
+        # thread. They sum along each token's channels, then in fp64 across tokens: one sum
+        # over a whole sample would lose digits.
+        rows = tokens.reshape(n, -1, tokens.shape[-1])
+        count = rows.shape[1] * rows.shape[2]
+        mean = rows.sum(2).double().sum(1) / count
+        mean_square = torch.linalg.vector_norm(rows, dim=2).double().square().sum(1) / count
+        var = mean_square - mean.square()
+        # E[x^2] - mean^2 cancels when |mean| >> std: such samples take GroupNorm's statistics
+        # (reading this CPU flag costs no device synchronisation)
+        if not bool((mean.square() > 100 * var).any()):
+            inv_std = torch.rsqrt(var.clamp_min(0) + eps)
+            return mean.to(tokens.dtype), inv_std.to(tokens.dtype)
+    flat = tokens.reshape(n, 1, -1)
+    _, mean, inv_std = torch.native_group_norm(flat, None, None, n, 1, flat.shape[-1], 1, eps)
+    return mean.view(n).to(tokens.dtype), inv_std.view(n).to(tokens.dtype)
 
 
 def _pool_minus_input(tokens: Tensor, pool_size: int) -> Tensor:
@@ -77,6 +86,14 @@ def _pool_minus_input(tokens: Tensor, pool_size: int) -> Tensor:
     return pooled.permute(0, 2, 3, 1) - tokens
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 has one flag per device kind
+        return (torch.is_autocast_cpu_enabled() if device_type == 'cpu'
+                else torch.is_autocast_enabled())
+
+
 def _block_forward(block: MetaFormerBlock, tokens: Tensor) -> Tensor:
     norm1, norm2, mlp = block.norm1, block.norm2, block.mlp
     # pool(a*x + b) - (a*x + b) = a * (pool(x) - x): norm1's weight joins the layer scale and
@@ -84,47 +101,61 @@ def _block_forward(block: MetaFormerBlock, tokens: Tensor) -> Tensor:
     # gradient for every parameter (the plain formulation's is 0 up to rounding).
     mixer_scale = norm1.weight * block.layer_scale_1.scale + 0 * norm1.bias
     mixed = _pool_minus_input(_normalize(tokens, norm1.eps), block.token_mixer.pool_size)
-    # norm2's affine map and layer_scale_2 fold into the MLP weights: (C x 4C) products per
-    # step instead of passes over the activations, forward and backward
+    # norm2's affine map folds into fc1: a (4C x C) product per step instead of passes over
+    # the activations, forward and backward
     fc1_weight = mlp.fc1.weight.flatten(1)
     fc1 = fc1_weight * norm2.weight, mlp.fc1.bias + fc1_weight @ norm2.bias
+    fc2 = mlp.fc2.weight.flatten(1), mlp.fc2.bias
     scale2 = block.layer_scale_2.scale
-    fc2 = mlp.fc2.weight.flatten(1) * scale2[:, None], mlp.fc2.bias * scale2
     if isinstance(block.drop_path, nn.Identity):
         tokens = torch.addcmul(tokens, mixed, mixer_scale)
         hidden = mlp.act(F.linear(_normalize(tokens, norm2.eps), *fc1))
+        if _autocast_enabled(tokens.device.type):
+            # keep the residual stream in full precision, and the layer scale (1e-5 or
+            # 1e-6) out of half-precision weights, where it would underflow
+            return torch.addcmul(tokens, F.linear(hidden, *fc2), scale2)
+        # layer_scale_2 folds into fc2, and the residual add into the matrix product
         flat = tokens.view(-1, tokens.shape[-1])
-        out = torch.addmm(flat, hidden.view(flat.shape[0], -1), fc2[0].t()) + fc2[1]
-        return out.view(tokens.shape)
+        out = torch.addmm(flat, hidden.view(flat.shape[0], -1), (fc2[0] * scale2[:, None]).t())
+        return out.add_(fc2[1] * scale2).view(tokens.shape)
     tokens = tokens + block.drop_path(mixed * mixer_scale)
     hidden = mlp.act(F.linear(_normalize(tokens, norm2.eps), *fc1))
-    return tokens + block.drop_path(F.linear(hidden, *fc2))
+    return tokens + block.drop_path(F.linear(hidden, *fc2) * scale2)
 
 
 @functools.lru_cache(maxsize=None)
 def fused_linear_available() -> bool:
     """Whether this torch has oneDNN's fused linear + GELU / + add kernels and they agree with
     the unfused ops. They are private (``torch.ops.mkldnn._linear_pointwise``), so a torch
-    without them, or one where they misbehave, gets the unfused path instead of an error."""
+    without them, or one where they misbehave, gets the unfused path (with a warning) instead
+    of an error."""
     try:
-        linear = torch.ops.mkldnn._linear_pointwise
-        generator = torch.Generator().manual_seed(0)
-        x, residual = torch.randn(2, 5, 8, generator=generator).unbind(0)
-        w1, b1 = torch.randn(16, 8, generator=generator), torch.randn(16, generator=generator)
-        w2, b2 = torch.randn(8, 16, generator=generator), torch.randn(8, generator=generator)
-        hidden = linear(x, w1, b1, 'gelu', [], 'none')
-        out = linear.binary(hidden, residual, w2, b2, 'add')
-        expected_hidden = F.gelu(F.linear(x, w1, b1))
-        expected = residual + F.linear(expected_hidden, w2, b2)
-        return (torch.allclose(hidden, expected_hidden, rtol=1e-5, atol=1e-5)
-                and torch.allclose(out, expected, rtol=1e-5, atol=1e-5))
-    except (AttributeError, RuntimeError, NotImplementedError):
-        return False
+        # checked in fp32 whatever the caller's autocast or grad mode, since the answer is kept
+        with torch.no_grad(), torch.autocast('cpu', enabled=False):
+            linear = torch.ops.mkldnn._linear_pointwise
+            generator = torch.Generator().manual_seed(0)
+            x, residual = torch.randn(2, 5, 8, generator=generator).unbind(0)
+            w1, b1 = torch.randn(16, 8, generator=generator), torch.randn(16, generator=generator)
+            w2, b2 = torch.randn(8, 16, generator=generator), torch.randn(8, generator=generator)
+            hidden = linear(x, w1, b1, 'gelu', [], 'none')
+            out = linear.binary(hidden, residual, w2, b2, 'add')
+            expected_hidden = F.gelu(F.linear(x, w1, b1))
+            expected = residual + F.linear(expected_hidden, w2, b2)
+            agree = (torch.allclose(hidden, expected_hidden, rtol=1e-5, atol=1e-5)
+                     and torch.allclose(out, expected, rtol=1e-5, atol=1e-5))
+        reason = 'they disagree with the unfused ops'
+    except (AttributeError, RuntimeError, NotImplementedError) as error:
+        agree, reason = False, f'they are missing ({error})'
+    if not agree:
+        warnings.warn(f"oneDNN's fused linear kernels are not used: {reason}. Deployed "
+                      'PoolFormer blocks run unfused: same outputs, slower on a CPU.')
+    return agree
 
 
 def _uses_fused_linear(tokens: Tensor, act: nn.Module) -> bool:
-    # the fused kernels have no autograd formula and only know exact GELU
+    # the fused kernels are fp32 here, have no autograd formula and only know exact GELU
     return (tokens.device.type == 'cpu' and tokens.dtype == torch.float32
+            and not _autocast_enabled('cpu')
             and not (torch.is_grad_enabled() and tokens.requires_grad)
             and type(act) is nn.GELU and act.approximate == 'none'
             and torch.backends.mkldnn.is_available() and fused_linear_available())

@@ -28,6 +28,8 @@ class LowMemoryFPNHead(FPNHead):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         loss = self.loss_decode
+        if isinstance(loss, nn.ModuleList) and len(loss) == 1:  # a one-element list of configs
+            loss = loss[0]
         problems = []
         if isinstance(loss, nn.ModuleList):
             problems.append(f'{len(loss)} losses')
@@ -48,10 +50,16 @@ class LowMemoryFPNHead(FPNHead):
                 f"reduction, no class weights and no sampler; this config has "
                 f"{', '.join(problems)}. Use type='FPNHead' for it.")
 
+    @property
+    def _cross_entropy(self) -> CrossEntropyLoss:
+        loss = self.loss_decode
+        return loss[0] if isinstance(loss, nn.ModuleList) else loss
+
     def loss_by_feat(self, seg_logits: Tensor, batch_data_samples: List) -> dict:
         labels = self._stack_batch_gt(batch_data_samples).squeeze(1)
+        cross_entropy = self._cross_entropy
         loss, accuracy = upsampled_cross_entropy(
             seg_logits, labels, ignore_index=self.ignore_index,
-            align_corners=self.align_corners, avg_non_ignore=self.loss_decode.avg_non_ignore,
-            loss_weight=self.loss_decode.loss_weight)
-        return {self.loss_decode.loss_name: loss, 'acc_seg': accuracy}
+            align_corners=self.align_corners, avg_non_ignore=cross_entropy.avg_non_ignore,
+            loss_weight=cross_entropy.loss_weight)
+        return {cross_entropy.loss_name: loss, 'acc_seg': accuracy}

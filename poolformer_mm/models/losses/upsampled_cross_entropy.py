@@ -18,6 +18,7 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 
 def _upsample(logits: Tensor, size: Tuple[int, int], align_corners: bool) -> Tensor:
@@ -31,23 +32,26 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
                 normalizer: float) -> Tuple[Tensor, Tensor]:
         size = tuple(labels.shape[-2:])
         total = logits.new_zeros((), dtype=torch.float64)
-        correct = 0
+        correct = labels.new_zeros(())
         for image_logits, image_labels in zip(logits.split(1), labels.split(1)):
             full = _upsample(image_logits, size, align_corners)  # (1, K, H, W)
             valid = image_labels != ignore_index
             targets = image_labels.where(valid, 0).unsqueeze(1)
             nll = torch.logsumexp(full, dim=1) - full.gather(1, targets).squeeze(1)
             total += nll[valid].sum(dtype=torch.float64)
-            correct += int((full.argmax(1) == image_labels)[valid].sum())
+            correct += ((full.argmax(1) == image_labels) & valid).sum()
             del full
         ctx.save_for_backward(logits, labels)
         ctx.options = (ignore_index, align_corners, normalizer)
-        valid_count = int((labels != ignore_index).sum())
-        accuracy = logits.new_tensor(100.0 * correct / max(valid_count, 1))
+        # reported in fp32 at least, as mmseg's loss is under autocast
+        out_dtype = torch.promote_types(logits.dtype, torch.float32)
+        valid_count = (labels != ignore_index).sum().clamp_min(1)
+        accuracy = (100.0 * correct / valid_count).to(out_dtype)
         ctx.mark_non_differentiable(accuracy)
-        return (total / normalizer).to(logits.dtype), accuracy
+        return (total / normalizer).to(out_dtype), accuracy
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss: Tensor, grad_accuracy: Tensor):
         logits, labels = ctx.saved_tensors
         ignore_index, align_corners, normalizer = ctx.options
@@ -93,5 +97,7 @@ def upsampled_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = 
                          f'{tuple(logits.shape)} and {tuple(labels.shape)}')
     count = int((labels != ignore_index).sum()) if avg_non_ignore else labels.numel()
     # mmseg divides by (count + eps) so that a batch without labels gives 0, not NaN
-    normalizer = (count + torch.finfo(torch.float32).eps) / loss_weight
-    return _UpsampledCrossEntropy.apply(logits, labels, ignore_index, align_corners, normalizer)
+    normalizer = count + torch.finfo(torch.float32).eps
+    loss, accuracy = _UpsampledCrossEntropy.apply(logits, labels, ignore_index, align_corners,
+                                                  normalizer)
+    return loss_weight * loss, accuracy
