@@ -161,8 +161,9 @@ def test_training_path_keeps_bf16_autocast_error_at_the_plain_formulations_level
 
 
 @pytest.mark.parametrize('offset', [0.0, 3.0, 1000.0])
-def test_deploy_statistics_equal_group_norms(offset):
-    tokens = torch.randn(2, 24, 20, 64) + offset
+@pytest.mark.parametrize('size', [(24, 20, 64), (96, 96, 64)])  # GroupNorm's and reductions
+def test_deploy_statistics_equal_group_norms(offset, size):
+    tokens = torch.randn(2, *size) + offset
     mean, inv_std = fast_poolformer._moments(tokens, 1e-5)
     flat = tokens.reshape(2, 1, -1)
     _, expected_mean, expected_inv_std = torch.native_group_norm(flat, None, None, 2, 1,

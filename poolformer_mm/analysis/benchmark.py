@@ -165,11 +165,10 @@ def backbone_variants(arch: str, names: Sequence[str], seed: int = 0,
 
 def measure(variants: Dict[str, nn.Module], step: Callable[[nn.Module], object],
             train: bool = False, warmup: int = 2, repeat: int = 10,
-            device: str = 'cpu') -> Dict[str, Measurement]:
-    """Time ``step(model)`` for every variant (interleaved), then each one's peak memory."""
+            device: str = 'cpu', memory: bool = True) -> Dict[str, Measurement]:
+    """Time ``step(model)`` for every variant (interleaved), then (``memory``) each one's peak
+    memory."""
     results = {name: Measurement(name) for name in variants}
-    if not device.startswith('cuda'):
-        _map_large_blocks_separately()  # before timing too, so that both see one allocator
     for model in variants.values():
         model.train(train)
         for _ in range(warmup):
@@ -181,6 +180,12 @@ def measure(variants: Dict[str, nn.Module], step: Callable[[nn.Module], object],
             step(model)
             _sync(device)
             results[name].latency_ms.append((time.perf_counter() - start) * 1000)
+    if not memory:
+        return results
+    if not device.startswith('cuda'):
+        # after the timings, which should see the allocator users have; it stays set for the
+        # rest of the process, so time nothing after this
+        _map_large_blocks_separately()
     for name, model in variants.items():
         _release_memory()
         if device.startswith('cuda'):

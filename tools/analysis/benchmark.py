@@ -55,7 +55,7 @@ def parse_args():
     return parser.parse_args()
 
 
-def run_backbone(args, arch, height, width, variants_names, kwargs):
+def run_backbone(args, arch, height, width, variants_names, kwargs, memory=True):
     train = args.mode == 'train'
     dtype = torch.bfloat16 if args.dtype == 'bf16' else torch.float32
     variants = backbone_variants(arch, variants_names, **kwargs)
@@ -63,7 +63,7 @@ def run_backbone(args, arch, height, width, variants_names, kwargs):
         model.to(args.device)
     inputs = torch.randn(args.batch, 3, height, width, device=args.device)
     results = measure(variants, backbone_step(inputs, train, dtype), train=train,
-                      warmup=args.warmup, repeat=args.repeat, device=args.device)
+                      warmup=args.warmup, repeat=args.repeat, device=args.device, memory=memory)
     output_differences(variants, inputs, results)
     return results
 
@@ -88,6 +88,8 @@ def main():
         backbone = dict(cfg.model.backbone)
         arch = backbone.get('arch', 's12')
         kwargs = {k: backbone[k] for k in ('out_indices', 'pool_size') if k in backbone}
+    if args.plot:  # timings only, before any memory measurement changes the allocator
+        plot_sizes(args, arch, names, kwargs)
     if args.whole_model:
         cfg = load_config(args.config)
         variants = segmentor_variants(args.config, names)
@@ -121,8 +123,6 @@ def main():
                                             speedup=v.speedup_over(results[names[0]]))
                                     for k, v in results.items()}), f,
                       indent=2)
-    if args.plot:
-        plot_sizes(args, arch, names, kwargs)
 
 
 def plot_sizes(args, arch, names, kwargs):
@@ -131,7 +131,7 @@ def plot_sizes(args, arch, names, kwargs):
     import matplotlib.pyplot as plt
     rates = {name: [] for name in names}
     for size in args.sizes:
-        results = run_backbone(args, arch, size, size, names, kwargs)
+        results = run_backbone(args, arch, size, size, names, kwargs, memory=False)
         for name in names:
             rates[name].append(args.batch * 1000 / results[name].median_ms)
         print(f'{size}x{size}: ' + ', '.join(f'{n} {rates[n][-1]:.2f} img/s' for n in names))
