@@ -4,6 +4,7 @@ Subclasses build ``self.stem``, ``self.stages`` (four modules, each run in turn)
 ``self.output_norms`` (a ModuleDict keyed by the returned stage indices), and set
 ``out_indices``, ``frozen_stages`` and ``norm_eval`` through :meth:`_set_dense_interface`.
 """
+import copy
 import difflib
 import inspect
 from typing import Sequence, Tuple
@@ -47,6 +48,19 @@ class DenseBackbone(BaseModule):
             hints.append(f"'{name}'" + (f" (did you mean '{close[0]}'?)" if close else ''))
         raise TypeError(f'{cls.__name__} got unknown argument(s) {", ".join(hints)}; valid '
                         f'arguments: {", ".join(valid)}')
+
+    @classmethod
+    def _named_arch(cls, name: str, custom_keys: str) -> dict:
+        """A copy of ``cls.arch_settings[name]``, or an error listing the names (and the
+        closest one) and what a custom arch dict needs (``custom_keys``)."""
+        key = name.lower()
+        if key not in cls.arch_settings:
+            close = difflib.get_close_matches(key, cls.arch_settings, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ''
+            names = ', '.join(repr(n) for n in sorted(cls.arch_settings))
+            raise ValueError(f"unknown {cls.__name__} arch '{name}'{hint}; choose one of "
+                             f'{names}, or pass a dict with {custom_keys}')
+        return copy.deepcopy(cls.arch_settings[key])
 
     def init_weights(self) -> None:
         """Pretrained ``init_cfg``: load it (see :meth:`_load_pretrained`); otherwise the paper's

@@ -1,7 +1,6 @@
 """The MetaFormer baselines (arXiv 2210.13452) as dense-prediction backbones for mmdet / mmseg,
 and the rules that load their ImageNet checkpoints (sail-sg/metaformer and timm layouts)."""
 import copy
-import difflib
 from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -163,13 +162,7 @@ class MetaFormer(DenseBackbone):
     @classmethod
     def _resolve_arch(cls, arch: Union[str, dict]) -> dict:
         if isinstance(arch, str):
-            if arch.lower() not in cls.arch_settings:
-                close = difflib.get_close_matches(arch.lower(), cls.arch_settings, n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ''
-                raise ValueError(f"unknown MetaFormer arch '{arch}'{hint}; choose one of "
-                                 f'{", ".join(sorted(cls.arch_settings))}, or pass a dict with '
-                                 'layers, embed_dims and token_mixers')
-            arch = cls.arch_settings[arch.lower()]
+            arch = cls._named_arch(arch, 'layers, embed_dims and token_mixers')
         elif not isinstance(arch, dict):
             raise TypeError(f'arch must be a str or a dict, got {type(arch).__name__}')
         required = {'layers', 'embed_dims', 'token_mixers'}

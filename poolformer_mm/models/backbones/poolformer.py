@@ -204,11 +204,8 @@ class PoolFormer(DenseBackbone):
     @classmethod
     def _resolve_arch(cls, arch: Union[str, dict]) -> dict:
         if isinstance(arch, str):
-            if arch.lower() not in cls.arch_settings:
-                raise ValueError(f"unknown PoolFormer arch '{arch}'; choose one of "
-                                 f'{sorted(cls.arch_settings)} or pass a dict with layers, '
-                                 'embed_dims, mlp_ratios and layer_scale_init_value')
-            return copy.deepcopy(cls.arch_settings[arch.lower()])
+            return cls._named_arch(
+                arch, 'layers, embed_dims, mlp_ratios and layer_scale_init_value')
         if not isinstance(arch, dict):
             raise TypeError(f'arch must be a str or a dict, got {type(arch).__name__}')
         required = {'layers', 'embed_dims', 'mlp_ratios', 'layer_scale_init_value'}
