@@ -42,7 +42,20 @@ class StarReLU(nn.Module):
 
 
 # ------------------------------------------------------------------------------ norms
-class ChannelLayerNorm(nn.Module):
+class _ChannelAffineNorm(nn.Module):
+    """Shared parameters of the two norms below: a per-channel weight and an optional bias."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, bias: bool = False):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def extra_repr(self) -> str:
+        return f'{self.dim}, eps={self.eps}, bias={self.bias is not None}'
+
+
+class ChannelLayerNorm(_ChannelAffineNorm):
     """LayerNorm over the channels of an NCHW tensor (each position normalised on its own).
 
     Args:
@@ -52,21 +65,12 @@ class ChannelLayerNorm(nn.Module):
             the classifier's final norm (our last output norm) has one. Default: False.
     """
 
-    def __init__(self, dim: int, eps: float = 1e-6, bias: bool = False):
-        super().__init__()
-        self.dim, self.eps = dim, eps
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
-
     def forward(self, x: Tensor) -> Tensor:
         x = F.layer_norm(x.permute(0, 2, 3, 1), (self.dim, ), self.weight, self.bias, self.eps)
         return x.permute(0, 3, 1, 2)
 
-    def extra_repr(self) -> str:
-        return f'{self.dim}, eps={self.eps}, bias={self.bias is not None}'
 
-
-class ModifiedLayerNorm(nn.Module):
+class ModifiedLayerNorm(_ChannelAffineNorm):
     """PoolFormer's "modified layer norm": statistics over (C, H, W), i.e. GroupNorm with one
     group, and a per-channel affine. The v2 archs with parameter-free mixers (identity, random,
     pooling) use it without bias ("MLN without bias").
@@ -77,17 +81,8 @@ class ModifiedLayerNorm(nn.Module):
         bias (bool): Learn a per-channel bias. Default: False.
     """
 
-    def __init__(self, dim: int, eps: float = 1e-6, bias: bool = False):
-        super().__init__()
-        self.dim, self.eps = dim, eps
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
-
     def forward(self, x: Tensor) -> Tensor:
         return F.group_norm(x, 1, self.weight, self.bias, self.eps)
-
-    def extra_repr(self) -> str:
-        return f'{self.dim}, eps={self.eps}, bias={self.bias is not None}'
 
 
 NORM_LAYERS: Dict[str, Callable[..., nn.Module]] = {
