@@ -1,45 +1,177 @@
-"""Checkpoint files that are safe to load and never half-written.
+"""Checkpoints that are safe to load, from any place mmengine can name, and never half-written.
 
-Loading: mmengine 0.10.7 reads local checkpoints with a bare ``torch.load``, which unpickles
-arbitrary code on torch < 2.6 (the weights-only default came with 2.6) and gives a raw pickle
-error for a file that is not a checkpoint. We register a loader for local paths that always uses
-``weights_only=True`` (with the allow-list from :mod:`poolformer_mm.compat`) and says what is
-wrong with a refused file.
+Loading: mmengine 0.10.7 reads checkpoints with a bare ``torch.load``, which unpickles arbitrary
+code on torch < 2.6 and, for every remote scheme (``http(s)://`` through its own ``load_url``,
+``open-mmlab://``, ``torchvision://``, ``mmcls://``, ``pavi://``, ``s3://``), on every torch
+version. We register a loader for each scheme mmengine knows, and for local paths, that fetches
+the bytes the way mmengine does (URLs are downloaded once into the torch hub cache,
+``$TORCH_HOME/hub/checkpoints``, as ``torch.hub`` does) and then always unpickles with
+``weights_only=True`` and the allow-list of :mod:`poolformer_mm.compat`. A refused or unreadable
+file gets one message that says what is wrong.
 
 Writing: mmengine's local file backend writes checkpoints in place, so a job killed during the
 write leaves a truncated ``epoch_N.pth``. Our backend writes to a temporary file in the same
 folder and renames it over the target, which is atomic on POSIX file systems: a reader sees the
-old file or the complete new one.
+old file or the complete new one. The temporary file is created with the mode the umask gives,
+like any other file the job writes.
 """
+import io
 import os
 import os.path as osp
 import pickle
-import tempfile
+import secrets
+import urllib.error
 from pathlib import Path
-from typing import Union
+from typing import BinaryIO, Union
+from urllib.parse import urlparse
 
 import torch
+from mmengine.dist import barrier, get_dist_info, get_local_rank
 from mmengine.fileio.backends import LocalBackend, register_backend
+from mmengine.logging import print_log
+from mmengine.runner import checkpoint as mm_checkpoint
 from mmengine.runner.checkpoint import CheckpointLoader
 
+# Temporary files of an interrupted write are named '.<target>.incomplete-<random>.tmp'.
+INCOMPLETE_MARK = '.incomplete-'
 
-def load_from_local_weights_only(filename: str, map_location=None):
-    # (mmengine logs "Loads checkpoint by <name minus 'load_from_'> backend")
-    """``torch.load`` with ``weights_only=True`` and one clear error for a file it refuses."""
-    filename = osp.expanduser(filename)
-    if not osp.isfile(filename):
-        raise FileNotFoundError(f"checkpoint '{filename}' not found")
+
+def _torch_load_weights_only(source: Union[str, BinaryIO], name: str, map_location=None):
+    """``torch.load(source, weights_only=True)`` with one clear error for a refused file."""
     try:
-        return torch.load(filename, map_location=map_location, weights_only=True)
+        return torch.load(source, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         raise ValueError(
-            f"refused to load '{filename}': its pickle asks for something other than tensors and "
+            f"refused to load '{name}': its pickle asks for something other than tensors and "
             'the allow-listed mmengine objects, so it could run code when loaded (or it is not a '
             'checkpoint). Only load it if you trust its source, and convert it to a plain '
             f'state dict. Loader said: {str(err).splitlines()[0]}') from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise ValueError(f"'{filename}' is not a readable PyTorch checkpoint (truncated, or "
+        raise ValueError(f"'{name}' is not a readable PyTorch checkpoint (truncated, or "
                          f'another kind of file): {str(err).splitlines()[0]}') from None
+
+
+def load_from_local_weights_only(filename: str, map_location=None):
+    # (mmengine logs "Loads checkpoint by <name minus 'load_from_'> backend")
+    """A local checkpoint, read with ``weights_only=True``."""
+    filename = osp.expanduser(filename)
+    if not osp.isfile(filename):
+        raise FileNotFoundError(f"checkpoint '{filename}' not found")
+    return _torch_load_weights_only(filename, filename, map_location)
+
+
+def is_remote_checkpoint(path: str) -> bool:
+    """Whether ``path`` names a checkpoint through a scheme (URL, ``open-mmlab://`` ...)."""
+    return CheckpointLoader._get_checkpoint_loader(str(path)) is not load_from_local_weights_only
+
+
+def cached_checkpoint_path(url: str) -> str:
+    """Where :func:`download_checkpoint` keeps ``url``: the torch hub cache, as ``torch.hub``."""
+    name = osp.basename(urlparse(url).path)
+    if not name:
+        raise ValueError(f"checkpoint URL '{url}' does not end in a file name")
+    return osp.join(torch.hub.get_dir(), 'checkpoints', name)
+
+
+def download_checkpoint(url: str) -> str:
+    """Download ``url`` into the torch hub cache unless it is there already; return the path.
+
+    In a distributed job the first process of each machine downloads while the others wait.
+    Without network, a file already in the cache is used; otherwise the error names the URL and
+    where to put the file.
+    """
+    cached = cached_checkpoint_path(url)
+    _, world_size = get_dist_info()
+    if get_local_rank() == 0 and not osp.isfile(cached):
+        os.makedirs(osp.dirname(cached), exist_ok=True)
+        print_log(f'Downloading {url} to {cached}', logger='current')
+        try:
+            # torch.hub writes to a temporary file and renames it: no half file on interruption
+            torch.hub.download_url_to_file(url, cached, progress=os.isatty(2))
+        except (urllib.error.URLError, OSError, ValueError) as err:
+            reason = getattr(err, 'reason', None) or err
+            raise ConnectionError(
+                f"could not download checkpoint '{url}' ({reason}). Without network access, "
+                f"download it elsewhere and put it at '{cached}' (the torch hub cache; set "
+                'TORCH_HOME to move it), or give the local file path instead of the URL.'
+            ) from None
+    if world_size > 1:
+        barrier()
+    if not osp.isfile(cached):
+        raise FileNotFoundError(f"checkpoint '{url}' was not downloaded to '{cached}' (a "
+                                'multi-machine job needs the torch hub cache on every machine)')
+    return cached
+
+
+def load_from_http_weights_only(url: str, map_location=None):
+    """An ``http(s)://`` checkpoint: downloaded to the torch hub cache, read weights-only."""
+    return _torch_load_weights_only(download_checkpoint(url), url, map_location)
+
+
+def load_from_torchvision_weights_only(filename: str, map_location=None):
+    """``torchvision://NAME`` (or the old ``modelzoo://NAME``): torchvision's URL for NAME."""
+    name = filename.split('://', 1)[1]
+    urls = mm_checkpoint.get_torchvision_models()
+    if name not in urls:
+        raise KeyError(f"'{filename}': torchvision has no model weights named '{name}'")
+    return load_from_http_weights_only(urls[name], map_location)
+
+
+def load_from_openmmlab_weights_only(filename: str, map_location=None):
+    """``open-mmlab://NAME`` / ``openmmlab://NAME``: the URL (or mmengine-home file) of NAME."""
+    name = filename.split('://', 1)[1]
+    name = mm_checkpoint.get_deprecated_model_names().get(name, name)
+    urls = mm_checkpoint.get_external_models()
+    if name not in urls:
+        raise KeyError(f"'{filename}': OpenMMLab lists no model weights named '{name}'")
+    url = urls[name]
+    if url.startswith(('http://', 'https://')):
+        return load_from_http_weights_only(url, map_location)
+    return load_from_local_weights_only(osp.join(mm_checkpoint._get_mmengine_home(), url),
+                                        map_location)
+
+
+def load_from_mmcls_weights_only(filename: str, map_location=None):
+    """``mmcls://NAME``: an mmcls classifier's backbone weights, as mmengine returns them."""
+    name = filename[len('mmcls://'):]
+    urls = mm_checkpoint.get_mmcls_models()
+    if name not in urls:
+        raise KeyError(f"'{filename}': mmcls lists no model weights named '{name}'")
+    checkpoint = load_from_http_weights_only(urls[name], map_location)
+    return mm_checkpoint._process_mmcls_checkpoint(checkpoint)
+
+
+def load_from_pavi_weights_only(filename: str, map_location=None):
+    """``pavi://PATH``: downloaded with pavi's model cloud client, read weights-only."""
+    try:
+        from pavi import modelcloud
+    except ImportError:
+        raise ImportError(f"'{filename}' needs the pavi package (pip install pavi)") from None
+    import tempfile
+    model = modelcloud.get(filename[len('pavi://'):])
+    with tempfile.TemporaryDirectory() as folder:
+        downloaded = osp.join(folder, model.name)
+        model.download(downloaded)
+        return _torch_load_weights_only(downloaded, filename, map_location)
+
+
+def load_from_ceph_weights_only(filename: str, map_location=None, backend: str = 'petrel'):
+    """``s3://`` / ``petrel://`` objects, read through mmengine's file backend, weights-only."""
+    file_backend = mm_checkpoint.get_file_backend(filename, backend_args={'backend': backend})
+    with io.BytesIO(file_backend.get(filename)) as buffer:
+        return _torch_load_weights_only(buffer, filename, map_location)
+
+
+# Every prefix mmengine 0.10.7 registers, mapped to the loader that replaces its own.
+SAFE_LOADERS = {
+    '': load_from_local_weights_only,
+    ('http://', 'https://'): load_from_http_weights_only,
+    ('modelzoo://', 'torchvision://'): load_from_torchvision_weights_only,
+    ('open-mmlab://', 'openmmlab://'): load_from_openmmlab_weights_only,
+    'mmcls://': load_from_mmcls_weights_only,
+    'pavi://': load_from_pavi_weights_only,
+    (r'(\S+\:)?s3://', r'(\S+\:)?petrel://'): load_from_ceph_weights_only,
+}
 
 
 class AtomicLocalBackend(LocalBackend):
@@ -55,9 +187,11 @@ class AtomicLocalBackend(LocalBackend):
     def _replace(filepath: Union[str, Path], data: bytes) -> None:
         folder = osp.dirname(osp.abspath(filepath))
         os.makedirs(folder, exist_ok=True)
-        fd, tmp_path = tempfile.mkstemp(dir=folder, prefix='.' + osp.basename(filepath),
-                                        suffix='.tmp')
+        tmp_path = osp.join(folder, f'.{osp.basename(filepath)}{INCOMPLETE_MARK}'
+                            f'{secrets.token_hex(4)}.tmp')
         try:
+            # 0o666 minus the umask, as open(..., 'wb') would give (mkstemp would force 0600)
+            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             with os.fdopen(fd, 'wb') as f:
                 f.write(data)
                 f.flush()
@@ -69,6 +203,19 @@ class AtomicLocalBackend(LocalBackend):
             raise
 
 
+def remove_incomplete_writes(folder: str) -> list:
+    """Delete the temporary files that writes killed before their rename left in ``folder``."""
+    removed = []
+    if osp.isdir(folder):
+        for name in os.listdir(folder):
+            if name.startswith('.') and INCOMPLETE_MARK in name and name.endswith('.tmp'):
+                os.remove(osp.join(folder, name))
+                removed.append(name)
+    return sorted(removed)
+
+
 def register_safe_checkpoint_io() -> None:
-    CheckpointLoader.register_scheme(prefixes='', loader=load_from_local_weights_only, force=True)
+    """Route every checkpoint scheme through :data:`SAFE_LOADERS`; write local files atomically."""
+    for prefixes, loader in SAFE_LOADERS.items():
+        CheckpointLoader.register_scheme(prefixes=prefixes, loader=loader, force=True)
     register_backend('local', AtomicLocalBackend, force=True, prefixes='')

@@ -19,8 +19,9 @@ from typing import Dict, List, Mapping, Tuple
 import torch
 import torch.nn as nn
 from mmengine.logging import print_log
+from mmengine.runner.checkpoint import CheckpointLoader
 
-from ..engine.safe_checkpoints import load_from_local_weights_only
+from ..engine.safe_checkpoints import is_remote_checkpoint, load_from_local_weights_only
 
 # (pattern, replacement) rules per layout, applied to each key in order; the first match wins and
 # a key that matches no rule is kept as it is (it then shows up as unexpected).
@@ -54,7 +55,10 @@ POOLFORMER_DOWNLOAD_HINT = ('Download the ImageNet weights (github.com/sail-sg/p
 
 
 def read_checkpoint(path: str, download_hint: str = POOLFORMER_DOWNLOAD_HINT) -> dict:
-    """Read a pretrained file safely (``weights_only=True``); say where to get it when missing."""
+    """Read a pretrained file or URL safely (``weights_only=True``); say where to get it when
+    missing. URLs (and mmengine's other schemes) are downloaded into the torch hub cache."""
+    if is_remote_checkpoint(path):
+        return CheckpointLoader.load_checkpoint(path, map_location='cpu')
     path = osp.expanduser(path)
     if not osp.isfile(path):
         raise FileNotFoundError(

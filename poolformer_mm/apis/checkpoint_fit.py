@@ -1,0 +1,97 @@
+"""Refuse, before testing or drawing, a checkpoint that was not trained for the config's model.
+
+mmengine loads test checkpoints with ``strict=False`` and only logs the keys that do not fit, so
+the weights of another arch, or a segmentor's on a detector, used to give metrics of a model that
+is partly random. Here every parameter and buffer of the model must be in the checkpoint with
+its shape, and the checkpoint may hold nothing else, except:
+
+* BatchNorm's ``num_batches_tracked`` counters, which checkpoints of older PyTorch versions lack
+  and which do not change predictions;
+* everything outside ``state_dict``: optimizer, schedulers, message hub, and the averaged copy
+  that mmengine's ``EMAHook`` keeps in ``ema_state_dict``.
+"""
+import re
+from collections import defaultdict
+from typing import Dict, List, Mapping
+
+import torch.nn as nn
+from mmengine.model import is_model_wrapper
+from mmengine.runner.checkpoint import CheckpointLoader
+
+TOLERATED = re.compile(r'(^|\.)num_batches_tracked$')
+_BLOCK_KEY = re.compile(r'^backbone\.stages\.(\d+)\.blocks\.(\d+)\.')
+
+
+def _bare_model(model: nn.Module) -> nn.Module:
+    """The model inside DDP and test-time-augmentation wrappers."""
+    while True:
+        if is_model_wrapper(model):
+            model = model.module
+        elif hasattr(model, 'module') and isinstance(model.module, nn.Module):
+            model = model.module  # BaseTTAModel
+        else:
+            return model
+
+
+def _block_counts(keys) -> str:
+    blocks = defaultdict(set)
+    for key in keys:
+        match = _BLOCK_KEY.match(key)
+        if match:
+            blocks[int(match[1])].add(int(match[2]))
+    return '/'.join(str(len(blocks[stage])) for stage in sorted(blocks))
+
+
+def _describe(part: str, missing: List[str], unexpected: List[str], mismatched: List[str],
+              checkpoint_keys, model_keys) -> str:
+    if part == 'backbone':
+        ours, theirs = _block_counts(model_keys), _block_counts(checkpoint_keys)
+        if ours and theirs and ours != theirs:
+            return f'backbone: checkpoint has {theirs} blocks, the config builds {ours}'
+    if not any(k.startswith(part + '.') for k in checkpoint_keys):
+        return f'{part}: the config builds it, the checkpoint has no {part}'
+    if not any(k.startswith(part + '.') for k in model_keys):
+        return f'{part}: the checkpoint has a {part}, the config builds none'
+    details = []
+    if mismatched:
+        details.append(f'{len(mismatched)} tensors of other shapes, e.g. {mismatched[0]}')
+    if missing:
+        details.append(f'{len(missing)} missing, e.g. {missing[0]}')
+    if unexpected:
+        details.append(f'{len(unexpected)} not in the model, e.g. {unexpected[0]}')
+    return f'{part}: {"; ".join(details)}'
+
+
+def checkpoint_mismatches(model_state: Mapping, checkpoint_state: Mapping) -> List[str]:
+    """One line per top-level part (``backbone``, ``neck``, ``bbox_head`` ...) that does not fit."""
+    by_part: Dict[str, tuple] = defaultdict(lambda: ([], [], []))
+    for key, value in model_state.items():
+        part = key.split('.', 1)[0]
+        if key not in checkpoint_state:
+            if not TOLERATED.search(key):
+                by_part[part][0].append(key)
+        elif tuple(checkpoint_state[key].shape) != tuple(value.shape):
+            by_part[part][2].append(f'{key} {tuple(checkpoint_state[key].shape)} in the '
+                                    f'checkpoint, {tuple(value.shape)} in the model')
+    for key in checkpoint_state:
+        if key not in model_state and not TOLERATED.search(key):
+            by_part[key.split('.', 1)[0]][1].append(key)
+    return [_describe(part, *by_part[part], checkpoint_state, model_state)
+            for part in sorted(by_part)]
+
+
+def check_checkpoint_fits(model: nn.Module, checkpoint: str, config: str = 'the config') -> None:
+    """Raise ValueError naming each part of ``model`` that ``checkpoint`` does not fit."""
+    loaded = CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu', logger='silent')
+    state = loaded.get('state_dict', loaded) if isinstance(loaded, Mapping) else loaded
+    if not isinstance(state, Mapping):
+        raise ValueError(f"checkpoint '{checkpoint}' holds no state dict")
+    state = {re.sub(r'^module\.', '', key): value for key, value in state.items()
+             if hasattr(value, 'shape')}
+    problems = checkpoint_mismatches(_bare_model(model).state_dict(), state)
+    if problems:
+        raise ValueError(
+            f"checkpoint '{checkpoint}' does not fit the model of {config}:\n  "
+            + '\n  '.join(problems)
+            + '\nWas it trained with another config (another arch, or another task)? Test it '
+            'with the config it was trained with.')

@@ -1,0 +1,72 @@
+"""mmengine's CheckpointHook, reordered so that a kill at any moment loses no checkpoint."""
+import contextlib
+import os.path as osp
+
+from mmengine.dist import is_main_process
+from mmengine.hooks import CheckpointHook
+from mmengine.registry import HOOKS
+
+from .safe_checkpoints import remove_incomplete_writes
+
+
+@HOOKS.register_module()
+class CrashSafeCheckpointHook(CheckpointHook):
+    """:class:`~mmengine.hooks.CheckpointHook` that deletes outdated checkpoints last.
+
+    Upstream removes the checkpoint that ``max_keep_ckpts`` (or a new best score) pushes out
+    *before* it writes the new one, so a job killed during the write can be left with no
+    checkpoint at all. Here the removals are held back until the new file has been renamed into
+    place and ``last_checkpoint`` points at it. A kill between the two leaves one checkpoint too
+    many, never one too few.
+
+    At the start of training it also deletes the temporary files that writes killed before their
+    rename left behind (``tools/train.py`` holds the work-dir lock, so no other job owns them).
+
+    Takes exactly the arguments of ``CheckpointHook``; ``tools/train.py`` puts it in place of
+    the config's ``CheckpointHook``.
+    """
+
+    def before_train(self, runner) -> None:
+        super().before_train(runner)
+        if not is_main_process():
+            return
+        for folder in dict.fromkeys([runner.work_dir, self.out_dir]):
+            removed = remove_incomplete_writes(folder)
+            if removed:
+                runner.logger.warning(
+                    f'removed {len(removed)} incomplete checkpoint write(s) of an interrupted '
+                    f'run from {folder}: {", ".join(removed)}')
+
+    def _save_checkpoint_with_step(self, runner, step, meta):
+        with self._removals_deferred() as deferred:
+            super()._save_checkpoint_with_step(runner, step, meta)
+        self._remove(deferred)
+
+    def _save_best_checkpoint(self, runner, metrics) -> None:
+        with self._removals_deferred() as deferred:
+            super()._save_best_checkpoint(runner, metrics)
+        self._remove(deferred)
+
+    @contextlib.contextmanager
+    def _removals_deferred(self):
+        """Record instead of perform the file backend's removals inside the block."""
+        deferred = []
+        backend = self.file_backend
+        backend.remove = lambda path: deferred.append((path, False))
+        backend.rmtree = lambda path: deferred.append((path, True))
+        try:
+            yield deferred
+        finally:
+            del backend.remove, backend.rmtree  # the instance attributes shadowed the methods
+
+    def _remove(self, deferred) -> None:
+        current = [self.last_ckpt, getattr(self, 'best_ckpt_path', None),
+                   *getattr(self, 'best_ckpt_path_dict', {}).values()]
+        current = {osp.abspath(str(path)) for path in current if path}
+        for path, is_dir in deferred:
+            if osp.abspath(str(path)) in current:  # rewritten under the same name: keep it
+                continue
+            if is_dir:
+                self.file_backend.rmtree(path)
+            elif self.file_backend.isfile(path):
+                self.file_backend.remove(path)
