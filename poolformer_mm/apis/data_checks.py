@@ -1,8 +1,23 @@
-"""Catch a missing data set before the Runner does, with one message that says what to do."""
-import os.path as osp
-from typing import Iterator, List
+"""Catch bad data before it fails obscurely or trains silently, with messages that say what to do.
 
-from mmengine.config import Config, ConfigDict
+* :func:`check_data_roots`: a missing data set, before the Runner looks for it;
+* :func:`add_data_checks`: label checks in every segmentation pipeline and data set reports
+  (labels ignored everywhere, COCO annotations mmdet drops) for a config's runs;
+* :class:`CheckedDictAction`: ``--cfg-options`` tokens that are not KEY=VALUE;
+* :func:`read_image_for_inference` and :func:`check_image_fits_model`: images given to
+  ``tools/infer.py`` that are damaged, or that the model cannot run on.
+"""
+import argparse
+import io
+import os.path as osp
+from typing import Iterator, List, Sequence, Tuple
+
+import mmcv
+import numpy as np
+from mmengine import fileio
+from mmengine.config import Config, ConfigDict, DictAction
+
+from .eval_metrics import task_of
 
 _LOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
 
@@ -88,3 +103,207 @@ def check_data_roots(cfg: Config, loaders=_LOADERS) -> None:
         '"Preparing data"), or point the config elsewhere with --data-root DIR '
         '(tools/train.py and tools/test.py), or --cfg-options '
         'train_dataloader.dataset.data_root=DIR val_dataloader.dataset.data_root=DIR ...')
+
+
+class CheckedDictAction(DictAction):
+    """mmengine's ``DictAction`` (``--cfg-options``), refusing tokens that are not KEY=VALUE.
+
+    mmengine splits each token at its first '='; a token without one fails with "not enough
+    values to unpack", and unbalanced brackets with a bare AssertionError. Here both become an
+    argparse error that names the token.
+    """
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for token in values or []:
+            key, sep, value = token.partition('=')
+            if not sep or not key:
+                what = "no '='" if not sep else 'no key before the ='
+                raise argparse.ArgumentError(
+                    self, f"expected KEY=VALUE pairs (e.g. train_cfg.max_epochs=1 "
+                    f"model.backbone.init_cfg=None), got '{token}' ({what}). Write each pair as "
+                    "one word: key=value, not key = value.")
+            try:
+                self._parse_iterable(value)
+            except AssertionError as err:  # mmengine asserts balanced brackets
+                raise argparse.ArgumentError(
+                    self, f"bad value in '{token}': {err}. Expected KEY=VALUE, with a list "
+                    "written as [a,b] or a tuple as (a,b).") from None
+        super().__call__(parser, namespace, values, option_string)
+
+
+_LABEL_LOADERS = ('LoadAnnotations', 'mmseg.LoadAnnotations')
+
+
+def _pipelines(cfg: Config) -> Iterator[list]:
+    """Every pipeline of the config's data loaders, data set wrappers included."""
+    def walk(dataset):
+        if isinstance(dataset, (list, tuple)):
+            for d in dataset:
+                yield from walk(d)
+        elif isinstance(dataset, dict):
+            if isinstance(dataset.get('pipeline'), (list, tuple)):
+                yield dataset['pipeline']
+            for key in ('dataset', 'datasets'):
+                yield from walk(dataset.get(key))
+
+    for name in _LOADERS:
+        loader = cfg.get(name)
+        if loader:
+            yield from walk(loader.get('dataset'))
+
+
+def _check_label_loaders(transforms) -> None:
+    """Swap mmseg's ``LoadAnnotations`` for the checking one, also inside TestTimeAug & co."""
+    from mmseg.datasets.transforms import LoadAnnotations
+
+    from ..datasets.transforms import LoadCheckedAnnotations
+    for transform in transforms:
+        if isinstance(transform, (list, tuple)):
+            _check_label_loaders(transform)
+        elif isinstance(transform, dict):
+            kind = transform.get('type')
+            if kind in _LABEL_LOADERS:
+                transform['type'] = kind.replace('LoadAnnotations', 'LoadCheckedAnnotations')
+            elif kind is LoadAnnotations:  # a pure-Python config names the class itself
+                transform['type'] = LoadCheckedAnnotations
+            if isinstance(transform.get('transforms'), (list, tuple)):
+                _check_label_loaders(transform['transforms'])
+
+
+def add_data_checks(cfg: Config) -> None:
+    """Make a config's runs refuse or report bad data, naming the files.
+
+    Segmentation: every ``LoadAnnotations`` of the data loaders' pipelines becomes
+    ``LoadCheckedAnnotations`` (an RGB label, a label of another size than its image, or a 16-bit
+    label with class ids >= 256 raise a ValueError naming the file), and
+    ``IgnoredLabelBatchHook`` warns about training batches whose labels are all ignore_index.
+    Detection: ``CocoAnnotationCheckHook`` logs one line per COCO annotation file with the
+    annotations mmdet drops silently. The modules are added to ``custom_imports``, so the
+    config dumped to the work dir runs with the same checks.
+    """
+    from ..datasets import checks  # noqa: F401 (registers the hooks)
+    modules = ['poolformer_mm.datasets.checks']
+    if task_of(cfg) == 'mmseg':
+        from ..datasets import transforms  # noqa: F401 (registers LoadCheckedAnnotations)
+        modules.append('poolformer_mm.datasets.transforms')
+        for pipeline in _pipelines(cfg):
+            _check_label_loaders(pipeline)
+        hooks = ['IgnoredLabelBatchHook']
+    else:
+        hooks = ['CocoAnnotationCheckHook']
+    present = {hook.get('type') for hook in cfg.get('custom_hooks', [])}
+    cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [
+        dict(type=hook) for hook in hooks if hook not in present]
+    imports = dict(cfg.get('custom_imports') or dict(imports=[], allow_failed_imports=False))
+    known = imports.get('imports', [])
+    known = [known] if isinstance(known, str) else list(known)
+    imports['imports'] = known + [m for m in modules if m not in known]
+    cfg.custom_imports = imports
+
+
+# The backbones of this project reduce their input 32 times in their last stage: a thinner input
+# leaves that stage nothing to see (and a few pixels make the stem's convolution fail).
+MIN_MODEL_INPUT_SIDE = 32
+
+
+def _truncated(data: bytes) -> bool:
+    """Whether a JPEG or PNG file ends before its image data does."""
+    if data[:8] == b'\x89PNG\r\n\x1a\n':
+        return b'IEND' not in data[-16:]
+    if data[:2] != b'\xff\xd8' or data.rstrip(b'\x00').endswith(b'\xff\xd9'):
+        return False
+    # A JPEG without its end-of-image marker at the end: cut short, or some camera appended data
+    # after the image. Only a full decode tells; Pillow's raises on the first, where OpenCV 4
+    # returns the image with grey rows (and a warning on stderr).
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except OSError:
+        return True
+    return False
+
+
+def read_image_for_inference(path: str) -> np.ndarray:
+    """Decode an image file as the test pipeline does (OpenCV, 3 channels) and return it as RGB.
+
+    Raises:
+        ValueError: naming the file, if it is empty, truncated or cannot be decoded.
+    """
+    data = fileio.get(path)
+    if not data:
+        raise ValueError(f"image '{path}' is empty (0 bytes): re-copy or re-export it, or leave "
+                         'it out of the inputs.')
+    image = mmcv.imfrombytes(data, flag='color', backend='cv2')
+    # a JPEG is checked even when decoded: OpenCV 4 decodes a truncated one without an error
+    if (image is None or data[:2] == b'\xff\xd8') and _truncated(data):
+        raise ValueError(f"image '{path}' is truncated: the file ends before its image data does "
+                         '(an interrupted download or copy?). Fetch or export it again, or leave '
+                         'it out of the inputs.')
+    if image is None:
+        raise ValueError(f"image '{path}' could not be decoded: it is damaged or not in a format "
+                         'OpenCV reads (JPEG, PNG, BMP, TIFF, WebP). Convert it to PNG or JPEG, '
+                         'or leave it out of the inputs.')
+    return mmcv.bgr2rgb(image)
+
+
+def _type_name(transform: dict) -> str:
+    kind = transform.get('type')
+    name = kind if isinstance(kind, str) else getattr(kind, '__name__', '')
+    return name.split('.')[-1]
+
+
+def _resized(transform: dict, size: Tuple[int, int]) -> Tuple[int, int]:
+    """The (width, height) that mmcv's ``Resize`` (and mmdet's, mmseg's) makes of ``size``."""
+    scale, factor = transform.get('scale'), transform.get('scale_factor')
+    if scale is not None:
+        scale = (scale, scale) if isinstance(scale, int) else tuple(scale)
+        return mmcv.rescale_size(size, scale) if transform.get('keep_ratio') else scale
+    if factor is not None:
+        fx, fy = (factor, factor) if isinstance(factor, (int, float)) else factor
+        return int(size[0] * fx + 0.5), int(size[1] * fy + 0.5)
+    return size
+
+
+def _inference_pipeline(cfg: Config) -> Sequence[dict]:
+    # The pipelines mmdet's inference_detector and mmseg's inference_model run.
+    if task_of(cfg) == 'mmdet':
+        from mmdet.utils import get_test_pipeline_cfg
+        return get_test_pipeline_cfg(cfg)
+    return cfg.get('test_pipeline') or []
+
+
+def check_image_fits_model(path: str, image_shape: Sequence[int], cfg: Config) -> None:
+    """Refuse an image that the config's test resize squeezes thinner than the model can see.
+
+    A keep-ratio resize scales a long, thin image (10000x10) down to a strip of a pixel or two, or
+    of none, where OpenCV fails with "inv_scale_x > 0". Small images (even 1x1) are scaled up,
+    and thin ones the resize does not shrink are seen at their own size: both work. Only
+    ``Resize`` steps are followed; other resizing steps are taken as keeping the size.
+
+    Raises:
+        ValueError: naming the file, its size and what to do.
+    """
+    width, height = image_shape[1], image_shape[0]
+    size, resize = (width, height), None
+    for transform in _inference_pipeline(cfg):
+        if isinstance(transform, dict) and _type_name(transform) == 'Resize':
+            size, resize = _resized(transform, size), transform
+    # Each side must reach the backbone's coarsest stride, unless the image itself is smaller
+    # there and the resize does not shrink it.
+    if all(new >= min(MIN_MODEL_INPUT_SIDE, old) for new, old in zip(size, (width, height))):
+        return
+    ratio = max(width, height) / max(min(width, height), 1)
+    scale = resize.get('scale')
+    how = (f"Resize(scale={scale}, keep_ratio={resize.get('keep_ratio', False)})"
+           if scale is not None else f"Resize(scale_factor={resize.get('scale_factor')})")
+    advice = 'Crop or tile it into pieces closer to square and run on those.'
+    if scale is not None and resize.get('keep_ratio'):
+        longest = max(scale) if isinstance(scale, (list, tuple)) else scale
+        advice = (f'Crop or tile it into pieces of aspect ratio up to about '
+                  f'{max(longest // MIN_MODEL_INPUT_SIDE, 1)}:1 and run on those.')
+    raise ValueError(
+        f"image '{path}' is {width}x{height} pixels (width x height), an aspect ratio of "
+        f"{ratio:.0f}:1: the config's test resize, {how}, squeezes it to {size[0]}x{size[1]}, "
+        f'too thin for the model, which needs {MIN_MODEL_INPUT_SIDE} pixels across (its '
+        f'backbone reduces the input {MIN_MODEL_INPUT_SIDE} times). {advice}')

@@ -1,0 +1,135 @@
+"""A segmentation label loader that refuses labels mmseg would misread, naming the file.
+
+mmseg 1.2's ``LoadAnnotations`` decodes a label and casts it to ``uint8`` without looking at it,
+so bad labels either pass silently or fail far away from their file:
+
+* an RGB (colour-coded) label becomes an ``HxWx3`` map, and the loss fails with "only batches of
+  spatial targets supported" or "stack expects each tensor to be equal size";
+* a label of another size than its image is cropped and flipped along with it, and a later
+  batch fails with "stack expects each tensor to be equal size" (or, worse, trains);
+* a 16-bit label with class ids of 256 or more wraps around (300 becomes 44) silently.
+
+:class:`LoadCheckedAnnotations` is mmseg's loader with these checks on the array it has just
+decoded. The checks only read shapes and, for labels that are not 8-bit, the value range, so they
+cost nothing measurable next to the PNG decoding. ``poolformer_mm.apis.add_data_checks`` puts it
+in place of ``LoadAnnotations`` in every pipeline of a segmentation config.
+"""
+import mmcv
+import mmengine.fileio as fileio
+import numpy as np
+from mmseg.datasets.transforms import LoadAnnotations
+from mmseg.registry import TRANSFORMS
+
+
+def _size(shape) -> str:
+    return f'{shape[0]}x{shape[1]}'
+
+
+@TRANSFORMS.register_module()
+class LoadCheckedAnnotations(LoadAnnotations):
+    """mmseg's ``LoadAnnotations``, refusing a label that is not one class index per pixel.
+
+    A label must be a single-channel image of the size of its image (``ori_shape``, as read by
+    ``LoadImageFromFile``, so a ``Resize`` placed before this step in a test pipeline does not
+    matter), with values 0..255 (255 being ``ignore_index``). Anything else raises a
+    ``ValueError`` that names the label file and says how to fix it.
+
+    Args: as mmseg's ``LoadAnnotations``.
+    """
+
+    def _load_seg_map(self, results: dict) -> None:
+        path = results['seg_map_path']
+        data = fileio.get(path, backend_args=self.backend_args)
+        try:
+            label = mmcv.imfrombytes(data, flag='unchanged', backend=self.imdecode_backend)
+        except OSError:  # Pillow's answer to a file that is not an image, or is truncated
+            label = None
+        if label is None:  # OpenCV's answer
+            raise ValueError(f"segmentation label '{path}' could not be decoded as an image: the "
+                             'file is damaged (e.g. truncated) or not an image. Regenerate it.')
+        if label.ndim == 3 and label.shape[2] == 1:
+            label = label[..., 0]
+        self._check_channels(label, path)
+        self._check_size(label, results)
+        label = self._to_uint8(label, path)
+        # From here on exactly what mmseg 1.2's LoadAnnotations does with the decoded label (it
+        # decodes and post-processes in one method, so the checks above cannot be slotted in
+        # without repeating these lines).
+        if self.reduce_zero_label is None:
+            self.reduce_zero_label = results['reduce_zero_label']
+        assert self.reduce_zero_label == results['reduce_zero_label'], \
+            'Initialize dataset with `reduce_zero_label` as ' \
+            f'{results["reduce_zero_label"]} but when load annotation ' \
+            f'the `reduce_zero_label` is {self.reduce_zero_label}'
+        if self.reduce_zero_label:
+            # 0 (unlabelled) becomes 255 (ignored), every other class id moves down by one
+            label[label == 0] = 255
+            label = label - 1
+            label[label == 254] = 255
+        if results.get('label_map', None) is not None:
+            original = label.copy()  # map from the original ids, not from already mapped ones
+            for old_id, new_id in results['label_map'].items():
+                label[original == old_id] = new_id
+        results['gt_seg_map'] = label
+        results['seg_fields'].append('gt_seg_map')
+
+    def _check_channels(self, label: np.ndarray, path: str) -> None:
+        if label.ndim == 2:
+            return
+        # mmcv decodes to 2 or 3 dimensions, the third being the channels
+        if label.shape[2] >= 3 and all(
+                np.array_equal(label[..., 0], label[..., c]) for c in (1, 2)):
+            hint = ('its colour channels are identical, so it holds class indices saved as a '
+                    'colour image: save it as a single-channel (grayscale) PNG')
+        else:
+            hint = ('it looks like a colour-coded label: map each colour to its class index '
+                    '(e.g. with the data set\'s palette) and save the indices as a single-channel '
+                    '8-bit PNG')
+            if self.imdecode_backend != 'pillow':
+                hint += (" (or it is a palette PNG, which imdecode_backend="
+                         f"'{self.imdecode_backend}' decodes to colours: use mmseg's default, "
+                         "'pillow')")
+        raise ValueError(
+            f"segmentation label '{path}' has {label.shape[2]} channels (shape "
+            f'{label.shape}): expected a single-channel image of class indices '
+            f'(0..num_classes-1, 255 = ignore). {hint[0].upper()}{hint[1:]}.')
+
+    @staticmethod
+    def _check_size(label: np.ndarray, results: dict) -> None:
+        image_shape = results.get('ori_shape')
+        if image_shape is None or tuple(label.shape[:2]) == tuple(image_shape[:2]):
+            return  # (no image loaded before the label: nothing to compare with)
+        path, image = results['seg_map_path'], results.get('img_path', 'its image')
+        hint = ('Regenerate the label at the size of its image, or resize it with '
+                'nearest-neighbour interpolation (class ids must not be blended).')
+        if tuple(label.shape[:2]) == tuple(image_shape[:2])[::-1]:
+            hint = ('The sizes are transposed: the image probably carries an EXIF orientation tag '
+                    'that rotates it when read; rotate the image pixels and drop the tag (or '
+                    'rotate the label to match).')
+        raise ValueError(
+            f"segmentation label '{path}' is {_size(label.shape)} (height x width) but its image "
+            f"'{image}' is {_size(image_shape)}: expected one class index per image pixel. {hint}")
+
+    @staticmethod
+    def _to_uint8(label: np.ndarray, path: str) -> np.ndarray:
+        if label.dtype == np.uint8:
+            return label
+        if label.dtype == bool:
+            return label.astype(np.uint8)
+        low, high = label.min(), label.max()
+        integral = np.issubdtype(label.dtype, np.integer) or bool(
+            np.all(label == np.round(label)))
+        if low >= 0 and high <= 255 and integral:
+            return label.astype(np.uint8)  # e.g. a 16-bit PNG whose values fit in 8 bits
+        if not integral:
+            problem = 'non-integer values'
+        elif low < 0:
+            problem = f'negative values (down to {low})'
+        else:
+            problem = (f'values up to {high}: mmseg reads labels as 8-bit, so class ids >= 256 '
+                       f'would wrap around silently ({high} would become {int(high) % 256})')
+        raise ValueError(
+            f"segmentation label '{path}' is a {label.dtype} image with {problem}. Expected "
+            'class indices 0..255 (255 = ignore_index; with reduce_zero_label=True, 0 is '
+            'unlabelled). Remap the classes to 0..254 (plus 255 for ignored pixels) and save the '
+            'label as an 8-bit PNG.')
