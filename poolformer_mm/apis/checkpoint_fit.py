@@ -54,7 +54,8 @@ def _describe(part: str, missing: List[str], unexpected: List[str], mismatched: 
         return f'{part}: the checkpoint has a {part}, the config builds none'
     details = []
     if mismatched:
-        details.append(f'{len(mismatched)} tensors of other shapes, e.g. {mismatched[0]}')
+        count = len(mismatched)
+        details.append(f'{count} tensor{"s" * (count > 1)} of another shape, e.g. {mismatched[0]}')
     if missing:
         details.append(f'{len(missing)} missing, e.g. {missing[0]}')
     if unexpected:

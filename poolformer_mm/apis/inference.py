@@ -3,10 +3,11 @@ import os
 import os.path as osp
 from typing import List, Sequence
 
-import mmcv
 from mmengine.config import Config
 
-from ..engine import switch_backbone_to_deploy
+from ..engine import is_remote_checkpoint, switch_backbone_to_deploy
+from .checkpoint_fit import check_checkpoint_fits
+from .data_checks import check_image_fits_model, read_image_for_inference
 from .eval_metrics import task_of
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
@@ -39,7 +40,7 @@ def draw_predictions(config: str, checkpoint: str, inputs: Sequence[str], out_di
     """
     cfg = Config.fromfile(config)
     images = collect_images(inputs)
-    if not osp.isfile(checkpoint):
+    if not is_remote_checkpoint(checkpoint) and not osp.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint '{checkpoint}' not found")
     if task_of(cfg) == 'mmdet':
         from mmdet.apis import inference_detector as infer
@@ -52,6 +53,7 @@ def draw_predictions(config: str, checkpoint: str, inputs: Sequence[str], out_di
         from mmseg.registry import VISUALIZERS
         draw_kwargs = dict()
     model = init(cfg, checkpoint, device=device)
+    check_checkpoint_fits(model, checkpoint, f"'{config}'")
     if deploy:
         switch_backbone_to_deploy(model)
     visualizer_cfg = dict(model.cfg.visualizer, name='poolformer_mm_inference', vis_backends=[])
@@ -60,10 +62,16 @@ def draw_predictions(config: str, checkpoint: str, inputs: Sequence[str], out_di
     os.makedirs(out_dir, exist_ok=True)
     written = []
     for path in images:
-        image = mmcv.imread(path, channel_order='rgb')
-        if image is None:
-            raise ValueError(f"'{path}' could not be read as an image")
+        # Decode and check each image before the model's pipeline does, so a damaged file or one
+        # too thin for the test resize stops with its name instead of an OpenCV assertion.
+        image = read_image_for_inference(path)
+        check_image_fits_model(path, image.shape, model.cfg)
         result = infer(model, path)
+        if task_of(cfg) == 'mmseg':
+            # mmseg's visualiser indexes the picture with the predicted label tensor, where a
+            # one-pixel tensor acts as the scalar index 1 (IndexError on a 1x1 image); a numpy
+            # label map draws the same picture at every size.
+            result.pred_sem_seg.data = result.pred_sem_seg.data.cpu().numpy()
         out_file = osp.join(out_dir, osp.splitext(osp.basename(path))[0] + '.png')
         visualizer.add_datasample(osp.basename(path), image, data_sample=result, draw_gt=False,
                                   show=False, out_file=out_file, **draw_kwargs)

@@ -12,9 +12,14 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
-from mmengine.config import Config, DictAction
+from mmengine.config import Config
+from mmengine.hooks import CheckpointHook
 
-from .data_checks import check_data_roots, override_data_root
+from ..engine.safe_checkpoints import is_remote_checkpoint
+from ..engine.work_dir import find_resumable_checkpoint, lock_work_dir
+from .checkpoint_fit import check_checkpoint_fits
+from .data_checks import (CheckedDictAction, add_data_checks, check_data_roots,
+                          override_data_root)
 from .distributed import prepare_cpu_distributed
 from .eval_metrics import DETECTION_METRICS, SEGMENTATION_METRICS, set_eval_metrics, task_of
 
@@ -24,7 +29,7 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
                         '(default: ./work_dirs/<config name>)')
     parser.add_argument('--data-root', help='use this data root for every dataset of the config')
     parser.add_argument(
-        '--cfg-options', nargs='+', action=DictAction,
+        '--cfg-options', nargs='+', action=CheckedDictAction,
         help='override config entries, e.g. model.backbone.init_cfg=None (key=value pairs)')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
                         default='none', help='job launcher')
@@ -91,6 +96,19 @@ def _add_guard_hooks(cfg: Config, hooks) -> None:
         dict(type=h) for h in hooks if h not in present]
 
 
+def _check_checkpoint_path(path: str, what: str) -> None:
+    if not is_remote_checkpoint(path) and not osp.isfile(osp.expanduser(path)):
+        raise FileNotFoundError(f"{what} '{path}' not found")
+
+
+def _use_crash_safe_checkpoint_hook(cfg: Config) -> None:
+    """Replace mmengine's CheckpointHook, which deletes old checkpoints before writing the new
+    one, by the subclass that deletes them after (same arguments)."""
+    hook = cfg.get('default_hooks', {}).get('checkpoint')
+    if hook is not None and hook.get('type') in ('CheckpointHook', CheckpointHook):
+        hook['type'] = 'CrashSafeCheckpointHook'
+
+
 def _enable_amp(cfg: Config) -> None:
     optim_wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
     if optim_wrapper in ('AmpOptimWrapper', 'BF16AutocastOptimWrapper'):
@@ -115,13 +133,15 @@ def config_for_training(args) -> Config:
                                'in the config')
         cfg.auto_scale_lr.enable = True
     if args.resume == 'auto':
-        cfg.resume, cfg.load_from = True, None
+        # run_training picks the newest readable checkpoint once it holds the work dir
+        cfg.resume = True
     elif args.resume is not None:
-        if not osp.isfile(args.resume):
-            raise FileNotFoundError(f"--resume checkpoint '{args.resume}' not found")
+        _check_checkpoint_path(args.resume, '--resume checkpoint')
         cfg.resume, cfg.load_from = True, args.resume
     check_data_roots(cfg, loaders=('train_dataloader', 'val_dataloader'))
+    add_data_checks(cfg)
     _add_guard_hooks(cfg, ['FiniteLossHook'])
+    _use_crash_safe_checkpoint_hook(cfg)
     return cfg
 
 
@@ -167,8 +187,7 @@ def _enable_tta(cfg: Config) -> None:
 
 def config_for_testing(args) -> Config:
     cfg = _load_config(args)
-    if not osp.isfile(args.checkpoint):
-        raise FileNotFoundError(f"checkpoint '{args.checkpoint}' not found")
+    _check_checkpoint_path(args.checkpoint, 'checkpoint')
     cfg.load_from = args.checkpoint
     if args.eval:
         set_eval_metrics(cfg, args.eval)
@@ -182,6 +201,7 @@ def config_for_testing(args) -> Config:
         cfg.test_evaluator['output_dir'] = args.out
         cfg.test_evaluator['keep_results'] = True
     check_data_roots(cfg, loaders=('test_dataloader', ))
+    add_data_checks(cfg)
     return cfg
 
 
@@ -221,10 +241,31 @@ def build_runner(cfg: Config):
     return runner
 
 
+def _resume_latest(cfg: Config) -> None:
+    """``--resume`` without a file: the newest readable checkpoint in the work dir, if any."""
+    from mmengine.logging import print_log
+    latest = find_resumable_checkpoint(cfg.work_dir)
+    if latest is None:
+        print_log(f'--resume: no checkpoint in {cfg.work_dir} yet, training from the start',
+                  logger='current')
+        cfg.resume = False
+    else:
+        cfg.load_from = latest
+
+
 def run_training(argv: Optional[Sequence[str]] = None):
     args = train_parser().parse_args(argv)
-    runner = build_runner(config_for_training(args))
-    runner.train()
+    cfg = config_for_training(args)
+    # Held while training: a second training on this work dir stops here.
+    work_dir_lock = lock_work_dir(cfg.work_dir)
+    try:
+        if args.resume == 'auto':
+            _resume_latest(cfg)
+        runner = build_runner(cfg)
+        runner.train()
+    finally:
+        if work_dir_lock is not None:
+            work_dir_lock.release()
     return runner
 
 
@@ -232,6 +273,7 @@ def run_testing(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     args = test_parser().parse_args(argv)
     cfg = config_for_testing(args)
     runner = build_runner(cfg)
+    check_checkpoint_fits(runner.model, args.checkpoint, f"'{args.config}'")
     if args.out and task_of(cfg) == 'mmdet':
         from mmdet.evaluation import DumpDetResults
         if not args.out.endswith(('.pkl', '.pickle')):
