@@ -60,7 +60,7 @@ def test_custom_arch_dict_is_checked():
                             mlp_ratios=[2, 2, 2, 2], layer_scale_init_value=0.5))
     assert [len(s.blocks) for s in model.stages] == [1, 1, 1, 1]
     assert model.stages[2].blocks[0].mlp.fc1.out_channels == 64
-    assert torch.all(model.stages[0].blocks[0].layer_scale_1.scale == 0.5)
+    assert torch.all(model.stages[0].blocks[0].layer_scale1.scale == 0.5)
 
 
 @pytest.mark.parametrize('out_indices', [(4, ), (-1, ), ()])
@@ -146,8 +146,8 @@ def test_default_init_is_truncated_normal_on_the_mlp_with_zero_bias():
     assert fc1.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert torch.all(fc1.bias == 0)
     assert fc1.weight.mean().abs().item() < 1e-3
-    assert torch.all(model.stages[0].blocks[0].layer_scale_1.scale == 1e-5)
-    assert torch.all(PoolFormer('s36').stages[0].blocks[0].layer_scale_2.scale == 1e-6)
+    assert torch.all(model.stages[0].blocks[0].layer_scale1.scale == 1e-5)
+    assert torch.all(PoolFormer('s36').stages[0].blocks[0].layer_scale2.scale == 1e-6)
 
 
 def test_pooling_mixer_is_average_of_real_neighbours_minus_input():

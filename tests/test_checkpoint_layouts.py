@@ -4,7 +4,7 @@ import re
 import pytest
 import torch
 
-from poolformer_mm.models import PoolFormer, convert_to_poolformer_layout, pretrained
+from poolformer_mm.models import PoolFormer, checkpoint_layouts, convert_to_poolformer_layout
 
 
 @pytest.fixture(scope='module')
@@ -26,11 +26,11 @@ def to_official(state):
             if key.startswith('output_norms.3.'):
                 out[key.replace('output_norms.3.', 'norm.')] = value
             continue
-        key = key.replace('stem.proj.', 'patch_embed.proj.')
-        key = re.sub(r'^stages\.(\d)\.downsample\.proj\.',
+        key = key.replace('stem.conv.', 'patch_embed.proj.')
+        key = re.sub(r'^stages\.(\d)\.downsample\.conv\.',
                      lambda m: f'network.{2 * int(m[1]) - 1}.proj.', key)
         key = re.sub(r'^stages\.(\d)\.blocks\.', lambda m: f'network.{2 * int(m[1])}.', key)
-        key = re.sub(r'layer_scale_(\d)\.scale$', r'layer_scale_\1', key)
+        key = re.sub(r'layer_scale(\d)\.scale$', r'layer_scale_\1', key)
         out[key] = value
     out['head.weight'] = torch.randn(1000, 512)
     out['head.bias'] = torch.randn(1000)
@@ -56,11 +56,8 @@ def to_timm(state):
             if key.startswith('output_norms.3.'):
                 out[key.replace('output_norms.3.', 'head.norm.')] = value
             continue
-        key = key.replace('stem.proj.', 'stem.conv.')
-        key = re.sub(r'downsample\.proj\.', 'downsample.conv.', key)
-        if re.search(r'layer_scale_\d\.scale$', key):
-            key = re.sub(r'layer_scale_(\d)\.', r'layer_scale\1.', key)
-            value = value.reshape(-1, 1, 1)
+        if re.search(r'layer_scale\d\.scale$', key):
+            value = value.reshape(-1, 1, 1)  # timm keeps layer scales as [C, 1, 1]
         out[key] = value
     out['head.fc.weight'] = torch.randn(1000, 512)
     out['head.fc.bias'] = torch.randn(1000)
@@ -118,7 +115,7 @@ def test_official_checkpoint_final_norm_becomes_last_output_norm(tmp_path, sourc
 
 def test_loading_logs_the_keys_left_at_init(tmp_path, source_model, monkeypatch):
     logged = []
-    monkeypatch.setattr(pretrained, 'print_log', lambda msg, **kwargs: logged.append(msg))
+    monkeypatch.setattr(checkpoint_layouts, 'print_log', lambda msg, **kwargs: logged.append(msg))
     path = tmp_path / 'poolformer_s12.pth.tar'
     torch.save(to_official(source_model.state_dict()), path)
     _load(path)
@@ -140,7 +137,7 @@ def test_checkpoint_of_a_wider_arch_is_refused(tmp_path):
     m36 = PoolFormer('m36')
     path = tmp_path / 'poolformer_m36.pth.tar'
     torch.save(to_official(m36.state_dict()), path)
-    with pytest.raises(ValueError, match=r'shape mismatches.*stem\.proj\.weight.*another arch'):
+    with pytest.raises(ValueError, match=r'shape mismatches.*stem\.conv\.weight.*another arch'):
         _load(path)
 
 

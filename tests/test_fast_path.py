@@ -13,10 +13,10 @@ import torch
 
 from poolformer_mm.analysis.reference import ReferencePoolFormer
 from poolformer_mm.models import PoolFormer
-from poolformer_mm.models import fast_poolformer
-from poolformer_mm.models.fast_poolformer import DeployPoolFormerBlock, switch_to_deploy
+from poolformer_mm.models.layers import DeployPoolFormerBlock, blocks, group_norm_1_moments
 
 REPO = Path(__file__).resolve().parents[1]
+HYBRID = ('pool', 'pool', 'attn', 'attn')
 
 
 def _randomised(arch='s12', seed=0, **kwargs):
@@ -40,8 +40,7 @@ def test_fast_path_outputs_match_the_plain_formulation(shape):
     x = torch.randn(*shape)
     with torch.no_grad():
         fast = model(x)
-        model.fast_path = False
-        plain = model(x)
+        plain = model.set_fast_path(False)(x)
     assert [o.shape for o in fast] == [o.shape for o in plain]
     assert all(o.is_contiguous() for o in fast)
     assert _rel_diff(plain, fast) <= 1e-5
@@ -49,12 +48,8 @@ def test_fast_path_outputs_match_the_plain_formulation(shape):
 
 @pytest.mark.parametrize('with_cp', [False, True])
 def test_fast_path_gradients_match_the_plain_formulation(with_cp):
-    plain = _randomised(out_indices=(1, 2, 3))
-    plain.fast_path = False
-    fast = copy.deepcopy(plain)
-    fast.fast_path = True
-    for stage in fast.stages:
-        stage.with_cp = with_cp
+    plain = _randomised(out_indices=(1, 2, 3)).set_fast_path(False)
+    fast = copy.deepcopy(plain).set_fast_path(True).set_grad_checkpointing(with_cp)
     x = torch.randn(2, 3, 96, 64)
     grads = []
     for model in (plain, fast):
@@ -69,10 +64,8 @@ def test_fast_path_gradients_match_the_plain_formulation(with_cp):
 
 
 def test_fast_path_with_stochastic_depth_matches_the_plain_formulation():
-    plain = _randomised(drop_path_rate=0.3)
-    plain.fast_path = False
-    fast = copy.deepcopy(plain)
-    fast.fast_path = True
+    plain = _randomised(drop_path_rate=0.3).set_fast_path(False)
+    fast = copy.deepcopy(plain).set_fast_path(True)
     x = torch.randn(4, 3, 64, 64)
     outputs, grads = [], []
     for model in (plain, fast):
@@ -92,10 +85,10 @@ def test_deploy_folds_every_block_and_keeps_the_outputs():
     x = torch.randn(1, 3, 160, 224)
     with torch.no_grad():
         expected = model(x)
-        switch_to_deploy(model)
-        folded = model(x)
-    blocks = [b for s in model.stages for b in s.blocks]
-    assert len(blocks) == 24 and all(isinstance(b, DeployPoolFormerBlock) for b in blocks)
+        folded = model.switch_to_deploy()(x)
+    folded_blocks = [b for s in model.stages for b in s.blocks]
+    assert len(folded_blocks) == 24
+    assert all(isinstance(b, DeployPoolFormerBlock) for b in folded_blocks)
     assert _rel_diff(expected, folded) <= 1e-5
     assert not any('layer_scale' in n for n, _ in model.named_parameters())
 
@@ -106,10 +99,10 @@ def test_deploy_block_fused_and_unfused_mlp_agree(monkeypatch):
     with torch.no_grad():
         if torch.backends.mkldnn.is_available():
             # on a oneDNN CPU build the fused kernels are found and used
-            assert fast_poolformer.fused_linear_available()
-            assert fast_poolformer._uses_fused_linear(tokens, block.act)
+            assert blocks.fused_linear_available()
+            assert blocks._uses_fused_linear(tokens, block.act)
         fused = block.forward_tokens(tokens.clone())
-        monkeypatch.setattr(fast_poolformer, '_uses_fused_linear', lambda *args: False)
+        monkeypatch.setattr(blocks, '_uses_fused_linear', lambda *args: False)
         unfused = block.forward_tokens(tokens.clone())
     torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
 
@@ -118,10 +111,9 @@ def test_deploy_block_uses_unfused_ops_where_the_fused_ones_do_not_apply():
     block = DeployPoolFormerBlock(_randomised().stages[0].blocks[0])
     tokens = torch.randn(1, 8, 8, 64)
     # autograd (the fused kernels have no backward), bf16, the tanh GELU
-    assert not fast_poolformer._uses_fused_linear(tokens.requires_grad_(), block.act)
-    assert not fast_poolformer._uses_fused_linear(tokens.detach().bfloat16(), block.act)
-    assert not fast_poolformer._uses_fused_linear(tokens.detach(),
-                                                  torch.nn.GELU(approximate='tanh'))
+    assert not blocks._uses_fused_linear(tokens.requires_grad_(), block.act)
+    assert not blocks._uses_fused_linear(tokens.detach().bfloat16(), block.act)
+    assert not blocks._uses_fused_linear(tokens.detach(), torch.nn.GELU(approximate='tanh'))
     # and with autograd the deploy block still passes gradients to its input
     block.forward_tokens(tokens).sum().backward()
     assert tokens.grad is not None and tokens.grad.abs().sum() > 0
@@ -132,23 +124,20 @@ def test_deploy_runs_under_bf16_autocast():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         expected = model(x)
-        switch_to_deploy(model)
-        fast_poolformer.fused_linear_available.cache_clear()
+        model.switch_to_deploy()
+        blocks.fused_linear_available.cache_clear()
         with torch.autocast('cpu', dtype=torch.bfloat16):
             # the probe's answer does not depend on the caller's autocast
-            assert fast_poolformer.fused_linear_available() == torch.backends.mkldnn.is_available()
-            assert not fast_poolformer._uses_fused_linear(torch.zeros(1, 2, 2, 8),
-                                                          torch.nn.GELU())
+            assert blocks.fused_linear_available() == torch.backends.mkldnn.is_available()
+            assert not blocks._uses_fused_linear(torch.zeros(1, 2, 2, 8), torch.nn.GELU())
             folded = model(x)
     assert [o.shape for o in folded] == [o.shape for o in expected]
     assert _rel_diff(expected, [o.float() for o in folded]) <= 5e-2  # bf16 has 8 bits
 
 
 def test_training_path_keeps_bf16_autocast_error_at_the_plain_formulations_level():
-    plain = _randomised()
-    plain.fast_path = False
-    fast = copy.deepcopy(plain)
-    fast.fast_path = True
+    plain = _randomised().set_fast_path(False)
+    fast = copy.deepcopy(plain).set_fast_path(True)
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
         exact = plain(x)
@@ -164,7 +153,7 @@ def test_training_path_keeps_bf16_autocast_error_at_the_plain_formulations_level
 @pytest.mark.parametrize('size', [(24, 20, 64), (96, 96, 64)])  # GroupNorm's and reductions
 def test_deploy_statistics_equal_group_norms(offset, size):
     tokens = torch.randn(2, *size) + offset
-    mean, inv_std = fast_poolformer._moments(tokens, 1e-5)
+    mean, inv_std = group_norm_1_moments(tokens, 1e-5)
     flat = tokens.reshape(2, 1, -1)
     _, expected_mean, expected_inv_std = torch.native_group_norm(flat, None, None, 2, 1,
                                                                  flat.shape[-1], 1, 1e-5)
@@ -173,16 +162,46 @@ def test_deploy_statistics_equal_group_norms(offset, size):
 
 
 def test_deploy_stores_patch_embedding_weights_channels_last():
-    model = switch_to_deploy(_randomised())
-    convs = [model.stem.proj] + [s.downsample.proj for s in model.stages[1:]]
+    model = _randomised().switch_to_deploy()
+    convs = [model.stem.conv] + [s.downsample.conv for s in model.stages[1:]]
     assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+
+
+def test_each_stage_runs_in_the_layout_its_blocks_allow_and_the_backbone_switches_it():
+    # the released hybrids normalise with LayerNorm; the token forms know GroupNorm(1) only
+    assert not any(s.token_layout for s in PoolFormer('s12', token_mixers=HYBRID).stages)
+    hybrid = PoolFormer('s12', token_mixers=HYBRID, norm_cfg=dict(type='GN'))
+    assert hybrid.fast_path
+    assert [s.token_layout for s in hybrid.stages] == [True, True, False, False]
+    hybrid.set_fast_path(False)
+    assert not hybrid.fast_path and not any(s.token_layout for s in hybrid.stages)
+    assert not any(s.token_layout for s in PoolFormer('s12', fast_path=False).stages)
+
+
+def test_with_cp_is_the_constructor_form_of_set_grad_checkpointing():
+    assert all(s.grad_checkpointing for s in PoolFormer('s12', with_cp=True).stages)
+    model = PoolFormer('s12').set_grad_checkpointing()
+    assert all(s.grad_checkpointing for s in model.stages)
+    assert not any(s.grad_checkpointing for s in model.set_grad_checkpointing(False).stages)
+
+
+def test_deploy_folds_pooling_stages_of_a_hybrid_and_keeps_its_outputs():
+    model = _randomised(token_mixers=HYBRID, norm_cfg=dict(type='GN')).eval()
+    x = torch.randn(1, 3, 96, 64)
+    with torch.no_grad():
+        expected = model(x)
+        folded = model.switch_to_deploy()(x)
+    kinds = [{type(b).__name__ for b in s.blocks} for s in model.stages]
+    assert kinds == [{'DeployPoolFormerBlock'}] * 2 + [{'MetaFormerBlock'}] * 2
+    assert [s.token_layout for s in model.stages] == [True, True, False, False]
+    assert _rel_diff(expected, folded) <= 1e-5
 
 
 def test_reference_implementation_matches_poolformer():
     model = _randomised(out_indices=(0, 2)).eval()
     reference = ReferencePoolFormer.like(model).eval()
     x = torch.randn(1, 3, 96, 96)
-    model.fast_path = False
+    model.set_fast_path(False)
     with torch.no_grad():
         for a, b in zip(model(x), reference(x)):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

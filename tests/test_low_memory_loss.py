@@ -103,7 +103,8 @@ def test_low_memory_head_gives_fpn_head_loss_and_gradients():
     variants = segmentor_variants('configs/segmentation/toy/fpn_poolformer_s12_toy.py',
                                   ['fast', 'cp'])
     assert type(variants['cp'].decode_head).__name__ == 'LowMemoryFPNHead'
-    assert all(stage.with_cp for stage in variants['cp'].backbone.stages)
+    assert all(stage.grad_checkpointing for stage in variants['cp'].backbone.stages)
+    assert not any(stage.grad_checkpointing for stage in variants['fast'].backbone.stages)
     data = segmentation_batch(variants['fast'], 80, 96, batch=2, num_classes=4)
     grads, losses = [], []
     for model in variants.values():

@@ -9,10 +9,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.registry import MODELS
 
-from poolformer_mm.models import pretrained
+from poolformer_mm.models import checkpoint_layouts
 from poolformer_mm.models.backbones.metaformer import MetaFormer
-from poolformer_mm.models.layers.metaformer_v2 import (Attention, ChannelLayerNorm,
-                                                        ModifiedLayerNorm, RandomMixing, StarReLU)
+from poolformer_mm.models.layers import (Attention, ChannelLayerNorm, ModifiedLayerNorm,
+                                         RandomMixing, StarReLU)
 
 
 def _count(module: nn.Module) -> int:
@@ -337,7 +337,7 @@ def test_missing_and_unused_tensors_are_logged_one_line_each(tmp_path, monkeypat
     path = tmp_path / 'timm.pth'
     torch.save(to_timm(source, 'caformer_s18'), path)
     lines = []
-    monkeypatch.setattr(pretrained, 'print_log', lambda msg, **kw: lines.append(msg))
+    monkeypatch.setattr(checkpoint_layouts, 'print_log', lambda msg, **kw: lines.append(msg))
     _load('caformer_s18', path, out_indices=(1, 2))
     assert any('timm layout' in line for line in lines)
     missing = [line for line in lines if 'left at initial values' in line]

@@ -6,12 +6,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from poolformer_mm.models import PoolFormer
-from poolformer_mm.models.layers import (Attention, ChannelLayerNorm, ChannelScale,
-                                         DepthwiseConvMixer, IdentityMixer, MetaFormerBlock,
-                                         PoolingMixer, PositionEmbedding, RandomMixing, SpatialFC,
+from poolformer_mm.models import MetaFormer, PoolFormer
+from poolformer_mm.models.layers import (TOKEN_MIXER_PRESETS, TOKEN_MIXERS, Attention,
+                                         ChannelLayerNorm, ChannelScale, DepthwiseConvMixer,
+                                         IdentityMixer, MetaFormerBlock, PoolingMixer,
+                                         PositionEmbedding, RandomMixing, SepConv, SpatialFC,
                                          build_token_mixer, resize_token_matrix)
-from poolformer_mm.models.pretrained import load_backbone_weights
+from poolformer_mm.models import load_backbone_weights
 
 PPPA = ('pool', 'pool', 'pool', 'attn')
 PPAA = ('pool', 'pool', 'attn', 'attn')
@@ -96,6 +97,31 @@ def test_hybrid_extra_parameters_are_attention_layers_and_one_position_embedding
                                        ('spatial_fc', SpatialFC), ('random', RandomMixing)])
 def test_every_ablation_mixer_is_built_by_name(name, cls):
     assert isinstance(build_token_mixer(name, 64, token_grid=(7, 7)), cls)
+
+
+@pytest.mark.parametrize('name, cls', [('sepconv', SepConv), ('attention', Attention)])
+def test_the_metaformer_baselines_mixers_come_from_the_same_registry(name, cls):
+    assert isinstance(build_token_mixer(name, 64), cls)
+
+
+def test_attn_is_a_preset_of_attention_with_a_projection_bias():
+    attn, attention = build_token_mixer('attn', 64), build_token_mixer('attention', 64)
+    assert type(attn) is type(attention) is Attention
+    assert attn.proj.bias is not None and attention.proj.bias is None
+    assert attn.qkv.bias is None and attention.qkv.bias is None
+    assert build_token_mixer(dict(type='attn', proj_bias=False), 64).proj.bias is None
+    assert all(preset['type'] in TOKEN_MIXERS for preset in TOKEN_MIXER_PRESETS.values())
+
+
+def test_either_backbone_takes_any_mixer_of_the_registry():
+    with torch.no_grad():
+        outs = PoolFormer('s12', token_mixers=('pool', 'sepconv', 'dwconv', 'attention'))(
+            torch.rand(1, 3, 64, 64))
+        assert [o.shape[1] for o in outs] == [64, 128, 320, 512]
+        arch = dict(layers=[1, 1, 1, 1], embed_dims=[16, 32, 64, 64],
+                    token_mixers=['dwconv', 'pool', 'spatial_fc', 'attn'])
+        outs = MetaFormer(arch)(torch.rand(1, 3, 64, 64))
+        assert [o.shape[1] for o in outs] == [16, 32, 64, 64]
 
 
 def test_unknown_mixer_names_the_valid_ones():
@@ -263,7 +289,7 @@ def test_pooling_only_models_keep_groupnorm_with_one_group_and_the_fast_path_lay
     for norm in (block.norm1, block.norm2, model.output_norms['3']):
         assert type(norm) is nn.GroupNorm and norm.num_groups == 1 and norm.eps == 1e-5
     assert isinstance(block.token_mixer, PoolingMixer)
-    assert isinstance(block.layer_scale_1, ChannelScale)
+    assert isinstance(block.layer_scale1, ChannelScale)
     assert [n for n, _ in block.mlp.named_children()] == ['fc1', 'act', 'fc2']
 
 

@@ -3,11 +3,13 @@
 Each variant is the same network with the same weights, run a different way:
 
 * ``reference`` - :class:`ReferencePoolFormer`, the paper's block written out plainly (NCHW);
-* ``plain``     - :class:`PoolFormer` with its fast path switched off (the same formulation);
+* ``plain``     - :class:`PoolFormer` after ``set_fast_path(False)`` (the same formulation);
 * ``fast``      - :class:`PoolFormer`'s default token-layout path (trains; same gradients);
-* ``deploy``    - the fast path with norms and layer scales folded in (inference only);
-* ``cp``        - the default path with gradient checkpointing (``with_cp=True``); for a whole
-  segmentor also the loss of :class:`LowMemoryFPNHead`.
+* ``deploy``    - after ``switch_to_deploy()``: norms and layer scales folded in (inference only);
+* ``cp``        - the default path after ``set_grad_checkpointing(True)`` (``with_cp=True``); for
+  a whole segmentor also the loss of :class:`LowMemoryFPNHead`.
+
+Modes are switched only through these public methods of the backbone.
 
 Timings interleave the variants (A B C A B C ...) so that a machine whose speed drifts treats
 them alike; medians are reported, and a speed-up is the median over rounds of the ratio of the
@@ -31,6 +33,7 @@ import torch.nn as nn
 from mmengine.logging import MMLogger
 from mmengine.model import revert_sync_batchnorm
 
+from ..models import PoolFormer
 from .reference import ReferencePoolFormer
 
 VARIANTS = ('reference', 'plain', 'fast', 'deploy', 'cp')
@@ -136,8 +139,6 @@ class _PeakRss:
 def backbone_variants(arch: str, names: Sequence[str], seed: int = 0,
                       **backbone_kwargs) -> Dict[str, nn.Module]:
     """PoolFormer backbones of ``arch`` with identical random weights, one per variant."""
-    from ..models import PoolFormer
-    from ..models.fast_poolformer import switch_to_deploy
     torch.manual_seed(seed)
     base = PoolFormer(arch, **backbone_kwargs)
     base.init_weights()
@@ -153,12 +154,12 @@ def backbone_variants(arch: str, names: Sequence[str], seed: int = 0,
             variants[name] = ReferencePoolFormer.like(base)
             continue
         model = copy.deepcopy(base)
-        model.fast_path = name != 'plain'
-        if name == 'deploy':
-            switch_to_deploy(model)
-        if name == 'cp':
-            for stage in model.stages:
-                stage.with_cp = True
+        if name == 'plain':
+            model.set_fast_path(False)
+        elif name == 'deploy':
+            model.switch_to_deploy()
+        elif name == 'cp':
+            model.set_grad_checkpointing(True)
         variants[name] = model
     return variants
 
@@ -255,9 +256,8 @@ def segmentor_variants(config: str, names: Sequence[str], seed: int = 0) -> Dict
             model.load_state_dict(base.state_dict())
         else:
             model = copy.deepcopy(base)
-            model.backbone.fast_path = name != 'plain'
-            for stage in model.backbone.stages:
-                stage.with_cp = False
+            model.backbone.set_fast_path(name != 'plain')
+            model.backbone.set_grad_checkpointing(False)
         variants[name] = model
     return variants
 

@@ -41,6 +41,7 @@ from mmengine.registry import init_default_scope
 
 from ..apis.eval_metrics import task_of
 from ..models import PoolFormer
+from ..models.backbones.base import DenseBackbone
 
 ShapeLike = Union[int, Sequence[int]]
 
@@ -109,9 +110,9 @@ def _analyse(module: nn.Module, inputs: tuple, params_of: nn.Module,
     # Count the paper's formulation (1x1 convs, GroupNorm): PoolFormer's fast path computes the
     # same function with other ops (matmuls, normalisation of a flat view), which the counters
     # would tally slightly differently. The caller's setting is restored afterwards.
-    fast = [m for m in module.modules() if getattr(m, 'fast_path', False)]
-    for submodule in fast:
-        submodule.fast_path = False
+    fast = [m for m in module.modules() if isinstance(m, DenseBackbone) and m.fast_path]
+    for backbone in fast:
+        backbone.set_fast_path(False)
     try:
         analyzer = FlopAnalyzer(module, inputs)
         # The skipped ops are returned in the result instead of being logged one warning per
@@ -125,8 +126,8 @@ def _analyse(module: nn.Module, inputs: tuple, params_of: nn.Module,
             by_operator = dict(analyzer.by_operator())
             uncounted = dict(analyzer.unsupported_ops())
     finally:
-        for submodule in fast:
-            submodule.fast_path = True
+        for backbone in fast:
+            backbone.set_fast_path(True)
     return Complexity(
         params=parameter_count(params_of)[''],
         macs=int(macs),

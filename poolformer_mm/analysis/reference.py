@@ -2,8 +2,10 @@
 
 NCHW tensors, ``nn.GroupNorm(1, C)``, ``nn.AvgPool2d(3, 1, 1, count_include_pad=False)`` minus
 the input, a 1x1-conv MLP and per-channel layer scales: the straightforward formulation that the
-fast paths of :mod:`poolformer_mm.models.fast_poolformer` are measured against. Parameter names
-match :class:`~poolformer_mm.models.PoolFormer`, so ``load_state_dict`` takes its weights.
+token-layout and folded forms of :class:`~poolformer_mm.models.layers.MetaFormerStage` are
+measured against. It is written here on its own, sharing no code with what it measures.
+Parameter names match :class:`~poolformer_mm.models.PoolFormer`, so ``load_state_dict`` takes its
+weights.
 """
 from typing import Sequence
 
@@ -26,10 +28,10 @@ class _Embed(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int, kernel: int, stride: int, padding: int):
         super().__init__()
-        self.proj = nn.Conv2d(in_dim, out_dim, kernel, stride, padding)
+        self.conv = nn.Conv2d(in_dim, out_dim, kernel, stride, padding)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x)
+        return self.conv(x)
 
 
 class _Mlp(nn.Module):
@@ -50,15 +52,15 @@ class _Block(nn.Module):
         super().__init__()
         self.norm1 = nn.GroupNorm(1, dim)
         self.pool = nn.AvgPool2d(pool_size, 1, pool_size // 2, count_include_pad=False)
-        self.layer_scale_1 = _Scale(dim)
+        self.layer_scale1 = _Scale(dim)
         self.norm2 = nn.GroupNorm(1, dim)
         self.mlp = _Mlp(dim, int(dim * mlp_ratio))
-        self.layer_scale_2 = _Scale(dim)
+        self.layer_scale2 = _Scale(dim)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.norm1(x)
-        x = x + self.layer_scale_1(self.pool(y) - y)
-        return x + self.layer_scale_2(self.mlp(self.norm2(x)))
+        x = x + self.layer_scale1(self.pool(y) - y)
+        return x + self.layer_scale2(self.mlp(self.norm2(x)))
 
 
 class _Stage(nn.Module):

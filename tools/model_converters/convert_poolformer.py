@@ -13,7 +13,7 @@ import argparse
 import torch
 
 from poolformer_mm.models import PoolFormer, convert_to_poolformer_layout
-from poolformer_mm.models.pretrained import load_backbone_weights, read_checkpoint
+from poolformer_mm.models.checkpoint_layouts import load_backbone_weights, read_checkpoint
 
 
 def main():

@@ -1,22 +1,39 @@
-"""What every MetaFormer-style dense backbone here shares: the mmdet backbone interface.
+"""What every MetaFormer-style dense backbone here shares: the mmdet backbone interface, the
+stage-building loop and the forward pass.
 
-Subclasses build ``self.stem``, ``self.stages`` (four modules, each run in turn) and
-``self.output_norms`` (a ModuleDict keyed by the returned stage indices), and set
-``out_indices``, ``frozen_stages`` and ``norm_eval`` through :meth:`_set_dense_interface`.
+A subclass builds ``self.stem``, ``self.stages`` (with :meth:`_build_stages`: four
+:class:`~poolformer_mm.models.layers.MetaFormerStage`) and ``self.output_norms`` (a ModuleDict
+keyed by the returned stage indices), and calls :meth:`_set_dense_interface` first and
+:meth:`_finish_building` last. The stages run in the modes the backbone sets through its public
+methods: :meth:`set_fast_path`, :meth:`set_grad_checkpointing` (and PoolFormer's
+``switch_to_deploy``).
 """
 import copy
 import difflib
 import inspect
-from typing import Sequence, Tuple
+from typing import Callable, Sequence, Tuple
 
+import torch
+import torch.nn as nn
 from mmengine.model import BaseModule
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..checkpoint_layouts import upgrade_legacy_keys_on_load
+from ..layers import MetaFormerStage, group_norm_1_to_nchw, is_group_norm_1, token_grids
 
 
 class DenseBackbone(BaseModule):
     num_stages = 4
 
+    def __init__(self, init_cfg=None):
+        super().__init__(init_cfg=init_cfg)
+        # checkpoints written before the parameter names were unified load into either loader
+        # (torch's and mmengine's)
+        self._register_load_state_dict_pre_hook(upgrade_legacy_keys_on_load)
+        self._fast_path = False
+
+    # ---------------------------------------------------------------- construction
     def _set_dense_interface(self, out_indices: Sequence[int], frozen_stages: int,
                              norm_eval: bool) -> None:
         self.out_indices = self._check_out_indices(out_indices)
@@ -62,6 +79,51 @@ class DenseBackbone(BaseModule):
                              f'{names}, or pass a dict with {custom_keys}')
         return copy.deepcopy(cls.arch_settings[key])
 
+    @classmethod
+    def _token_grids(cls, img_size) -> list:
+        """Token grid ``(h, w)`` of each stage for an input of ``img_size`` (int or (h, w))."""
+        return token_grids(img_size, cls.num_stages)
+
+    @staticmethod
+    def _build_stages(layers: Sequence[int], drop_path_rate: float,
+                      build_stage: Callable[[int, list], MetaFormerStage]) -> nn.ModuleList:
+        """Stage ``i`` is ``build_stage(i, drop path rates of its blocks)``; the rate grows
+        linearly from 0 to ``drop_path_rate`` over all blocks."""
+        # CPU even inside a ``torch.device('meta')`` context, where .tolist() would fail.
+        rates = torch.linspace(0, drop_path_rate, sum(layers), device='cpu').tolist()
+        stages = nn.ModuleList()
+        for i, depth in enumerate(layers):
+            first = sum(layers[:i])
+            stages.append(build_stage(i, rates[first:first + depth]))
+        return stages
+
+    def _finish_building(self, with_cp: bool, fast_path: bool = False) -> None:
+        self.set_fast_path(fast_path)
+        self.set_grad_checkpointing(with_cp)
+        self._freeze_stages()
+
+    # ---------------------------------------------------------------- modes
+    @property
+    def fast_path(self) -> bool:
+        """Whether stages that can (PoolFormer blocks) run in token layout."""
+        return self._fast_path
+
+    def set_fast_path(self, enable: bool = True) -> 'DenseBackbone':
+        """Run every stage whose blocks allow it in (N, H, W, C) token layout (same outputs
+        and gradients, faster on a CPU), or, with False, the literal NCHW formulation."""
+        self._fast_path = bool(enable)
+        for stage in self.stages:
+            stage.set_token_layout(enable)
+        return self
+
+    def set_grad_checkpointing(self, enable: bool = True) -> 'DenseBackbone':
+        """Gradient checkpointing per block in every stage: saves activation memory, costs a
+        second forward pass; outputs and gradients are unchanged (``with_cp=True``)."""
+        for stage in self.stages:
+            stage.set_grad_checkpointing(enable)
+        return self
+
+    # ---------------------------------------------------------------- weights
     def init_weights(self) -> None:
         """Pretrained ``init_cfg``: load it (see :meth:`_load_pretrained`); otherwise the paper's
         initialisation (:meth:`_init_from_scratch`), then any other ``init_cfg``."""
@@ -82,6 +144,7 @@ class DenseBackbone(BaseModule):
     def _init_from_scratch(self) -> None:
         raise NotImplementedError
 
+    # ---------------------------------------------------------------- training state
     def _frozen_modules(self):
         if self.frozen_stages >= 0:
             yield self.stem
@@ -105,11 +168,20 @@ class DenseBackbone(BaseModule):
                     module.eval()
         return self
 
+    # ---------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        if self.stages[0].token_layout:
+            # the stem's output then comes out channels-last, so the permute to tokens is free
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.stem(x)
         outs = []
         for i, stage in enumerate(self.stages):
             x = stage(x)
             if i in self.out_indices:
-                outs.append(self.output_norms[str(i)](x))
+                norm = self.output_norms[str(i)]
+                if stage.token_layout and is_group_norm_1(norm):
+                    # one pass normalises the channels-last map and converts it to NCHW
+                    outs.append(group_norm_1_to_nchw(norm, x))
+                else:
+                    outs.append(norm(x.contiguous()))
         return tuple(outs)

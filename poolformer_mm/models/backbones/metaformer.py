@@ -1,20 +1,15 @@
-"""The MetaFormer baselines (arXiv 2210.13452) as dense-prediction backbones for mmdet / mmseg,
-and the rules that load their ImageNet checkpoints (sail-sg/metaformer and timm layouts)."""
+"""The MetaFormer baselines (arXiv 2210.13452) as dense-prediction backbones for mmdet / mmseg."""
 import copy
-from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Union
 
-import torch
 import torch.nn as nn
 from mmengine.model.weight_init import trunc_normal_init
 from mmengine.registry import MODELS
-from torch import Tensor
 
-from ..layers.metaformer_v2 import (ChannelLayerNorm, Downsampling, MetaFormerV2Block, Stem,
-                                    build_v2_token_mixer)
-from ..pretrained import (apply_layout_rules, load_converted_weights, read_checkpoint,
-                          unwrap_state_dict)
+from ..checkpoint_layouts import load_metaformer_weights
+from ..layers import (ChannelLayerNorm, MetaFormerBlock, MetaFormerStage, ModifiedLayerNorm,
+                      StarReLU, build_token_mixer, downsampling, stem)
 from .base import DenseBackbone
-from .poolformer import MetaFormerStage
 
 # ---------------------------------------------------------------------------------- model zoo
 # Blocks per stage and channels per size; the families below pair them with token mixers.
@@ -43,6 +38,9 @@ _FAMILIES = {
 _ARCH_DEFAULTS = dict(block_norm='layer', mlp_ratios=[4, 4, 4, 4],
                       layer_scale_init_values=[None] * 4,
                       res_scale_init_values=[None, None, 1.0, 1.0])
+# block norms by name, without bias; the stem and downsampling use the channel LayerNorm
+_BLOCK_NORMS = {'layer': dict(type=ChannelLayerNorm, eps=1e-6),
+                'mln': dict(type=ModifiedLayerNorm, eps=1e-6)}
 
 
 @MODELS.register_module()
@@ -59,7 +57,7 @@ class MetaFormer(DenseBackbone):
     RandFormer's frozen random mixing matrices belong to the token grid of a
     ``pretrain_img_size`` input (14x14 and 7x7 at 224). At any other input size they are resized
     bilinearly over both spatial index pairs and each row is renormalised to sum to 1 (see
-    :class:`~poolformer_mm.models.layers.metaformer_v2.RandomMixing`); memory for them grows with
+    :class:`~poolformer_mm.models.layers.RandomMixing`); memory for them grows with
     ``(H*W)**2`` of the stage, so RandFormer is costly at detection resolutions.
 
     Args:
@@ -67,7 +65,8 @@ class MetaFormer(DenseBackbone):
             ``identityformer_{...}``, ``randformer_{...}`` (same sizes),
             ``convformer_{s18,s36,m36,b36}`` or ``caformer_{s18,s36,m36,b36}``; or a dict with
             ``layers`` (blocks per stage), ``embed_dims`` and ``token_mixers`` (one name or dict per
-            stage: 'identity', 'pool', 'random', 'sepconv', 'attention'), optionally
+            stage: 'identity', 'pool', 'random', 'sepconv', 'attention', or any other name of
+            ``TOKEN_MIXERS`` in ``layers/mixers.py``), optionally
             ``block_norm`` ('layer' or 'mln', default 'layer'), ``mlp_ratios`` (default 4s),
             ``layer_scale_init_values`` (default Nones) and ``res_scale_init_values`` (default
             ``[None, None, 1.0, 1.0]``). Default: 'caformer_s18'.
@@ -85,7 +84,8 @@ class MetaFormer(DenseBackbone):
             have no running statistics, so this only matters for BatchNorm added by a user.
             Default: False.
         with_cp (bool): Gradient checkpointing per block: saves activation memory, costs a
-            second forward pass; outputs and gradients are unchanged. Default: False.
+            second forward pass; outputs and gradients are unchanged
+            (:meth:`set_grad_checkpointing`). Default: False.
         init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=PATH)`` loads a
             sail-sg/metaformer or timm ImageNet checkpoint of the same arch, or an mmengine
             checkpoint of this backbone or of a whole detector / segmentor. Default: None
@@ -105,6 +105,7 @@ class MetaFormer(DenseBackbone):
         for family, (mixers, norm, sizes) in _FAMILIES.items()
         for size, (layers, dims) in sizes.items()
     }
+
     def __init__(self,
                  arch: Union[str, dict] = 'caformer_s18',
                  in_channels: int = 3,
@@ -122,41 +123,39 @@ class MetaFormer(DenseBackbone):
         self.arch = self._resolve_arch(arch)
         layers, embed_dims = self.arch['layers'], self.arch['embed_dims']
         self.embed_dims = list(embed_dims)
-
         self._set_dense_interface(out_indices, frozen_stages, norm_eval)
-        self.with_cp = with_cp
 
-        self.stem = Stem(in_channels, embed_dims[0])
-        grid = (pretrain_img_size + 2 * 2 - 7) // 4 + 1  # token grid side after the stem
-        # CPU even inside a ``torch.device('meta')`` context, where .tolist() would fail.
-        drop_path_rates = torch.linspace(0, drop_path_rate, sum(layers), device='cpu').tolist()
-        self.stages = nn.ModuleList()
-        for i in range(self.num_stages):
-            if i > 0:
-                grid = (grid + 2 * 1 - 3) // 2 + 1
-            downsample = None if i == 0 else Downsampling(embed_dims[i - 1], embed_dims[i])
-            mixer_cfg = self.arch['token_mixers'][i]
-            mixer_cfg = dict(type=mixer_cfg) if isinstance(mixer_cfg, str) else dict(mixer_cfg)
-            if mixer_cfg['type'] == 'random':
-                mixer_cfg.setdefault('base_size', (grid, grid))
-            first = sum(layers[:i])
+        grids = self._token_grids(pretrain_img_size)
+        stem_norm = dict(type=ChannelLayerNorm, eps=1e-6)
+        block_norm = _BLOCK_NORMS[self.arch['block_norm']]
+
+        def build_stage(i: int, drop_path_rates: list) -> MetaFormerStage:
             blocks = [
-                MetaFormerV2Block(
+                MetaFormerBlock(
                     embed_dims[i],
-                    token_mixer=build_v2_token_mixer(mixer_cfg, embed_dims[i]),
-                    norm=self.arch['block_norm'],
+                    token_mixer=build_token_mixer(self.arch['token_mixers'][i], embed_dims[i],
+                                                  grids[i]),
+                    norm_cfg=block_norm,
                     mlp_ratio=self.arch['mlp_ratios'][i],
-                    drop_path=drop_path_rates[first + j],
+                    # a class as ``type`` lets mmcv build StarReLU without a registry entry
+                    act_cfg=dict(type=StarReLU),
+                    mlp_bias=False,
+                    drop_path=rate,
                     layer_scale_init_value=self.arch['layer_scale_init_values'][i],
                     res_scale_init_value=self.arch['res_scale_init_values'][i])
-                for j in range(layers[i])
+                for rate in drop_path_rates
             ]
-            self.stages.append(MetaFormerStage(downsample, blocks, with_cp=with_cp))
+            downsample = None if i == 0 else downsampling(embed_dims[i - 1], embed_dims[i],
+                                                          norm_cfg=stem_norm)
+            return MetaFormerStage(downsample, blocks)
+
+        self.stem = stem(in_channels, embed_dims[0], norm_cfg=stem_norm)
+        self.stages = self._build_stages(layers, drop_path_rate, build_stage)
         self.output_norms = nn.ModuleDict({
             str(i): ChannelLayerNorm(embed_dims[i], bias=True)
             for i in self.out_indices
         })
-        self._freeze_stages()
+        self._finish_building(with_cp)
 
     # ---------------------------------------------------------------- construction helpers
     @classmethod
@@ -176,6 +175,9 @@ class MetaFormer(DenseBackbone):
             if len(resolved[key]) != cls.num_stages:
                 raise ValueError(f'arch[{key!r}] needs {cls.num_stages} entries, got '
                                  f'{resolved[key]}')
+        if resolved['block_norm'] not in _BLOCK_NORMS:
+            raise KeyError(f"unknown MetaFormer norm {resolved['block_norm']!r}; choose one of "
+                           f'{sorted(_BLOCK_NORMS)}')
         return resolved
 
     # ---------------------------------------------------------------- weights
@@ -187,62 +189,3 @@ class MetaFormer(DenseBackbone):
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 trunc_normal_init(module, std=0.02, bias=0.)
-
-
-# ---------------------------------------------------------------------------------- checkpoints
-# (pattern, replacement) per layout, applied in order; the first match wins, a key matching no
-# rule is kept as it is (and then shows up as unexpected), a None replacement drops the key.
-# sail-sg/metaformer works channels-last, so its MLP and SepConv pointwise layers are Linear
-# ([out, in]) where ours are 1x1 convs ([out, in, 1, 1]); ``fit_shapes`` reshapes those.
-_SAILSG_RULES = [
-    (r'^downsample_layers\.0\.conv\.', 'stem.conv.'),
-    (r'^downsample_layers\.0\.post_norm\.', 'stem.norm.'),
-    (r'^downsample_layers\.(\d+)\.pre_norm\.', r'stages.\1.downsample.norm.'),
-    (r'^downsample_layers\.(\d+)\.conv\.', r'stages.\1.downsample.conv.'),
-    (r'^stages\.(\d+)\.(\d+)\.', r'stages.\1.blocks.\2.'),
-    (r'^norm\.', 'output_norms.3.'),
-    (r'^head\.', None),
-]
-# timm's names are ours except for the classifier; its attention stages use Linear MLPs.
-_TIMM_RULES = [
-    (r'^head\.norm\.', 'output_norms.3.'),
-    (r'^head\.', None),
-]
-_METAFORMER_LAYOUT_RULES = {'sail-sg/metaformer': _SAILSG_RULES, 'timm': _TIMM_RULES,
-                            'poolformer_mm': []}
-
-
-def _detect_metaformer_layout(state: Mapping) -> str:
-    if 'downsample_layers.0.conv.weight' in state:
-        return 'sail-sg/metaformer'
-    # timm stores PoolFormer v1 under the same names, but its stem has no norm.
-    is_timm_v1 = 'stem.conv.weight' in state and 'stem.norm.weight' not in state
-    if 'stem.conv.weight' in state and not is_timm_v1:
-        if any(k.startswith('output_norms.') for k in state):
-            return 'poolformer_mm'
-        return 'timm'
-    if is_timm_v1 or 'patch_embed.proj.weight' in state or 'stem.proj.weight' in state:
-        raise ValueError('checkpoint is a PoolFormer (v1) checkpoint, not a MetaFormer v2 one; '
-                         "load it with dict(type='PoolFormer', ...) instead")
-    sample = ', '.join(list(state)[:5])
-    raise ValueError('checkpoint is not a MetaFormer checkpoint in any known layout '
-                     f'(sail-sg/metaformer, timm, poolformer_mm); its first keys are: {sample}')
-
-
-def convert_to_metaformer_layout(checkpoint: Mapping) -> Tuple[Dict[str, Tensor], str]:
-    """Rename a checkpoint's keys to this package's :class:`MetaFormer` names.
-
-    Returns:
-        tuple: the converted state dict and the name of the detected layout.
-    """
-    state, _ = unwrap_state_dict(checkpoint)
-    layout = _detect_metaformer_layout(state)
-    return apply_layout_rules(state, _METAFORMER_LAYOUT_RULES[layout]), layout
-
-
-def load_metaformer_weights(backbone: MetaFormer, path: str) -> None:
-    """Load a MetaFormer checkpoint in any known layout into ``backbone``."""
-    hint = (f'Download the ImageNet weights of {backbone.arch_name} (github.com/sail-sg/metaformer, '
-            'or timm on the Hugging Face Hub) into checkpoints/')
-    state, layout = convert_to_metaformer_layout(read_checkpoint(path, download_hint=hint))
-    load_converted_weights(backbone, state, f"checkpoint '{path}' ({layout} layout)")

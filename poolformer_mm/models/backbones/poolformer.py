@@ -1,53 +1,16 @@
 """PoolFormer (arXiv 2111.11418) as a dense-prediction backbone for mmdet / mmseg."""
 import copy
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Union
 
-import torch
 import torch.nn as nn
-import torch.utils.checkpoint as cp
-from mmcv.cnn import build_norm_layer
 from mmengine.model.weight_init import trunc_normal_init
 from mmengine.registry import MODELS
-from torch import Tensor
 
-from ..layers import (ChannelLayerNorm, ConvMlp, ConvPatchEmbed, MetaFormerBlock,
-                      PositionEmbedding, build_token_mixer)
-from .. import fast_poolformer
-from ..pretrained import load_backbone_weights
+from ..checkpoint_layouts import load_backbone_weights
+from ..layers import (ConvMlp, MetaFormerBlock, MetaFormerStage, PositionEmbedding,
+                      build_norm, build_token_mixer, channel_norm_cfg, downsampling, stem,
+                      token_mixer_cfg)
 from .base import DenseBackbone
-
-
-class MetaFormerStage(nn.Module):
-    """An optional downsampling layer, an optional position embedding, then MetaFormer blocks.
-
-    Args:
-        downsample (nn.Module, optional): Changes resolution and width first.
-        blocks (Sequence[nn.Module]): The stage's blocks, run in turn.
-        with_cp (bool): Gradient checkpointing per block. Default: False.
-        pos_embed (nn.Module, optional): Added to the input of the first block (the paper's
-            attention hybrids have one at the start of their first attention stage).
-            Default: None.
-    """
-
-    def __init__(self, downsample: Optional[nn.Module], blocks: Sequence[nn.Module],
-                 with_cp: bool = False, pos_embed: Optional[nn.Module] = None):
-        super().__init__()
-        self.downsample = downsample
-        self.pos_embed = pos_embed
-        self.blocks = nn.ModuleList(blocks)
-        self.with_cp = with_cp
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.downsample is not None:
-            x = self.downsample(x)
-        if self.pos_embed is not None:
-            x = self.pos_embed(x)
-        for block in self.blocks:
-            if self.with_cp and x.requires_grad:
-                x = cp.checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
-        return x
 
 
 @MODELS.register_module()
@@ -72,10 +35,11 @@ class PoolFormer(DenseBackbone):
         pool_size (int): Window of the pooling token mixer (where a 'pool' mixer sets none).
             Default: 3.
         token_mixers (str | dict | Sequence): Token mixer for all stages, or one per stage, as a
-            name or a dict with ``type``: 'pool', 'identity', 'dwconv', 'attn' (multi-head
-            self-attention, heads 32 wide), 'spatial_fc' (a learned [HW, HW] token matrix) or
-            'random' (a frozen random one); see ``layers/token_mixers.py`` for how each behaves
-            at input sizes other than ``pretrain_img_size``. Default: 'pool'.
+            name or a dict with ``type``: the paper's 'pool', 'identity', 'dwconv', 'attn'
+            (multi-head self-attention, heads 32 wide), 'spatial_fc' (a learned [HW, HW] token
+            matrix) or 'random' (a frozen random one), or any other name of ``TOKEN_MIXERS``
+            (``layers/mixers.py``, which also says how each behaves at input sizes other than
+            ``pretrain_img_size``). Default: 'pool'.
         pretrain_img_size (int | tuple[int, int]): Input size of the ImageNet pre-training.
             It fixes the token grid of what is tied to one: the position embedding of an
             attention stage and the matrices of 'spatial_fc' and 'random' (56, 28, 14, 7 per
@@ -103,11 +67,12 @@ class PoolFormer(DenseBackbone):
             GroupNorm has no running statistics, so this only matters with a BN ``norm_cfg``.
             Default: False.
         with_cp (bool): Gradient checkpointing per block: saves activation memory, costs a
-            second forward pass. Default: False.
+            second forward pass (:meth:`set_grad_checkpointing`). Default: False.
         fast_path (bool): Run stages of pooling blocks in (N, H, W, C) token layout, where the
             MLP is a plain matrix product and pooling is channels-last
-            (:mod:`poolformer_mm.models.fast_poolformer`): same outputs and gradients, about
-            1.4-1.6x faster on a CPU. False runs the literal NCHW formulation. Default: True.
+            (:class:`~poolformer_mm.models.layers.MetaFormerStage`): same outputs and gradients,
+            about 1.4-1.6x faster on a CPU. False runs the literal NCHW formulation
+            (:meth:`set_fast_path`). Default: True.
         init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=PATH)`` loads the official
             ImageNet file, an mmpretrain or timm checkpoint, or an mmengine checkpoint of this
             backbone or a whole detector/segmentor. Default: None (the paper's initialisation).
@@ -160,45 +125,39 @@ class PoolFormer(DenseBackbone):
             self.arch['layer_scale_init_value'] = layer_scale_init_value
         layers, embed_dims = self.arch['layers'], self.arch['embed_dims']
         self.embed_dims = list(embed_dims)
-
         self._set_dense_interface(out_indices, frozen_stages, norm_eval)
-        self.with_cp = with_cp
-        self.fast_path = fast_path
 
         mixers = self._resolve_mixers(token_mixers, pool_size)
         norm_cfgs = self._resolve_norms(norm_cfg, mixers)
         grids = self._token_grids(pretrain_img_size)
         # Attention is blind to position, so the first attention stage adds a position embedding.
-        first_attention = next((i for i, m in enumerate(mixers) if m.get('type') == 'attn'), None)
+        first_attention = next((i for i, m in enumerate(mixers) if m['type'] == 'attention'),
+                               None)
 
-        self.stem = ConvPatchEmbed(in_channels, embed_dims[0], kernel_size=7, stride=4, padding=2)
-        # CPU even inside a ``torch.device('meta')`` context, where .tolist() would fail.
-        drop_path_rates = torch.linspace(0, drop_path_rate, sum(layers), device='cpu').tolist()
-        self.stages = nn.ModuleList()
-        for i in range(self.num_stages):
-            downsample = None if i == 0 else ConvPatchEmbed(
-                embed_dims[i - 1], embed_dims[i], kernel_size=3, stride=2, padding=1)
-            pos_embed = (PositionEmbedding(embed_dims[i], grids[i])
-                         if i == first_attention else None)
-            first = sum(layers[:i])
+        def build_stage(i: int, drop_path_rates: list) -> MetaFormerStage:
             blocks = [
                 MetaFormerBlock(
                     embed_dims[i],
                     token_mixer=build_token_mixer(mixers[i], embed_dims[i], grids[i]),
-                    mlp_ratio=self.arch['mlp_ratios'][i],
                     norm_cfg=norm_cfgs[i],
+                    mlp_ratio=self.arch['mlp_ratios'][i],
                     act_cfg=act_cfg,
-                    drop_path=drop_path_rates[first + j],
+                    drop_path=rate,
                     layer_scale_init_value=self.arch['layer_scale_init_value'])
-                for j in range(layers[i])
+                for rate in drop_path_rates
             ]
-            self.stages.append(
-                MetaFormerStage(downsample, blocks, with_cp=with_cp, pos_embed=pos_embed))
+            return MetaFormerStage(
+                None if i == 0 else downsampling(embed_dims[i - 1], embed_dims[i]), blocks,
+                pos_embed=(PositionEmbedding(embed_dims[i], grids[i])
+                           if i == first_attention else None))
+
+        self.stem = stem(in_channels, embed_dims[0])
+        self.stages = self._build_stages(layers, drop_path_rate, build_stage)
         self.output_norms = nn.ModuleDict({
-            str(i): build_norm_layer(norm_cfgs[i], embed_dims[i])[1]
+            str(i): build_norm(norm_cfgs[i], embed_dims[i])
             for i in self.out_indices
         })
-        self._freeze_stages()
+        self._finish_building(with_cp, fast_path)
 
     # ---------------------------------------------------------------- construction helpers
     @classmethod
@@ -228,10 +187,9 @@ class PoolFormer(DenseBackbone):
 
     @classmethod
     def _resolve_mixers(cls, token_mixers, pool_size: int) -> List[dict]:
-        mixers = [dict(type=m) if isinstance(m, str) else dict(m)
-                  for m in cls._per_stage(token_mixers, 'token_mixers')]
+        mixers = [token_mixer_cfg(m) for m in cls._per_stage(token_mixers, 'token_mixers')]
         for mixer in mixers:
-            if mixer.get('type') == 'pool':
+            if mixer['type'] == 'pool':
                 mixer.setdefault('pool_size', pool_size)
         return mixers
 
@@ -240,32 +198,9 @@ class PoolFormer(DenseBackbone):
         if norm_cfg is None:
             # The released hybrids (metaformer_pppa/ppaa_s12_224) use a channel LayerNorm in
             # every stage, pooling ones included; the pooling-only models use GroupNorm(1).
-            with_attention = any(m.get('type') == 'attn' for m in mixers)
+            with_attention = any(m['type'] == 'attention' for m in mixers)
             norm_cfg = dict(type='LN') if with_attention else dict(type='GN', num_groups=1)
-        return [cls._channel_norm_cfg(cfg) for cfg in cls._per_stage(norm_cfg, 'norm_cfg')]
-
-    @staticmethod
-    def _channel_norm_cfg(cfg: dict) -> dict:
-        cfg = dict(cfg)
-        if cfg.get('type') == 'LN':
-            # mmcv's 'LN' is torch's LayerNorm over the last axis, i.e. the width of an NCHW map;
-            # the paper's LayerNorm normalises each position over its channels (eps 1e-5, bias).
-            cfg.update(type=ChannelLayerNorm, bias=True)
-        elif cfg.get('type') == 'GN':
-            cfg.setdefault('num_groups', 1)  # the paper's "modified layer norm"
-        return cfg
-
-    @classmethod
-    def _token_grids(cls, img_size: Union[int, Sequence[int]]) -> List[Tuple[int, int]]:
-        """Token grid of each stage for an input of ``img_size``: stem 7x7/4 with padding 2,
-        then 3x3/2 with padding 1 before every later stage."""
-        h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
-        h, w = (h - 3) // 4 + 1, (w - 3) // 4 + 1
-        grids = [(h, w)]
-        for _ in range(cls.num_stages - 1):
-            h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
-            grids.append((h, w))
-        return grids
+        return [channel_norm_cfg(cfg) for cfg in cls._per_stage(norm_cfg, 'norm_cfg')]
 
     # ---------------------------------------------------------------- weights
     def _load_pretrained(self, path: str) -> None:
@@ -279,13 +214,12 @@ class PoolFormer(DenseBackbone):
                 # Attention and spatial FC layers, initialised as in the official hybrids.
                 trunc_normal_init(module, std=0.02, bias=0.)
 
-    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
-        if self.fast_path:
-            return fast_poolformer.fast_forward(self, x)
-        return super().forward(x)
-
+    # ---------------------------------------------------------------- modes
     def switch_to_deploy(self) -> 'PoolFormer':
-        """Fold norms and layer scales into the MLP weights (inference only; same outputs)."""
-        fast_poolformer.switch_to_deploy(self)
-        self.fast_path = True
-        return self
+        """Fold norms and layer scales into the MLP weights of every PoolFormer block and run
+        them in token layout (inference only; same outputs). Also stores the stem's and the
+        downsampling convolutions' weights channels-last, the layout of their inputs there."""
+        for stage in self.stages:
+            stage.switch_to_deploy()
+        self.stem.store_weights_channels_last()
+        return self.set_fast_path(True)
