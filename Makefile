@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export VENV
 
-.PHONY: install demo test test-fast
+.PHONY: install demo test test-fast lint
 
 install:
 	./tools/install.sh
@@ -15,6 +15,10 @@ demo: install
 test: install
 	$(PY) -m pytest tests
 
-# Skips the end-to-end runs marked slow.
+# Skips the end-to-end and training runs marked slow (CI runs everything).
 test-fast: install
 	$(PY) -m pytest tests -m "not slow"
+
+# Lint and import order (configuration in pyproject.toml); CI runs it before the tests.
+lint: install
+	$(PY) -m ruff check .

@@ -8,6 +8,13 @@ def read_version():
     return namespace['__version__']
 
 
+def read_requirements(name):
+    """The requirement lines of requirements/<name>.txt (tools/install.sh reads the same files)."""
+    with open(f'requirements/{name}.txt') as f:
+        lines = (line.split('#', 1)[0].strip() for line in f)
+        return [line for line in lines if line]
+
+
 setup(
     name='poolformer-mm',
     version=read_version(),
@@ -16,19 +23,8 @@ setup(
     long_description_content_type='text/markdown',
     packages=find_packages(include=['poolformer_mm', 'poolformer_mm.*']),
     python_requires='>=3.8',
-    # mmdet 3.3 and mmseg 1.2 assert mmcv < 2.2 at import; mmcv 2.1.0 does not build with
-    # torch >= 2.14 (C++20); torch >= 2.1 for scaled-dot-product attention and weights_only loads.
-    install_requires=[
-        'torch>=2.1,<2.14',
-        'mmengine>=0.10.4,<0.11',
-        'mmcv>=2.0.0,<2.2.0',
-        'mmdet>=3.1,<3.4',
-        'mmsegmentation>=1.1,<1.3',
-        'pycocotools',
-        'ftfy',  # mmseg imports ftfy and regex at start-up without declaring them
-        'regex',
-        'numpy',
-    ],
-    extras_require={'tests': ['pytest']},
+    install_requires=read_requirements('runtime'),
+    extras_require={'tests': read_requirements('tests'),
+                    'analysis': read_requirements('analysis')},
     license='Apache-2.0',
 )

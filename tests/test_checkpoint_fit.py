@@ -56,26 +56,20 @@ def toy_coco(tmp_path_factory):
     return make_toy_coco(str(tmp_path_factory.mktemp('data') / 'coco'), num_train=2, num_val=2)
 
 
-def _saved_model(config, path, **changes):
+def _saved_model(build_model, config, path, **changes):
     """An untrained model of ``config`` (with ``changes`` to its model dict), saved as mmengine
     does, plus an EMA copy as mmengine's EMAHook stores it."""
-    from mmengine.registry import init_default_scope
     cfg = Config.fromfile(config)
     cfg.merge_from_dict({f'model.{key}': value for key, value in changes.items()})
-    init_default_scope(cfg.default_scope)
-    if cfg.default_scope == 'mmdet':
-        from mmdet.registry import MODELS
-    else:
-        from mmseg.registry import MODELS
-    model = MODELS.build(cfg.model)
+    model = build_model(cfg)
     state = model.state_dict()
     torch.save(dict(meta=dict(iter=1), state_dict=state,
                     ema_state_dict={f'module.{k}': v for k, v in state.items()}), path)
     return str(path)
 
 
-def test_tools_test_refuses_an_s24_checkpoint_on_the_s12_config(tmp_path, toy_coco):
-    checkpoint = _saved_model(TOY_RETINANET, tmp_path / 's24.pth', **{'backbone.arch': 's24'})
+def test_tools_test_refuses_an_s24_checkpoint_on_the_s12_config(tmp_path, toy_coco, build_model):
+    checkpoint = _saved_model(build_model, TOY_RETINANET, tmp_path / 's24.pth', **{'backbone.arch': 's24'})
     with pytest.raises(ValueError) as err:
         run_testing([TOY_RETINANET, checkpoint, '--data-root', toy_coco,
                      '--work-dir', str(tmp_path / 'w')])
@@ -85,24 +79,24 @@ def test_tools_test_refuses_an_s24_checkpoint_on_the_s12_config(tmp_path, toy_co
     assert 'Test metrics' not in message
 
 
-def test_tools_test_refuses_a_segmentor_checkpoint_on_a_detector_config(tmp_path, toy_coco):
-    checkpoint = _saved_model(TOY_FPN, tmp_path / 'fpn.pth')
+def test_tools_test_refuses_a_segmentor_checkpoint_on_a_detector_config(tmp_path, toy_coco, build_model):
+    checkpoint = _saved_model(build_model, TOY_FPN, tmp_path / 'fpn.pth')
     with pytest.raises(ValueError, match='bbox_head: the config builds it, the checkpoint has no '
                        'bbox_head'):
         run_testing([TOY_RETINANET, checkpoint, '--data-root', toy_coco,
                      '--work-dir', str(tmp_path / 'w')])
 
 
-def test_tools_test_accepts_its_own_checkpoint_with_an_ema_copy(tmp_path, toy_coco):
-    checkpoint = _saved_model(TOY_RETINANET, tmp_path / 's12.pth')
+def test_tools_test_accepts_its_own_checkpoint_with_an_ema_copy(tmp_path, toy_coco, build_model):
+    checkpoint = _saved_model(build_model, TOY_RETINANET, tmp_path / 's12.pth')
     metrics = run_testing([TOY_RETINANET, checkpoint, '--data-root', toy_coco,
                            '--work-dir', str(tmp_path / 'w'), '--eval', 'bbox'])
     assert 'coco/bbox_mAP' in metrics
 
 
-def test_infer_refuses_a_checkpoint_of_another_arch(tmp_path):
+def test_infer_refuses_a_checkpoint_of_another_arch(tmp_path, build_model):
     ade = make_toy_ade(str(tmp_path / 'ade'), num_train=1, num_val=1)
-    checkpoint = _saved_model(TOY_FPN, tmp_path / 'fpn_s24.pth', **{'backbone.arch': 's24'})
+    checkpoint = _saved_model(build_model, TOY_FPN, tmp_path / 'fpn_s24.pth', **{'backbone.arch': 's24'})
     with pytest.raises(ValueError, match='backbone: checkpoint has 4/4/12/4 blocks, the config '
                        'builds 2/2/6/2'):
         draw_predictions(TOY_FPN, checkpoint, [f'{ade}/images/validation'],

@@ -43,42 +43,44 @@ sys.exit(0 if installed in spec else 1)
 PY
 }
 
-# torch >= 2.14 needs C++20 and breaks the mmcv 2.1.0 build; keep a compatible torch if present.
-if have torch '>=2.1,<2.14'; then
+req="$here/requirements"
+# The specifier of package $1 in requirements/runtime.txt (e.g. '>=2.1,<2.14').
+spec() { sed -n "s/^$1\([<>=!~][^ #]*\).*/\1/p" "$req/runtime.txt"; }
+# Installs keep to the tested versions of requirements/tested.txt.
+pip_tested() { pip_install -c "$req/tested.txt" "$@"; }
+
+# Keep a compatible torch if present: reinstalling it is slow, and pip could pick a CUDA build.
+if have torch "$(spec torch)"; then
     echo "[install] torch $("$py" -c 'import torch; print(torch.__version__)') already present"
 else
-    echo "[install] installing torch==2.13.0"
-    pip_install torch==2.13.0
+    echo "[install] installing torch ($(grep '^torch==' "$req/tested.txt"))"
+    pip_tested torch
 fi
 
-# mmcv's setup.py and mmengine's 'mmdet::' config inheritance import pkg_resources (gone in setuptools 82).
-have setuptools '<82' && have wheel '>=0' && have ninja '>=0' && have psutil '>=0' \
-    || pip_install 'setuptools<82' wheel ninja psutil
+# mmcv is built against the installed torch, so its build needs torch, setuptools<82 (its
+# setup.py imports pkg_resources), wheel and ninja in the environment first.
+have setuptools "$(spec setuptools)" && have wheel '>=0' && have ninja '>=0' \
+    || pip_install "setuptools$(spec setuptools)" wheel ninja
 
-if have mmcv '==2.1.0' && "$py" -c 'import mmcv.ops' 2>/dev/null; then
-    echo "[install] mmcv 2.1.0 (with ops) already present"
+if have mmcv "$(spec mmcv)" && "$py" -c 'import mmcv.ops' 2>/dev/null; then
+    echo "[install] mmcv $("$py" -c 'import mmcv; print(mmcv.__version__)') (with ops) already present"
 else
     find_links=()
     if [ -n "${MMCV_WHEELHOUSE:-}" ] && [ -d "$MMCV_WHEELHOUSE" ]; then
-        echo "[install] mmcv 2.1.0: looking for a prebuilt wheel in $MMCV_WHEELHOUSE"
+        echo "[install] mmcv: looking for a prebuilt wheel in $MMCV_WHEELHOUSE"
         find_links=(--find-links "$MMCV_WHEELHOUSE")
     else
-        echo "[install] mmcv 2.1.0: no prebuilt wheel given (MMCV_WHEELHOUSE); pip uses its cache or"
+        echo "[install] mmcv: no prebuilt wheel given (MMCV_WHEELHOUSE); pip uses its cache or"
         echo "[install] builds ~77 C++ files from source: 20-40 min on 2 cores. It is not hung."
     fi
-    MAX_JOBS="${MAX_JOBS:-$(nproc)}" pip_install --no-build-isolation "${find_links[@]}" mmcv==2.1.0
+    MAX_JOBS="${MAX_JOBS:-$(nproc)}" pip_tested --no-build-isolation "${find_links[@]}" \
+        "mmcv$(spec mmcv)"
 fi
 
-missing=()
-have mmengine '==0.10.7' || missing+=(mmengine==0.10.7)
-have mmdet '==3.3.0' || missing+=(mmdet==3.3.0)
-have mmsegmentation '==1.2.2' || missing+=(mmsegmentation==1.2.2)
-# mmseg 1.2.2 imports ftfy and regex at start-up without declaring them.
-for pkg in pycocotools ftfy regex pytest; do have "$pkg" '>=0' || missing+=("$pkg"); done
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "[install] installing ${missing[*]}"
-    pip_install "${missing[@]}"
-fi
+# Everything else: run time, the test suite and linter, the analysis tools. Already satisfied
+# requirements cost pip a second or two and no download.
+echo "[install] checking requirements/{runtime,tests,analysis}.txt"
+pip_tested -r "$req/runtime.txt" -r "$req/tests.txt" -r "$req/analysis.txt"
 
 if ! (cd / && "$py" -c "import sys, poolformer_mm; sys.exit(not poolformer_mm.__file__.startswith('$here/'))") 2>/dev/null; then
     echo "[install] installing poolformer_mm (editable)"

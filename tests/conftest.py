@@ -1,0 +1,45 @@
+"""Shared test set-up: the repository as the working directory, and building models from configs.
+
+Configs are named as users name them, relative to the repository (``configs/...``), and the tools
+run with the repository as their working directory; anchoring the session there lets the suite
+start from any folder (``pytest /path/to/poolformer-mm/tests``).
+"""
+import copy
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope='session', autouse=True)
+def repository_as_working_directory():
+    previous = os.getcwd()
+    os.chdir(REPO)
+    try:
+        yield REPO
+    finally:
+        os.chdir(previous)
+
+
+def build_model_of(cfg):
+    """The model of an mmdet or mmseg config, built in the config's registry scope.
+
+    The config is copied: building a detector writes train_cfg / test_cfg into its heads' configs.
+    """
+    from mmengine.registry import init_default_scope
+    init_default_scope(cfg.default_scope)
+    if cfg.default_scope == 'mmdet':
+        from mmdet.registry import MODELS
+    elif cfg.default_scope == 'mmseg':
+        from mmseg.registry import MODELS
+    else:
+        raise ValueError(f'config scope {cfg.default_scope!r} is neither mmdet nor mmseg')
+    return MODELS.build(copy.deepcopy(cfg.model))
+
+
+@pytest.fixture(scope='session')
+def build_model():
+    """:func:`build_model_of`, for tests: ``build_model(Config.fromfile(...))``."""
+    return build_model_of
