@@ -1,19 +1,27 @@
-"""Checkpoints that are safe to load, from any place mmengine can name, and never half-written.
+"""Safe checkpoint I/O: what importing ``poolformer_mm`` changes in torch and mmengine, and why.
 
-Loading: mmengine 0.10.7 reads checkpoints with a bare ``torch.load``, which unpickles arbitrary
-code on torch < 2.6 and, for every remote scheme (``http(s)://`` through its own ``load_url``,
-``open-mmlab://``, ``torchvision://``, ``mmcls://``, ``pavi://``, ``s3://``), on every torch
-version. We register a loader for each scheme mmengine knows, and for local paths, that fetches
-the bytes the way mmengine does (URLs are downloaded once into the torch hub cache,
-``$TORCH_HOME/hub/checkpoints``, as ``torch.hub`` does) and then always unpickles with
-``weights_only=True`` and the allow-list of :mod:`poolformer_mm.compat`. A refused or unreadable
-file gets one message that says what is wrong.
+:func:`register_safe_checkpoint_io` (called when the package is imported) changes three things,
+for the whole process, because mmengine's Runner, its ``Pretrained`` initialiser and the upstream
+tools all load and save through mmengine's module-level registries, which cannot be configured
+per call:
 
-Writing: mmengine's local file backend writes checkpoints in place, so a job killed during the
-write leaves a truncated ``epoch_N.pth``. Our backend writes to a temporary file in the same
-folder and renames it over the target, which is atomic on POSIX file systems: a reader sees the
-old file or the complete new one. The temporary file is created with the mode the umask gives,
-like any other file the job writes.
+1. **torch's weights-only allow-list** gains exactly the objects an mmengine 0.10.7 Runner
+   checkpoint holds besides tensors: the message hub's ``HistoryBuffer``, numpy arrays, dtypes and
+   scalars, and ``getattr`` only for ``HistoryBuffer``'s own methods. torch >= 2.6 loads with
+   ``weights_only=True`` by default, so without it ``--resume`` and ``tools/test.py`` fail with
+   "Weights only load failed" (open-mmlab/mmengine#1597); allowing these few globals instead of
+   turning the check off keeps a malicious checkpoint from running code.
+2. **mmengine's checkpoint loaders**, one per scheme (local paths, ``http(s)://``,
+   ``torchvision://``, ``open-mmlab://``, ``mmcls://``, ``pavi://``, ``s3://``): mmengine's own
+   call a bare ``torch.load`` that unpickles arbitrary code (on torch < 2.6 for local files, and
+   for URLs through its ``load_url``). Ours fetch the bytes as mmengine does (URLs are downloaded
+   once into the torch hub cache, ``$TORCH_HOME/hub/checkpoints``, as ``torch.hub`` does), then
+   always unpickle with ``weights_only=True``; a refused or unreadable file gets one message that
+   says what is wrong.
+3. **mmengine's local file backend** writes checkpoints in place, so a job killed during the
+   write leaves a truncated ``epoch_N.pth``. Ours writes to a temporary file in the same folder
+   and renames it over the target, which is atomic on POSIX file systems: a reader sees the old
+   file or the complete new one. The temporary file gets the mode the umask gives.
 """
 import io
 import os
@@ -25,10 +33,12 @@ from pathlib import Path
 from typing import BinaryIO, Union
 from urllib.parse import urlparse
 
+import numpy as np
 import torch
 from mmengine.dist import barrier, get_dist_info, get_local_rank
 from mmengine.fileio.backends import LocalBackend, register_backend
 from mmengine.logging import print_log
+from mmengine.logging.history_buffer import HistoryBuffer
 from mmengine.runner import checkpoint as mm_checkpoint
 from mmengine.runner.checkpoint import CheckpointLoader
 
@@ -36,6 +46,37 @@ from mmengine.runner.checkpoint import CheckpointLoader
 INCOMPLETE_MARK = '.incomplete-'
 
 
+# ------------------------------------------------------------------ 1. weights-only allow-list
+def _history_buffer_getattr(obj, name):
+    """Stand-in for ``builtins.getattr`` while unpickling.
+
+    ``HistoryBuffer`` keeps its statistics methods (``HistoryBuffer.min`` ...) in a dict, and pickle
+    stores such a method as ``getattr(HistoryBuffer, 'min')``. Only that lookup is allowed here; a
+    generic ``getattr`` would let a crafted pickle reach arbitrary attributes.
+    """
+    if obj is HistoryBuffer and callable(vars(HistoryBuffer).get(name)):
+        return getattr(obj, name)
+    raise AttributeError(f'checkpoint asks for attribute {name!r} of {obj!r}; only methods of '
+                         'mmengine HistoryBuffer may be looked up while loading a checkpoint')
+
+
+def _numpy_globals() -> list:
+    core = getattr(np, '_core', None) or np.core  # numpy 2 renamed numpy.core to numpy._core
+    found = [core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype]
+    # Every concrete dtype class (Float64DType, Int64DType, BoolDType, ...): a message hub can hold
+    # scalars of any of them, and they are plain type objects that run no code.
+    dtype_classes = getattr(np, 'dtypes', None)
+    if dtype_classes is not None:
+        found += [getattr(dtype_classes, n) for n in dir(dtype_classes) if n.endswith('DType')]
+    return found
+
+
+def mmengine_checkpoint_globals() -> list:
+    """The globals an mmengine 0.10.7 Runner checkpoint needs under ``weights_only=True``."""
+    return [HistoryBuffer, (_history_buffer_getattr, 'builtins.getattr')] + _numpy_globals()
+
+
+# ----------------------------------------------------------------------------- 2. the loaders
 def _torch_load_weights_only(source: Union[str, BinaryIO], name: str, map_location=None):
     """``torch.load(source, weights_only=True)`` with one clear error for a refused file."""
     try:
@@ -174,6 +215,7 @@ SAFE_LOADERS = {
 }
 
 
+# ----------------------------------------------------------------------- 3. atomic writing
 class AtomicLocalBackend(LocalBackend):
     """mmengine's local backend, but ``put``/``put_text`` replace the target atomically."""
 
@@ -215,7 +257,8 @@ def remove_incomplete_writes(folder: str) -> list:
 
 
 def register_safe_checkpoint_io() -> None:
-    """Route every checkpoint scheme through :data:`SAFE_LOADERS`; write local files atomically."""
+    """Make the three changes of this module's docstring (idempotent)."""
+    torch.serialization.add_safe_globals(mmengine_checkpoint_globals())
     for prefixes, loader in SAFE_LOADERS.items():
         CheckpointLoader.register_scheme(prefixes=prefixes, loader=loader, force=True)
     register_backend('local', AtomicLocalBackend, force=True, prefixes='')
