@@ -28,8 +28,9 @@ class DenseBackbone(BaseModule):
 
     def __init__(self, init_cfg=None):
         super().__init__(init_cfg=init_cfg)
-        # checkpoints written before the parameter names were unified load into either loader
-        # (torch's and mmengine's)
+        # Checkpoints written before the parameter names were unified load through torch's and
+        # mmengine's load_state_dict (both run this hook before filling the submodules). The
+        # private registration exists in every supported torch; the public one is newer.
         self._register_load_state_dict_pre_hook(upgrade_legacy_keys_on_load)
         self._fast_path = False
 

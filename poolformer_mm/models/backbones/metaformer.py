@@ -130,6 +130,9 @@ class MetaFormer(DenseBackbone):
         block_norm = _BLOCK_NORMS[self.arch['block_norm']]
 
         def build_stage(i: int, drop_path_rates: list) -> MetaFormerStage:
+            # in this order, so that a seed gives the weights it gave before
+            downsample = None if i == 0 else downsampling(embed_dims[i - 1], embed_dims[i],
+                                                          norm_cfg=stem_norm)
             blocks = [
                 MetaFormerBlock(
                     embed_dims[i],
@@ -145,8 +148,6 @@ class MetaFormer(DenseBackbone):
                     res_scale_init_value=self.arch['res_scale_init_values'][i])
                 for rate in drop_path_rates
             ]
-            downsample = None if i == 0 else downsampling(embed_dims[i - 1], embed_dims[i],
-                                                          norm_cfg=stem_norm)
             return MetaFormerStage(downsample, blocks)
 
         self.stem = stem(in_channels, embed_dims[0], norm_cfg=stem_norm)

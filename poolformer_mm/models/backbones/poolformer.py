@@ -135,6 +135,9 @@ class PoolFormer(DenseBackbone):
                                None)
 
         def build_stage(i: int, drop_path_rates: list) -> MetaFormerStage:
+            # in this order, so that a seed gives the weights it gave before
+            downsample = None if i == 0 else downsampling(embed_dims[i - 1], embed_dims[i])
+            pos_embed = PositionEmbedding(embed_dims[i], grids[i]) if i == first_attention else None
             blocks = [
                 MetaFormerBlock(
                     embed_dims[i],
@@ -146,10 +149,7 @@ class PoolFormer(DenseBackbone):
                     layer_scale_init_value=self.arch['layer_scale_init_value'])
                 for rate in drop_path_rates
             ]
-            return MetaFormerStage(
-                None if i == 0 else downsampling(embed_dims[i - 1], embed_dims[i]), blocks,
-                pos_embed=(PositionEmbedding(embed_dims[i], grids[i])
-                           if i == first_attention else None))
+            return MetaFormerStage(downsample, blocks, pos_embed=pos_embed)
 
         self.stem = stem(in_channels, embed_dims[0])
         self.stages = self._build_stages(layers, drop_path_rate, build_stage)
