@@ -9,8 +9,12 @@ import torch
 import torch.nn as nn
 from mmengine.runner import load_checkpoint
 
-from poolformer_mm.models import (MetaFormer, PoolFormer, convert_to_metaformer_layout,
-                                  convert_to_poolformer_layout)
+from poolformer_mm.models import (
+    MetaFormer,
+    PoolFormer,
+    convert_to_metaformer_layout,
+    convert_to_poolformer_layout,
+)
 from poolformer_mm.models.checkpoint_layouts import upgrade_legacy_keys
 
 # today's names -> the names PoolFormer's checkpoints had before the schemes were unified

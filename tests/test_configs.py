@@ -104,8 +104,8 @@ def test_semantic_fpn_rounds_odd_test_sizes_and_predicts_full_size():
     h, w = results['img'].shape[:2]
     assert (h % 32, w % 32) == (0, 0)
     assert h == 512  # short side 512
-    from mmseg.structures import SegDataSample
     from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
     sample = SegDataSample(metainfo=dict(img_shape=(h, w), ori_shape=(333, 517)))
     sample.gt_sem_seg = PixelData(data=torch.from_numpy(label)[None].long())
     batch = dict(inputs=[torch.from_numpy(results['img']).permute(2, 0, 1)],

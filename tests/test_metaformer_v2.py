@@ -11,8 +11,13 @@ from mmengine.registry import MODELS
 
 from poolformer_mm.models import checkpoint_layouts
 from poolformer_mm.models.backbones.metaformer import MetaFormer
-from poolformer_mm.models.layers import (Attention, ChannelLayerNorm, ModifiedLayerNorm,
-                                         RandomMixing, StarReLU)
+from poolformer_mm.models.layers import (
+    Attention,
+    ChannelLayerNorm,
+    ModifiedLayerNorm,
+    RandomMixing,
+    StarReLU,
+)
 
 
 def _count(module: nn.Module) -> int:

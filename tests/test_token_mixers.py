@@ -6,13 +6,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from poolformer_mm.models import MetaFormer, PoolFormer
-from poolformer_mm.models.layers import (TOKEN_MIXER_PRESETS, TOKEN_MIXERS, Attention,
-                                         ChannelLayerNorm, ChannelScale, DepthwiseConvMixer,
-                                         IdentityMixer, MetaFormerBlock, PoolingMixer,
-                                         PositionEmbedding, RandomMixing, SepConv, SpatialFC,
-                                         build_token_mixer, resize_token_matrix)
-from poolformer_mm.models import load_backbone_weights
+from poolformer_mm.models import MetaFormer, PoolFormer, load_backbone_weights
+from poolformer_mm.models.layers import (
+    TOKEN_MIXER_PRESETS,
+    TOKEN_MIXERS,
+    Attention,
+    ChannelLayerNorm,
+    ChannelScale,
+    DepthwiseConvMixer,
+    IdentityMixer,
+    MetaFormerBlock,
+    PoolingMixer,
+    PositionEmbedding,
+    RandomMixing,
+    SepConv,
+    SpatialFC,
+    build_token_mixer,
+    resize_token_matrix,
+)
 
 PPPA = ('pool', 'pool', 'pool', 'attn')
 PPAA = ('pool', 'pool', 'attn', 'attn')

@@ -23,10 +23,17 @@ import platform
 
 import torch
 
-from poolformer_mm.analysis.benchmark import (backbone_step, backbone_variants, format_results,
-                                              loss_differences, matmul_gflops, measure,
-                                              output_differences, segmentation_training_step,
-                                              segmentor_variants)
+from poolformer_mm.analysis.benchmark import (
+    backbone_step,
+    backbone_variants,
+    format_results,
+    loss_differences,
+    matmul_gflops,
+    measure,
+    output_differences,
+    segmentation_training_step,
+    segmentor_variants,
+)
 from poolformer_mm.analysis.complexity import backbone_complexity, load_config
 
 

@@ -16,8 +16,14 @@ on one random image passed through the model's data preprocessor; no weights are
 import argparse
 import textwrap
 
-from poolformer_mm.analysis import (DEFAULT_SHAPES, UNCOUNTED_NOTE, backbone_complexity,
-                                    format_table, model_complexity, uncounted_summary)
+from poolformer_mm.analysis import (
+    DEFAULT_SHAPES,
+    UNCOUNTED_NOTE,
+    backbone_complexity,
+    format_table,
+    model_complexity,
+    uncounted_summary,
+)
 
 
 def parse_args():

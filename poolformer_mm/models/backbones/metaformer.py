@@ -7,8 +7,16 @@ from mmengine.model.weight_init import trunc_normal_init
 from mmengine.registry import MODELS
 
 from ..checkpoint_layouts import load_metaformer_weights
-from ..layers import (ChannelLayerNorm, MetaFormerBlock, MetaFormerStage, ModifiedLayerNorm,
-                      StarReLU, build_token_mixer, downsampling, stem)
+from ..layers import (
+    ChannelLayerNorm,
+    MetaFormerBlock,
+    MetaFormerStage,
+    ModifiedLayerNorm,
+    StarReLU,
+    build_token_mixer,
+    downsampling,
+    stem,
+)
 from .base import DenseBackbone
 
 # ---------------------------------------------------------------------------------- model zoo

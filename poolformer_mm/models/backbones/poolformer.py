@@ -7,9 +7,18 @@ from mmengine.model.weight_init import trunc_normal_init
 from mmengine.registry import MODELS
 
 from ..checkpoint_layouts import load_backbone_weights
-from ..layers import (ConvMlp, MetaFormerBlock, MetaFormerStage, PositionEmbedding,
-                      build_norm, build_token_mixer, channel_norm_cfg, downsampling, stem,
-                      token_mixer_cfg)
+from ..layers import (
+    ConvMlp,
+    MetaFormerBlock,
+    MetaFormerStage,
+    PositionEmbedding,
+    build_norm,
+    build_token_mixer,
+    channel_norm_cfg,
+    downsampling,
+    stem,
+    token_mixer_cfg,
+)
 from .base import DenseBackbone
 
 
