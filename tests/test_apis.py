@@ -137,7 +137,7 @@ def test_deploy_hook_folds_the_backbone_inside_wrappers_and_keeps_predictions():
 
     from poolformer_mm.engine import DeployBackboneHook
     from poolformer_mm.models import PoolFormer
-    from poolformer_mm.models.fast_poolformer import DeployPoolFormerBlock
+    from poolformer_mm.models.layers import DeployPoolFormerBlock
 
     class Detector(torch.nn.Module):
         def __init__(self):

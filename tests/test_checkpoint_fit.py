@@ -102,3 +102,25 @@ def test_infer_refuses_a_checkpoint_of_another_arch(tmp_path, build_model):
         draw_predictions(TOY_FPN, checkpoint, [f'{ade}/images/validation'],
                          str(tmp_path / 'out'))
     assert not (tmp_path / 'out').exists()
+
+
+def test_checkpoint_with_the_old_parameter_names_still_fits(tmp_path):
+    from test_checkpoint_naming import to_old_names
+
+    from poolformer_mm.apis.checkpoint_fit import check_checkpoint_fits
+
+    class Detector(torch.nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.backbone = PoolFormer('s12')
+
+    model = Detector()
+    old = to_old_names(model.backbone.state_dict(), 'poolformer_s12')
+    assert 'stem.proj.weight' in old  # the old naming, as checkpoints before the rename have it
+    torch.save({'state_dict': {f'backbone.{k}': v for k, v in old.items()}}, tmp_path / 'old.pth')
+    check_checkpoint_fits(model, str(tmp_path / 'old.pth'))
+    torch.save({'state_dict': {f'backbone.{k}': v for k, v in old.items()
+                               if not k.startswith('stem.')}}, tmp_path / 'no_stem.pth')
+    with pytest.raises(ValueError, match=r'backbone: 2 missing, e.g. backbone\.stem\.conv\.'):
+        check_checkpoint_fits(model, str(tmp_path / 'no_stem.pth'))

@@ -18,6 +18,8 @@ import torch.nn as nn
 from mmengine.model import is_model_wrapper
 from mmengine.runner.checkpoint import CheckpointLoader
 
+from ..models.checkpoint_layouts import upgrade_legacy_keys
+
 TOLERATED = re.compile(r'(^|\.)num_batches_tracked$')
 _BLOCK_KEY = re.compile(r'^backbone\.stages\.(\d+)\.blocks\.(\d+)\.')
 
@@ -89,6 +91,9 @@ def check_checkpoint_fits(model: nn.Module, checkpoint: str, config: str = 'the 
         raise ValueError(f"checkpoint '{checkpoint}' holds no state dict")
     state = {re.sub(r'^module\.', '', key): value for key, value in state.items()
              if hasattr(value, 'shape')}
+    # checkpoints written before the parameter rename load through a state-dict hook; compare
+    # them under today's names
+    state = upgrade_legacy_keys(state)
     problems = checkpoint_mismatches(_bare_model(model).state_dict(), state)
     if problems:
         raise ValueError(
