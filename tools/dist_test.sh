@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
 # Distributed testing with torchrun (PyTorch DDP through mmengine), on GPUs or CPU-only nodes.
-#   tools/dist_train.sh CONFIG CHECKPOINT PROCESSES_PER_NODE [test.py args...]
-# Multi-node: run it on every node with NNODES, NODE_RANK and MASTER_ADDR set (PORT optional).
+#   tools/dist_test.sh CONFIG CHECKPOINT PROCESSES_PER_NODE [test.py args...]
+# Multi-node: run it on every node with NNODES, NODE_RANK (0 .. NNODES-1) and MASTER_ADDR (the
+# address of node 0, reachable from all nodes) set; PORT (default 29500) must be free on node 0.
+# CPU-only nodes: each process uses OMP_NUM_THREADS threads (torchrun sets 1 when a node runs
+# several processes; with one process per node, all cores unless you set it).
 set -euo pipefail
 CONFIG=$1
 CHECKPOINT=$2
 NPROC=$3
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
+if [ "$NNODES" -gt 1 ] && [ -z "${MASTER_ADDR:-}" ]; then
+    echo "$(basename "$0"): NNODES=$NNODES needs MASTER_ADDR, the address of the node started" \
+         "with NODE_RANK=0 (the same on every node)" >&2
+    exit 2
+fi
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 PORT=${PORT:-29500}
 PYTHON=${PYTHON:-python}

@@ -3,14 +3,90 @@
 mmengine 0.10.7 initialises the process group with ``torch.cuda.set_device(local_rank)`` for every
 launcher, and wraps the model with ``device_ids=[local_rank]``; both fail without CUDA
 ("'torch._C' has no attribute '_cuda_setDevice'"). On CPU we start the gloo process group
-ourselves (the Runner then skips its own init) and wrap without device ids. With a GPU nothing
-here runs and behaviour is upstream's.
+ourselves (the Runner then skips its own init) and wrap without device ids.
+
+SyncBN: the mmseg heads (``norm_cfg=dict(type='SyncBN')``) cannot run in a CPU DDP model (torch's
+DDP refuses it: "SyncBatchNorm layers only work with GPU modules"; gloo has no synchronised batch
+norm). mmengine converts them back to BN only when training without a launcher. Our CPU wrapper,
+:class:`CPUDistributedDataParallel`, converts them in the built model right before DDP wraps it,
+whichever config field or code made them (backbone, neck, decode and auxiliary heads,
+``cfg.sync_bn``), for any number of processes, and logs what it converted. The config is left
+as it is, so the same config (and its copy in the work dir) still gives SyncBN on GPUs.
+
+With a GPU nothing here runs and behaviour is upstream's.
 """
 import os
+from collections import Counter
+from typing import List
 
 import torch
 import torch.distributed as dist
 from mmengine.config import Config
+from mmengine.logging import print_log
+from mmengine.model import MMDistributedDataParallel, revert_sync_batchnorm
+from mmengine.registry import MODEL_WRAPPERS
+from torch import nn
+
+
+def _sync_bn_types() -> tuple:
+    """torch's SyncBatchNorm and, where mmcv has its ops, mmcv's (the types mmengine's
+    ``revert_sync_batchnorm`` converts)."""
+    types = [nn.SyncBatchNorm]
+    try:
+        from mmcv.ops import SyncBatchNorm as MMSyncBN
+        types.append(MMSyncBN)
+    except ImportError:  # mmcv lite: no compiled ops
+        pass
+    return tuple(types)
+
+
+def _sync_bn_names(module: nn.Module) -> List[str]:
+    return [name for name, m in module.named_modules() if isinstance(m, _sync_bn_types())]
+
+
+def revert_sync_bn_for_cpu(module: nn.Module) -> nn.Module:
+    """Convert the SyncBN layers of ``module`` to BN, saying which in the log.
+
+    The parameters and running statistics are kept (same state-dict keys, so checkpoints load
+    either way). Each process then normalises over its own images only: with 2 processes of 2
+    images, BN statistics come from 2 images where SyncBN on GPUs would use 4.
+    """
+    names = _sync_bn_names(module)
+    if not names:
+        return module
+    module = revert_sync_batchnorm(module)
+    left = _sync_bn_names(module)
+    if left:
+        raise RuntimeError(
+            f'CPU distributed run: could not convert the SyncBN layers {", ".join(left)} to BN '
+            '(their parent module refused the replacement); use norm_cfg=dict(type="BN") in the '
+            'config for them, or train on GPUs')
+    # One entry per top-level module, e.g. "decode_head: 7, auxiliary_head: 1"
+    where = Counter(name.split('.')[0] or 'model' for name in names)
+    print_log(
+        f'CPU distributed run: converted {len(names)} SyncBN layers '
+        f'({", ".join(f"{k}: {n}" for k, n in where.items())}) to BN, as gloo has no '
+        'synchronised batch norm; each process computes batch statistics over its own images '
+        '(SyncBN on GPUs uses those of all processes)',
+        logger='current')
+    return module
+
+
+@MODEL_WRAPPERS.register_module()
+class CPUDistributedDataParallel(MMDistributedDataParallel):
+    """:class:`~mmengine.model.MMDistributedDataParallel` for CPU processes (gloo): converts
+    SyncBN to BN (see :func:`revert_sync_bn_for_cpu`) before torch's DDP inspects the model.
+
+    ``prepare_cpu_distributed`` puts it in ``model_wrapper_cfg`` on machines without CUDA, in
+    place of ``MMDistributedDataParallel`` (whose arguments it takes); a wrapper of another type
+    in the config is kept as it is.
+    """
+
+    def __init__(self, module: nn.Module, **kwargs):
+        # A config dumped by a CPU run names this wrapper; used on GPUs, it keeps SyncBN.
+        if not any(p.is_cuda for p in module.parameters()):
+            module = revert_sync_bn_for_cpu(module)
+        super().__init__(module=module, **kwargs)
 
 
 def _export_slurm_env() -> None:
@@ -40,6 +116,9 @@ def prepare_cpu_distributed(cfg: Config) -> None:
                            "--launcher pytorch (tools/dist_train.sh) or slurm")
     cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})['backend'] = 'gloo'
     wrapper = dict(cfg.get('model_wrapper_cfg') or dict(type='MMDistributedDataParallel'))
+    if wrapper.get('type', 'MMDistributedDataParallel') in ('MMDistributedDataParallel',
+                                                            MMDistributedDataParallel):
+        wrapper['type'] = 'CPUDistributedDataParallel'
     wrapper['device_ids'] = None
     wrapper.setdefault('broadcast_buffers', False)  # as mmengine's default GPU wrapping
     cfg.model_wrapper_cfg = wrapper

@@ -140,7 +140,7 @@ def config_for_training(args) -> Config:
         cfg.resume, cfg.load_from = True, args.resume
     check_data_roots(cfg, loaders=('train_dataloader', 'val_dataloader'))
     add_data_checks(cfg)
-    _add_guard_hooks(cfg, ['FiniteLossHook'])
+    _add_guard_hooks(cfg, ['FiniteLossHook', 'RandomStateHook'])
     _use_crash_safe_checkpoint_hook(cfg)
     return cfg
 

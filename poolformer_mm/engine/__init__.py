@@ -2,6 +2,7 @@ from .checkpoint_hook import CrashSafeCheckpointHook
 from .deploy_hook import DeployBackboneHook, switch_backbone_to_deploy
 from .hooks import FiniteLossHook
 from .optim_wrapper import BF16AutocastOptimWrapper
+from .random_state import RandomStateHook, get_random_state, set_random_state
 from .safe_checkpoints import (AtomicLocalBackend, is_remote_checkpoint,
                                load_from_local_weights_only, register_safe_checkpoint_io)
 from .work_dir import WorkDirLock, find_resumable_checkpoint, lock_work_dir
@@ -10,5 +11,6 @@ __all__ = [
     'AtomicLocalBackend', 'BF16AutocastOptimWrapper', 'CrashSafeCheckpointHook',
     'DeployBackboneHook', 'FiniteLossHook',
     'WorkDirLock', 'find_resumable_checkpoint', 'is_remote_checkpoint', 'lock_work_dir',
-    'load_from_local_weights_only', 'register_safe_checkpoint_io', 'switch_backbone_to_deploy'
+    'load_from_local_weights_only', 'register_safe_checkpoint_io', 'switch_backbone_to_deploy',
+    'RandomStateHook', 'get_random_state', 'set_random_state'
 ]

@@ -1,0 +1,219 @@
+"""Checkpoints that carry the random number generators, so a resumed run continues exactly.
+
+mmengine 0.10.7 saves weights, optimizer, schedulers and the message hub, but no random state: a
+resumed run re-seeds from ``randomness.seed`` and then draws dropout masks (torch) and, with data
+loader workers 0, the random resize/crop/flip of the pipeline (numpy, python ``random``) from the
+start of the sequence again. With ``randomness.deterministic=True`` the run is then reproducible
+but not the one that was interrupted.
+
+:class:`RandomStateHook` stores torch's CPU (and current CUDA device's) generator, numpy's legacy
+global generator and python's ``random`` in every checkpoint, for each process of a distributed
+run, and puts them back when training resumes, at the point of the loop where the uninterrupted
+run stood when it wrote the checkpoint.
+"""
+import random
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from mmengine.dist import all_gather_object, get_dist_info
+from mmengine.hooks import CheckpointHook, Hook
+from mmengine.registry import HOOKS
+from mmengine.runner import EpochBasedTrainLoop, IterBasedTrainLoop, get_priority
+
+CHECKPOINT_KEY = 'random_state'
+
+
+def get_random_state() -> dict:
+    """This process's generator states, as types ``torch.load(weights_only=True)`` accepts.
+
+    Tensors, ints, floats, strings and lists only, so the weights-only allow-list of
+    :mod:`poolformer_mm.engine.safe_checkpoints` needs no new entry.
+    """
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, py_state, gauss_next = random.getstate()
+    state = dict(
+        torch=torch.get_rng_state(),
+        numpy=dict(name=name, keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos),
+                   has_gauss=int(has_gauss), cached_gaussian=float(cached_gaussian)),
+        python=dict(version=version, state=list(py_state), gauss_next=gauss_next))
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_random_state(state: dict) -> None:
+    """Inverse of :func:`get_random_state` (tensors may come back on a GPU: resume maps the
+    checkpoint to the training device)."""
+    torch.set_rng_state(state['torch'].cpu())
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state['cuda'].cpu())
+    numpy = state['numpy']
+    np.random.set_state((numpy['name'], numpy['keys'].cpu().numpy().astype(np.uint32),
+                         numpy['pos'], numpy['has_gauss'], numpy['cached_gaussian']))
+    python = state['python']
+    random.setstate((python['version'], tuple(python['state']), python['gauss_next']))
+
+
+class _RestoreAfterFastForward:
+    """Stands in for ``IterBasedTrainLoop.dataloader_iterator`` while a resumed loop skips the
+    batches it has already trained on, and restores the random state right after the skip.
+
+    The skip runs the data pipeline ``iter`` times (its random draws included), so the state must
+    be put back after it, just before the first new batch is loaded; no hook runs in between.
+    """
+
+    def __init__(self, loop: IterBasedTrainLoop, skip: int, restore: Callable[[], None]):
+        self._loop, self._iterator = loop, loop.dataloader_iterator
+        self._skip, self._restore = skip, restore
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._skip > 0:
+            self._skip -= 1
+            return next(self._iterator)
+        self._loop.dataloader_iterator = self._iterator  # out of the way from now on
+        self._restore()
+        return next(self._iterator)
+
+
+@HOOKS.register_module()
+class RandomStateHook(Hook):
+    """Save the random generators with each checkpoint and restore them on ``--resume``.
+
+    * Saving: the checkpoint gets ``random_state=dict(world_size=N, ranks=[state of rank 0,
+      ...])``. mmengine builds and writes checkpoints on rank 0 only (``Runner.save_checkpoint``
+      is ``master_only``), so in a distributed run the ranks' states are gathered beforehand, by
+      all ranks, when a :class:`~mmengine.hooks.CheckpointHook` is due to save (this hook runs
+      just before it) and before each validation (for ``save_best``).
+    * Restoring: each rank its own state. Epoch-based loops at ``before_train`` (the next epoch's
+      sampler, data loader and workers are all set up after it); iteration-based loops right
+      after mmengine has advanced the data loader past the trained batches (see
+      :class:`_RestoreAfterFastForward`).
+    * Validation leaves the training random state as it found it. Otherwise the data loader of a
+      validation run right after a checkpoint (the usual ``val_interval`` equal to the checkpoint
+      interval) would move torch's generator in the uninterrupted run only.
+
+    Exact for the random state of the training processes. Not covered: persistent data loader
+    workers of epoch-based loops (their state lives in the worker processes; a warning says so),
+    checkpoints written in the middle of an epoch of an epoch-based loop (mmengine restarts that
+    epoch from its first batch) and resuming with another number of processes (a warning says
+    the state is not restored).
+    """
+    # Just before CheckpointHook (VERY_LOW, 90) so the states are gathered before it saves, and
+    # after all hooks of higher priority in ``before_train``, so that what they draw does not
+    # shift the restored sequence.
+    priority = get_priority('VERY_LOW') - 1
+
+    def __init__(self) -> None:
+        self._loaded = False  # a checkpoint was loaded (resume or load_from)
+        self._saved: Optional[dict] = None  # its random state, if it has one
+        self._before_val: Optional[dict] = None
+        self._gathered: Optional[tuple] = None  # (runner.iter, states of all ranks)
+
+    # -- saving ------------------------------------------------------------------------------
+    @staticmethod
+    def _checkpoint_due(runner, by_epoch: bool) -> bool:
+        """Whether a CheckpointHook saves at this point (its own schedule, evaluated alike on all
+        ranks, so all of them enter the gather or none)."""
+        for hook in runner.hooks:
+            if not isinstance(hook, CheckpointHook) or hook.by_epoch != by_epoch:
+                continue
+            if by_epoch:
+                due = hook.every_n_epochs(runner, hook.interval, hook.save_begin) or (
+                    hook.save_last and hook.is_last_train_epoch(runner))
+            else:
+                due = hook.every_n_train_iters(runner, hook.interval, hook.save_begin) or (
+                    hook.save_last and hook.is_last_train_iter(runner))
+            if due:
+                return True
+        return False
+
+    def _gather(self, runner, state: Optional[dict] = None) -> None:
+        if get_dist_info()[1] > 1:
+            self._gathered = (runner.iter, all_gather_object(state or get_random_state()))
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        if self._checkpoint_due(runner, by_epoch=False):
+            self._gather(runner)
+
+    def after_train_epoch(self, runner) -> None:
+        if self._checkpoint_due(runner, by_epoch=True):
+            self._gather(runner)
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        world_size = get_dist_info()[1]
+        if world_size == 1:
+            states = [get_random_state()]
+        elif self._gathered is not None and self._gathered[0] == runner.iter:
+            states = self._gathered[1]
+        else:  # a save outside the CheckpointHook schedule: only this rank's state is at hand
+            states = [get_random_state()]
+        checkpoint[CHECKPOINT_KEY] = dict(world_size=world_size, ranks=states)
+
+    # -- restoring ---------------------------------------------------------------------------
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        # Also called for ``load_from`` (fine-tuning, testing): only kept here; ``before_train``
+        # applies it when the loop really resumes.
+        self._loaded, self._saved = True, checkpoint.get(CHECKPOINT_KEY)
+
+    def before_train(self, runner) -> None:
+        loaded, saved = self._loaded, self._saved
+        self._loaded, self._saved = False, None
+        loop = runner.train_loop
+        # mmengine's resume sets the loop's iteration from the checkpoint, load_from does not
+        if not loaded or loop.iter == 0:
+            return
+        where = f'iteration {loop.iter}' if isinstance(loop, IterBasedTrainLoop) \
+            else f'epoch {loop.epoch}'
+        rank, world_size = get_dist_info()
+        if saved is None:
+            runner.logger.warning(
+                f'the checkpoint has no random state (written without {type(self).__name__}): '
+                'dropout and data augmentation of the resumed run start over from '
+                "randomness.seed and differ from those of an uninterrupted run")
+            return
+        if saved['world_size'] != world_size:
+            runner.logger.warning(
+                f"the checkpoint's random state is that of {saved['world_size']} processes and "
+                f'this run has {world_size}: random state not restored, the resumed run differs '
+                'from an uninterrupted one (resume with the number of processes it was written '
+                'with for an exact continuation)')
+            return
+        if len(saved['ranks']) != world_size:
+            runner.logger.warning(
+                'the checkpoint holds the random state of rank 0 only (it was saved outside the '
+                'CheckpointHook schedule): random state not restored, the resumed run differs '
+                'from an uninterrupted one')
+            return
+        state = saved['ranks'][rank]
+
+        def restore():
+            set_random_state(state)
+            runner.logger.info(f'restored the random state (torch, numpy, python random) of '
+                               f'{world_size} process(es) as it was after {where}')
+
+        if isinstance(loop, IterBasedTrainLoop):
+            loop.dataloader_iterator = _RestoreAfterFastForward(loop, loop.iter, restore)
+        else:
+            restore()
+            dataloader = loop.dataloader
+            if (isinstance(loop, EpochBasedTrainLoop) and dataloader.num_workers > 0
+                    and dataloader.persistent_workers):
+                runner.logger.warning(
+                    'train_dataloader.persistent_workers=True: the random state of the data '
+                    'loader workers is not in the checkpoint, so the data augmentation of the '
+                    'resumed run differs from an uninterrupted one. Set '
+                    'train_dataloader.persistent_workers=False for an exact resume.')
+
+    # -- validation --------------------------------------------------------------------------
+    def before_val(self, runner) -> None:
+        self._before_val = get_random_state()
+        self._gather(runner, self._before_val)  # what a save_best checkpoint after it stores
+
+    def after_val(self, runner) -> None:
+        if self._before_val is not None:
+            set_random_state(self._before_val)
+            self._before_val = None
