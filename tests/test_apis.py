@@ -4,8 +4,13 @@ import os.path as osp
 import pytest
 import torch
 
-from poolformer_mm.apis import (check_data_roots, config_for_testing, config_for_training,
-                                test_parser, train_parser)
+from poolformer_mm.apis import (
+    check_data_roots,
+    config_for_testing,
+    config_for_training,
+    test_parser,
+    train_parser,
+)
 
 RETINANET = 'configs/detection/retinanet_poolformer_s12.py'
 MASK_RCNN = 'configs/detection/mask_rcnn_poolformer_s12.py'

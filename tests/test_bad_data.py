@@ -9,10 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from poolformer_mm.apis import (config_for_testing, config_for_training, run_testing,
-                                run_training)
+from poolformer_mm.apis import (
+    config_for_testing,
+    config_for_training,
+    run_testing,
+    run_training,
+    train_parser,
+)
 from poolformer_mm.apis import test_parser as make_test_parser
-from poolformer_mm.apis import train_parser
 from poolformer_mm.apis.data_checks import add_data_checks, read_image_for_inference
 from poolformer_mm.apis.inference import draw_predictions
 from poolformer_mm.datasets import make_toy_ade, make_toy_coco
@@ -75,6 +79,7 @@ def _load_every_training_sample(root, work_dir):
 # segmentation labels
 
 
+@pytest.mark.slow
 def test_rgb_label_deep_in_the_data_set_is_refused_naming_the_file(tmp_path, ade):
     label = _read_label(_label(ade))
     cv2.imwrite(_label(ade), np.stack([label * 40, label * 20, label], axis=-1))
@@ -141,6 +146,7 @@ def test_label_that_is_not_an_image_is_refused_naming_the_file(tmp_path, backend
 
 def test_good_labels_load_exactly_as_with_mmseg(tmp_path, ade):
     from mmseg.datasets.transforms import LoadAnnotations
+
     from poolformer_mm.datasets.transforms import LoadCheckedAnnotations
     label = _read_label(_label(ade))
     label[:8] = 255  # ignored pixels stay ignored
@@ -175,6 +181,7 @@ def _warnings(work_dir):
         return [line for line in f if ' - WARNING - ' in line]
 
 
+@pytest.mark.slow
 def test_batches_of_labels_ignored_everywhere_warn_once_then_count(tmp_path, ade):
     for index in range(1, 5):  # only zeros: with reduce_zero_label every pixel becomes 255
         cv2.imwrite(_label(ade, index=index), np.zeros((128, 160), np.uint8))

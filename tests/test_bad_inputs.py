@@ -91,6 +91,7 @@ def _checkpoint_of_untrained(config, path):
     return str(path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mode', ['gray', 'rgba', 'tiny', 'odd'])
 def test_grayscale_rgba_tiny_and_odd_images_just_work(tmp_path, mode):
     rng = np.random.default_rng(0)
@@ -138,6 +139,7 @@ def test_checkpoint_whose_pickle_would_run_code_is_refused_and_nothing_runs(
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_the_iteration_and_keeps_the_last_good_checkpoint(tmp_path, coco):
     work_dir = str(tmp_path / 'w')
     run_training([TOY_RETINANET, '--data-root', coco, '--work-dir', work_dir, *ONE_EPOCH])

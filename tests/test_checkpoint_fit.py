@@ -68,8 +68,10 @@ def _saved_model(build_model, config, path, **changes):
     return str(path)
 
 
-def test_tools_test_refuses_an_s24_checkpoint_on_the_s12_config(tmp_path, toy_coco, build_model):
-    checkpoint = _saved_model(build_model, TOY_RETINANET, tmp_path / 's24.pth', **{'backbone.arch': 's24'})
+def test_tools_test_refuses_an_s24_checkpoint_on_the_s12_config(tmp_path, toy_coco,
+                                                                build_model):
+    checkpoint = _saved_model(build_model, TOY_RETINANET, tmp_path / 's24.pth',
+                              **{'backbone.arch': 's24'})
     with pytest.raises(ValueError) as err:
         run_testing([TOY_RETINANET, checkpoint, '--data-root', toy_coco,
                      '--work-dir', str(tmp_path / 'w')])
@@ -79,7 +81,8 @@ def test_tools_test_refuses_an_s24_checkpoint_on_the_s12_config(tmp_path, toy_co
     assert 'Test metrics' not in message
 
 
-def test_tools_test_refuses_a_segmentor_checkpoint_on_a_detector_config(tmp_path, toy_coco, build_model):
+def test_tools_test_refuses_a_segmentor_checkpoint_on_a_detector_config(tmp_path, toy_coco,
+                                                                        build_model):
     checkpoint = _saved_model(build_model, TOY_FPN, tmp_path / 'fpn.pth')
     with pytest.raises(ValueError, match='bbox_head: the config builds it, the checkpoint has no '
                        'bbox_head'):
@@ -96,7 +99,8 @@ def test_tools_test_accepts_its_own_checkpoint_with_an_ema_copy(tmp_path, toy_co
 
 def test_infer_refuses_a_checkpoint_of_another_arch(tmp_path, build_model):
     ade = make_toy_ade(str(tmp_path / 'ade'), num_train=1, num_val=1)
-    checkpoint = _saved_model(build_model, TOY_FPN, tmp_path / 'fpn_s24.pth', **{'backbone.arch': 's24'})
+    checkpoint = _saved_model(build_model, TOY_FPN, tmp_path / 'fpn_s24.pth',
+                              **{'backbone.arch': 's24'})
     with pytest.raises(ValueError, match='backbone: checkpoint has 4/4/12/4 blocks, the config '
                        'builds 2/2/6/2'):
         draw_predictions(TOY_FPN, checkpoint, [f'{ade}/images/validation'],

@@ -75,6 +75,7 @@ def logged_warnings():
         logger.removeHandler(handler)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('pointer', ['missing', 'empty'])
 def test_resume_without_a_usable_last_checkpoint_file_takes_the_newest_checkpoint(
         tmp_path, toy_ade, trained_to_8, pointer):
@@ -90,6 +91,7 @@ def test_resume_without_a_usable_last_checkpoint_file_takes_the_newest_checkpoin
     assert torch.load(work_dir / 'iter_10.pth', weights_only=True)['meta']['iter'] == 10
 
 
+@pytest.mark.slow
 def test_truncated_newest_checkpoint_falls_back_to_the_previous_one_with_a_warning(
         tmp_path, trained_to_8):
     work_dir = _copy_work_dir(trained_to_8, tmp_path / 'work')
@@ -128,6 +130,7 @@ run_training(sys.argv[2:])
 '''
 
 
+@pytest.mark.slow
 def test_kill_while_writing_with_max_keep_ckpts_1_keeps_the_previous_checkpoint(
         tmp_path, toy_ade):
     work_dir = tmp_path / 'work'
@@ -147,6 +150,7 @@ def test_kill_while_writing_with_max_keep_ckpts_1_keeps_the_previous_checkpoint(
     assert sorted(p.name for p in work_dir.glob('*.pth')) == ['iter_6.pth']  # max_keep_ckpts=1
 
 
+@pytest.mark.slow
 def test_max_keep_ckpts_still_deletes_outdated_checkpoints(tmp_path, toy_ade):
     work_dir = tmp_path / 'work'
     run_training(_argv(work_dir, toy_ade, 6, 'default_hooks.checkpoint.max_keep_ckpts=2',
@@ -154,6 +158,7 @@ def test_max_keep_ckpts_still_deletes_outdated_checkpoints(tmp_path, toy_ade):
     assert sorted(p.name for p in work_dir.glob('*.pth')) == ['iter_4.pth', 'iter_6.pth']
 
 
+@pytest.mark.slow
 def test_second_training_in_the_same_work_dir_stops_at_once(tmp_path, toy_ade):
     work_dir = tmp_path / 'work'
     holder = subprocess.Popen(
@@ -175,6 +180,7 @@ def test_second_training_in_the_same_work_dir_stops_at_once(tmp_path, toy_ade):
     WorkDirLock(str(work_dir)).release()
 
 
+@pytest.mark.slow
 def test_checkpoints_get_the_mode_the_umask_gives(tmp_path, toy_ade):
     old = os.umask(0o022)
     try:

@@ -2,7 +2,6 @@
 import pytest
 import torch
 from mmengine.config import Config
-from mmengine.registry import init_default_scope
 
 REPO_CONFIGS = 'configs'
 
@@ -18,27 +17,22 @@ SEGMENTORS = {
 }
 
 
-def _build(path):
+def _build(path, build_model):
     cfg = Config.fromfile(path)
-    init_default_scope(cfg.default_scope)
-    if cfg.default_scope == 'mmdet':
-        from mmdet.registry import MODELS
-    else:
-        from mmseg.registry import MODELS
-    return cfg, MODELS.build(cfg.model)
+    return cfg, build_model(cfg)
 
 
 @pytest.mark.parametrize('name, millions', DETECTORS.items())
-def test_detector_parameter_count_rounds_to_the_paper(name, millions):
-    cfg, model = _build(f'{REPO_CONFIGS}/detection/{name}.py')
+def test_detector_parameter_count_rounds_to_the_paper(name, millions, build_model):
+    cfg, model = _build(f'{REPO_CONFIGS}/detection/{name}.py', build_model)
     params = sum(p.numel() for p in model.parameters())
     assert round(params / 1e6, 1) == millions
     assert cfg.model.backbone.init_cfg.checkpoint == f'checkpoints/poolformer_{name[-3:]}.pth.tar'
 
 
 @pytest.mark.parametrize('name, millions', SEGMENTORS.items())
-def test_segmentor_parameter_count_rounds_to_the_paper(name, millions):
-    cfg, model = _build(f'{REPO_CONFIGS}/segmentation/{name}.py')
+def test_segmentor_parameter_count_rounds_to_the_paper(name, millions, build_model):
+    cfg, model = _build(f'{REPO_CONFIGS}/segmentation/{name}.py', build_model)
     params = sum(p.numel() for p in model.parameters())
     assert round(params / 1e6, 1) == millions
     assert cfg.model.backbone.init_cfg.checkpoint == f'checkpoints/poolformer_{name[-3:]}.pth.tar'
@@ -92,8 +86,8 @@ def test_semantic_fpn_recipe():
     assert cfg.data_root == 'data/ade/ADEChallengeData2016'
 
 
-def test_semantic_fpn_rounds_odd_test_sizes_and_predicts_full_size():
-    cfg, model = _build(f'{REPO_CONFIGS}/segmentation/fpn_poolformer_s12.py')
+def test_semantic_fpn_rounds_odd_test_sizes_and_predicts_full_size(build_model):
+    cfg, model = _build(f'{REPO_CONFIGS}/segmentation/fpn_poolformer_s12.py', build_model)
     from mmcv.transforms import Compose
     from mmseg.registry import TRANSFORMS  # noqa: F401  (mmseg transforms are registered)
     image = (torch.rand(333, 517, 3) * 255).numpy().astype('uint8')

@@ -1,6 +1,5 @@
 """The synthetic data sets: deterministic, valid COCO / ADE20K layouts."""
 import hashlib
-import json
 from pathlib import Path
 
 import cv2

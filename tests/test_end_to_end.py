@@ -90,9 +90,9 @@ def test_toy_retinanet_learns(tmp_path):
                                     work_dir))
     untrained_path = tmp_path / 'untrained.pth'
     initial = torch.load(work_dir / 'epoch_20.pth', weights_only=True)
+    from mmdet.registry import MODELS
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
-    from mmdet.registry import MODELS
     init_default_scope('mmdet')
     model = MODELS.build(Config.fromfile(str(REPO / TOY_RETINANET)).model)
     model.init_weights()

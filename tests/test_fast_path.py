@@ -207,6 +207,7 @@ def test_reference_implementation_matches_poolformer():
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_benchmark_script_prints_every_variant_and_its_difference(tmp_path):
     result = subprocess.run(
         [sys.executable, 'tools/analysis/benchmark.py', '--arch', 's12', '--shape', '64',

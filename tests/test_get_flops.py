@@ -96,6 +96,7 @@ def test_a_non_poolformer_backbone_config_is_refused_with_a_hint():
         backbone_complexity(dict(type='ResNet', depth=50))
 
 
+@pytest.mark.slow
 def test_script_prints_s12_params_macs_and_the_uncounted_ops():
     done = subprocess.run([sys.executable, 'tools/analysis/get_flops.py', '--arch', 's12'],
                           cwd=REPO, capture_output=True, text=True, timeout=300)

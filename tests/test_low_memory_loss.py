@@ -158,6 +158,7 @@ def test_low_memory_head_refuses_losses_it_cannot_compute_exactly(loss_decode, s
         _build(cfg)
 
 
+@pytest.mark.slow
 def test_benchmark_reports_the_whole_model_memory_saving(tmp_path):
     result = subprocess.run(
         [sys.executable, 'tools/analysis/benchmark.py', '--config',

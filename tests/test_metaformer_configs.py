@@ -4,12 +4,10 @@ parameter count measured here, swaps only the backbone and keeps the PoolFormer-
 
 The models are built, never initialised: their backbones point at ImageNet checkpoints that a
 test machine does not have."""
-import copy
 
 import pytest
 import torch
 from mmengine.config import Config
-from mmengine.registry import init_default_scope
 
 # config: (whole-model parameters as measured, what it inherits)
 CONFIGS = {
@@ -32,20 +30,10 @@ CHECKPOINTS = {
 }
 
 
-def _build(cfg):
-    init_default_scope(cfg.default_scope)
-    if cfg.default_scope == 'mmdet':
-        from mmdet.registry import MODELS
-    else:
-        from mmseg.registry import MODELS
-    # A copy: building a detector writes train_cfg / test_cfg into its heads' configs.
-    return MODELS.build(copy.deepcopy(cfg.model))
-
-
 @pytest.fixture(scope='module', params=CONFIGS, ids=lambda name: name.split('/')[1])
-def built(request):
+def built(request, build_model):
     cfg = Config.fromfile(f'configs/{request.param}.py')
-    return request.param, cfg, _build(cfg)
+    return request.param, cfg, build_model(cfg)
 
 
 def test_parameter_count_is_the_measured_one(built):

@@ -28,6 +28,7 @@ BUILD_FROM_SCOPE = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('scope', ['mmdet', 'mmseg'])
 def test_backbone_is_built_from_downstream_scope_via_custom_imports(tmp_path, scope):
     config = tmp_path / f'{scope}_cfg.py'
@@ -43,6 +44,7 @@ def test_backbone_is_built_from_downstream_scope_via_custom_imports(tmp_path, sc
         'poolformer_mm.models.backbones.poolformer', 'PoolFormer', '11403200']
 
 
+@pytest.mark.slow
 def test_converter_writes_a_backbone_checkpoint(tmp_path):
     torch.manual_seed(0)
     model = PoolFormer('s12')
@@ -59,6 +61,7 @@ def test_converter_writes_a_backbone_checkpoint(tmp_path):
     assert all(torch.equal(converted[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.slow
 def test_converter_refuses_a_checkpoint_of_another_arch(tmp_path):
     src = tmp_path / 's12.pth'
     torch.save(PoolFormer('s12').state_dict(), src)

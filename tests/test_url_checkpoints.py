@@ -136,7 +136,8 @@ def test_unreachable_url_without_cache_names_the_url_and_where_to_put_the_file(
             CheckpointLoader.load_checkpoint(url)
     message = str(err.value)
     assert url in message
-    assert str(tmp_path / 'torch_home' / 'hub' / 'checkpoints' / 'poolformer_s12.pth.tar') in message
+    cache = tmp_path / 'torch_home' / 'hub' / 'checkpoints'
+    assert str(cache / 'poolformer_s12.pth.tar') in message
 
 
 def _random_tiny_backbone(seed):

@@ -18,8 +18,7 @@ from mmengine.hooks import CheckpointHook
 from ..engine.safe_checkpoints import is_remote_checkpoint
 from ..engine.work_dir import find_resumable_checkpoint, lock_work_dir
 from .checkpoint_fit import check_checkpoint_fits
-from .data_checks import (CheckedDictAction, add_data_checks, check_data_roots,
-                          override_data_root)
+from .data_checks import CheckedDictAction, add_data_checks, check_data_roots, override_data_root
 from .distributed import prepare_cpu_distributed
 from .eval_metrics import DETECTION_METRICS, SEGMENTATION_METRICS, set_eval_metrics, task_of
 
@@ -43,7 +42,8 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument('--amp', action='store_true',
                         help='mixed precision: fp16 AMP on GPU, bf16 autocast on CPU')
     parser.add_argument('--auto-scale-lr', action='store_true',
-                        help='scale the learning rate by (total batch / auto_scale_lr.base_batch_size)')
+                        help='scale the learning rate by '
+                        '(total batch / auto_scale_lr.base_batch_size)')
     parser.add_argument(
         '--resume', nargs='?', type=str, const='auto',
         help='resume from CHECKPOINT, or from the latest checkpoint in the work dir if no '

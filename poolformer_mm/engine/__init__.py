@@ -3,8 +3,12 @@ from .deploy_hook import DeployBackboneHook, switch_backbone_to_deploy
 from .hooks import FiniteLossHook
 from .optim_wrapper import BF16AutocastOptimWrapper
 from .random_state import RandomStateHook, get_random_state, set_random_state
-from .safe_checkpoints import (AtomicLocalBackend, is_remote_checkpoint,
-                               load_from_local_weights_only, register_safe_checkpoint_io)
+from .safe_checkpoints import (
+                               AtomicLocalBackend,
+                               is_remote_checkpoint,
+                               load_from_local_weights_only,
+                               register_safe_checkpoint_io,
+)
 from .work_dir import WorkDirLock, find_resumable_checkpoint, lock_work_dir
 
 __all__ = [
