@@ -2,6 +2,7 @@
 
 Marked slow (each starts several training processes); CI runs them.
 """
+import contextlib
 import glob
 import json
 import os
@@ -319,23 +320,27 @@ def _kill_point(case, during_write, seed):
 def train_until(cmd, pattern, work_dir):
     """Run ``cmd`` and kill -9 it at its first output line that matches ``pattern``.
 
+    The whole job is killed, data loader workers included, as a scheduler or a crashed machine
+    does: a worker that outlived the trainer would hold on to its open files for a few seconds.
+
     Returns:
         list[str]: the checkpoints in ``work_dir`` right after the kill.
     """
     process = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED='1'),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
     seen = []
     try:
         for line in process.stdout:
             seen.append(line)
             if re.search(pattern, line):
-                process.send_signal(signal.SIGKILL)
                 break
         else:
             pytest.fail(f'training ended before the kill point {pattern!r}:\n'
                         + ''.join(seen[-30:]))
     finally:
-        process.kill()
+        with contextlib.suppress(ProcessLookupError):  # (it ended before the kill point)
+            os.killpg(process.pid, signal.SIGKILL)
         process.wait()
         process.stdout.close()
     return sorted(p.name for p in work_dir.glob('*.pth'))
