@@ -180,6 +180,35 @@ def test_second_training_in_the_same_work_dir_stops_at_once(tmp_path, toy_ade):
     WorkDirLock(str(work_dir)).release()
 
 
+# Holds the lock, forks a child (as a data loader worker is forked) that outlives it, and dies.
+_LOCK_FORK_DIE = '''
+import os, sys, time
+from poolformer_mm.engine import WorkDirLock
+lock = WorkDirLock(sys.argv[1])
+if os.fork() == 0:
+    time.sleep(60)
+    os._exit(0)
+print("locked", flush=True)
+time.sleep(60)
+'''
+
+
+@pytest.mark.slow
+def test_a_killed_trainings_orphaned_workers_do_not_hold_the_lock(tmp_path):
+    holder = subprocess.Popen([sys.executable, '-c', _LOCK_FORK_DIE, str(tmp_path)], cwd=REPO,
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert holder.stdout.readline().strip() == 'locked'
+        with pytest.raises(RuntimeError, match='in use by another training'):
+            WorkDirLock(str(tmp_path))
+        holder.send_signal(signal.SIGKILL)  # the trainer only: its forked child lives on
+        holder.wait()
+        WorkDirLock(str(tmp_path)).release()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(holder.pid, signal.SIGKILL)  # the orphaned child
+
+
 @pytest.mark.slow
 def test_checkpoints_get_the_mode_the_umask_gives(tmp_path, toy_ade):
     old = os.umask(0o022)

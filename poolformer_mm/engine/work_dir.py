@@ -1,4 +1,5 @@
 """A training's work dir: one job at a time, and the checkpoint to resume from."""
+import errno
 import fcntl
 import glob
 import logging
@@ -17,20 +18,23 @@ _PERIODIC = re.compile(r'^(epoch|iter)_(\d+)\.pth$')
 
 
 class WorkDirLock:
-    """An exclusive ``flock`` on ``<work_dir>/.train.lock`` for the life of the process.
+    """An exclusive lock on ``<work_dir>/.train.lock`` for the life of the process.
 
-    The kernel drops the lock when its holder exits, however it exits (``kill -9`` included), so
-    a dead job never blocks the next one. A second job on the same work dir stops at once instead
-    of writing into the same ``iter_*.pth`` files.
+    A POSIX record lock (``fcntl.lockf``): the kernel drops it when its process exits, however it
+    exits (``kill -9`` included), and forked children such as data loader workers do not inherit
+    it, so neither a dead job nor its orphaned workers block the next one. A second job on the
+    same work dir stops at once instead of writing into the same ``iter_*.pth`` files.
     """
 
     def __init__(self, work_dir: str):
         os.makedirs(work_dir, exist_ok=True)
         self.path = osp.join(work_dir, LOCK_NAME)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
             holder = os.pread(self._fd, 64, 0).decode(errors='replace').strip() or 'unknown'
             os.close(self._fd)
             raise RuntimeError(
@@ -42,7 +46,7 @@ class WorkDirLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the flock
+            os.close(self._fd)  # closing the descriptor drops the lock
             self._fd = None
 
 
