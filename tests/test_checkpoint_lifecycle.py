@@ -5,6 +5,7 @@ import glob
 import logging
 import os
 import os.path as osp
+import re
 import signal
 import subprocess
 import sys
@@ -221,3 +222,28 @@ def test_checkpoints_get_the_mode_the_umask_gives(tmp_path, toy_ade):
         assert (tmp_path / 'other.pkl').stat().st_mode & 0o777 == 0o640
     finally:
         os.umask(old)
+
+
+@pytest.mark.slow
+def test_save_best_with_max_keep_ckpts_keeps_one_periodic_and_the_best_checkpoint(tmp_path,
+                                                                                  toy_ade):
+    work_dir = tmp_path / 'work'
+    run_training(_argv(work_dir, toy_ade, 4, 'default_hooks.checkpoint.max_keep_ckpts=1',
+                       'default_hooks.checkpoint.save_best=mIoU', 'train_cfg.val_interval=2',
+                       interval=2))
+    names = sorted(p.name for p in work_dir.glob('*.pth'))
+    assert names[-1] == 'iter_4.pth' and len(names) == 2
+    assert re.fullmatch(r'best_mIoU_iter_[24]\.pth', names[0])
+
+
+@pytest.mark.slow
+def test_resume_finds_checkpoints_of_a_custom_name_in_the_out_dir(tmp_path, toy_ade):
+    work_dir, out_dir = tmp_path / 'work', tmp_path / 'out'
+    options = [f'default_hooks.checkpoint.out_dir={out_dir}',
+               'default_hooks.checkpoint.filename_tmpl=step{}.pth']
+    run_training(_argv(work_dir, toy_ade, 4, *options, interval=2))
+    assert sorted(p.name for p in (out_dir / 'work').glob('*.pth')) == ['step2.pth',
+                                                                         'step4.pth']
+    (work_dir / 'last_checkpoint').unlink()
+    run_training(_argv(work_dir, toy_ade, 6, *options, interval=2) + ['--resume'])
+    assert _resumed_at(work_dir) == 4

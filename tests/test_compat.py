@@ -106,3 +106,36 @@ def test_allow_listed_getattr_refuses_anything_else(tmp_path):
     torch.save({'escape': _GetattrOf(HistoryBuffer, '__subclasses__')}, path)
     with pytest.raises((pickle.UnpicklingError, AttributeError), match='HistoryBuffer'):
         torch.load(path, weights_only=True)
+
+
+def test_checkpoint_pickled_under_the_other_numpy_major_version_loads(tmp_path):
+    """numpy 1 pickles its scalars as numpy.core.multiarray.scalar, numpy 2 as numpy._core...;
+    an mmengine checkpoint's message hub holds such scalars and arrays."""
+    import zipfile
+
+    import numpy as np
+
+    from poolformer_mm.engine.safe_checkpoints import load_from_local_weights_only
+    torch.save({'meta': {'x': np.float64(2.5), 'a': np.arange(3)}}, tmp_path / 'this.pth')
+    this = '_core' if hasattr(np, '_core') else 'core'
+    other = 'core' if this == '_core' else '_core'
+    with zipfile.ZipFile(tmp_path / 'this.pth') as src, \
+            zipfile.ZipFile(tmp_path / 'other.pth', 'w') as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename.endswith('data.pkl'):
+                assert f'numpy.{this}.multiarray'.encode() in data
+                data = data.replace(f'numpy.{this}.multiarray'.encode(),
+                                    f'numpy.{other}.multiarray'.encode())
+            dst.writestr(info, data)
+    loaded = load_from_local_weights_only(str(tmp_path / 'other.pth'))
+    assert loaded['meta']['x'] == 2.5 and loaded['meta']['a'].tolist() == [0, 1, 2]
+
+
+def test_refusal_names_the_object_the_pickle_asked_for(tmp_path):
+    from poolformer_mm.engine.safe_checkpoints import load_from_local_weights_only
+    marker = tmp_path / 'marker'
+    torch.save({'payload': _WritesMarker(marker)}, tmp_path / 'evil.pth')
+    with pytest.raises(ValueError, match=r'Loader said: .*GLOBAL (posix|os)\.system'):
+        load_from_local_weights_only(str(tmp_path / 'evil.pth'))
+    assert not marker.exists()

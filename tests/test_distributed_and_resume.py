@@ -170,6 +170,18 @@ def test_two_nodes_of_one_process_train_like_one_node_of_two(tmp_path, coco, two
 
 @pytest.mark.parametrize('script,args', [('dist_train.sh', [TOY_RETINANET, '1']),
                                          ('dist_test.sh', [TOY_RETINANET, 'ckpt.pth', '1'])])
+def test_several_nodes_need_each_nodes_rank(script, args):
+    # without it, every launcher would act as node 0
+    env = dict(os.environ, NNODES='2', MASTER_ADDR='127.0.0.1')
+    env.pop('NODE_RANK', None)
+    result = subprocess.run(['bash', f'tools/{script}', *args], cwd=REPO, text=True,
+                            capture_output=True, env=env)
+    assert result.returncode == 2
+    assert 'NNODES=2 needs NODE_RANK (0 on the first node' in result.stderr
+
+
+@pytest.mark.parametrize('script,args', [('dist_train.sh', [TOY_RETINANET, '1']),
+                                         ('dist_test.sh', [TOY_RETINANET, 'ckpt.pth', '1'])])
 def test_several_nodes_need_the_address_of_node_0(script, args):
     # without it, node 1 would wait for a rendezvous on its own loopback address until timeout
     env = {k: v for k, v in os.environ.items() if k != 'MASTER_ADDR'}

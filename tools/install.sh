@@ -22,7 +22,7 @@ fi
 py="$(cd "$VENV" && pwd)/bin/python"  # absolute: some checks run from another folder
 pip_install() { "$py" -m pip install --disable-pip-version-check -q "$@"; }
 
-# True when the installed distribution $1 satisfies the requirement specifier $2 (e.g. '>=2.1,<2.14').
+# True when the installed distribution $1 satisfies the requirement specifier $2 (e.g. '>=2.6,<2.14').
 have() {
     "$py" - "$1" "$2" <<'PY' 2>/dev/null
 import sys
@@ -44,7 +44,7 @@ PY
 }
 
 req="$here/requirements"
-# The specifier of package $1 in requirements/runtime.txt (e.g. '>=2.1,<2.14').
+# The specifier of package $1 in requirements/runtime.txt (e.g. '>=2.6,<2.14').
 spec() { sed -n "s/^$1\([<>=!~][^ #]*\).*/\1/p" "$req/runtime.txt"; }
 # Installs keep to the tested versions of requirements/tested.txt.
 pip_tested() { pip_install -c "$req/tested.txt" "$@"; }

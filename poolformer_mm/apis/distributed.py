@@ -121,6 +121,8 @@ def prepare_cpu_distributed(cfg: Config) -> None:
         wrapper['type'] = 'CPUDistributedDataParallel'
     wrapper['device_ids'] = None
     wrapper.setdefault('broadcast_buffers', False)  # as mmengine's default GPU wrapping
+    # mmengine reads a top-level find_unused_parameters only when it builds the wrapper itself
+    wrapper.setdefault('find_unused_parameters', cfg.get('find_unused_parameters', False))
     cfg.model_wrapper_cfg = wrapper
     if not dist.is_initialized():
         dist.init_process_group(backend='gloo', init_method='env://')

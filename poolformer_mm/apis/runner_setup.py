@@ -105,7 +105,8 @@ def _use_crash_safe_checkpoint_hook(cfg: Config) -> None:
     """Replace mmengine's CheckpointHook, which deletes old checkpoints before writing the new
     one, by the subclass that deletes them after (same arguments)."""
     hook = cfg.get('default_hooks', {}).get('checkpoint')
-    if hook is not None and hook.get('type') in ('CheckpointHook', CheckpointHook):
+    if hook is not None and hook.get('type') in ('CheckpointHook', 'mmengine.CheckpointHook',
+                                                 CheckpointHook):
         hook['type'] = 'CrashSafeCheckpointHook'
 
 
@@ -244,7 +245,9 @@ def build_runner(cfg: Config):
 def _resume_latest(cfg: Config) -> None:
     """``--resume`` without a file: the newest readable checkpoint in the work dir, if any."""
     from mmengine.logging import print_log
-    latest = find_resumable_checkpoint(cfg.work_dir)
+    hook = cfg.get('default_hooks', {}).get('checkpoint') or {}
+    latest = find_resumable_checkpoint(cfg.work_dir, hook.get('out_dir'),
+                                       hook.get('filename_tmpl'))
     if latest is None:
         print_log(f'--resume: no checkpoint in {cfg.work_dir} yet, training from the start',
                   logger='current')

@@ -38,26 +38,31 @@ class CrashSafeCheckpointHook(CheckpointHook):
                     f'run from {folder}: {", ".join(removed)}')
 
     def _save_checkpoint_with_step(self, runner, step, meta):
-        with self._removals_deferred() as deferred:
+        with self._removals_deferred():
             super()._save_checkpoint_with_step(runner, step, meta)
-        self._remove(deferred)
 
     def _save_best_checkpoint(self, runner, metrics) -> None:
-        with self._removals_deferred() as deferred:
+        # (upstream's may call _save_checkpoint_with_step inside: the deferral is re-entrant)
+        with self._removals_deferred():
             super()._save_best_checkpoint(runner, metrics)
-        self._remove(deferred)
 
     @contextlib.contextmanager
     def _removals_deferred(self):
-        """Record instead of perform the file backend's removals inside the block."""
-        deferred = []
+        """Record instead of perform the file backend's removals inside the block; perform them
+        when the outermost block ends, after everything in it has been written."""
+        if getattr(self, '_deferred', None) is not None:
+            yield
+            return
+        deferred = self._deferred = []
         backend = self.file_backend
         backend.remove = lambda path: deferred.append((path, False))
         backend.rmtree = lambda path: deferred.append((path, True))
         try:
-            yield deferred
+            yield
         finally:
             del backend.remove, backend.rmtree  # the instance attributes shadowed the methods
+            self._deferred = None
+        self._remove(deferred)
 
     def _remove(self, deferred) -> None:
         current = [self.last_ckpt, getattr(self, 'best_ckpt_path', None),

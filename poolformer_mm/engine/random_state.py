@@ -146,7 +146,9 @@ class RandomStateHook(Hook):
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
         world_size = get_dist_info()[1]
         if world_size == 1:
-            states = [get_random_state()]
+            # a save_best write inside validation stores the state from before it, which
+            # after_val restores
+            states = [self._before_val or get_random_state()]
         elif self._gathered is not None and self._gathered[0] == runner.iter:
             states = self._gathered[1]
         else:  # a save outside the CheckpointHook schedule: only this rank's state is at hand

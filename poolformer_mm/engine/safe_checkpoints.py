@@ -35,7 +35,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 import torch
-from mmengine.dist import barrier, get_dist_info, get_local_rank
+from mmengine.dist import barrier, get_dist_info
 from mmengine.fileio.backends import LocalBackend, register_backend
 from mmengine.logging import print_log
 from mmengine.logging.history_buffer import HistoryBuffer
@@ -63,6 +63,10 @@ def _history_buffer_getattr(obj, name):
 def _numpy_globals() -> list:
     core = getattr(np, '_core', None) or np.core  # numpy 2 renamed numpy.core to numpy._core
     found = [core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype]
+    # checkpoints pickled under the other numpy major version name the functions the other way
+    for module in ('numpy.core.multiarray', 'numpy._core.multiarray'):
+        found += [(core.multiarray._reconstruct, f'{module}._reconstruct'),
+                  (core.multiarray.scalar, f'{module}.scalar')]
     # Every concrete dtype class (Float64DType, Int64DType, BoolDType, ...): a message hub can hold
     # scalars of any of them, and they are plain type objects that run no code.
     dtype_classes = getattr(np, 'dtypes', None)
@@ -82,11 +86,15 @@ def _torch_load_weights_only(source: Union[str, BinaryIO], name: str, map_locati
     try:
         return torch.load(source, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
+        lines = str(err).splitlines()
+        # torch's first line is generic; the one naming the refused object says what it was
+        named = next((line.strip() for line in lines[1:] if 'GLOBAL' in line or
+                      'Unsupported' in line), lines[0] if lines else '')
         raise ValueError(
             f"refused to load '{name}': its pickle asks for something other than tensors and "
             'the allow-listed mmengine objects, so it could run code when loaded (or it is not a '
             'checkpoint). Only load it if you trust its source, and convert it to a plain '
-            f'state dict. Loader said: {str(err).splitlines()[0]}') from None
+            f'state dict. Loader said: {named}') from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise ValueError(f"'{name}' is not a readable PyTorch checkpoint (truncated, or "
                          f'another kind of file): {str(err).splitlines()[0]}') from None
@@ -122,8 +130,10 @@ def download_checkpoint(url: str) -> str:
     where to put the file.
     """
     cached = cached_checkpoint_path(url)
-    _, world_size = get_dist_info()
-    if get_local_rank() == 0 and not osp.isfile(cached):
+    rank, world_size = get_dist_info()
+    # (mmengine's get_local_rank needs a local process group, which its launchers do not make)
+    local_rank = int(os.environ.get('LOCAL_RANK', rank))
+    if local_rank == 0 and not osp.isfile(cached):
         os.makedirs(osp.dirname(cached), exist_ok=True)
         print_log(f'Downloading {url} to {cached}', logger='current')
         try:
@@ -146,7 +156,12 @@ def download_checkpoint(url: str) -> str:
 
 def load_from_http_weights_only(url: str, map_location=None):
     """An ``http(s)://`` checkpoint: downloaded to the torch hub cache, read weights-only."""
-    return _torch_load_weights_only(download_checkpoint(url), url, map_location)
+    cached = download_checkpoint(url)
+    try:
+        return _torch_load_weights_only(cached, url, map_location)
+    except ValueError as err:
+        raise ValueError(f"{err} (downloaded to '{cached}'; delete that file to download it "
+                         'again)') from None
 
 
 def load_from_torchvision_weights_only(filename: str, map_location=None):

@@ -6,15 +6,14 @@ import logging
 import os
 import os.path as osp
 import re
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from mmengine.logging import print_log
+from mmengine.runner.checkpoint import CheckpointLoader
 
-from .safe_checkpoints import load_from_local_weights_only
+from .safe_checkpoints import is_remote_checkpoint
 
 LOCK_NAME = '.train.lock'
-# The names CheckpointHook gives periodic checkpoints by default (filename_tmpl).
-_PERIODIC = re.compile(r'^(epoch|iter)_(\d+)\.pth$')
 
 
 class WorkDirLock:
@@ -33,6 +32,14 @@ class WorkDirLock:
         try:
             fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
+            if err.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+                # some network file systems (NFS without lockd, Lustre without flock) have none
+                os.close(self._fd)
+                self._fd = None
+                print_log(f"cannot lock the work dir '{work_dir}' ({err.strerror}): nothing "
+                          'stops a second training from writing into it at the same time',
+                          logger='current', level=logging.WARNING)
+                return
             if err.errno not in (errno.EACCES, errno.EAGAIN):
                 raise
             holder = os.pread(self._fd, 64, 0).decode(errors='replace').strip() or 'unknown'
@@ -62,15 +69,24 @@ def lock_work_dir(work_dir: str) -> Optional[WorkDirLock]:
     return WorkDirLock(work_dir) if _global_rank() == 0 else None
 
 
-def _candidates(work_dir: str) -> List[str]:
-    """Checkpoints of ``work_dir``, newest first: the periodic ``epoch_N.pth`` / ``iter_N.pth``
-    files by decreasing N, after the file ``last_checkpoint`` names if that is not one of them
-    (a custom ``filename_tmpl`` or ``out_dir``)."""
+def _periodic_name(filename_tmpl: Optional[str]) -> re.Pattern:
+    """The names CheckpointHook gives periodic checkpoints: its ``filename_tmpl`` with the step
+    as a number, by default ``epoch_N.pth`` or ``iter_N.pth``."""
+    if not filename_tmpl:
+        return re.compile(r'^(?:epoch|iter)_(\d+)\.pth$')
+    return re.compile('^' + re.escape(filename_tmpl).replace(r'\{\}', r'(\d+)') + '$')
+
+
+def _candidates(work_dir: str, folders: Sequence[str], filename_tmpl: Optional[str]) -> List[str]:
+    """Checkpoints to resume from, newest first: the periodic files of ``folders`` by decreasing
+    step, after the file ``last_checkpoint`` names if that is not one of them."""
+    name = _periodic_name(filename_tmpl)
     periodic = []
-    for path in glob.glob(osp.join(glob.escape(work_dir), '*.pth')):
-        match = _PERIODIC.match(osp.basename(path))
-        if match:
-            periodic.append((int(match[2]), osp.abspath(path)))
+    for folder in dict.fromkeys(folders):
+        for path in glob.glob(osp.join(glob.escape(folder), '*')):
+            match = name.match(osp.basename(path))
+            if match and osp.isfile(path):
+                periodic.append((int(match[1]), osp.abspath(path)))
     found = [path for _, path in sorted(periodic, reverse=True)]
     pointer = osp.join(work_dir, 'last_checkpoint')
     if osp.isfile(pointer):
@@ -79,23 +95,32 @@ def _candidates(work_dir: str) -> List[str]:
         moved_here = osp.join(osp.abspath(work_dir), osp.basename(named))
         if named and osp.isfile(moved_here):
             named = moved_here  # the work dir was moved or copied since the pointer was written
-        if named and osp.isfile(named) and osp.abspath(named) not in found:
-            found.insert(0, osp.abspath(named))
+        if named and (is_remote_checkpoint(named) or osp.isfile(named)):
+            named = named if is_remote_checkpoint(named) else osp.abspath(named)
+            if named not in found:
+                found.insert(0, named)
     return found
 
 
-def find_resumable_checkpoint(work_dir: str) -> Optional[str]:
-    """The newest checkpoint of ``work_dir`` that loads, or None when there is none.
+def find_resumable_checkpoint(work_dir: str, out_dir: Optional[str] = None,
+                              filename_tmpl: Optional[str] = None) -> Optional[str]:
+    """The newest checkpoint of a training that loads, or None when there is none.
 
     mmengine reads only ``last_checkpoint``; when that file is missing or empty it starts again
     from iteration 1 and overwrites the checkpoints there. Here a missing or empty pointer falls
-    back to the periodic checkpoints, and an unreadable (e.g. truncated) newest file falls back
+    back to the periodic checkpoints (named by the checkpoint hook's ``filename_tmpl``, in the
+    work dir and in its ``out_dir``), and an unreadable (e.g. truncated) newest file falls back
     to the next one, with a warning naming both.
     """
+    folders = [work_dir]
+    if out_dir and not is_remote_checkpoint(out_dir):
+        # CheckpointHook writes to <out_dir>/<last folder of the work dir>
+        folders.append(osp.join(out_dir, osp.basename(osp.abspath(work_dir))))
+    candidates = _candidates(work_dir, folders, filename_tmpl)
     unreadable = []
-    for path in _candidates(work_dir):
+    for path in candidates:
         try:
-            load_from_local_weights_only(path, map_location='cpu')
+            CheckpointLoader.load_checkpoint(path, map_location='cpu', logger='silent')
         except ValueError as err:
             unreadable.append((path, err))
             continue
