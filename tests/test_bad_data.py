@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import build_model_of
 
 from poolformer_mm.apis import (
     config_for_testing,
@@ -40,16 +41,9 @@ def ade(tmp_path):
 def checkpoints(tmp_path_factory):
     """Checkpoints of the untrained toy models, for tools/test.py and tools/infer.py."""
     from mmengine.config import Config
-    from mmengine.registry import init_default_scope
     paths = {}
     for config in (TOY_RETINANET, TOY_FPN):
-        cfg = Config.fromfile(config)
-        init_default_scope(cfg.default_scope)
-        if cfg.default_scope == 'mmdet':
-            from mmdet.registry import MODELS
-        else:
-            from mmseg.registry import MODELS
-        model = MODELS.build(cfg.model)
+        model = build_model_of(Config.fromfile(config))
         model.init_weights()
         paths[config] = str(tmp_path_factory.mktemp('ckpt') / 'model.pth')
         torch.save({'state_dict': model.state_dict(), 'meta': {}}, paths[config])

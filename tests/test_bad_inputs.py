@@ -7,6 +7,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import build_model_of
 
 from poolformer_mm.apis import run_testing, run_training
 from poolformer_mm.apis.inference import draw_predictions
@@ -78,14 +79,7 @@ def test_misspelt_backbone_argument_in_a_config_suggests_the_right_one(tmp_path,
 
 def _checkpoint_of_untrained(config, path):
     from mmengine.config import Config
-    from mmengine.registry import init_default_scope
-    cfg = Config.fromfile(config)
-    init_default_scope(cfg.default_scope)
-    if cfg.default_scope == 'mmdet':
-        from mmdet.registry import MODELS
-    else:
-        from mmseg.registry import MODELS
-    model = MODELS.build(cfg.model)
+    model = build_model_of(Config.fromfile(config))
     model.init_weights()
     torch.save({'state_dict': model.state_dict(), 'meta': {}}, path)
     return str(path)

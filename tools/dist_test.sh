@@ -9,22 +9,7 @@ set -euo pipefail
 CONFIG=$1
 CHECKPOINT=$2
 NPROC=$3
-NNODES=${NNODES:-1}
-NODE_RANK_GIVEN=${NODE_RANK:-}
-NODE_RANK=${NODE_RANK:-0}
-if [ "$NNODES" -gt 1 ] && [ -z "${NODE_RANK_GIVEN:-}" ]; then
-    echo "$(basename "$0"): NNODES=$NNODES needs NODE_RANK (0 on the first node, then 1 .." \
-         "NNODES-1), or two launchers would both act as node 0" >&2
-    exit 2
-fi
-if [ "$NNODES" -gt 1 ] && [ -z "${MASTER_ADDR:-}" ]; then
-    echo "$(basename "$0"): NNODES=$NNODES needs MASTER_ADDR, the address of the node started" \
-         "with NODE_RANK=0 (the same on every node)" >&2
-    exit 2
-fi
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-PORT=${PORT:-29500}
-PYTHON=${PYTHON:-python}
+source "$(dirname "$0")/dist_nodes.sh"
 
 PYTHONPATH="$(dirname "$0")/..${PYTHONPATH:+:$PYTHONPATH}" \
 exec "$PYTHON" -m torch.distributed.run \

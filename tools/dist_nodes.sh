@@ -1,0 +1,18 @@
+# Sourced by dist_train.sh and dist_test.sh: the node settings of a torchrun launch, checked.
+#   NNODES (default 1), NODE_RANK (0 .. NNODES-1; required when NNODES > 1), MASTER_ADDR (node 0's
+#   address; required when NNODES > 1, else 127.0.0.1), PORT (default 29500), PYTHON.
+NNODES=${NNODES:-1}
+if [ "$NNODES" -gt 1 ] && [ -z "${NODE_RANK:-}" ]; then
+    echo "$(basename "$0"): NNODES=$NNODES needs NODE_RANK (0 on the first node, then 1 .." \
+         "NNODES-1), or two launchers would both act as node 0" >&2
+    exit 2
+fi
+if [ "$NNODES" -gt 1 ] && [ -z "${MASTER_ADDR:-}" ]; then
+    echo "$(basename "$0"): NNODES=$NNODES needs MASTER_ADDR, the address of the node started" \
+         "with NODE_RANK=0 (the same on every node)" >&2
+    exit 2
+fi
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+PORT=${PORT:-29500}
+PYTHON=${PYTHON:-python}
