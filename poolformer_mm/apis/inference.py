@@ -5,7 +5,8 @@ from typing import List, Sequence
 
 from mmengine.config import Config
 
-from ..engine import is_remote_checkpoint, switch_backbone_to_deploy
+from ..engine import switch_backbone_to_deploy
+from ..engine.safe_checkpoints import check_checkpoint_path
 from .checkpoint_fit import check_checkpoint_fits
 from .data_checks import check_image_fits_model, read_image_for_inference
 from .eval_metrics import task_of
@@ -40,8 +41,7 @@ def draw_predictions(config: str, checkpoint: str, inputs: Sequence[str], out_di
     """
     cfg = Config.fromfile(config)
     images = collect_images(inputs)
-    if not is_remote_checkpoint(checkpoint) and not osp.isfile(checkpoint):
-        raise FileNotFoundError(f"checkpoint '{checkpoint}' not found")
+    check_checkpoint_path(checkpoint)
     if task_of(cfg) == 'mmdet':
         from mmdet.apis import inference_detector as infer
         from mmdet.apis import init_detector as init

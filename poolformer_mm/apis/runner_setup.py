@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from mmengine.config import Config
 from mmengine.hooks import CheckpointHook
+from mmengine.logging import print_log
 
-from ..engine.safe_checkpoints import is_remote_checkpoint
+from ..engine.safe_checkpoints import check_checkpoint_path
 from ..engine.work_dir import find_resumable_checkpoint, lock_work_dir
 from .checkpoint_fit import check_checkpoint_fits
 from .data_checks import CheckedDictAction, add_data_checks, check_data_roots, override_data_root
@@ -96,11 +97,6 @@ def _add_guard_hooks(cfg: Config, hooks) -> None:
         dict(type=h) for h in hooks if h not in present]
 
 
-def _check_checkpoint_path(path: str, what: str) -> None:
-    if not is_remote_checkpoint(path) and not osp.isfile(osp.expanduser(path)):
-        raise FileNotFoundError(f"{what} '{path}' not found")
-
-
 def _use_crash_safe_checkpoint_hook(cfg: Config) -> None:
     """Replace mmengine's CheckpointHook, which deletes old checkpoints before writing the new
     one, by the subclass that deletes them after (same arguments)."""
@@ -137,7 +133,7 @@ def config_for_training(args) -> Config:
         # run_training picks the newest readable checkpoint once it holds the work dir
         cfg.resume = True
     elif args.resume is not None:
-        _check_checkpoint_path(args.resume, '--resume checkpoint')
+        check_checkpoint_path(args.resume, '--resume checkpoint')
         cfg.resume, cfg.load_from = True, args.resume
     check_data_roots(cfg, loaders=('train_dataloader', 'val_dataloader'))
     add_data_checks(cfg)
@@ -188,7 +184,7 @@ def _enable_tta(cfg: Config) -> None:
 
 def config_for_testing(args) -> Config:
     cfg = _load_config(args)
-    _check_checkpoint_path(args.checkpoint, 'checkpoint')
+    check_checkpoint_path(args.checkpoint, 'checkpoint')
     cfg.load_from = args.checkpoint
     if args.eval:
         set_eval_metrics(cfg, args.eval)
@@ -244,7 +240,6 @@ def build_runner(cfg: Config):
 
 def _resume_latest(cfg: Config) -> None:
     """``--resume`` without a file: the newest readable checkpoint in the work dir, if any."""
-    from mmengine.logging import print_log
     hook = cfg.get('default_hooks', {}).get('checkpoint') or {}
     latest = find_resumable_checkpoint(cfg.work_dir, hook.get('out_dir'),
                                        hook.get('filename_tmpl'))

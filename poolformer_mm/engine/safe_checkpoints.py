@@ -114,6 +114,12 @@ def is_remote_checkpoint(path: str) -> bool:
     return CheckpointLoader._get_checkpoint_loader(str(path)) is not load_from_local_weights_only
 
 
+def check_checkpoint_path(path: str, what: str = 'checkpoint') -> None:
+    """Raise FileNotFoundError naming ``what`` when ``path`` is neither a file nor a scheme."""
+    if not is_remote_checkpoint(path) and not osp.isfile(osp.expanduser(path)):
+        raise FileNotFoundError(f"{what} '{path}' not found")
+
+
 def cached_checkpoint_path(url: str) -> str:
     """Where :func:`download_checkpoint` keeps ``url``: the torch hub cache, as ``torch.hub``."""
     name = osp.basename(urlparse(url).path)
