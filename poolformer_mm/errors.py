@@ -1,0 +1,30 @@
+"""Errors caused by the user's files or settings, and how the tools report them.
+
+Their messages already say what was wrong and what to do, so the command-line tools print the
+message alone instead of a traceback through mmengine's runner.
+"""
+import functools
+import sys
+
+
+class UserInputError(Exception):
+    """A problem with a file, URL or setting the user gave; the message says how to fix it."""
+
+
+class CheckpointUnavailableError(UserInputError, FileNotFoundError):
+    """A checkpoint (file or URL) that cannot be read here, e.g. a URL without network access
+    and without a local copy."""
+
+
+def report_user_errors(main):
+    """Decorate a tool's ``main``: a :class:`UserInputError` ends the process with its message
+    on stderr and exit code 1, without a traceback."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserInputError as err:
+            sys.exit(f'error: {err}')
+
+    return wrapper
