@@ -37,6 +37,24 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+@contextlib.contextmanager
+def serve_folder(folder):
+    """Serve the files in ``folder`` on 127.0.0.1; yields the base URL. Stopped on exit, after
+    which the URL is refused as it would be without network."""
+    handler = functools.partial(_QuietHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+    server.timeout = 5
+    thread = threading.Thread(target=server.serve_forever, kwargs=dict(poll_interval=0.05),
+                              daemon=True)
+    thread.start()
+    try:
+        yield f'http://127.0.0.1:{server.server_address[1]}'
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
 @pytest.fixture
 def served(tmp_path, monkeypatch):
     """(folder, base URL): files put in the folder are served on 127.0.0.1 until the test ends.
@@ -46,18 +64,8 @@ def served(tmp_path, monkeypatch):
     folder = tmp_path / 'served'
     folder.mkdir()
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
-    handler = functools.partial(_QuietHandler, directory=str(folder))
-    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
-    server.timeout = 5
-    thread = threading.Thread(target=server.serve_forever, kwargs=dict(poll_interval=0.05),
-                              daemon=True)
-    thread.start()
-    try:
-        yield folder, f'http://127.0.0.1:{server.server_address[1]}'
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with serve_folder(folder) as base:
+        yield folder, base
 
 
 def _save_payload(path, marker, legacy=False):
@@ -127,17 +135,21 @@ def closed_loopback_port():
     yield port
 
 
-def test_unreachable_url_without_cache_names_the_url_and_where_to_put_the_file(
+def test_unreachable_url_without_cache_names_the_url_and_both_places_for_the_file(
         tmp_path, monkeypatch):
+    from poolformer_mm.errors import CheckpointUnavailableError
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+    monkeypatch.chdir(tmp_path)  # checkpoints/ is looked for in the working directory
     with closed_loopback_port() as port:
         url = f'http://127.0.0.1:{port}/poolformer_s12.pth.tar'
-        with pytest.raises(ConnectionError) as err:
+        with pytest.raises(CheckpointUnavailableError) as err:
             CheckpointLoader.load_checkpoint(url)
     message = str(err.value)
     assert url in message
     cache = tmp_path / 'torch_home' / 'hub' / 'checkpoints'
     assert str(cache / 'poolformer_s12.pth.tar') in message
+    assert str(tmp_path / 'checkpoints' / 'poolformer_s12.pth.tar') in message
+    assert not cache.exists() or not any(cache.iterdir())  # no partial file left behind
 
 
 def _random_tiny_backbone(seed):

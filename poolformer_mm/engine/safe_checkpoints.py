@@ -7,30 +7,39 @@ per call:
 
 1. **torch's weights-only allow-list** gains exactly the objects an mmengine 0.10.7 Runner
    checkpoint holds besides tensors: the message hub's ``HistoryBuffer``, numpy arrays, dtypes and
-   scalars, and ``getattr`` only for ``HistoryBuffer``'s own methods. torch >= 2.6 loads with
-   ``weights_only=True`` by default, so without it ``--resume`` and ``tools/test.py`` fail with
-   "Weights only load failed" (open-mmlab/mmengine#1597); allowing these few globals instead of
-   turning the check off keeps a malicious checkpoint from running code.
+   scalars, and ``getattr`` only for ``HistoryBuffer``'s own methods; and ``argparse.Namespace``,
+   the ``args`` of a timm ``train.py`` checkpoint (a plain attribute holder; what it holds is
+   unpickled under the same rules). torch >= 2.6 loads with ``weights_only=True`` by default, so
+   without them ``--resume`` and ``tools/test.py`` fail with "Weights only load failed"
+   (open-mmlab/mmengine#1597); allowing these few globals instead of turning the check off keeps
+   a malicious checkpoint from running code.
 2. **mmengine's checkpoint loaders**, one per scheme (local paths, ``http(s)://``,
    ``torchvision://``, ``open-mmlab://``, ``mmcls://``, ``pavi://``, ``s3://``): mmengine's own
    call a bare ``torch.load`` that unpickles arbitrary code (on torch < 2.6 for local files, and
-   for URLs through its ``load_url``). Ours fetch the bytes as mmengine does (URLs are downloaded
-   once into the torch hub cache, ``$TORCH_HOME/hub/checkpoints``, as ``torch.hub`` does), then
-   always unpickle with ``weights_only=True``; a refused or unreadable file gets one message that
-   says what is wrong.
+   for URLs through its ``load_url``). Ours fetch the bytes as mmengine does, then always
+   unpickle with ``weights_only=True``; ``.safetensors`` files (timm's weights on the Hugging
+   Face Hub) are read by ``safetensors``, which holds no code at all. A refused or unreadable
+   file gets one message that says what is wrong. A URL is looked for, without network, first
+   as ``checkpoints/<file name>`` (relative to the working directory, where the README tells
+   users to put downloads), then in the torch hub cache (``$TORCH_HOME/hub/checkpoints``), and
+   only then downloaded into that cache, with a timeout, so that a machine without network fails
+   in seconds with one error naming the URL and both places.
 3. **mmengine's local file backend** writes checkpoints in place, so a job killed during the
    write leaves a truncated ``epoch_N.pth``. Ours writes to a temporary file in the same folder
    and renames it over the target, which is atomic on POSIX file systems: a reader sees the old
    file or the complete new one. The temporary file gets the mode the umask gives.
 """
+import argparse
 import io
 import os
 import os.path as osp
 import pickle
+import re
 import secrets
 import urllib.error
+import urllib.request
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO, Optional, Union
 from urllib.parse import urlparse
 
 import numpy as np
@@ -41,6 +50,8 @@ from mmengine.logging import print_log
 from mmengine.logging.history_buffer import HistoryBuffer
 from mmengine.runner import checkpoint as mm_checkpoint
 from mmengine.runner.checkpoint import CheckpointLoader
+
+from ..errors import CheckpointUnavailableError
 
 # Temporary files of an interrupted write are named '.<target>.incomplete-<random>.tmp'.
 INCOMPLETE_MARK = '.incomplete-'
@@ -80,33 +91,80 @@ def mmengine_checkpoint_globals() -> list:
     return [HistoryBuffer, (_history_buffer_getattr, 'builtins.getattr')] + _numpy_globals()
 
 
+def timm_checkpoint_globals() -> list:
+    """The globals a timm ``train.py`` checkpoint needs besides tensors: its ``args``.
+
+    torch rebuilds an allow-listed class by ``__new__`` and fills its ``__dict__``; the values
+    are unpickled by the same restricted unpickler, so a Namespace that carries a function or any
+    other class that is not allow-listed is still refused.
+    """
+    return [argparse.Namespace]
+
+
 # ----------------------------------------------------------------------------- 2. the loaders
+def _refused(name: str, err: pickle.UnpicklingError) -> ValueError:
+    lines = str(err).splitlines()
+    # torch's first line is generic; the one naming the refused object says what it was
+    named = next((line.strip() for line in lines[1:] if 'GLOBAL' in line or
+                  'Unsupported' in line), lines[0] if lines else '')
+    return ValueError(
+        f"refused to load '{name}': its pickle asks for something other than tensors and the "
+        'allow-listed mmengine objects, so it could run code when loaded (or it is not a '
+        'checkpoint). Only load it if you trust its source, and convert it to a plain state '
+        f'dict. Loader said: {named}')
+
+
 def _torch_load_weights_only(source: Union[str, BinaryIO], name: str, map_location=None):
     """``torch.load(source, weights_only=True)`` with one clear error for a refused file."""
     try:
         return torch.load(source, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        lines = str(err).splitlines()
-        # torch's first line is generic; the one naming the refused object says what it was
-        named = next((line.strip() for line in lines[1:] if 'GLOBAL' in line or
-                      'Unsupported' in line), lines[0] if lines else '')
-        raise ValueError(
-            f"refused to load '{name}': its pickle asks for something other than tensors and "
-            'the allow-listed mmengine objects, so it could run code when loaded (or it is not a '
-            'checkpoint). Only load it if you trust its source, and convert it to a plain '
-            f'state dict. Loader said: {named}') from None
+        raise _refused(name, err) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise ValueError(f"'{name}' is not a readable PyTorch checkpoint (truncated, or "
                          f'another kind of file): {str(err).splitlines()[0]}') from None
 
 
+def is_safetensors_file(path: str) -> bool:
+    """Whether ``path`` starts as a safetensors file does: the length of a JSON header (8 bytes,
+    little endian) that fits in the file, then ``{``. PyTorch files start with a zip or pickle
+    signature instead, so a ``.pth`` that is really safetensors is recognised too."""
+    with open(path, 'rb') as f:
+        head = f.read(9)
+    if len(head) < 9 or head[8:9] != b'{':
+        return False
+    return int.from_bytes(head[:8], 'little') <= osp.getsize(path) - 8
+
+
+def _safetensors_load(path: str, name: str, map_location=None) -> dict:
+    """A safetensors file as a state dict: tensors only, nothing is unpickled."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    device = map_location if isinstance(map_location, (str, torch.device)) else 'cpu'
+    try:
+        return load_file(path, device=str(device))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"'{name}' is not a readable safetensors file (truncated or corrupt: "
+                         f'{str(err).splitlines()[0]}); download it again') from None
+
+
+def load_weights_only(path: str, name: Optional[str] = None, map_location=None):
+    """A local checkpoint file read without running code: safetensors (by extension or
+    header) through ``safetensors``, anything else through ``torch.load(weights_only=True)``.
+    ``name`` is what messages call the file (its URL, for a downloaded one)."""
+    name = name or path
+    if path.endswith('.safetensors') or is_safetensors_file(path):
+        return _safetensors_load(path, name, map_location)
+    return _torch_load_weights_only(path, name, map_location)
+
+
 def load_from_local_weights_only(filename: str, map_location=None):
     # (mmengine logs "Loads checkpoint by <name minus 'load_from_'> backend")
-    """A local checkpoint, read with ``weights_only=True``."""
+    """A local checkpoint, read with ``weights_only=True`` (or as safetensors)."""
     filename = osp.expanduser(filename)
     if not osp.isfile(filename):
-        raise FileNotFoundError(f"checkpoint '{filename}' not found")
-    return _torch_load_weights_only(filename, filename, map_location)
+        raise CheckpointUnavailableError(f"checkpoint '{filename}' not found")
+    return load_weights_only(filename, filename, map_location)
 
 
 def is_remote_checkpoint(path: str) -> bool:
@@ -117,56 +175,143 @@ def is_remote_checkpoint(path: str) -> bool:
 def check_checkpoint_path(path: str, what: str = 'checkpoint') -> None:
     """Raise FileNotFoundError naming ``what`` when ``path`` is neither a file nor a scheme."""
     if not is_remote_checkpoint(path) and not osp.isfile(osp.expanduser(path)):
-        raise FileNotFoundError(f"{what} '{path}' not found")
+        raise CheckpointUnavailableError(f"{what} '{path}' not found")
+
+
+# ------------------------------------------------------------------- URLs: where they are kept
+# Folder, relative to the working directory, where a URL's file is looked for before the
+# torch hub cache: where the README (and OpenMMLab's own docs) tell users to download weights.
+LOCAL_CHECKPOINT_DIR = 'checkpoints'
+# Seconds one network operation (connect, each read) may block. A machine without network then
+# fails in seconds instead of waiting for TCP's retries (about two minutes on Linux); a slow
+# but live download keeps going, since the limit is per read, not for the whole file.
+DOWNLOAD_TIMEOUT_S = 20
+# Hugging Face Hub file URLs: <host>/<owner>/<repo>/resolve/<revision>/<file>; their file names
+# (model.safetensors, pytorch_model.bin) are the same for every model.
+_HF_RESOLVE_URL = re.compile(r'^/[^/]+/(?P<repo>[^/]+)/resolve/[^/]+/(?:.+/)?(?P<file>[^/]+)$')
+_HF_GENERIC_NAME = re.compile(r'^(?:pytorch_)?model(?P<ext>\.[A-Za-z]+)$')
+
+
+def checkpoint_file_name(url: str) -> str:
+    """The file name ``url`` is kept under, in ``checkpoints/`` and in the torch hub cache.
+
+    That is the URL's own file name (as ``torch.hub`` and mmengine name it), except for the
+    Hugging Face Hub's per-model files: ``.../timm/convformer_s18.sail_in1k/resolve/main/
+    model.safetensors`` is kept as ``convformer_s18.sail_in1k.safetensors``, so that the weights
+    of two models do not take each other's place.
+    """
+    path = urlparse(url).path
+    name = osp.basename(path)
+    if not name:
+        raise ValueError(f"checkpoint URL '{url}' does not end in a file name")
+    hub = _HF_RESOLVE_URL.match(path)
+    generic = _HF_GENERIC_NAME.match(name)
+    if hub and generic:
+        return hub['repo'] + generic['ext']
+    return name
+
+
+def local_checkpoint_path(url: str) -> str:
+    """Where a user may put ``url``'s file by hand: ``checkpoints/<name>`` in the working
+    directory (the tools run from the repository)."""
+    return osp.join(LOCAL_CHECKPOINT_DIR, checkpoint_file_name(url))
 
 
 def cached_checkpoint_path(url: str) -> str:
     """Where :func:`download_checkpoint` keeps ``url``: the torch hub cache, as ``torch.hub``."""
-    name = osp.basename(urlparse(url).path)
-    if not name:
-        raise ValueError(f"checkpoint URL '{url}' does not end in a file name")
-    return osp.join(torch.hub.get_dir(), 'checkpoints', name)
+    return osp.join(torch.hub.get_dir(), 'checkpoints', checkpoint_file_name(url))
+
+
+def _unavailable(url: str, reason: str) -> CheckpointUnavailableError:
+    return CheckpointUnavailableError(
+        f"checkpoint '{url}' is not available here: {reason}. Without network access, download "
+        f"it elsewhere and put it at '{osp.abspath(local_checkpoint_path(url))}' (checkpoints/ "
+        f"in the directory you run from) or at '{cached_checkpoint_path(url)}' (the torch hub "
+        'cache; set TORCH_HOME to move it), or give the local file path instead of the URL')
+
+
+def _download(url: str, dst: str, timeout: float) -> None:
+    """Stream ``url`` to ``dst`` through a temporary file in the same folder, renamed into place
+    when complete; an error, a timeout or a short body leaves no file behind."""
+    folder = osp.dirname(dst)
+    os.makedirs(folder, exist_ok=True)
+    tmp_path = osp.join(folder, f'.{osp.basename(dst)}{INCOMPLETE_MARK}{secrets.token_hex(4)}.tmp')
+    request = urllib.request.Request(url, headers={'User-Agent': 'poolformer-mm'})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response, \
+                open(tmp_path, 'wb') as f:
+            expected = response.headers.get('Content-Length')
+            expected = int(expected) if expected and expected.isdigit() else None
+            received = 0
+            with _progress_bar(expected) as progress:
+                while True:
+                    chunk = response.read(1 << 20)
+                    if not chunk:
+                        break
+                    f.write(chunk)
+                    received += len(chunk)
+                    progress.update(len(chunk))
+            # http.client returns a short body without an error when the connection drops
+            if expected is not None and received != expected:
+                raise OSError(f'connection closed after {received} of {expected} bytes')
+        os.replace(tmp_path, dst)
+    finally:
+        if osp.exists(tmp_path):
+            os.remove(tmp_path)
+
+
+def _progress_bar(total: Optional[int]):
+    from tqdm import tqdm  # a dependency of mmdet and mmseg
+    return tqdm(total=total, unit='B', unit_scale=True, unit_divisor=1024,
+                disable=not os.isatty(2))
 
 
 def download_checkpoint(url: str) -> str:
     """Download ``url`` into the torch hub cache unless it is there already; return the path.
 
     In a distributed job the first process of each machine downloads while the others wait.
-    Without network, a file already in the cache is used; otherwise the error names the URL and
-    where to put the file.
+    Without network, a file already in the cache is used; otherwise
+    :class:`~poolformer_mm.errors.CheckpointUnavailableError` names the URL and where to put
+    the file.
     """
     cached = cached_checkpoint_path(url)
     rank, world_size = get_dist_info()
     # (mmengine's get_local_rank needs a local process group, which its launchers do not make)
     local_rank = int(os.environ.get('LOCAL_RANK', rank))
     if local_rank == 0 and not osp.isfile(cached):
-        os.makedirs(osp.dirname(cached), exist_ok=True)
         print_log(f'Downloading {url} to {cached}', logger='current')
         try:
-            # torch.hub writes to a temporary file and renames it: no half file on interruption
-            torch.hub.download_url_to_file(url, cached, progress=os.isatty(2))
+            _download(url, cached, DOWNLOAD_TIMEOUT_S)
         except (urllib.error.URLError, OSError, ValueError) as err:
+            # URLError wraps DNS and connection errors; socket timeouts are OSErrors
             reason = getattr(err, 'reason', None) or err
-            raise ConnectionError(
-                f"could not download checkpoint '{url}' ({reason}). Without network access, "
-                f"download it elsewhere and put it at '{cached}' (the torch hub cache; set "
-                'TORCH_HOME to move it), or give the local file path instead of the URL.'
-            ) from None
+            raise _unavailable(url, f'could not download it ({reason})') from None
     if world_size > 1:
         barrier()
     if not osp.isfile(cached):
-        raise FileNotFoundError(f"checkpoint '{url}' was not downloaded to '{cached}' (a "
-                                'multi-machine job needs the torch hub cache on every machine)')
+        raise _unavailable(url, f"it was not downloaded to '{cached}' (a multi-machine job "
+                           'needs the torch hub cache on every machine)')
     return cached
 
 
+def resolve_checkpoint_url(url: str) -> str:
+    """The local file for ``url``: ``checkpoints/<name>`` if the user put it there, else the
+    torch hub cache's copy, downloaded if missing."""
+    local = local_checkpoint_path(url)
+    if osp.isfile(local):
+        print_log(f"Using the local copy '{local}' of {url}", logger='current')
+        return local
+    return download_checkpoint(url)
+
+
 def load_from_http_weights_only(url: str, map_location=None):
-    """An ``http(s)://`` checkpoint: downloaded to the torch hub cache, read weights-only."""
-    cached = download_checkpoint(url)
+    """An ``http(s)://`` checkpoint, from ``checkpoints/``, the torch hub cache or the network
+    (:func:`resolve_checkpoint_url`), read weights-only."""
+    path = resolve_checkpoint_url(url)
     try:
-        return _torch_load_weights_only(cached, url, map_location)
+        return load_weights_only(path, url, map_location)
     except ValueError as err:
-        raise ValueError(f"{err} (downloaded to '{cached}'; delete that file to download it "
+        raise ValueError(f"{err} (read from '{path}'; delete that file to download it "
                          'again)') from None
 
 
@@ -214,7 +359,7 @@ def load_from_pavi_weights_only(filename: str, map_location=None):
     with tempfile.TemporaryDirectory() as folder:
         downloaded = osp.join(folder, model.name)
         model.download(downloaded)
-        return _torch_load_weights_only(downloaded, filename, map_location)
+        return load_weights_only(downloaded, filename, map_location)
 
 
 def load_from_ceph_weights_only(filename: str, map_location=None, backend: str = 'petrel'):
@@ -279,7 +424,8 @@ def remove_incomplete_writes(folder: str) -> list:
 
 def register_safe_checkpoint_io() -> None:
     """Make the three changes of this module's docstring (idempotent)."""
-    torch.serialization.add_safe_globals(mmengine_checkpoint_globals())
+    torch.serialization.add_safe_globals(mmengine_checkpoint_globals() +
+                                         timm_checkpoint_globals())
     for prefixes, loader in SAFE_LOADERS.items():
         CheckpointLoader.register_scheme(prefixes=prefixes, loader=loader, force=True)
     register_backend('local', AtomicLocalBackend, force=True, prefixes='')

@@ -37,6 +37,7 @@ from mmengine.logging import print_log
 from mmengine.runner.checkpoint import CheckpointLoader
 
 from ..engine.safe_checkpoints import is_remote_checkpoint, load_from_local_weights_only
+from ..errors import CheckpointUnavailableError
 
 # ------------------------------------------------------------------------------- rules
 # (pattern, replacement) per layout, applied to each key in order; the first match wins, a key
@@ -131,12 +132,26 @@ def upgrade_legacy_keys_on_load(state_dict: dict, prefix: str, *args) -> None:
 
 # ------------------------------------------------------------------------------- detection
 def unwrap_state_dict(checkpoint: Mapping) -> Tuple[Dict[str, torch.Tensor], bool]:
-    """Return the flat state dict and whether it came with a ``backbone.`` prefix."""
+    """Return the flat state dict and whether it came with a ``backbone.`` prefix.
+
+    The weights are under ``state_dict`` (mmengine, timm's ``train.py``), ``model`` (DeiT-style
+    training scripts) or at the top level. timm's ``train.py`` keeps the averaged weights of
+    ``--model-ema`` apart, in ``state_dict_ema``: they are read only when the file has no
+    ``state_dict`` (as timm's own ``load_checkpoint(use_ema=False)`` prefers ``state_dict``).
+    """
     state = checkpoint
     for wrapper in ('state_dict', 'model'):
         if isinstance(state.get(wrapper), Mapping):
             state = state[wrapper]
+            if isinstance(checkpoint.get('state_dict_ema'), Mapping):
+                print_log(f"checkpoint holds EMA weights too (state_dict_ema); loading '{wrapper}'"
+                          ', the weights without averaging', logger='current')
             break
+    else:
+        if isinstance(state.get('state_dict_ema'), Mapping):
+            print_log('checkpoint holds only EMA weights (state_dict_ema, from timm train.py '
+                      '--model-ema); loading those', logger='current')
+            state = state['state_dict_ema']
     state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
     backbone = {k[len('backbone.'):]: v for k, v in state.items() if k.startswith('backbone.')}
     if backbone:
@@ -200,18 +215,26 @@ def convert_to_metaformer_layout(checkpoint: Mapping) -> Tuple[Dict[str, torch.T
 
 
 # ------------------------------------------------------------------------------- loading
-POOLFORMER_DOWNLOAD_HINT = ('Download the ImageNet weights (github.com/sail-sg/poolformer, '
-                            'release v1.0, poolformer_<arch>.pth.tar) into checkpoints/')
+POOLFORMER_DOWNLOAD_HINT = (
+    'Name the official weights by URL instead (https://github.com/sail-sg/poolformer/releases/'
+    'download/v1.0/poolformer_<arch>.pth.tar, downloaded once into the torch hub cache), or '
+    'download that file into checkpoints/')
 
 
 def read_checkpoint(path: str, download_hint: str = POOLFORMER_DOWNLOAD_HINT) -> dict:
-    """Read a pretrained file or URL safely (``weights_only=True``); say where to get it when
-    missing. URLs (and mmengine's other schemes) are downloaded into the torch hub cache."""
+    """Read a pretrained file or URL without running code (``weights_only=True``, or
+    safetensors); say where to get it when missing.
+
+    A URL is read from ``checkpoints/<file name>`` or the torch hub cache when either has it,
+    and downloaded into the cache otherwise
+    (:func:`~poolformer_mm.engine.safe_checkpoints.resolve_checkpoint_url`); mmengine's other
+    schemes load through their safe loaders.
+    """
     if is_remote_checkpoint(path):
         return CheckpointLoader.load_checkpoint(path, map_location='cpu')
     path = osp.expanduser(path)
     if not osp.isfile(path):
-        raise FileNotFoundError(
+        raise CheckpointUnavailableError(
             f"pretrained checkpoint '{path}' not found. {download_hint}, or train from scratch "
             'with --cfg-options model.backbone.init_cfg=None')
     return load_from_local_weights_only(path, map_location='cpu')
@@ -283,6 +306,13 @@ def load_backbone_weights(backbone: nn.Module, path: str) -> None:
 
 def load_metaformer_weights(backbone: nn.Module, path: str) -> None:
     """Load a MetaFormer checkpoint (file or URL) in any known layout into ``backbone``."""
-    hint = (f'Download the ImageNet weights of {getattr(backbone, "arch_name", "this arch")} '
-            '(github.com/sail-sg/metaformer, or timm on the Hugging Face Hub) into checkpoints/')
+    arch = getattr(backbone, 'arch_name', 'custom')
+    if arch == 'custom':
+        hint = ('Name ImageNet weights of the same depths and widths by URL (sail-sg/metaformer '
+                'or timm on the Hugging Face Hub), or download them into checkpoints/')
+    else:
+        hint = (f'Name the ImageNet weights of {arch} by URL instead (sail-sg/metaformer: '
+                f'https://huggingface.co/sail/dl/resolve/main/{arch.split("_")[0]}/{arch}.pth, '
+                'or timm: https://huggingface.co/timm/<model>/resolve/main/model.safetensors), '
+                'or download that file into checkpoints/')
     _load(backbone, path, convert_to_metaformer_layout, hint)
