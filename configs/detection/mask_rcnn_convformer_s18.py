@@ -2,10 +2,11 @@
 # the PoolFormer-S12 recipe with the backbone swapped. Same stage widths, so the FPN is unchanged.
 _base_ = './mask_rcnn_poolformer_s12.py'
 
+checkpoint_file = 'https://huggingface.co/sail/dl/resolve/main/convformer/convformer_s18.pth'  # noqa: E501
 model = dict(
     backbone=dict(
         _delete_=True,
         type='MetaFormer',
         arch='convformer_s18',
         out_indices=(0, 1, 2, 3),
-        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/convformer_s18.pth')))
+        init_cfg=dict(type='Pretrained', checkpoint=checkpoint_file)))

@@ -2,13 +2,14 @@
 _base_ = 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py'
 custom_imports = dict(imports=['poolformer_mm'], allow_failed_imports=False)
 
+checkpoint_file = 'https://github.com/sail-sg/poolformer/releases/download/v1.0/poolformer_s12.pth.tar'  # noqa: E501
 model = dict(
     backbone=dict(
         _delete_=True,
         type='PoolFormer',
         arch='s12',
         out_indices=(0, 1, 2, 3),
-        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/poolformer_s12.pth.tar')),
+        init_cfg=dict(type='Pretrained', checkpoint=checkpoint_file)),
     neck=dict(in_channels=[64, 128, 320, 512], num_outs=5))
 
 # The released configs use lr 2e-4 (the paper's text says 1e-4).

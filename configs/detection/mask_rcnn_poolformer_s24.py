@@ -1,5 +1,5 @@
 # Mask R-CNN with a PoolFormer-S24 backbone on COCO (paper Table 4).
 _base_ = './mask_rcnn_poolformer_s12.py'
 
-model = dict(
-    backbone=dict(arch='s24', init_cfg=dict(checkpoint='checkpoints/poolformer_s24.pth.tar')))
+checkpoint_file = 'https://github.com/sail-sg/poolformer/releases/download/v1.0/poolformer_s24.pth.tar'  # noqa: E501
+model = dict(backbone=dict(arch='s24', init_cfg=dict(checkpoint=checkpoint_file)))

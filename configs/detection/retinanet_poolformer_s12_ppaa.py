@@ -3,8 +3,9 @@
 # channel LayerNorm in every stage, as the released ImageNet model metaformer_ppaa_s12_224.
 _base_ = './retinanet_poolformer_s12.py'
 
+checkpoint_file = 'https://github.com/sail-sg/poolformer/releases/download/v1.0/metaformer_ppaa_s12_224.pth.tar'  # noqa: E501
 model = dict(
     backbone=dict(
         token_mixers=('pool', 'pool', 'attn', 'attn'),
         norm_cfg=dict(type='LN'),  # the default with attention stages; the checkpoint needs it
-        init_cfg=dict(checkpoint='checkpoints/metaformer_ppaa_s12_224.pth.tar')))
+        init_cfg=dict(checkpoint=checkpoint_file)))

@@ -1,5 +1,5 @@
 # RetinaNet with a PoolFormer-S24 backbone on COCO (paper Table 3).
 _base_ = './retinanet_poolformer_s12.py'
 
-model = dict(
-    backbone=dict(arch='s24', init_cfg=dict(checkpoint='checkpoints/poolformer_s24.pth.tar')))
+checkpoint_file = 'https://github.com/sail-sg/poolformer/releases/download/v1.0/poolformer_s24.pth.tar'  # noqa: E501
+model = dict(backbone=dict(arch='s24', init_cfg=dict(checkpoint=checkpoint_file)))

@@ -2,9 +2,10 @@
 # the PoolFormer-S12 recipe with the backbone swapped. Same stage widths, so the FPN is unchanged.
 _base_ = './fpn_poolformer_s12.py'
 
+checkpoint_file = 'https://huggingface.co/sail/dl/resolve/main/caformer/caformer_s18.pth'  # noqa: E501
 model = dict(
     backbone=dict(
         _delete_=True,
         type='MetaFormer',
         arch='caformer_s18',
-        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/caformer_s18.pth')))
+        init_cfg=dict(type='Pretrained', checkpoint=checkpoint_file)))

@@ -1,6 +1,7 @@
 # Semantic FPN with a PoolFormer-M36 backbone on ADE20K (paper Table 6).
 _base_ = './fpn_poolformer_s12.py'
 
+checkpoint_file = 'https://github.com/sail-sg/poolformer/releases/download/v1.0/poolformer_m36.pth.tar'  # noqa: E501
 model = dict(
-    backbone=dict(arch='m36', init_cfg=dict(checkpoint='checkpoints/poolformer_m36.pth.tar')),
+    backbone=dict(arch='m36', init_cfg=dict(checkpoint=checkpoint_file)),
     neck=dict(in_channels=[96, 192, 384, 768]))

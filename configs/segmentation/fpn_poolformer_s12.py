@@ -5,6 +5,7 @@ _base_ = [
 ]
 custom_imports = dict(imports=['poolformer_mm'], allow_failed_imports=False)
 
+checkpoint_file = 'https://github.com/sail-sg/poolformer/releases/download/v1.0/poolformer_s12.pth.tar'  # noqa: E501
 crop_size = (512, 512)
 model = dict(
     pretrained=None,
@@ -13,7 +14,7 @@ model = dict(
         _delete_=True,
         type='PoolFormer',
         arch='s12',
-        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/poolformer_s12.pth.tar')),
+        init_cfg=dict(type='Pretrained', checkpoint=checkpoint_file)),
     neck=dict(in_channels=[64, 128, 320, 512]),
     decode_head=dict(num_classes=150))
 
