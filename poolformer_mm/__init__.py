@@ -6,9 +6,14 @@ mmseg config makes ``dict(type='PoolFormer', arch='s12')`` available. It also ma
 loading safe (weights only, for every scheme mmengine knows) and checkpoint writing atomic, for the
 whole process; :mod:`poolformer_mm.engine.safe_checkpoints` says what it changes and why.
 """
-from .engine import register_safe_checkpoint_io
-from .models import PoolFormer
-from .version import __version__
+# Before mmengine is first imported, which warns about pkg_resources at import time.
+from .known_warnings import ignore_known_warnings
+
+ignore_known_warnings(run_time=False)
+
+from .engine import register_safe_checkpoint_io  # noqa: E402
+from .models import PoolFormer  # noqa: E402
+from .version import __version__  # noqa: E402
 
 register_safe_checkpoint_io()
 

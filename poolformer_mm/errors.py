@@ -28,3 +28,16 @@ def report_user_errors(main):
             sys.exit(f'error: {err}')
 
     return wrapper
+
+
+class InvalidInputError(UserInputError, ValueError):
+    """A file or setting with content the tools cannot use (a damaged image, a wrong label,
+    a checkpoint of another model, an unknown metric)."""
+
+
+class InputNotFoundError(UserInputError, FileNotFoundError):
+    """A data set, image or other input file that is not where the config or flag says."""
+
+
+class WorkDirInUseError(UserInputError, RuntimeError):
+    """A second training started in a work dir that another one is using."""

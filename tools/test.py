@@ -7,6 +7,9 @@
 Flags are those of mmdet 3.3's / mmseg 1.2's tools/test.py, plus --eval and --data-root.
 """
 from poolformer_mm.apis import run_testing
+from poolformer_mm.errors import report_user_errors
+from poolformer_mm.known_warnings import ignore_known_warnings
 
 if __name__ == '__main__':
-    run_testing()
+    ignore_known_warnings()
+    report_user_errors(run_testing)()

@@ -6,6 +6,9 @@
 Flags are those of mmdet 3.3's / mmseg 1.2's tools/train.py, plus --data-root.
 """
 from poolformer_mm.apis import run_training
+from poolformer_mm.errors import report_user_errors
+from poolformer_mm.known_warnings import ignore_known_warnings
 
 if __name__ == '__main__':
-    run_training()
+    ignore_known_warnings()
+    report_user_errors(run_training)()

@@ -18,6 +18,7 @@ import torch.nn as nn
 from mmengine.model import is_model_wrapper
 from mmengine.runner.checkpoint import CheckpointLoader
 
+from ..errors import InvalidInputError
 from ..models.checkpoint_layouts import upgrade_legacy_keys
 
 TOLERATED = re.compile(r'(^|\.)num_batches_tracked$')
@@ -88,7 +89,7 @@ def check_checkpoint_fits(model: nn.Module, checkpoint: str, config: str = 'the 
     loaded = CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu', logger='silent')
     state = loaded.get('state_dict', loaded) if isinstance(loaded, Mapping) else loaded
     if not isinstance(state, Mapping):
-        raise ValueError(f"checkpoint '{checkpoint}' holds no state dict")
+        raise InvalidInputError(f"checkpoint '{checkpoint}' holds no state dict")
     state = {re.sub(r'^module\.', '', key): value for key, value in state.items()
              if hasattr(value, 'shape')}
     # checkpoints written before the parameter rename load through a state-dict hook; compare
@@ -96,7 +97,7 @@ def check_checkpoint_fits(model: nn.Module, checkpoint: str, config: str = 'the 
     state = upgrade_legacy_keys(state)
     problems = checkpoint_mismatches(_bare_model(model).state_dict(), state)
     if problems:
-        raise ValueError(
+        raise InvalidInputError(
             f"checkpoint '{checkpoint}' does not fit the model of {config}:\n  "
             + '\n  '.join(problems)
             + '\nWas it trained with another config (another arch, or another task)? Test it '

@@ -17,6 +17,7 @@ import numpy as np
 from mmengine import fileio
 from mmengine.config import Config, ConfigDict, DictAction
 
+from ..errors import InputNotFoundError, InvalidInputError
 from .eval_metrics import task_of
 
 _LOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
@@ -92,13 +93,13 @@ def check_data_roots(cfg: Config, loaders=_LOADERS) -> None:
     empty = [p for dataset in _datasets(cfg, loaders) for p in _expected_paths(dataset)[:1]
              if dataset.get('ann_file') and osp.isfile(p) and osp.getsize(p) == 0]
     if empty:
-        raise ValueError(f"annotation file '{empty[0]}' is empty (0 bytes); regenerate or "
-                         're-download it')
+        raise InvalidInputError(f"annotation file '{empty[0]}' is empty (0 bytes); regenerate or "
+                                're-download it')
     if not missing and not roots:
         return
     missing = list(dict.fromkeys(missing))
     where = f"data root '{roots[0]}' not found" if roots else 'data set incomplete'
-    raise FileNotFoundError(
+    raise InputNotFoundError(
         f'{where}: expected {", ".join(missing)}. Put the data set there (see the README, '
         '"Preparing data"), or point the config elsewhere with --data-root DIR '
         '(tools/train.py and tools/test.py), or --cfg-options '
@@ -232,18 +233,21 @@ def read_image_for_inference(path: str) -> np.ndarray:
     """
     data = fileio.get(path)
     if not data:
-        raise ValueError(f"image '{path}' is empty (0 bytes): re-copy or re-export it, or leave "
-                         'it out of the inputs.')
+        raise InvalidInputError(
+            f"image '{path}' is empty (0 bytes): re-copy or re-export it, or leave "
+            'it out of the inputs.')
     image = mmcv.imfrombytes(data, flag='color', backend='cv2')
     # a JPEG is checked even when decoded: OpenCV 4 decodes a truncated one without an error
     if (image is None or data[:2] == b'\xff\xd8') and _truncated(data):
-        raise ValueError(f"image '{path}' is truncated: the file ends before its image data does "
-                         '(an interrupted download or copy?). Fetch or export it again, or leave '
-                         'it out of the inputs.')
+        raise InvalidInputError(
+            f"image '{path}' is truncated: the file ends before its image data does "
+            '(an interrupted download or copy?). Fetch or export it again, or leave '
+            'it out of the inputs.')
     if image is None:
-        raise ValueError(f"image '{path}' could not be decoded: it is damaged or not in a format "
-                         'OpenCV reads (JPEG, PNG, BMP, TIFF, WebP). Convert it to PNG or JPEG, '
-                         'or leave it out of the inputs.')
+        raise InvalidInputError(
+            f"image '{path}' could not be decoded: it is damaged or not in a format "
+            'OpenCV reads (JPEG, PNG, BMP, TIFF, WebP). Convert it to PNG or JPEG, '
+            'or leave it out of the inputs.')
     return mmcv.bgr2rgb(image)
 
 
@@ -302,7 +306,7 @@ def check_image_fits_model(path: str, image_shape: Sequence[int], cfg: Config) -
         longest = max(scale) if isinstance(scale, (list, tuple)) else scale
         advice = (f'Crop or tile it into pieces of aspect ratio up to about '
                   f'{max(longest // MIN_MODEL_INPUT_SIDE, 1)}:1 and run on those.')
-    raise ValueError(
+    raise InvalidInputError(
         f"image '{path}' is {width}x{height} pixels (width x height), an aspect ratio of "
         f"{ratio:.0f}:1: the config's test resize, {how}, squeezes it to {size[0]}x{size[1]}, "
         f'too thin for the model, which needs {MIN_MODEL_INPUT_SIDE} pixels across (its '

@@ -3,6 +3,8 @@ from typing import Sequence
 
 from mmengine.config import Config
 
+from ..errors import InvalidInputError
+
 DETECTION_METRICS = ('bbox', 'segm', 'proposal')
 SEGMENTATION_METRICS = ('mIoU', 'mDice', 'mFscore')
 
@@ -11,8 +13,8 @@ def task_of(cfg: Config) -> str:
     """'mmdet' or 'mmseg', from the config's ``default_scope``."""
     scope = cfg.get('default_scope')
     if scope not in ('mmdet', 'mmseg'):
-        raise ValueError(f"config has default_scope={scope!r}; expected 'mmdet' or 'mmseg' "
-                         '(inherit an mmdet:: or mmseg:: base config)')
+        raise InvalidInputError(f"config has default_scope={scope!r}; expected 'mmdet' or 'mmseg' "
+                                '(inherit an mmdet:: or mmseg:: base config)')
     return scope
 
 
@@ -26,18 +28,19 @@ def set_eval_metrics(cfg: Config, metrics: Sequence[str]) -> None:
     valid = DETECTION_METRICS if task == 'mmdet' else SEGMENTATION_METRICS
     unknown = [m for m in metrics if m not in valid]
     if unknown:
-        raise ValueError(f'unknown --eval metric(s) {unknown} for a {task} config; valid: '
-                         f'{", ".join(valid)}')
+        raise InvalidInputError(f'unknown --eval metric(s) {unknown} for a {task} config; valid: '
+                                f'{", ".join(valid)}')
     metrics = list(dict.fromkeys(metrics))
     if task == 'mmdet':
         targets = [e for e in _evaluators(cfg.test_evaluator) if e.get('type') == 'CocoMetric']
         if not targets:
-            raise ValueError('--eval bbox/segm needs a CocoMetric test_evaluator in the config')
+            raise InvalidInputError(
+                '--eval bbox/segm needs a CocoMetric test_evaluator in the config')
         for evaluator in targets:
             evaluator['metric'] = metrics
     else:
         targets = [e for e in _evaluators(cfg.test_evaluator) if e.get('type') == 'IoUMetric']
         if not targets:
-            raise ValueError('--eval mIoU/mDice/mFscore needs an IoUMetric test_evaluator')
+            raise InvalidInputError('--eval mIoU/mDice/mFscore needs an IoUMetric test_evaluator')
         for evaluator in targets:
             evaluator['iou_metrics'] = metrics

@@ -18,6 +18,7 @@ from mmengine.logging import print_log
 
 from ..engine.safe_checkpoints import check_checkpoint_path
 from ..engine.work_dir import find_resumable_checkpoint, lock_work_dir
+from ..errors import InvalidInputError
 from .checkpoint_fit import check_checkpoint_fits
 from .data_checks import CheckedDictAction, add_data_checks, check_data_roots, override_data_root
 from .distributed import prepare_cpu_distributed
@@ -111,7 +112,7 @@ def _enable_amp(cfg: Config) -> None:
     if optim_wrapper in ('AmpOptimWrapper', 'BF16AutocastOptimWrapper'):
         return
     if optim_wrapper != 'OptimWrapper':
-        raise ValueError(f'--amp works on an OptimWrapper, the config uses {optim_wrapper}')
+        raise InvalidInputError(f'--amp works on an OptimWrapper, the config uses {optim_wrapper}')
     if torch.cuda.is_available():
         cfg.optim_wrapper.type = 'AmpOptimWrapper'
         cfg.optim_wrapper.loss_scale = 'dynamic'
@@ -156,7 +157,10 @@ def _enable_visualization(cfg: Config, args) -> None:
         if task_of(cfg) == 'mmdet':
             hook['test_out_dir'] = show_dir
         else:
-            cfg.visualizer['save_dir'] = show_dir
+            # mmseg's hook would nest them under vis_data/vis_image/ with changed names
+            cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [
+                dict(type='SegPicturesHook', out_dir=show_dir)]
+            hook['draw'] = args.show
     if task_of(cfg) == 'mmseg':
         hook['interval'] = 1  # mmseg draws every 50th image by default; draw them all
 
@@ -221,7 +225,7 @@ def _refuse_empty_datasets(runner) -> None:
             while 'dataset' in dataset:
                 dataset = dataset['dataset']
             source = osp.join(dataset.get('data_root') or '', dataset.get('ann_file') or '')
-            raise ValueError(
+            raise InvalidInputError(
                 f"the data set '{source}' has no usable samples: its annotation file lists no "
                 'images, or (training with filter_empty_gt=True) no image has an annotation. '
                 'Check the annotation file and the data root.') from None
@@ -275,10 +279,18 @@ def run_testing(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     if args.out and task_of(cfg) == 'mmdet':
         from mmdet.evaluation import DumpDetResults
         if not args.out.endswith(('.pkl', '.pickle')):
-            raise ValueError('--out for detection must be a .pkl or .pickle file')
+            raise InvalidInputError('--out for detection must be a .pkl or .pickle file')
         runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
     metrics = runner.test()
-    # One machine-readable line for scripts that drive this one (make demo, CI).
     scalars = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
+    print('Results: ' + format_metrics(scalars, task_of(cfg)))
+    # One machine-readable line, last, for scripts that drive this one (make demo, CI).
     print('Test metrics: ' + json.dumps(scalars, sort_keys=True))
     return metrics
+
+
+def format_metrics(metrics: Dict[str, float], task: str) -> str:
+    """Metrics rounded as the upstream tables print them: mmseg's percentages to 2 decimals,
+    mmdet's COCO fractions to 3."""
+    digits = 3 if task == 'mmdet' else 2
+    return ', '.join(f'{name} {value:.{digits}f}' for name, value in sorted(metrics.items()))

@@ -20,6 +20,8 @@ import numpy as np
 from mmseg.datasets.transforms import LoadAnnotations
 from mmseg.registry import TRANSFORMS
 
+from ..errors import InvalidInputError
+
 
 def _size(shape) -> str:
     return f'{shape[0]}x{shape[1]}'
@@ -45,8 +47,9 @@ class LoadCheckedAnnotations(LoadAnnotations):
         except OSError:  # Pillow's answer to a file that is not an image, or is truncated
             label = None
         if label is None:  # OpenCV's answer
-            raise ValueError(f"segmentation label '{path}' could not be decoded as an image: the "
-                             'file is damaged (e.g. truncated) or not an image. Regenerate it.')
+            raise InvalidInputError(
+                f"segmentation label '{path}' could not be decoded as an image: the "
+                'file is damaged (e.g. truncated) or not an image. Regenerate it.')
         if label.ndim == 3 and label.shape[2] == 1:
             label = label[..., 0]
         self._check_channels(label, path)
@@ -89,7 +92,7 @@ class LoadCheckedAnnotations(LoadAnnotations):
                 hint += (" (or it is a palette PNG, which imdecode_backend="
                          f"'{self.imdecode_backend}' decodes to colours: use mmseg's default, "
                          "'pillow')")
-        raise ValueError(
+        raise InvalidInputError(
             f"segmentation label '{path}' has {label.shape[2]} channels (shape "
             f'{label.shape}): expected a single-channel image of class indices '
             f'(0..num_classes-1, 255 = ignore). {hint[0].upper()}{hint[1:]}.')
@@ -106,7 +109,7 @@ class LoadCheckedAnnotations(LoadAnnotations):
             hint = ('The sizes are transposed: the image probably carries an EXIF orientation tag '
                     'that rotates it when read; rotate the image pixels and drop the tag (or '
                     'rotate the label to match).')
-        raise ValueError(
+        raise InvalidInputError(
             f"segmentation label '{path}' is {_size(label.shape)} (height x width) but its image "
             f"'{image}' is {_size(image_shape)}: expected one class index per image pixel. {hint}")
 
@@ -128,7 +131,7 @@ class LoadCheckedAnnotations(LoadAnnotations):
         else:
             problem = (f'values up to {high}: mmseg reads labels as 8-bit, so class ids >= 256 '
                        f'would wrap around silently ({high} would become {int(high) % 256})')
-        raise ValueError(
+        raise InvalidInputError(
             f"segmentation label '{path}' is a {label.dtype} image with {problem}. Expected "
             'class indices 0..255 (255 = ignore_index; with reduce_zero_label=True, 0 is '
             'unlabelled). Remap the classes to 0..254 (plus 255 for ignored pixels) and save the '

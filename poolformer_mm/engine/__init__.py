@@ -9,6 +9,7 @@ from .safe_checkpoints import (
                                load_from_local_weights_only,
                                register_safe_checkpoint_io,
 )
+from .seg_pictures_hook import SegPicturesHook
 from .work_dir import WorkDirLock, find_resumable_checkpoint, lock_work_dir
 
 __all__ = [
@@ -16,5 +17,5 @@ __all__ = [
     'DeployBackboneHook', 'FiniteLossHook',
     'WorkDirLock', 'find_resumable_checkpoint', 'is_remote_checkpoint', 'lock_work_dir',
     'load_from_local_weights_only', 'register_safe_checkpoint_io', 'switch_backbone_to_deploy',
-    'RandomStateHook', 'get_random_state', 'set_random_state'
+    'RandomStateHook', 'SegPicturesHook', 'get_random_state', 'set_random_state'
 ]

@@ -11,6 +11,7 @@ from typing import List, Optional, Sequence
 from mmengine.logging import print_log
 from mmengine.runner.checkpoint import CheckpointLoader
 
+from ..errors import InvalidInputError, WorkDirInUseError
 from .safe_checkpoints import is_remote_checkpoint
 
 LOCK_NAME = '.train.lock'
@@ -44,7 +45,7 @@ class WorkDirLock:
                 raise
             holder = os.pread(self._fd, 64, 0).decode(errors='replace').strip() or 'unknown'
             os.close(self._fd)
-            raise RuntimeError(
+            raise WorkDirInUseError(
                 f"work dir '{work_dir}' is in use by another training (process {holder}); two "
                 'jobs there would overwrite each other\'s checkpoints. Wait for it to finish or '
                 'stop it, or pass another --work-dir.') from None
@@ -131,7 +132,8 @@ def find_resumable_checkpoint(work_dir: str, out_dir: Optional[str] = None,
         return path
     if unreadable:
         names = ', '.join(f"'{p}'" for p, _ in unreadable)
-        raise ValueError(f'no readable checkpoint to resume from in {work_dir}: {names} cannot '
-                         'be loaded. Remove them to start from scratch, or resume from another '
-                         'file with --resume PATH.')
+        raise InvalidInputError(
+            f'no readable checkpoint to resume from in {work_dir}: {names} cannot '
+            'be loaded. Remove them to start from scratch, or resume from another '
+            'file with --resume PATH.')
     return None

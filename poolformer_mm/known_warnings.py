@@ -1,0 +1,28 @@
+"""Warnings of the OpenMMLab stack that every run prints and no user can act on.
+
+Each entry is ``(message regex, module regex)``: only that message from that library is
+ignored, so a new or different warning still shows. ``pkg_resources`` is deprecated by
+setuptools, but mmengine and the ``mmdet::`` config inheritance import it (the reason for
+``setuptools<82``); the mmseg notices announce API changes of mmseg itself.
+"""
+import warnings
+
+# Raised while mmengine, mmdet and mmseg are imported; importlib is where the warning is
+# attributed for modules that import pkg_resources at their top.
+IMPORT_TIME_WARNINGS = [
+    (r'pkg_resources is deprecated as an API', r'(mmengine|mmdet|mmseg|importlib)(\.|$)'),
+]
+# Raised by mmseg while the runner builds the model, the data sets and the hooks.
+RUN_TIME_WARNINGS = [
+    (r'``build_loss`` would be deprecated soon', r'mmseg\.'),
+    (r'Default ``avg_non_ignore`` is False', r'mmseg\.'),
+    (r'`reduce_zero_label` will be deprecated', r'mmseg\.'),
+    (r'The draw is False, it means that the hook for visualization', r'mmseg\.'),
+]
+
+
+def ignore_known_warnings(import_time: bool = True, run_time: bool = True) -> None:
+    """Ignore the warnings listed above (and only those) from here on."""
+    known = (IMPORT_TIME_WARNINGS if import_time else []) + (RUN_TIME_WARNINGS if run_time else [])
+    for message, module in known:
+        warnings.filterwarnings('ignore', message=message, category=UserWarning, module=module)
