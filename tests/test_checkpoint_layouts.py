@@ -1,4 +1,5 @@
 """init_cfg=Pretrained loads every checkpoint layout users have, exactly, or fails clearly."""
+import argparse
 import re
 
 import pytest
@@ -168,3 +169,118 @@ def test_checkpoint_of_another_network_is_refused(tmp_path):
     torch.save({'conv1.weight': torch.zeros(64, 3, 7, 7), 'fc.weight': torch.zeros(10, 64)}, path)
     with pytest.raises(ValueError, match='not a PoolFormer checkpoint.*conv1.weight'):
         _load(path)
+
+
+# ------------------------------------------------------------------ timm and Hugging Face files
+def _timm_train_checkpoint(**weights):
+    """What timm's train.py saves (its CheckpointSaver): weights plus the run's bookkeeping."""
+    args = argparse.Namespace(model='poolformer_s12', lr=1e-3, epochs=300, opt='adamw',
+                              model_ema=True, input_size=None, mean=None, drop_path=0.1,
+                              aa='rand-m9-mstd0.5-inc1', data_dir='/data/imagenet')
+    optimizer = {'state': {0: {'step': torch.tensor(10.), 'exp_avg': torch.zeros(3)}},
+                 'param_groups': [{'lr': 1e-3, 'weight_decay': 0.05, 'params': [0]}]}
+    return dict(epoch=299, arch='poolformer_s12', optimizer=optimizer, version=2, metric=77.24,
+                args=args, **weights)
+
+
+def _logs(monkeypatch):
+    logged = []
+    monkeypatch.setattr(checkpoint_layouts, 'print_log', lambda msg, **kwargs: logged.append(msg))
+    return logged
+
+
+def _assert_holds_imagenet_weights(loaded, source_state):
+    for key, value in source_state.items():
+        if key.startswith('output_norms.') and not key.startswith('output_norms.3.'):
+            continue  # ImageNet classifiers carry only the final norm
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_timm_train_checkpoint_loads_its_state_dict(tmp_path, source_model):
+    path = tmp_path / 'last.pth.tar'
+    torch.save(_timm_train_checkpoint(state_dict=to_timm(source_model.state_dict())), path)
+    _assert_holds_imagenet_weights(_load(path), source_model.state_dict())
+
+
+def test_timm_train_checkpoint_with_only_ema_weights_loads_those_and_says_so(
+        tmp_path, source_model, monkeypatch):
+    logged = _logs(monkeypatch)
+    path = tmp_path / 'model_best.pth.tar'
+    torch.save(_timm_train_checkpoint(state_dict_ema=to_timm(source_model.state_dict())), path)
+    _assert_holds_imagenet_weights(_load(path), source_model.state_dict())
+    assert [m for m in logged if 'EMA' in m] == [
+        'checkpoint holds only EMA weights (state_dict_ema, from timm train.py --model-ema); '
+        'loading those']
+
+
+def test_timm_train_checkpoint_with_both_loads_the_weights_without_averaging(
+        tmp_path, source_model, monkeypatch):
+    logged = _logs(monkeypatch)
+    ema = PoolFormer('s12').state_dict()  # other values than source_model's
+    path = tmp_path / 'last.pth.tar'
+    torch.save(_timm_train_checkpoint(state_dict=to_timm(source_model.state_dict()),
+                                      state_dict_ema=to_timm(ema)), path)
+    _assert_holds_imagenet_weights(_load(path), source_model.state_dict())
+    assert any('EMA weights too' in m and "loading 'state_dict'" in m for m in logged), logged
+
+
+def _save_safetensors(state, path):
+    from safetensors.torch import save_file
+    # safetensors refuses views that share memory; timm's hub files are plain tensors
+    save_file({k: v.contiguous().clone() for k, v in state.items()}, str(path),
+              metadata={'format': 'pt'})
+
+
+@pytest.mark.parametrize('name', ['model.safetensors', 'poolformer_s12.pth'],
+                         ids=['by-extension', 'by-header'])
+def test_timm_safetensors_file_loads_exactly(tmp_path, source_model, name):
+    """timm's weights on the Hugging Face Hub: model.safetensors in timm's names; a safetensors
+    file saved under a .pth name is recognised by its header."""
+    state = to_timm(source_model.state_dict())
+    state = {k: v.flatten() if 'layer_scale' in k else v for k, v in state.items()}  # timm 1.x
+    _save_safetensors(state, tmp_path / name)
+    loaded = _load(tmp_path / name)
+    _assert_holds_imagenet_weights(loaded, source_model.state_dict())
+    _assert_same_outputs(source_model, loaded, indices=(3, ))
+
+
+def test_truncated_safetensors_file_is_refused_clearly(tmp_path, source_model):
+    path = tmp_path / 'model.safetensors'
+    _save_safetensors(to_timm(source_model.state_dict()), path)
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match=r"'.*model\.safetensors' is not a readable safetensors "
+                                         r'file \(truncated or corrupt.*download it again'):
+        _load(path)
+
+
+@pytest.mark.parametrize('arch, backbone_type', [
+    ('poolformer_s12', 'PoolFormer'), ('poolformerv2_s12', 'MetaFormer'),
+    ('convformer_s18', 'MetaFormer'), ('caformer_s18', 'MetaFormer')])
+def test_real_timm_model_weights_give_timm_stage_outputs(tmp_path, arch, backbone_type):
+    """Optional: needs timm (not a dependency). Saves a timm model's weights as its Hugging
+    Face Hub files are, loads them, and compares every stage's output with timm's."""
+    timm = pytest.importorskip('timm', reason='timm is not installed (optional comparison)')
+    from mmengine.registry import MODELS
+    torch.manual_seed(0)
+    reference = timm.create_model(arch, pretrained=False).eval()
+    with torch.no_grad():
+        for param in reference.parameters():
+            param.normal_(0, 0.05)
+    _save_safetensors(reference.state_dict(), tmp_path / 'model.safetensors')
+    ours = MODELS.build(dict(type=backbone_type, arch=arch.replace('poolformer_', ''),
+                             init_cfg=dict(type='Pretrained',
+                                           checkpoint=str(tmp_path / 'model.safetensors'))))
+    ours.init_weights()
+    ours.eval()
+    stage_outputs = []
+    for stage in ours.stages:
+        stage.register_forward_hook(lambda module, args, out: stage_outputs.append(out))
+    x = torch.rand(1, 3, 128, 160, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours(x)
+        expected = reference.forward_intermediates(x, indices=4, intermediates_only=True)
+    assert len(stage_outputs) == len(expected) == 4
+    for got, want in zip(stage_outputs, expected):
+        # the same operations, in another order for some (float rounding only)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

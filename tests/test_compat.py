@@ -1,4 +1,5 @@
 """Checkpoints of mmengine Runners load under torch's weights_only=True, and only those."""
+import argparse
 import os
 import pickle
 
@@ -137,5 +138,27 @@ def test_refusal_names_the_object_the_pickle_asked_for(tmp_path):
     marker = tmp_path / 'marker'
     torch.save({'payload': _WritesMarker(marker)}, tmp_path / 'evil.pth')
     with pytest.raises(ValueError, match=r'Loader said: .*GLOBAL (posix|os)\.system'):
+        load_from_local_weights_only(str(tmp_path / 'evil.pth'))
+    assert not marker.exists()
+
+
+def test_timm_train_checkpoint_args_namespace_loads(tmp_path):
+    """timm's train.py saves its command line as ``args``, an argparse.Namespace."""
+    args = argparse.Namespace(model='poolformer_s12', lr=1e-3, epochs=300, sched='cosine',
+                              input_size=None, mean=[0.485, 0.456, 0.406], model_ema=True)
+    torch.save({'state_dict': {'w': torch.ones(2)}, 'args': args, 'epoch': 299}, tmp_path / 'a.pth')
+    loaded = torch.load(tmp_path / 'a.pth', weights_only=True)
+    assert loaded['args'] == args
+    assert type(loaded['args']) is argparse.Namespace
+
+
+@pytest.mark.parametrize('payload', ['function', 'object that runs code'])
+def test_namespace_carrying_anything_not_allow_listed_is_refused(tmp_path, payload):
+    from poolformer_mm.engine.safe_checkpoints import load_from_local_weights_only
+    marker = tmp_path / 'marker'
+    value = os.system if payload == 'function' else _WritesMarker(marker)
+    torch.save({'args': argparse.Namespace(model='poolformer_s12', hook=value)},
+               tmp_path / 'evil.pth')
+    with pytest.raises(ValueError, match=r'refused to load .*said: .*(system|_WritesMarker)'):
         load_from_local_weights_only(str(tmp_path / 'evil.pth'))
     assert not marker.exists()

@@ -109,7 +109,7 @@ def _refused(name: str, err: pickle.UnpicklingError) -> ValueError:
                   'Unsupported' in line), lines[0] if lines else '')
     return ValueError(
         f"refused to load '{name}': its pickle asks for something other than tensors and the "
-        'allow-listed mmengine objects, so it could run code when loaded (or it is not a '
+        'allow-listed mmengine and timm objects, so it could run code when loaded (or it is not a '
         'checkpoint). Only load it if you trust its source, and convert it to a plain state '
         f'dict. Loader said: {named}')
 
@@ -138,8 +138,12 @@ def is_safetensors_file(path: str) -> bool:
 
 def _safetensors_load(path: str, name: str, map_location=None) -> dict:
     """A safetensors file as a state dict: tensors only, nothing is unpickled."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError:  # an environment installed before it became a dependency
+        raise ImportError(f"reading '{name}' needs the safetensors package, a dependency of "
+                          'poolformer-mm: pip install safetensors') from None
     device = map_location if isinstance(map_location, (str, torch.device)) else 'cpu'
     try:
         return load_file(path, device=str(device))
