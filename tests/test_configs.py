@@ -4,6 +4,7 @@ import torch
 from mmengine.config import Config
 
 REPO_CONFIGS = 'configs'
+OFFICIAL_WEIGHTS = 'https://github.com/sail-sg/poolformer/releases/download/v1.0/poolformer_{}.pth.tar'
 
 DETECTORS = {
     'retinanet_poolformer_s12': 21.7, 'retinanet_poolformer_s24': 31.1,
@@ -14,6 +15,16 @@ DETECTORS = {
 SEGMENTORS = {
     'fpn_poolformer_s12': 15.7, 'fpn_poolformer_s24': 25.1, 'fpn_poolformer_s36': 34.6,
     'fpn_poolformer_m36': 59.8, 'fpn_poolformer_m48': 77.1,
+}
+# Frameworks the paper did not cover: measured here, with the base's heads (UPerNet's 512-channel
+# head and its auxiliary FCN head; Cascade Mask R-CNN's three box stages).
+BEYOND_THE_PAPER = {
+    'detection/cascade_mask_rcnn_poolformer_s12': 64.5,
+    'detection/cascade_mask_rcnn_poolformer_s24': 74.0,
+    'detection/cascade_mask_rcnn_poolformer_s36': 83.4,
+    'segmentation/upernet_poolformer_s12': 41.9,
+    'segmentation/upernet_poolformer_s24': 51.4,
+    'segmentation/upernet_poolformer_s36': 60.8,
 }
 
 
@@ -27,7 +38,7 @@ def test_detector_parameter_count_rounds_to_the_paper(name, millions, build_mode
     cfg, model = _build(f'{REPO_CONFIGS}/detection/{name}.py', build_model)
     params = sum(p.numel() for p in model.parameters())
     assert round(params / 1e6, 1) == millions
-    assert cfg.model.backbone.init_cfg.checkpoint == f'checkpoints/poolformer_{name[-3:]}.pth.tar'
+    assert cfg.model.backbone.init_cfg.checkpoint == OFFICIAL_WEIGHTS.format(name[-3:])
 
 
 @pytest.mark.parametrize('name, millions', SEGMENTORS.items())
@@ -35,7 +46,16 @@ def test_segmentor_parameter_count_rounds_to_the_paper(name, millions, build_mod
     cfg, model = _build(f'{REPO_CONFIGS}/segmentation/{name}.py', build_model)
     params = sum(p.numel() for p in model.parameters())
     assert round(params / 1e6, 1) == millions
-    assert cfg.model.backbone.init_cfg.checkpoint == f'checkpoints/poolformer_{name[-3:]}.pth.tar'
+    assert cfg.model.backbone.init_cfg.checkpoint == OFFICIAL_WEIGHTS.format(name[-3:])
+
+
+@pytest.mark.parametrize('name, millions', BEYOND_THE_PAPER.items())
+def test_config_beyond_the_paper_has_its_measured_parameter_count(name, millions, build_model):
+    cfg, model = _build(f'{REPO_CONFIGS}/{name}.py', build_model)
+    params = sum(p.numel() for p in model.parameters())
+    assert round(params / 1e6, 1) == millions
+    assert cfg.model.backbone.init_cfg.checkpoint == OFFICIAL_WEIGHTS.format(name[-3:])
+    assert model.backbone.arch_name == name[-3:]
 
 
 def test_retinanet_recipe():
@@ -50,6 +70,15 @@ def test_retinanet_recipe():
 
 def test_mask_rcnn_recipe():
     cfg = Config.fromfile(f'{REPO_CONFIGS}/detection/mask_rcnn_poolformer_s12.py')
+    assert cfg.model.backbone.out_indices == (0, 1, 2, 3)
+    assert cfg.model.neck.in_channels == [64, 128, 320, 512] and cfg.model.neck.num_outs == 5
+    assert cfg.optim_wrapper.optimizer == dict(type='AdamW', lr=2e-4, weight_decay=1e-4)
+    _assert_coco_1x_schedule(cfg)
+
+
+def test_cascade_mask_rcnn_recipe_is_the_mask_rcnn_one():
+    cfg = Config.fromfile(f'{REPO_CONFIGS}/detection/cascade_mask_rcnn_poolformer_s12.py')
+    assert cfg.model.type == 'CascadeRCNN' and len(cfg.model.roi_head.bbox_head) == 3
     assert cfg.model.backbone.out_indices == (0, 1, 2, 3)
     assert cfg.model.neck.in_channels == [64, 128, 320, 512] and cfg.model.neck.num_outs == 5
     assert cfg.optim_wrapper.optimizer == dict(type='AdamW', lr=2e-4, weight_decay=1e-4)
@@ -83,6 +112,26 @@ def test_semantic_fpn_recipe():
     test_steps = [t.type for t in cfg.test_dataloader.dataset.pipeline]
     assert test_steps[1:3] == ['Resize', 'ResizeToMultiple']
     assert cfg.test_dataloader.dataset.pipeline[1].scale == (2048, 512)
+    assert cfg.data_root == 'data/ade/ADEChallengeData2016'
+
+
+def test_upernet_recipe_is_mmsegs_swin_one():
+    cfg = Config.fromfile(f'{REPO_CONFIGS}/segmentation/upernet_poolformer_s36.py')
+    assert cfg.model.pretrained is None and 'neck' not in cfg.model
+    assert cfg.model.decode_head.in_channels == [64, 128, 320, 512]
+    assert cfg.model.decode_head.in_index == [0, 1, 2, 3]
+    assert (cfg.model.auxiliary_head.in_channels, cfg.model.auxiliary_head.in_index) == (320, 2)
+    assert cfg.model.decode_head.num_classes == cfg.model.auxiliary_head.num_classes == 150
+    optim = cfg.optim_wrapper
+    assert optim.optimizer == dict(type='AdamW', lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01)
+    assert optim.paramwise_cfg.custom_keys == dict(norm=dict(decay_mult=0.),
+                                                   layer_scale=dict(decay_mult=0.))
+    warmup, poly = cfg.param_scheduler
+    assert (warmup.type, warmup.end) == ('LinearLR', 1500)
+    assert (poly.type, poly.power, poly.begin, poly.end) == ('PolyLR', 1.0, 1500, 160000)
+    assert cfg.train_cfg.max_iters == 160000
+    assert cfg.train_dataloader.batch_size == 2  # x 8 GPUs = 16
+    assert cfg.crop_size == (512, 512) and cfg.model.data_preprocessor.size == (512, 512)
     assert cfg.data_root == 'data/ade/ADEChallengeData2016'
 
 

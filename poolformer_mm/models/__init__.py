@@ -1,4 +1,5 @@
 from .backbones import MetaFormer, PoolFormer
+from .channel_check import InChannelsError, check_neck_in_channels
 from .checkpoint_layouts import (
     convert_to_metaformer_layout,
     convert_to_poolformer_layout,
@@ -7,6 +8,7 @@ from .checkpoint_layouts import (
 )
 
 __all__ = [
-    'MetaFormer', 'PoolFormer', 'convert_to_metaformer_layout', 'convert_to_poolformer_layout',
-    'load_backbone_weights', 'load_metaformer_weights'
+    'InChannelsError', 'MetaFormer', 'PoolFormer', 'check_neck_in_channels',
+    'convert_to_metaformer_layout', 'convert_to_poolformer_layout', 'load_backbone_weights',
+    'load_metaformer_weights'
 ]

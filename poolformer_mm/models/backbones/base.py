@@ -11,7 +11,8 @@ methods: :meth:`set_fast_path`, :meth:`set_grad_checkpointing` (and PoolFormer's
 import copy
 import difflib
 import inspect
-from typing import Callable, Sequence, Tuple
+import warnings
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -19,15 +20,44 @@ from mmengine.model import BaseModule
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ...errors import UserInputError
 from ..checkpoint_layouts import upgrade_legacy_keys_on_load
 from ..layers import MetaFormerStage, group_norm_1_to_nchw, is_group_norm_1, token_grids
+
+# The schemes of mmengine's model zoo (mmengine/hub/*.json): ResNets, ResNeXts, VGGs, HRNets ...
+# of torchvision, OpenMMLab and mmcls, none of them a PoolFormer or MetaFormer. The stock mmseg
+# bases name one in ``model.pretrained`` (mmseg hands it to the backbone), the mmdet bases one in
+# the backbone's ``init_cfg``.
+MODEL_ZOO_SCHEMES = ('torchvision://', 'modelzoo://', 'open-mmlab://', 'openmmlab://', 'mmcls://')
+
+# Arguments of the ResNet backbones in the stock mmdet / mmseg bases: when they reach us, the
+# config merged our backbone into the base's instead of replacing it.
+RESNET_ARGUMENTS = frozenset({
+    'depth', 'num_stages', 'strides', 'dilations', 'style', 'contract_dilation', 'deep_stem',
+    'avg_down', 'stem_channels', 'base_channels', 'dcn', 'stage_with_dcn', 'plugins',
+    'zero_init_residual'
+})
+
+# How close a misspelt argument must be to a valid one for a "did you mean" hint. difflib's
+# default (0.6) pairs names of other meanings: pretrained/pretrain_img_size, drop_rate
+# (dropout in timm)/drop_path_rate, num_stages/frozen_stages. 0.8 keeps plurals, missing
+# underscores and letters (out_indice, fastpath, init_config).
+SUGGESTION_CUTOFF = 0.8
+
+
+class PretrainedSettingError(UserInputError, ValueError):
+    """``pretrained`` / ``init_cfg`` of a backbone that cannot be what the user meant."""
 
 
 class DenseBackbone(BaseModule):
     num_stages = 4
 
-    def __init__(self, init_cfg=None):
-        super().__init__(init_cfg=init_cfg)
+    def __init__(self, init_cfg=None, pretrained=None, arch_name: str = 'custom'):
+        super().__init__(
+            init_cfg=self._init_cfg_with_pretrained(init_cfg, pretrained, arch_name))
+        self.arch_name = arch_name
+        # Where the weights were named, for the messages of a checkpoint that does not load.
+        self._weights_setting = 'pretrained' if pretrained is not None else 'init_cfg'
         # Checkpoints written before the parameter names were unified load through torch's and
         # mmengine's load_state_dict (both run this hook before filling the submodules). The
         # private registration exists in every supported torch; the public one is newer.
@@ -62,10 +92,78 @@ class DenseBackbone(BaseModule):
                  if p not in ('self', 'unknown')]
         hints = []
         for name in unknown:
-            close = difflib.get_close_matches(name, valid, n=1)
+            close = difflib.get_close_matches(name, valid, n=1, cutoff=SUGGESTION_CUTOFF)
             hints.append(f"'{name}'" + (f" (did you mean '{close[0]}'?)" if close else ''))
-        raise TypeError(f'{cls.__name__} got unknown argument(s) {", ".join(hints)}; valid '
-                        f'arguments: {", ".join(valid)}')
+        message = (f'{cls.__name__} got unknown argument(s) {", ".join(hints)}; valid '
+                   f'arguments: {", ".join(valid)}')
+        resnet = [name for name in unknown if name in RESNET_ARGUMENTS]
+        if resnet:
+            message += (f'. {", ".join(resnet)}: settings of the base config\'s ResNet; add '
+                        '_delete_=True to the backbone dict so that it replaces the base\'s')
+        raise TypeError(message)
+
+    @classmethod
+    def _init_cfg_with_pretrained(cls, init_cfg: Optional[dict], pretrained: Optional[str],
+                                  arch_name: str) -> Optional[dict]:
+        """``init_cfg``, or mmseg's deprecated ``pretrained=PATH`` spelling of
+        ``init_cfg=dict(type='Pretrained', checkpoint=PATH)`` (with one warning).
+
+        mmseg's segmentors hand ``model.pretrained`` to the backbone, and the stock mmseg bases
+        set it to ResNet weights; those, and every other model-zoo name, stop here with what to
+        change instead of downloading a file that cannot load.
+        """
+        if pretrained is not None and not isinstance(pretrained, str):
+            raise TypeError(f'{cls.__name__}: pretrained must be a str or None, got '
+                            f'{type(pretrained).__name__}')
+        if pretrained is not None and init_cfg is not None:
+            origin = (' (model-zoo CNN weights, as the stock mmseg bases set)'
+                      if pretrained.startswith(MODEL_ZOO_SCHEMES) else '')
+            raise PretrainedSettingError(
+                f"{cls.__name__} got both pretrained='{pretrained}'{origin} and init_cfg="
+                f'{init_cfg}; name the weights once, in init_cfg. mmseg passes model.pretrained '
+                'to the backbone and its stock bases set it, so add pretrained=None to '
+                'model = dict(...) (or --cfg-options model.pretrained=None)')
+        if pretrained is not None:
+            cls._refuse_model_zoo_checkpoint(pretrained, 'pretrained', arch_name)
+            warnings.warn(
+                f"{cls.__name__}: pretrained='{pretrained}' is deprecated (as in mmseg's own "
+                f"backbones); use backbone init_cfg=dict(type='Pretrained', "
+                f"checkpoint='{pretrained}') and model.pretrained=None", FutureWarning,
+                stacklevel=3)
+            return dict(type='Pretrained', checkpoint=pretrained)
+        if isinstance(init_cfg, dict) and init_cfg.get('type') == 'Pretrained':
+            checkpoint = init_cfg.get('checkpoint')
+            if isinstance(checkpoint, str):
+                cls._refuse_model_zoo_checkpoint(checkpoint, 'init_cfg', arch_name)
+        return init_cfg
+
+    @classmethod
+    def _refuse_model_zoo_checkpoint(cls, checkpoint: str, setting: str, arch_name: str) -> None:
+        if not checkpoint.startswith(MODEL_ZOO_SCHEMES):
+            return
+        if setting == 'pretrained':
+            fix = ('mmseg passes model.pretrained to the backbone and its stock bases set it, so '
+                   'add pretrained=None to model = dict(...) (or --cfg-options '
+                   'model.pretrained=None) and give the backbone ')
+        else:
+            fix = 'give the backbone '
+        raise PretrainedSettingError(
+            f"{cls.__name__}: {setting} '{checkpoint}' is not a {cls.__name__} checkpoint "
+            f"(mmengine's {checkpoint.split('://')[0]}:// model zoo has none); "
+            f'{fix}{cls._pretrained_hint(arch_name)}, or init_cfg=None to start from scratch')
+
+    @classmethod
+    def _pretrained_hint(cls, arch_name: str) -> str:
+        """How to name the ImageNet weights of ``arch_name`` in ``init_cfg``, for messages."""
+        return "init_cfg=dict(type='Pretrained', checkpoint=...) naming its ImageNet weights"
+
+    def _not_loadable_hint(self) -> str:
+        """What to add to a load error of a checkpoint named by ``pretrained``."""
+        if self._weights_setting != 'pretrained':
+            return ''
+        return (f'. It was given as pretrained (mmseg passes model.pretrained to the backbone): '
+                f'set model.pretrained=None and give the backbone '
+                f'{self._pretrained_hint(self.arch_name)}')
 
     @classmethod
     def _named_arch(cls, name: str, custom_keys: str) -> dict:
@@ -79,6 +177,17 @@ class DenseBackbone(BaseModule):
             raise ValueError(f"unknown {cls.__name__} arch '{name}'{hint}; choose one of "
                              f'{names}, or pass a dict with {custom_keys}')
         return copy.deepcopy(cls.arch_settings[key])
+
+    @property
+    def out_channels(self) -> List[int]:
+        """Channels of the returned stage outputs, in order: a neck's ``in_channels``."""
+        return [self.embed_dims[i] for i in self.out_indices]
+
+    def describe(self) -> str:
+        """Arch and returned stages in a user's words, e.g. ``PoolFormer arch 's12' with
+        out_indices (0, 1, 2, 3)``."""
+        return (f"{type(self).__name__} arch '{self.arch_name}' with out_indices "
+                f'{self.out_indices}')
 
     @classmethod
     def _token_grids(cls, img_size) -> list:
@@ -129,7 +238,12 @@ class DenseBackbone(BaseModule):
         """Pretrained ``init_cfg``: load it (see :meth:`_load_pretrained`); otherwise the paper's
         initialisation (:meth:`_init_from_scratch`), then any other ``init_cfg``."""
         if self.init_cfg is not None and self.init_cfg.get('type') == 'Pretrained':
-            self._load_pretrained(self.init_cfg['checkpoint'])
+            try:
+                self._load_pretrained(self.init_cfg['checkpoint'])
+            except ValueError as err:
+                if self._weights_setting != 'pretrained':
+                    raise
+                raise PretrainedSettingError(f'{err}{self._not_loadable_hint()}') from err
             self._is_init = True
             return
         self._init_from_scratch()

@@ -19,6 +19,9 @@ from ..layers import (
 )
 from .base import DenseBackbone
 
+# sail-sg/metaformer's ImageNet weights, <family>/<arch>.pth.
+SAIL_SG_WEIGHTS = 'https://huggingface.co/sail/dl/resolve/main'
+
 # ---------------------------------------------------------------------------------- model zoo
 # Blocks per stage and channels per size; the families below pair them with token mixers.
 _SIZES_4_STAGE_POOL = {
@@ -98,6 +101,11 @@ class MetaFormer(DenseBackbone):
             sail-sg/metaformer or timm ImageNet checkpoint of the same arch, or an mmengine
             checkpoint of this backbone or of a whole detector / segmentor. Default: None
             (truncated normal, std 0.02, for every conv and linear layer).
+        pretrained (str, optional): Deprecated spelling of
+            ``init_cfg=dict(type='Pretrained', checkpoint=pretrained)``, as in mmseg's own
+            backbones (its segmentors pass ``model.pretrained`` here); warns once. Model-zoo
+            names (``open-mmlab://``, ``torchvision://``, ``mmcls://``) are refused.
+            Default: None.
 
     Example:
         >>> import torch
@@ -124,10 +132,11 @@ class MetaFormer(DenseBackbone):
                  norm_eval: bool = False,
                  with_cp: bool = False,
                  init_cfg: Optional[dict] = None,
+                 pretrained: Optional[str] = None,
                  **unknown):
         self._reject_unknown_arguments(unknown)
-        super().__init__(init_cfg=init_cfg)
-        self.arch_name = arch if isinstance(arch, str) else 'custom'
+        super().__init__(init_cfg=init_cfg, pretrained=pretrained,
+                         arch_name=arch if isinstance(arch, str) else 'custom')
         self.arch = self._resolve_arch(arch)
         layers, embed_dims = self.arch['layers'], self.arch['embed_dims']
         self.embed_dims = list(embed_dims)
@@ -190,6 +199,14 @@ class MetaFormer(DenseBackbone):
         return resolved
 
     # ---------------------------------------------------------------- weights
+    @classmethod
+    def _pretrained_hint(cls, arch_name: str) -> str:
+        if arch_name not in cls.arch_settings:
+            return super()._pretrained_hint(arch_name)
+        family = arch_name.split('_')[0]
+        return (f"init_cfg=dict(type='Pretrained', checkpoint='{SAIL_SG_WEIGHTS}/{family}/"
+                f"{arch_name}.pth')")
+
     def _load_pretrained(self, path: str) -> None:
         load_metaformer_weights(self, path)
 

@@ -21,6 +21,9 @@ from ..layers import (
 )
 from .base import DenseBackbone
 
+# The paper's ImageNet weights, poolformer_<arch>.pth.tar.
+OFFICIAL_RELEASE = 'https://github.com/sail-sg/poolformer/releases/download/v1.0'
+
 
 @MODELS.register_module()
 class PoolFormer(DenseBackbone):
@@ -85,6 +88,11 @@ class PoolFormer(DenseBackbone):
         init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=PATH)`` loads the official
             ImageNet file, an mmpretrain or timm checkpoint, or an mmengine checkpoint of this
             backbone or a whole detector/segmentor. Default: None (the paper's initialisation).
+        pretrained (str, optional): Deprecated spelling of
+            ``init_cfg=dict(type='Pretrained', checkpoint=pretrained)``, as in mmseg's own
+            backbones (its segmentors pass ``model.pretrained`` here); warns once. Model-zoo
+            names (``open-mmlab://``, ``torchvision://``, ``mmcls://``, e.g. the stock mmseg
+            bases' ResNet) are refused. Default: None.
 
     Example:
         >>> import torch
@@ -126,9 +134,11 @@ class PoolFormer(DenseBackbone):
                  with_cp: bool = False,
                  fast_path: bool = True,
                  init_cfg: Optional[dict] = None,
+                 pretrained: Optional[str] = None,
                  **unknown):
         self._reject_unknown_arguments(unknown)
-        super().__init__(init_cfg=init_cfg)
+        super().__init__(init_cfg=init_cfg, pretrained=pretrained,
+                         arch_name=arch.lower() if isinstance(arch, str) else 'custom')
         self.arch = self._resolve_arch(arch)
         if layer_scale_init_value is not None:
             self.arch['layer_scale_init_value'] = layer_scale_init_value
@@ -212,6 +222,13 @@ class PoolFormer(DenseBackbone):
         return [channel_norm_cfg(cfg) for cfg in cls._per_stage(norm_cfg, 'norm_cfg')]
 
     # ---------------------------------------------------------------- weights
+    @classmethod
+    def _pretrained_hint(cls, arch_name: str) -> str:
+        if arch_name not in cls.arch_settings:
+            return super()._pretrained_hint(arch_name)
+        return (f"init_cfg=dict(type='Pretrained', checkpoint='{OFFICIAL_RELEASE}/"
+                f"poolformer_{arch_name}.pth.tar')")
+
     def _load_pretrained(self, path: str) -> None:
         load_backbone_weights(self, path)
 

@@ -1,0 +1,105 @@
+"""Check, once a detector or segmentor is built, that what reads the backbone's outputs expects
+their channels.
+
+A stock mmdet / mmseg base with our backbone swapped in keeps the ResNet's ``in_channels``
+(256, 512, 1024, 2048); the model builds, and the first forward pass dies with a convolution's
+channel mismatch deep inside the neck. :func:`check_neck_in_channels` says the same before any
+forward pass, with the values to set.
+"""
+from typing import List, Optional, Sequence
+
+import torch.nn as nn
+
+from ..errors import UserInputError
+from .backbones.base import DenseBackbone
+
+
+class InChannelsError(UserInputError, ValueError):
+    """A neck or head whose ``in_channels`` do not match the backbone's outputs."""
+
+
+def check_neck_in_channels(model: nn.Module) -> None:
+    """Raise :class:`InChannelsError` when the modules that read a PoolFormer / MetaFormer
+    backbone's outputs expect other channels.
+
+    What reads the backbone is the neck when there is one (``model.neck``; for a list of necks,
+    the first), otherwise the segmentor's ``decode_head`` and ``auxiliary_head`` through their
+    ``in_index``. A neck's ``in_channels`` lists every backbone output, in order (mmdet's and
+    mmseg's FPN assert that length even when ``start_level`` skips the first ones); entries a
+    neck never reads (before ``start_level``, after ``end_level``) are not compared. Models
+    whose backbone is not one of ours, and necks / heads without a list or int ``in_channels``,
+    are left alone.
+
+    Args:
+        model (nn.Module): A built mmdet detector or mmseg segmentor (or a wrapper with
+            ``.module``).
+    """
+    model = getattr(model, 'module', model)
+    backbone = getattr(model, 'backbone', None)
+    if not isinstance(backbone, DenseBackbone):
+        return
+    outputs = backbone.out_channels
+    returns = f'{backbone.describe()} returns {outputs}'
+    neck = getattr(model, 'neck', None)
+    if neck is not None:
+        name = 'neck'
+        if isinstance(neck, nn.Sequential):
+            neck, name = neck[0], 'neck[0]'
+        problems = [_neck_problem(name, neck, outputs, returns)]
+    else:
+        problems = [
+            _head_problem(name, head, outputs, returns)
+            for name, head in _heads(model, ('decode_head', 'auxiliary_head'))
+        ]
+    problems = [p for p in problems if p]
+    if problems:
+        raise InChannelsError('\n'.join(problems))
+
+
+def _heads(model: nn.Module, names: Sequence[str]):
+    for name in names:
+        head = getattr(model, name, None)
+        if isinstance(head, nn.ModuleList):  # mmseg's cascade heads, several auxiliary heads
+            yield from ((f'{name}[{i}]', h) for i, h in enumerate(head))
+        elif head is not None:
+            yield name, head
+
+
+def _neck_problem(name: str, neck: nn.Module, outputs: List[int],
+                  returns: str) -> Optional[str]:
+    in_channels = getattr(neck, 'in_channels', None)
+    if not isinstance(in_channels, (list, tuple)):
+        return None
+    in_channels = list(in_channels)
+    first = getattr(neck, 'start_level', 0)
+    end = getattr(neck, 'backbone_end_level', len(in_channels))
+    if len(in_channels) == len(outputs) and in_channels[first:end] == outputs[first:end]:
+        return None
+    return (f'{name}.in_channels is {in_channels} but {returns}; '
+            f'set model.{name}.in_channels={outputs}')
+
+
+def _head_problem(name: str, head: nn.Module, outputs: List[int],
+                  returns: str) -> Optional[str]:
+    in_channels, in_index = getattr(head, 'in_channels', None), getattr(head, 'in_index', None)
+    if in_index is None or not isinstance(in_channels, (int, list, tuple)):
+        return None
+    indices = [in_index] if isinstance(in_index, int) else list(in_index)
+    if any(not -len(outputs) <= i < len(outputs) for i in indices):
+        return (f'{name}.in_index is {in_index} but {returns} ({len(outputs)} outputs); '
+                f'set model.{name}.in_index to indices below {len(outputs)} and its '
+                'in_channels to theirs')
+    selected = [outputs[i] for i in indices]
+    if getattr(head, 'input_transform', None) == 'resize_concat':
+        # mmseg keeps only the sum of a concatenating head's in_channels.
+        if in_channels == sum(selected):
+            return None
+        return (f'{name} concatenates {in_channels} channels (in_index {in_index}) but '
+                f'{returns}; set model.{name}.in_channels={selected}')
+    expected = selected[0] if isinstance(in_index, int) else selected
+    if isinstance(in_channels, (list, tuple)):
+        in_channels = list(in_channels)
+    if in_channels == expected:
+        return None
+    return (f'{name}.in_channels is {in_channels} (in_index {in_index}) but {returns}; '
+            f'set model.{name}.in_channels={expected}')
