@@ -200,6 +200,13 @@ def test_offline_without_a_copy_one_error_names_the_url_and_both_places(tmp_path
     assert isinstance(err.value, FileNotFoundError)  # as a missing local file
 
 
+def test_a_url_the_server_does_not_have_names_the_http_error(release, tmp_path):
+    with pytest.raises(CheckpointUnavailableError, match=r'HTTP Error 404: File not found.*'
+                                                         r'checkpoints/poolformer_s12\.pth\.tar'):
+        CheckpointLoader.load_checkpoint(S12_URL)
+    assert os.listdir(_hub_cache(tmp_path)) == []
+
+
 @contextlib.contextmanager
 def silent_server():
     """A loopback port that accepts connections and never answers: a network that hangs."""

@@ -287,8 +287,10 @@ def download_checkpoint(url: str) -> str:
         try:
             _download(url, cached, DOWNLOAD_TIMEOUT_S)
         except (urllib.error.URLError, OSError, ValueError) as err:
-            # URLError wraps DNS and connection errors; socket timeouts are OSErrors
-            reason = getattr(err, 'reason', None) or err
+            # URLError wraps DNS and connection errors (its reason says which); socket timeouts
+            # are OSErrors; an HTTPError's own text has the status code
+            reason = err if isinstance(err, urllib.error.HTTPError) else (
+                getattr(err, 'reason', None) or err)
             raise _unavailable(url, f'could not download it ({reason})') from None
     if world_size > 1:
         barrier()
