@@ -177,7 +177,8 @@ def is_remote_checkpoint(path: str) -> bool:
 
 
 def check_checkpoint_path(path: str, what: str = 'checkpoint') -> None:
-    """Raise FileNotFoundError naming ``what`` when ``path`` is neither a file nor a scheme."""
+    """Raise :class:`~poolformer_mm.errors.CheckpointUnavailableError` (a FileNotFoundError)
+    naming ``what`` when ``path`` is neither a file nor a scheme."""
     if not is_remote_checkpoint(path) and not osp.isfile(osp.expanduser(path)):
         raise CheckpointUnavailableError(f"{what} '{path}' not found")
 
