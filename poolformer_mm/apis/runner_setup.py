@@ -19,6 +19,7 @@ from mmengine.logging import print_log
 from ..engine.safe_checkpoints import check_checkpoint_path
 from ..engine.work_dir import find_resumable_checkpoint, lock_work_dir
 from ..errors import InvalidInputError
+from ..models import check_neck_in_channels
 from .checkpoint_fit import check_checkpoint_fits
 from .data_checks import CheckedDictAction, add_data_checks, check_data_roots, override_data_root
 from .distributed import prepare_cpu_distributed
@@ -238,6 +239,8 @@ def build_runner(cfg: Config):
     from mmengine.runner import Runner
     prepare_cpu_distributed(cfg)
     runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
+    # a stock base's ResNet in_channels would otherwise fail in the first forward pass
+    check_neck_in_channels(runner.model)
     _refuse_empty_datasets(runner)
     return runner
 

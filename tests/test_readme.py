@@ -1,0 +1,42 @@
+"""The README's commands name files and targets that exist, so following it verbatim works."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+README = (REPO / 'README.md').read_text()
+
+
+def _mentioned(pattern):
+    return sorted(set(re.findall(pattern, README)))
+
+
+@pytest.mark.parametrize('path', _mentioned(r'\b(?:tools|configs)/[\w/.-]+\.(?:py|sh)\b'))
+def test_every_tool_and_config_the_readme_names_exists(path):
+    assert (REPO / path).is_file(), f'README names {path}, which does not exist'
+
+
+@pytest.mark.parametrize('target', _mentioned(r'\bmake ([a-z][\w-]*)'))
+def test_every_make_target_the_readme_names_exists(target):
+    makefile = (REPO / 'Makefile').read_text()
+    assert re.search(rf'^{re.escape(target)}:', makefile, re.M), f'no make target {target}'
+
+
+def test_the_readme_says_how_a_fresh_shell_finds_the_environment():
+    # a fresh shell's `python tools/train.py` fails with "No module named 'poolformer_mm'"
+    # unless the environment that `make` created is active
+    quick_start = README.split('## Quick start', 1)[1].split('\n## ', 1)[0]
+    assert 'source .venv/bin/activate' in quick_start
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('tool', _mentioned(r'python (tools/[\w/]+\.py)'))
+def test_every_python_tool_the_readme_names_starts(tool):
+    result = subprocess.run([sys.executable, tool, '--help'], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'usage:' in result.stdout
+    assert 'Warning' not in result.stderr, result.stderr[-2000:]
