@@ -24,9 +24,10 @@ CONFIGS = {
     'segmentation/fpn_poolformer_s12_ppaa': (20_290_262, 'segmentation/fpn_poolformer_s12'),
 }
 CHECKPOINTS = {
-    'convformer_s18': 'checkpoints/convformer_s18.pth',
-    'caformer_s18': 'checkpoints/caformer_s18.pth',
-    'poolformer_s12_ppaa': 'checkpoints/metaformer_ppaa_s12_224.pth.tar',
+    'convformer_s18': 'https://huggingface.co/sail/dl/resolve/main/convformer/convformer_s18.pth',
+    'caformer_s18': 'https://huggingface.co/sail/dl/resolve/main/caformer/caformer_s18.pth',
+    'poolformer_s12_ppaa': ('https://github.com/sail-sg/poolformer/releases/download/v1.0/'
+                            'metaformer_ppaa_s12_224.pth.tar'),
 }
 
 

@@ -189,7 +189,7 @@ def load_config(config: Union[str, Path, Config]) -> Config:
 def build_model_without_pretrained(cfg: Config) -> nn.Module:
     """The config's detector or segmentor with the backbone's ``init_cfg`` removed.
 
-    The configs point at ImageNet files under ``checkpoints/``; MAC and parameter counts do not
+    The configs name ImageNet weights by URL; MAC and parameter counts do not
     depend on weights, so nothing is loaded and ``init_weights`` is never called.
 
     Args:

@@ -51,7 +51,7 @@ from mmengine.logging.history_buffer import HistoryBuffer
 from mmengine.runner import checkpoint as mm_checkpoint
 from mmengine.runner.checkpoint import CheckpointLoader
 
-from ..errors import CheckpointUnavailableError
+from ..errors import CheckpointUnavailableError, InvalidInputError
 
 # Temporary files of an interrupted write are named '.<target>.incomplete-<random>.tmp'.
 INCOMPLETE_MARK = '.incomplete-'
@@ -102,12 +102,12 @@ def timm_checkpoint_globals() -> list:
 
 
 # ----------------------------------------------------------------------------- 2. the loaders
-def _refused(name: str, err: pickle.UnpicklingError) -> ValueError:
+def _refused(name: str, err: pickle.UnpicklingError) -> InvalidInputError:
     lines = str(err).splitlines()
     # torch's first line is generic; the one naming the refused object says what it was
     named = next((line.strip() for line in lines[1:] if 'GLOBAL' in line or
                   'Unsupported' in line), lines[0] if lines else '')
-    return ValueError(
+    return InvalidInputError(
         f"refused to load '{name}': its pickle asks for something other than tensors and the "
         'allow-listed mmengine and timm objects, so it could run code when loaded (or it is not a '
         'checkpoint). Only load it if you trust its source, and convert it to a plain state '
@@ -121,8 +121,8 @@ def _torch_load_weights_only(source: Union[str, BinaryIO], name: str, map_locati
     except pickle.UnpicklingError as err:
         raise _refused(name, err) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise ValueError(f"'{name}' is not a readable PyTorch checkpoint (truncated, or "
-                         f'another kind of file): {str(err).splitlines()[0]}') from None
+        raise InvalidInputError(f"'{name}' is not a readable PyTorch checkpoint (truncated, or "
+                                f'another kind of file): {str(err).splitlines()[0]}') from None
 
 
 def is_safetensors_file(path: str) -> bool:
@@ -148,8 +148,9 @@ def _safetensors_load(path: str, name: str, map_location=None) -> dict:
     try:
         return load_file(path, device=str(device))
     except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"'{name}' is not a readable safetensors file (truncated or corrupt: "
-                         f'{str(err).splitlines()[0]}); download it again') from None
+        raise InvalidInputError(
+            f"'{name}' is not a readable safetensors file (truncated or corrupt: "
+            f'{str(err).splitlines()[0]}); download it again') from None
 
 
 def load_weights_only(path: str, name: Optional[str] = None, map_location=None):
@@ -208,7 +209,7 @@ def checkpoint_file_name(url: str) -> str:
     path = urlparse(url).path
     name = osp.basename(path)
     if not name:
-        raise ValueError(f"checkpoint URL '{url}' does not end in a file name")
+        raise InvalidInputError(f"checkpoint URL '{url}' does not end in a file name")
     hub = _HF_RESOLVE_URL.match(path)
     generic = _HF_GENERIC_NAME.match(name)
     if hub and generic:
@@ -318,8 +319,8 @@ def load_from_http_weights_only(url: str, map_location=None):
     try:
         return load_weights_only(path, url, map_location)
     except ValueError as err:
-        raise ValueError(f"{err} (read from '{path}'; delete that file to download it "
-                         'again)') from None
+        raise InvalidInputError(f"{err} (read from '{path}'; delete that file to download it "
+                                'again)') from None
 
 
 def load_from_torchvision_weights_only(filename: str, map_location=None):

@@ -37,7 +37,7 @@ from mmengine.logging import print_log
 from mmengine.runner.checkpoint import CheckpointLoader
 
 from ..engine.safe_checkpoints import is_remote_checkpoint, load_from_local_weights_only
-from ..errors import CheckpointUnavailableError
+from ..errors import CheckpointUnavailableError, InvalidInputError
 
 # ------------------------------------------------------------------------------- rules
 # (pattern, replacement) per layout, applied to each key in order; the first match wins, a key
@@ -167,15 +167,17 @@ def _detect_poolformer_layout(state: Mapping, had_backbone_prefix: bool) -> str:
     if 'stem.proj.weight' in state:
         return 'poolformer_mm (old names)'
     if 'stem.norm.weight' in state or 'downsample_layers.0.conv.weight' in state:
-        raise ValueError("checkpoint is a MetaFormer baseline (v2) checkpoint, not a PoolFormer "
-                         "one; load it with dict(type='MetaFormer', ...) instead")
+        raise InvalidInputError(
+            "checkpoint is a MetaFormer baseline (v2) checkpoint, not a PoolFormer "
+            "one; load it with dict(type='MetaFormer', ...) instead")
     if 'stem.conv.weight' in state:
         return 'poolformer_mm' if _has_output_norms(state) else 'timm'
     if 'patch_embed.proj.weight' in state and any(k.startswith('network.') for k in state):
         return 'mmpretrain' if had_backbone_prefix else 'official'
     sample = ', '.join(list(state)[:5])
-    raise ValueError('checkpoint is not a PoolFormer checkpoint in any known layout (official, '
-                     f'mmpretrain, timm, poolformer_mm); its first keys are: {sample}')
+    raise InvalidInputError(
+        'checkpoint is not a PoolFormer checkpoint in any known layout (official, '
+        f'mmpretrain, timm, poolformer_mm); its first keys are: {sample}')
 
 
 def _detect_metaformer_layout(state: Mapping) -> str:
@@ -185,11 +187,13 @@ def _detect_metaformer_layout(state: Mapping) -> str:
         return 'poolformer_mm' if _has_output_norms(state) else 'timm'
     if any(k in state for k in ('stem.conv.weight', 'stem.proj.weight',
                                 'patch_embed.proj.weight')):
-        raise ValueError('checkpoint is a PoolFormer (v1) checkpoint, not a MetaFormer v2 one; '
-                         "load it with dict(type='PoolFormer', ...) instead")
+        raise InvalidInputError(
+            'checkpoint is a PoolFormer (v1) checkpoint, not a MetaFormer v2 one; '
+            "load it with dict(type='PoolFormer', ...) instead")
     sample = ', '.join(list(state)[:5])
-    raise ValueError('checkpoint is not a MetaFormer checkpoint in any known layout '
-                     f'(sail-sg/metaformer, timm, poolformer_mm); its first keys are: {sample}')
+    raise InvalidInputError(
+        'checkpoint is not a MetaFormer checkpoint in any known layout '
+        f'(sail-sg/metaformer, timm, poolformer_mm); its first keys are: {sample}')
 
 
 def convert_to_poolformer_layout(checkpoint: Mapping) -> Tuple[Dict[str, torch.Tensor], str]:
@@ -267,18 +271,19 @@ def load_converted_weights(backbone: nn.Module, state: Dict[str, torch.Tensor],
     target = backbone.state_dict()
     mismatched = fit_shapes(state, target)
     if mismatched:
-        raise ValueError(f'{source} does not fit this {name}: {len(mismatched)} shape '
-                         f'mismatches, e.g. {"; ".join(mismatched[:3])}. Is it a checkpoint of '
-                         'another arch?')
+        raise InvalidInputError(
+            f'{source} does not fit this {name}: {len(mismatched)} shape '
+            f'mismatches, e.g. {"; ".join(mismatched[:3])}. Is it a checkpoint of '
+            'another arch?')
     unexpected = sorted(k for k in state if k not in target)
     missing = sorted(k for k in target if k not in state)
     extra = [k for k in unexpected if STRUCTURAL_KEY.match(k)]
     lacking = [k for k in missing if STRUCTURAL_KEY.match(k)]
     if extra or lacking:
-        raise ValueError(
+        raise InvalidInputError(
             f'{source} has a different block structure from this {name} ({len(extra)} extra '
-            f'and {len(lacking)} missing backbone tensors, e.g. {(extra + lacking)[0]}). Is it a '
-            'checkpoint of another arch?')
+            f'and {len(lacking)} missing backbone tensors, e.g. {(extra + lacking)[0]}). Is it '
+            'a checkpoint of another arch?')
 
     # What remains is benign: output norms the file lacks (ImageNet files have only the final
     # norm) or output norms for stages this model does not return.
