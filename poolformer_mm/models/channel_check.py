@@ -6,6 +6,7 @@ A stock mmdet / mmseg base with our backbone swapped in keeps the ResNet's ``in_
 channel mismatch deep inside the neck. :func:`check_neck_in_channels` says the same before any
 forward pass, with the values to set.
 """
+import warnings
 from typing import List, Optional, Sequence
 
 import torch.nn as nn
@@ -30,6 +31,10 @@ def check_neck_in_channels(model: nn.Module) -> None:
     whose backbone is not one of ours, and necks / heads without a list or int ``in_channels``,
     are left alone.
 
+    A neck that starts after the first returned stage (``start_level=1`` of the stock RetinaNet
+    and FCOS bases) leaves that stage's output norm without gradient, which multi-GPU training
+    refuses (unused parameters): that gets a warning saying which stages to return instead.
+
     Args:
         model (nn.Module): A built mmdet detector or mmseg segmentor (or a wrapper with
             ``.module``).
@@ -46,6 +51,8 @@ def check_neck_in_channels(model: nn.Module) -> None:
         if isinstance(neck, nn.Sequential):
             neck, name = neck[0], 'neck[0]'
         problems = [_neck_problem(name, neck, outputs, returns)]
+        if not problems[0]:
+            _warn_unread_stages(name, neck, backbone)
     else:
         problems = [
             _head_problem(name, head, outputs, returns)
@@ -77,6 +84,20 @@ def _neck_problem(name: str, neck: nn.Module, outputs: List[int],
         return None
     return (f'{name}.in_channels is {in_channels} but {returns}; '
             f'set model.{name}.in_channels={outputs}')
+
+
+def _warn_unread_stages(name: str, neck: nn.Module, backbone: DenseBackbone) -> None:
+    first = getattr(neck, 'start_level', 0)
+    if not isinstance(neck.in_channels, (list, tuple)) or first <= 0:
+        return
+    read = backbone.out_indices[first:]
+    channels = backbone.out_channels[first:]
+    warnings.warn(
+        f'{name}.start_level={first} skips the first {first} output(s) of '
+        f'{backbone.describe()}: their output norms get no gradient, and multi-GPU training '
+        f'stops on unused parameters. Return only what the neck reads: backbone out_indices='
+        f'{read}, model.{name}.in_channels={channels}, model.{name}.start_level=0',
+        UserWarning, stacklevel=2)
 
 
 def _head_problem(name: str, head: nn.Module, outputs: List[int],
