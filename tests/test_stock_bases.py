@@ -127,7 +127,8 @@ def test_readme_snippet_trains_one_step_on_the_stock_base(snippet, base, tmp_pat
         check_neck_in_channels(model)
     unread = _unread_output_norms(model)
     # RetinaNet's and FCOS's FPN start at stage 1: the check says what to return instead
-    assert bool(caught) == bool(unread), [str(w.message) for w in caught]
+    warned = [w for w in caught if 'start_level' in str(w.message)]
+    assert len(warned) == (1 if unread else 0), [str(w.message) for w in caught]
     # (the upstream modules keep their construction-time initialisation: mmengine's report of
     # every parameter's initialisation would cost more than the training step)
     model.backbone.init_weights()
@@ -156,6 +157,17 @@ def test_intro_snippet_fits_an_mmdet_fpn_base(tmp_path):
     model = build_model_of(cfg)
     check_neck_in_channels(model)
     assert model.backbone.out_channels == list(model.neck.in_channels) == [64, 128, 320, 512]
+
+
+def test_neck_that_skips_a_returned_stage_says_which_stages_to_return(tmp_path):
+    cfg = snippet_config(tmp_path, 'mmdet', STOCK_BASES['mmdet'][3])  # RetinaNet: start_level=1
+    with pytest.warns(UserWarning) as caught:
+        check_neck_in_channels(build_model_of(cfg))
+    assert [str(w.message) for w in caught] == [
+        "neck.start_level=1 skips the first 1 output(s) of PoolFormer arch 's12' with "
+        'out_indices (0, 1, 2, 3): their output norms get no gradient, and multi-GPU training '
+        'stops on unused parameters. Return only what the neck reads: backbone out_indices='
+        '(1, 2, 3), model.neck.in_channels=[128, 320, 512], model.neck.start_level=0']
 
 
 def test_mmdet_base_without_the_neck_line_is_refused_before_the_forward_pass(tmp_path):

@@ -4,9 +4,10 @@ stage-building loop and the forward pass.
 A subclass builds ``self.stem``, ``self.stages`` (with :meth:`_build_stages`: four
 :class:`~poolformer_mm.models.layers.MetaFormerStage`) and ``self.output_norms`` (a ModuleDict
 keyed by the returned stage indices), and calls :meth:`_set_dense_interface` first and
-:meth:`_finish_building` last. The stages run in the modes the backbone sets through its public
-methods: :meth:`set_fast_path`, :meth:`set_grad_checkpointing` (and PoolFormer's
-``switch_to_deploy``).
+:meth:`_finish_building` last. It hands ``init_cfg``, mmseg's deprecated ``pretrained`` and its
+arch name to ``DenseBackbone.__init__``, which turns ``pretrained`` into ``init_cfg``. The
+stages run in the modes the backbone sets through its public methods: :meth:`set_fast_path`,
+:meth:`set_grad_checkpointing` (and PoolFormer's ``switch_to_deploy``).
 """
 import copy
 import difflib
