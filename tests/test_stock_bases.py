@@ -299,6 +299,14 @@ def test_pretrained_file_of_another_network_says_to_set_model_pretrained_none(tm
     assert 'It was given as pretrained' in message and 'set model.pretrained=None' in message
 
 
+def test_missing_pretrained_file_says_where_it_was_named(tmp_path):
+    with pytest.warns(FutureWarning):
+        model = PoolFormer('s12', pretrained=str(tmp_path / 'poolformer_s12.pth.tar'))
+    with pytest.raises(FileNotFoundError, match=r'not found\..*It was given as pretrained.*'
+                       r'set model\.pretrained=None'):
+        model.init_weights()
+
+
 def test_pretrained_and_init_cfg_together_are_refused():
     with pytest.raises(PretrainedSettingError,
                        match=r"got both pretrained='a\.pth' and init_cfg=.*name the weights once"):

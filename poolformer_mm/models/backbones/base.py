@@ -241,10 +241,12 @@ class DenseBackbone(BaseModule):
         if self.init_cfg is not None and self.init_cfg.get('type') == 'Pretrained':
             try:
                 self._load_pretrained(self.init_cfg['checkpoint'])
-            except ValueError as err:
+            except (ValueError, FileNotFoundError) as err:
                 if self._weights_setting != 'pretrained':
                     raise
-                raise PretrainedSettingError(f'{err}{self._not_loadable_hint()}') from err
+                # a missing file keeps its type (CheckpointUnavailableError for a URL)
+                kind = PretrainedSettingError if isinstance(err, ValueError) else type(err)
+                raise kind(f'{err}{self._not_loadable_hint()}') from err
             self._is_init = True
             return
         self._init_from_scratch()
