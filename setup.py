@@ -25,6 +25,7 @@ setup(
     python_requires='>=3.8',
     install_requires=read_requirements('runtime'),
     extras_require={'tests': read_requirements('tests'),
-                    'analysis': read_requirements('analysis')},
+                    'analysis': read_requirements('analysis'),
+                    'deploy': read_requirements('deploy')},
     license='Apache-2.0',
 )

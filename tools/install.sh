@@ -77,10 +77,11 @@ else
         "mmcv$(spec mmcv)"
 fi
 
-# Everything else: run time, the test suite and linter, the analysis tools. Already satisfied
-# requirements cost pip a second or two and no download.
-echo "[install] checking requirements/{runtime,tests,analysis}.txt"
-pip_tested -r "$req/runtime.txt" -r "$req/tests.txt" -r "$req/analysis.txt"
+# Everything else: run time, the test suite and linter, the analysis tools, ONNX export and
+# ONNX Runtime (the deploy tests need them). Already satisfied requirements cost pip a second or
+# two and no download.
+echo "[install] checking requirements/{runtime,tests,analysis,deploy}.txt"
+pip_tested -r "$req/runtime.txt" -r "$req/tests.txt" -r "$req/analysis.txt" -r "$req/deploy.txt"
 
 if ! (cd / && "$py" -c "import sys, poolformer_mm; sys.exit(not poolformer_mm.__file__.startswith('$here/'))") 2>/dev/null; then
     echo "[install] installing poolformer_mm (editable)"
