@@ -11,11 +11,11 @@ from typing import List, Optional, Sequence
 
 import torch.nn as nn
 
-from ..errors import UserInputError
+from ..errors import InvalidInputError
 from .backbones.base import DenseBackbone
 
 
-class InChannelsError(UserInputError, ValueError):
+class InChannelsError(InvalidInputError):
     """A neck or head whose ``in_channels`` do not match the backbone's outputs."""
 
 

@@ -21,7 +21,7 @@ from mmengine.model import BaseModule
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ...errors import UserInputError
+from ...errors import InvalidInputError
 from ..checkpoint_layouts import upgrade_legacy_keys_on_load
 from ..layers import MetaFormerStage, group_norm_1_to_nchw, is_group_norm_1, token_grids
 
@@ -46,7 +46,7 @@ RESNET_ARGUMENTS = frozenset({
 SUGGESTION_CUTOFF = 0.8
 
 
-class PretrainedSettingError(UserInputError, ValueError):
+class PretrainedSettingError(InvalidInputError):
     """``pretrained`` / ``init_cfg`` of a backbone that cannot be what the user meant."""
 
 
