@@ -3,13 +3,34 @@
 segmentation configs. Works on CPU.
 
     python tools/infer.py CONFIG CHECKPOINT IMAGE_OR_FOLDER [...] --out-dir outputs/
+
+The model runs through mmdet's DetInferencer or mmseg's MMSegInferencer; each picture is written
+to --out-dir as <image name>.png.
 """
 import argparse
+import logging
+import re
+
+from mmengine.logging import MMLogger
 
 from poolformer_mm.apis.inference import draw_predictions
+from poolformer_mm.errors import report_user_errors
+from poolformer_mm.known_warnings import ignore_known_warnings
 
 
-def main():
+class HideFunctionScopeNotice(logging.Filter):
+    """Drop mmengine's notice that the inferencer's collate-function lookup falls back from the
+    mmdet or mmseg scope to mmengine's: neither package has a function registry of its own, so
+    their collate functions are mmengine's, and the notice is printed on every run."""
+
+    NOTICE = re.compile(r'Failed to search registry with scope "(mmdet|mmseg)" in the "function" '
+                        'registry tree')
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.NOTICE.match(record.getMessage())
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('config')
     parser.add_argument('checkpoint')
@@ -21,11 +42,18 @@ def main():
     parser.add_argument('--deploy', action='store_true',
                         help="fold the PoolFormer backbone's norms and layer scales into its "
                         'weights after loading: same predictions, faster')
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+@report_user_errors
+def main(argv=None):
+    args = parse_args(argv)
+    MMLogger.get_current_instance().addFilter(HideFunctionScopeNotice())
     written = draw_predictions(args.config, args.checkpoint, args.inputs, args.out_dir,
                                args.device, args.score_thr, deploy=args.deploy)
     print(f'wrote {len(written)} pictures to {args.out_dir}/')
 
 
 if __name__ == '__main__':
+    ignore_known_warnings()
     main()

@@ -1,8 +1,20 @@
-"""Draw a detector's or segmentor's predictions on image files, with the upstream visualisers."""
+"""Predictions and pictures of them for image files, through the inferencers users already call.
+
+:func:`init_inferencer` returns mmdet's ``DetInferencer`` for a detection config and mmseg's
+``MMSegInferencer`` for a segmentation config, with this project's checks on top: the checkpoint
+path, weights that fit the config's model, and ``deploy`` folding after the weights are loaded.
+:func:`draw_predictions` (``tools/infer.py``) also checks every image before the model sees it
+and writes one ``<image stem>.png`` per image directly into the folder the user named.
+
+The weights go through mmengine's checkpoint loaders, which importing ``poolformer_mm`` (the
+configs' ``custom_imports``) makes weights-only.
+"""
+import copy
 import os
 import os.path as osp
-from typing import List, Sequence
+from typing import List, Sequence, Union
 
+import mmcv
 from mmengine.config import Config
 
 from ..engine import switch_backbone_to_deploy
@@ -30,50 +42,102 @@ def collect_images(inputs: Sequence[str]) -> List[str]:
     return images
 
 
+def _segmentation_inferencer_class():
+    from mmseg.apis import MMSegInferencer
+
+    class SegInferencer(MMSegInferencer):
+        """``MMSegInferencer`` that also draws the label map of a one-pixel image.
+
+        mmseg's visualiser indexes the picture with the predicted label tensor, and numpy takes
+        a one-element tensor as the scalar index 1 (IndexError on a 1x1 image); a numpy label
+        map draws the same picture at every size. The predictions returned are unchanged.
+        """
+
+        def visualize(self, inputs, preds, *args, **kwargs):
+            drawn = []
+            for pred in preds:
+                pred = pred.clone()
+                pred.pred_sem_seg.data = pred.pred_sem_seg.data.cpu().numpy()
+                drawn.append(pred)
+            return super().visualize(inputs, drawn, *args, **kwargs)
+
+    return SegInferencer
+
+
+def init_inferencer(config: Union[str, Config], checkpoint: str, device: str = 'cpu',
+                    deploy: bool = False):
+    """mmdet's ``DetInferencer`` or mmseg's ``MMSegInferencer`` for ``config``, with its weights.
+
+    Args:
+        config (str | Config): an mmdet or mmseg config (file or loaded).
+        checkpoint (str): the weights, a path or URL (weights-only loading).
+        device (str): e.g. ``'cpu'`` or ``'cuda:0'``.
+        deploy (bool): fold the PoolFormer backbone once the weights are loaded (same
+            predictions, faster).
+
+    Raises:
+        ValueError: if the checkpoint does not fit the config's model (another arch or task),
+            naming each part that does not fit.
+    """
+    cfg = Config.fromfile(config) if isinstance(config, str) else copy.deepcopy(config)
+    name = f"'{cfg.filename}'" if cfg.filename else 'the config'
+    check_checkpoint_path(checkpoint)
+    # The inferencers return the pictures they draw; a visualiser backend without a save_dir
+    # would only warn that it cannot save them.
+    cfg.visualizer = dict(cfg.visualizer, vis_backends=[])
+    if task_of(cfg) == 'mmdet':
+        from mmdet.apis import DetInferencer
+        inferencer = DetInferencer(model=cfg, weights=checkpoint, device=device,
+                                   show_progress=False)
+    else:
+        inferencer = _segmentation_inferencer_class()(model=cfg, weights=checkpoint,
+                                                      device=device)
+        inferencer.show_progress = False
+    check_checkpoint_fits(inferencer.model, checkpoint, name)
+    if deploy:
+        switch_backbone_to_deploy(inferencer.model)
+    return inferencer
+
+
+def draw_prediction(inferencer, image: str, score_thr: float = 0.3):
+    """The picture (RGB array) of ``inferencer``'s prediction on the image file ``image``:
+    boxes and masks scoring at least ``score_thr`` for detection, a colour overlay for
+    segmentation."""
+    kwargs = dict(pred_score_thr=score_thr) if task_of(inferencer.cfg) == 'mmdet' else dict()
+    pictures = inferencer([image], return_vis=True, **kwargs)['visualization']
+    # MMSegInferencer unwraps the list of a single input
+    return pictures[0] if isinstance(pictures, list) else pictures
+
+
 def draw_predictions(config: str, checkpoint: str, inputs: Sequence[str], out_dir: str,
                      device: str = 'cpu', score_thr: float = 0.3,
                      deploy: bool = False) -> List[str]:
-    """Run the model on every image of ``inputs`` and write one PNG per image to ``out_dir``.
+    """Run the model on every image of ``inputs`` and write ``<image stem>.png`` to ``out_dir``.
 
     Detection configs get boxes (and masks, for instance segmentation); segmentation configs get
     a colour overlay of the predicted classes. ``deploy`` folds the PoolFormer backbone after
     loading (same predictions, faster). Returns the written paths.
+
+    Raises:
+        ValueError: naming the file, for an image that is damaged or that the config's test
+            resize makes too thin for the model; naming the parts, for a checkpoint that does
+            not fit the config's model. Nothing is written then.
     """
     cfg = Config.fromfile(config)
     images = collect_images(inputs)
     check_checkpoint_path(checkpoint)
-    if task_of(cfg) == 'mmdet':
-        from mmdet.apis import inference_detector as infer
-        from mmdet.apis import init_detector as init
-        from mmdet.registry import VISUALIZERS
-        draw_kwargs = dict(pred_score_thr=score_thr)
-    else:
-        from mmseg.apis import inference_model as infer
-        from mmseg.apis import init_model as init
-        from mmseg.registry import VISUALIZERS
-        draw_kwargs = dict()
-    model = init(cfg, checkpoint, device=device)
-    check_checkpoint_fits(model, checkpoint, f"'{config}'")
-    if deploy:
-        switch_backbone_to_deploy(model)
-    visualizer_cfg = dict(model.cfg.visualizer, name='poolformer_mm_inference', vis_backends=[])
-    visualizer = VISUALIZERS.build(visualizer_cfg)
-    visualizer.dataset_meta = model.dataset_meta
+    # Every image is decoded and checked before the model is built, so a damaged file or one too
+    # thin for the test resize stops with its name at once, instead of an OpenCV assertion after
+    # the images before it.
+    for path in images:
+        check_image_fits_model(path, read_image_for_inference(path).shape, cfg)
+    inferencer = init_inferencer(cfg, checkpoint, device, deploy)
     os.makedirs(out_dir, exist_ok=True)
     written = []
     for path in images:
-        # Decode and check each image before the model's pipeline does, so a damaged file or one
-        # too thin for the test resize stops with its name instead of an OpenCV assertion.
-        image = read_image_for_inference(path)
-        check_image_fits_model(path, image.shape, model.cfg)
-        result = infer(model, path)
-        if task_of(cfg) == 'mmseg':
-            # mmseg's visualiser indexes the picture with the predicted label tensor, where a
-            # one-pixel tensor acts as the scalar index 1 (IndexError on a 1x1 image); a numpy
-            # label map draws the same picture at every size.
-            result.pred_sem_seg.data = result.pred_sem_seg.data.cpu().numpy()
+        # The inferencers would write into out_dir/vis/ under the input's own name (a .jpg for
+        # a JPEG); the pictures go where the user asked, as lossless PNGs.
         out_file = osp.join(out_dir, osp.splitext(osp.basename(path))[0] + '.png')
-        visualizer.add_datasample(osp.basename(path), image, data_sample=result, draw_gt=False,
-                                  show=False, out_file=out_file, **draw_kwargs)
+        mmcv.imwrite(mmcv.rgb2bgr(draw_prediction(inferencer, path, score_thr)), out_file)
         written.append(out_file)
     return written
