@@ -40,3 +40,14 @@ def test_every_python_tool_the_readme_names_starts(tool):
     assert result.returncode == 0, result.stderr[-2000:]
     assert 'usage:' in result.stdout
     assert 'Warning' not in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize('tool', ['tools/train.py', 'tools/test.py'])
+def test_a_shell_without_the_environment_is_told_to_activate_it(tool):
+    # -S: no site-packages, so neither poolformer_mm nor the OpenMMLab stack can be imported
+    result = subprocess.run([sys.executable, '-I', '-S', tool, 'config.py'], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "No module named 'poolformer_mm'. Activate the environment first: source "
+        '.venv/bin/activate (see the README, "Quick start").']

@@ -5,9 +5,15 @@
 
 Flags are those of mmdet 3.3's / mmseg 1.2's tools/train.py, plus --data-root.
 """
-from poolformer_mm.apis import run_training
-from poolformer_mm.errors import report_user_errors
-from poolformer_mm.known_warnings import ignore_known_warnings
+import sys
+
+try:
+    from poolformer_mm.apis import run_training
+    from poolformer_mm.errors import report_user_errors
+    from poolformer_mm.known_warnings import ignore_known_warnings
+except ModuleNotFoundError as err:  # typically a fresh shell without the environment
+    sys.exit(f'{err}. Activate the environment first: source .venv/bin/activate '
+             '(see the README, "Quick start").')
 
 if __name__ == '__main__':
     ignore_known_warnings()
