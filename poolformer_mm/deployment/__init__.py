@@ -1,0 +1,9 @@
+"""ONNX export of the segmentors and detectors with the folded backbone, and its checks.
+
+Needs the optional ``deploy`` extra (``pip install -e .[deploy]``: onnx, onnxruntime); the rest
+of the package never imports this subpackage.
+"""
+from .export import build_model, export_onnx, fold_for_export
+from .verify import verify_onnx
+
+__all__ = ['build_model', 'export_onnx', 'fold_for_export', 'verify_onnx']

@@ -1,0 +1,319 @@
+"""ONNX export of mmseg segmentors and mmdet single-stage detectors with a folded backbone.
+
+The exported model follows mmdeploy's end-to-end convention where ONNX allows it:
+
+* one input ``input``: a float32 (N, 3, H, W) image, already normalised
+  (:func:`poolformer_mm.deployment.postprocess.normalize`);
+* segmentors: ``output``, int64 (N, 1, H, W) class indices at the input size (the argmax is in
+  the graph); ``logits`` (N, C, H, W) too with ``with_logits=True``, to check agreement;
+* RetinaNet: the head's raw per-level outputs ``cls_score_<i>`` and ``bbox_pred_<i>``; the
+  documented NumPy step :func:`~poolformer_mm.deployment.postprocess.retinanet_postprocess`
+  turns them into ``dets`` (K, 5) and ``labels`` (K,) with the config's ``test_cfg``.
+
+Everything the runtime side needs (mean, std, channel order, input size, class names, task and
+post-processing settings) is stored as JSON in the model's ``metadata_props``, so running the
+file needs no config.
+
+``onnx`` is imported here only inside functions: the deploy extra is optional.
+"""
+import json
+import os.path as osp
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from mmengine.config import Config
+from mmengine.registry import init_default_scope
+from mmengine.runner import load_checkpoint
+
+from ..apis.checkpoint_fit import check_checkpoint_fits
+from ..apis.eval_metrics import task_of
+from ..engine.deploy_hook import find_backbone, switch_backbone_to_deploy
+from ..errors import InvalidInputError
+from ..models.layers.blocks import DeployPoolFormerBlock
+from .postprocess import METADATA_KEY
+
+OPSET_VERSION = 17
+DEFAULT_SIZE_DIVISOR = 32
+
+
+# ---------------------------------------------------------------------------------- model
+def build_model(config: str, checkpoint: Optional[str] = None,
+                cfg_options: Optional[dict] = None) -> tuple:
+    """The config's model in eval mode with the checkpoint's weights; returns (model, cfg)."""
+    import poolformer_mm  # noqa: F401  (safe checkpoint loading, backbones in the registry)
+    cfg = Config.fromfile(config)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    scope = task_of(cfg)
+    init_default_scope(scope)
+    if scope == 'mmdet':
+        from mmdet.registry import MODELS
+    else:
+        from mmseg.registry import MODELS
+    model_cfg = cfg.model.copy()
+    # the checkpoint replaces every weight: no download of the backbone's pretrained weights
+    if model_cfg.get('backbone', {}).get('init_cfg') is not None:
+        model_cfg.backbone.init_cfg = None
+    model = MODELS.build(model_cfg)
+    if checkpoint is not None:
+        check_checkpoint_fits(model, checkpoint, config)
+        load_checkpoint(model, checkpoint, map_location='cpu', logger='silent')
+    return model.eval(), cfg
+
+
+def _moments(tokens: torch.Tensor, eps: float) -> tuple:
+    """Per-sample mean and 1 / sqrt(var + eps) of (N, H, W, C) tokens, in plain reductions."""
+    mean = tokens.mean(dim=(1, 2, 3), keepdim=True)
+    var = (tokens - mean).square().mean(dim=(1, 2, 3), keepdim=True)
+    return mean, torch.rsqrt(var + eps)
+
+
+class ExportPoolFormerBlock(nn.Module):
+    """:class:`DeployPoolFormerBlock`'s folded computation in ops every ONNX runtime has.
+
+    The deploy block takes GroupNorm's statistics from ``torch.native_group_norm`` and, on a
+    CPU, oneDNN's private fused kernels; neither has an ONNX form. Same buffers, same maths.
+    """
+
+    supports_token_layout = True
+
+    def __init__(self, block: DeployPoolFormerBlock):
+        super().__init__()
+        for name in ('mixer_scale', 'fc1_weight', 'fc1_bias', 'fc2_weight', 'fc2_bias'):
+            self.register_buffer(name, getattr(block, name))
+        self.eps1, self.eps2 = block.eps1, block.eps2
+        self.token_mixer = block.token_mixer
+        self.act = block.act
+
+    def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        _, inv_std = _moments(tokens, self.eps1)
+        tokens = tokens + self.token_mixer.forward_tokens(tokens) * (inv_std * self.mixer_scale)
+        mean, inv_std = _moments(tokens, self.eps2)
+        hidden = self.act(F.linear((tokens - mean) * inv_std, self.fc1_weight, self.fc1_bias))
+        return tokens + F.linear(hidden, self.fc2_weight, self.fc2_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_tokens(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def fold_for_export(model: nn.Module) -> nn.Module:
+    """Fold the backbone (``switch_to_deploy``), give its folded blocks plain-op forms, and make
+    upsampling by a factor follow the input size in a trace."""
+    _replace_fixed_size_upsampling(model)
+    switch_backbone_to_deploy(model)
+    for module in find_backbone(model).modules():
+        blocks = getattr(module, 'blocks', None)
+        if isinstance(blocks, nn.ModuleList):
+            for j, block in enumerate(blocks):
+                if isinstance(block, DeployPoolFormerBlock):
+                    blocks[j] = ExportPoolFormerBlock(block)
+    return model
+
+
+class ScaleUpsample(nn.Module):
+    """mmseg's ``Upsample`` by a scale factor, traced as a scale instead of a fixed size.
+
+    mmseg's module turns the input size times the factor into Python ints, which a trace
+    records as constants: a model exported with dynamic height and width would then upsample
+    to the export size whatever the input. ``F.interpolate`` with the factor gives the same
+    output size (floor) and the same sampling positions.
+    """
+
+    def __init__(self, upsample: nn.Module):
+        super().__init__()
+        self.scale_factor = upsample.scale_factor
+        self.mode = upsample.mode
+        self.align_corners = upsample.align_corners
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, scale_factor=self.scale_factor, mode=self.mode,
+                             align_corners=self.align_corners)
+
+
+def _replace_fixed_size_upsampling(model: nn.Module) -> None:
+    try:
+        from mmseg.models.utils import Upsample
+    except ImportError:  # detection only
+        return
+    for module in model.modules():
+        for name, child in module.named_children():
+            if isinstance(child, Upsample) and not child.size:
+                setattr(module, name, ScaleUpsample(child))
+
+
+class SegmentorExport(nn.Module):
+    """input -> class map (and logits) at the input size, as mmseg's whole-image inference."""
+
+    def __init__(self, segmentor: nn.Module, with_logits: bool = False):
+        super().__init__()
+        self.segmentor = segmentor
+        self.with_logits = with_logits
+
+    def forward(self, input: torch.Tensor):
+        head = self.segmentor.decode_head
+        logits = head(self.segmentor.extract_feat(input))
+        logits = F.interpolate(logits, size=input.shape[2:], mode='bilinear',
+                               align_corners=head.align_corners)
+        if head.out_channels == 1:  # binary head: a threshold instead of an argmax
+            output = (logits.sigmoid() > head.threshold).long()
+        else:
+            output = logits.argmax(dim=1, keepdim=True)
+        return (output, logits) if self.with_logits else output
+
+
+class SingleStageDetectorExport(nn.Module):
+    """input -> the head's raw per-level class logits, then per-level box deltas."""
+
+    def __init__(self, detector: nn.Module):
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, input: torch.Tensor):
+        cls_scores, bbox_preds = self.detector.bbox_head(self.detector.extract_feat(input))
+        return (*cls_scores, *bbox_preds)
+
+
+# ---------------------------------------------------------------------------------- metadata
+def _class_names(cfg: Config, num_classes: int) -> tuple:
+    """Class names and palette from the test set's metainfo or its dataset class."""
+    dataset = cfg.get('test_dataloader', {}).get('dataset', {})
+    metainfo = dict(dataset.get('metainfo') or {})
+    if 'classes' not in metainfo:
+        try:
+            from mmengine.registry import DATASETS
+            metainfo = {**getattr(DATASETS.get(dataset.get('type')), 'METAINFO', {}), **metainfo}
+        except (KeyError, TypeError):
+            pass
+    classes = list(metainfo.get('classes', ()))
+    if len(classes) != num_classes:
+        classes = [f'class_{i}' for i in range(num_classes)]
+        return classes, None
+    palette = metainfo.get('palette')
+    return classes, [list(map(int, c)) for c in palette] if palette else None
+
+
+def _detection_info(detector: nn.Module) -> dict:
+    head = detector.bbox_head
+    coder, priors = head.bbox_coder, head.prior_generator
+    cfg = head.test_cfg
+    return dict(
+        num_classes=head.num_classes,
+        strides=[[float(s) for s in stride] for stride in priors.strides],
+        base_anchors=[anchors.tolist() for anchors in priors.base_anchors],
+        bbox_coder=dict(means=list(coder.means), stds=list(coder.stds),
+                        # decode()'s default; RetinaNet's head passes no other
+                        wh_ratio_clip=16 / 1000, clip_border=bool(coder.clip_border)),
+        test_cfg=dict(score_thr=float(cfg.get('score_thr', 0)),
+                      nms_pre=int(cfg.get('nms_pre', -1)),
+                      min_bbox_size=float(cfg.get('min_bbox_size', -1)),
+                      iou_threshold=float(cfg.nms.iou_threshold),
+                      max_per_img=int(cfg.max_per_img)))
+
+
+def check_exportable(model: nn.Module, task: str) -> None:
+    """Refuse, with what is supported, a model this exporter does not handle."""
+    if task == 'segmentation':
+        if not hasattr(model, 'decode_head') or getattr(model, 'cascade', False):
+            raise InvalidInputError(
+                f'ONNX export handles encoder-decoder segmentors; {type(model).__name__} is not '
+                'one')
+        return
+    head = getattr(model, 'bbox_head', None)
+    coder = type(getattr(head, 'bbox_coder', None)).__name__
+    if (head is None or hasattr(model, 'roi_head') or not hasattr(head, 'prior_generator')
+            or coder != 'DeltaXYWHBBoxCoder' or head.bbox_coder.add_ctr_clamp
+            or not head.use_sigmoid_cls
+            or head.test_cfg.get('nms', {}).get('type', 'nms') != 'nms'):
+        raise InvalidInputError(
+            f'ONNX export of {type(model).__name__} with {type(head).__name__} is not supported: '
+            'detection export handles anchor-based single-stage detectors with sigmoid scores, '
+            'DeltaXYWHBBoxCoder and plain NMS (RetinaNet); two-stage detectors (Mask R-CNN) '
+            'are not exported yet.')
+
+
+def deploy_info(model: nn.Module, cfg: Config, shape: Sequence[int], dynamic: bool,
+                task: str) -> dict:
+    """What the runtime side needs, stored in the ONNX file (see postprocess.read_deploy_info)."""
+    preprocessor = model.data_preprocessor
+    num_classes = (model.decode_head.num_classes if task == 'segmentation'
+                   else model.bbox_head.num_classes)
+    classes, palette = _class_names(cfg, num_classes)
+    info = dict(
+        format=1, task=task, config=osp.basename(cfg.filename or ''),
+        input_size=[int(s) for s in shape], dynamic=bool(dynamic),
+        size_divisor=int(getattr(preprocessor, 'pad_size_divisor', 1) or 1)
+        if task == 'detection' else DEFAULT_SIZE_DIVISOR,
+        mean=preprocessor.mean.flatten().tolist(), std=preprocessor.std.flatten().tolist(),
+        # mmengine's ImgDataPreprocessor and mmseg's SegDataPreProcessor name it differently
+        to_rgb=bool(getattr(preprocessor, '_channel_conversion',
+                            getattr(preprocessor, 'channel_conversion', False))),
+        classes=classes, palette=palette)
+    if task == 'detection':
+        info['detection'] = _detection_info(model)
+    return info
+
+
+# ---------------------------------------------------------------------------------- export
+def export_onnx(model: nn.Module, cfg: Config, out: str, shape: Sequence[int] = (512, 512),
+                dynamic: bool = False, with_logits: bool = False) -> dict:
+    """Fold ``model``'s backbone, export it to ``out`` and return the stored deploy information.
+
+    ``model`` is changed in place (folded); export a copy to keep the original.
+    """
+    import onnx
+
+    task = 'detection' if task_of(cfg) == 'mmdet' else 'segmentation'
+    check_exportable(model, task)
+    info = deploy_info(model, cfg, shape, dynamic, task)
+    fold_for_export(model)
+    if task == 'segmentation':
+        wrapper = SegmentorExport(model, with_logits)
+        outputs = ['output', 'logits'] if with_logits else ['output']
+    else:
+        wrapper = SingleStageDetectorExport(model)
+        levels = len(info['detection']['strides'])
+        outputs = ([f'cls_score_{i}' for i in range(levels)]
+                   + [f'bbox_pred_{i}' for i in range(levels)])
+    info['outputs'] = outputs
+    axes = None
+    if dynamic:
+        axes = {'input': {0: 'batch', 2: 'height', 3: 'width'}}
+        for i, name in enumerate(outputs):
+            same_size = task == 'segmentation'
+            axes[name] = {0: 'batch', 2: 'height' if same_size else f'height_{i}',
+                          3: 'width' if same_size else f'width_{i}'}
+    dummy = torch.zeros(1, 3, *shape)
+    # The project's CPU fast paths (fused oneDNN kernels, in-place accumulation, one-pass
+    # GroupNorm statistics) only run without autograd; tracing with an input that requires
+    # grad keeps the whole graph on plain ops, which check_plain_ops then confirms.
+    dummy.requires_grad_(True)
+    # keep_initializers_as_inputs=True skips the exporter's deduplication of equal-valued
+    # initializers, which in torch 2.13 leaves some nodes reading a removed initializer (e.g.
+    # the folded mixer scales of freshly initialised blocks, all equal); the initializers are
+    # taken out of the graph inputs afterwards.
+    with torch.enable_grad():
+        torch.onnx.export(wrapper, (dummy, ), out, dynamo=False, opset_version=OPSET_VERSION,
+                          input_names=['input'], output_names=outputs, dynamic_axes=axes,
+                          do_constant_folding=True, keep_initializers_as_inputs=True)
+    onnx_model = onnx.load(out)
+    initializers = {tensor.name for tensor in onnx_model.graph.initializer}
+    inputs = [value for value in onnx_model.graph.input if value.name not in initializers]
+    del onnx_model.graph.input[:]
+    onnx_model.graph.input.extend(inputs)
+    check_plain_ops(onnx_model)
+    onnx.checker.check_model(onnx_model)
+    entry = onnx_model.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(info)
+    onnx.save(onnx_model, out)
+    return info
+
+
+def check_plain_ops(onnx_model) -> None:
+    """Raise if the graph holds an op outside the standard ONNX domain (e.g. an ATen fallback
+    or a private oneDNN kernel), which ONNX Runtime or TensorRT could not run."""
+    custom = sorted({f'{node.domain}::{node.op_type}' for node in onnx_model.graph.node
+                     if node.domain not in ('', 'ai.onnx')})
+    if custom:
+        raise RuntimeError(f'the exported graph holds non-standard ops: {", ".join(custom)}')
