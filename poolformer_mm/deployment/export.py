@@ -18,6 +18,7 @@ file needs no config.
 """
 import json
 import os.path as osp
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -293,7 +294,11 @@ def export_onnx(model: nn.Module, cfg: Config, out: str, shape: Sequence[int] = 
     # initializers, which in torch 2.13 leaves some nodes reading a removed initializer (e.g.
     # the folded mixer scales of freshly initialised blocks, all equal); the initializers are
     # taken out of the graph inputs afterwards.
-    with torch.enable_grad():
+    # The tracer warns at every shape turned into a Python number; the project's branches on
+    # sizes and devices pick the same plain path for every size, and --dynamic --verify checks a
+    # second size, so the warnings would only be noise here.
+    with torch.enable_grad(), warnings.catch_warnings():
+        warnings.simplefilter('ignore', torch.jit.TracerWarning)
         torch.onnx.export(wrapper, (dummy, ), out, dynamo=False, opset_version=OPSET_VERSION,
                           input_names=['input'], output_names=outputs, dynamic_axes=axes,
                           do_constant_folding=True, keep_initializers_as_inputs=True)
