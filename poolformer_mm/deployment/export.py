@@ -16,6 +16,7 @@ file needs no config.
 
 ``onnx`` is imported here only inside functions: the deploy extra is optional.
 """
+import copy
 import json
 import os.path as osp
 import warnings
@@ -53,7 +54,7 @@ def build_model(config: str, checkpoint: Optional[str] = None,
         from mmdet.registry import MODELS
     else:
         from mmseg.registry import MODELS
-    model_cfg = cfg.model.copy()
+    model_cfg = copy.deepcopy(cfg.model)  # building writes test_cfg into the heads' configs
     # the checkpoint replaces every weight: no download of the backbone's pretrained weights
     if model_cfg.get('backbone', {}).get('init_cfg') is not None:
         model_cfg.backbone.init_cfg = None

@@ -1,0 +1,233 @@
+"""ONNX export of the toy Semantic FPN and the toy RetinaNet, checked in ONNX Runtime.
+
+Random weights saved as mmengine checkpoints (no training), 64x64 exports with dynamic axes,
+agreement with PyTorch at the export size and at a second one.
+"""
+import glob
+import subprocess
+import sys
+from importlib.util import find_spec
+
+import numpy as np
+import pytest
+import torch
+
+from poolformer_mm.datasets.synthetic import make_toy_ade, make_toy_coco
+from poolformer_mm.deployment import build_model, cli, export_onnx, verify_onnx
+from poolformer_mm.deployment.export import ExportPoolFormerBlock, check_plain_ops
+from poolformer_mm.deployment.postprocess import normalize, read_deploy_info, retinanet_postprocess
+from poolformer_mm.deployment.verify import compare, load_input, ort_session, run_torch
+from poolformer_mm.errors import InvalidInputError
+
+# poolformer_mm.deployment imports onnx and onnxruntime only when it uses them
+pytestmark = pytest.mark.skipif(
+    find_spec('onnx') is None or find_spec('onnxruntime') is None,
+    reason='onnx / onnxruntime (the deploy extra: pip install -e .[deploy]) not installed')
+
+SEG_CONFIG = 'configs/segmentation/toy/fpn_poolformer_s12_toy.py'
+DET_CONFIG = 'configs/detection/toy/retinanet_poolformer_s12_toy.py'
+MASK_RCNN_CONFIG = 'configs/detection/toy/mask_rcnn_poolformer_s12_toy.py'
+SHAPE = (64, 64)
+SECOND_SHAPE = (96, 128)
+
+
+def _save_checkpoint(model, path):
+    torch.save({'state_dict': model.state_dict(), 'meta': {}}, path)
+    return str(path)
+
+
+@pytest.fixture(scope='module')
+def toy_images(tmp_path_factory):
+    root = tmp_path_factory.mktemp('toy')
+    make_toy_ade(str(root / 'ade'), num_train=0, num_val=1)
+    make_toy_coco(str(root / 'coco'), num_train=0, num_val=1)
+    return dict(segmentation=glob.glob(str(root / 'ade/images/validation/*.jpg'))[0],
+                detection=glob.glob(str(root / 'coco/val/*.png'))[0])
+
+
+@pytest.fixture(scope='module')
+def segmentor(tmp_path_factory):
+    """(PyTorch model loaded from a checkpoint, its config, the exported file)."""
+    folder = tmp_path_factory.mktemp('seg')
+    torch.manual_seed(0)
+    checkpoint = _save_checkpoint(build_model(SEG_CONFIG)[0], folder / 'seg.pth')
+    model, cfg = build_model(SEG_CONFIG, checkpoint)
+    path = str(folder / 'seg.onnx')
+    export_onnx(build_model(SEG_CONFIG, checkpoint)[0], cfg, path, SHAPE, dynamic=True,
+                with_logits=True)
+    return model, cfg, path, checkpoint
+
+
+@pytest.fixture(scope='module')
+def detector(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('det')
+    torch.manual_seed(0)
+    model = build_model(DET_CONFIG)[0]
+    # A fresh head scores every anchor about 0.01 (its prior), below score_thr, and nearly
+    # equal scores make the order of NMS arbitrary: spread them.
+    with torch.no_grad():
+        model.bbox_head.retina_cls.weight.normal_(0, 0.01)
+        model.bbox_head.retina_cls.bias.fill_(-2.0)
+    checkpoint = _save_checkpoint(model, folder / 'det.pth')
+    model, cfg = build_model(DET_CONFIG, checkpoint)
+    path = str(folder / 'det.onnx')
+    export_onnx(build_model(DET_CONFIG, checkpoint)[0], cfg, path, SHAPE, dynamic=True)
+    return model, cfg, path, checkpoint
+
+
+def test_export_block_matches_the_folded_deploy_block():
+    from poolformer_mm.models.layers.blocks import DeployPoolFormerBlock, MetaFormerBlock
+    from poolformer_mm.models.layers.mixers import PoolingMixer
+    torch.manual_seed(0)
+    block = MetaFormerBlock(32, token_mixer=PoolingMixer(32), layer_scale_init_value=0.5).eval()
+    with torch.no_grad():
+        for param in block.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+        deploy = DeployPoolFormerBlock(block)
+        tokens = torch.randn(2, 7, 9, 32) * 3 + 1
+        expected = deploy.forward_tokens(tokens.clone())
+        actual = ExportPoolFormerBlock(deploy).forward_tokens(tokens.clone())
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_exported_graphs_use_standard_onnx_ops_only(segmentor, detector):
+    import onnx
+    for path in (segmentor[2], detector[2]):
+        graph = onnx.load(path).graph
+        assert {node.domain for node in graph.node} <= {'', 'ai.onnx'}
+        assert [value.name for value in graph.input] == ['input']
+
+
+def test_check_plain_ops_names_a_private_op():
+    import onnx
+    from onnx import helper
+    node = helper.make_node('_linear_pointwise', ['x'], ['y'], domain='mkldnn')
+    graph = helper.make_graph([node], 'g', [helper.make_tensor_value_info('x', 1, [1])],
+                              [helper.make_tensor_value_info('y', 1, [1])])
+    with pytest.raises(RuntimeError, match='mkldnn::_linear_pointwise'):
+        check_plain_ops(onnx.helper.make_model(graph))
+
+
+def test_metadata_holds_what_the_runtime_needs(segmentor, detector):
+    seg = read_deploy_info(ort_session(segmentor[2]).get_modelmeta().custom_metadata_map)
+    assert seg['task'] == 'segmentation' and seg['dynamic'] and seg['input_size'] == [64, 64]
+    assert seg['classes'] == ['sky', 'tree', 'grass', 'water', 'road']
+    assert seg['to_rgb'] and seg['mean'] == pytest.approx([123.675, 116.28, 103.53])
+    assert seg['outputs'] == ['output', 'logits']
+    det = read_deploy_info(ort_session(detector[2]).get_modelmeta().custom_metadata_map)
+    assert det['classes'] == ['circle', 'square', 'triangle']
+    assert det['detection']['test_cfg'] == dict(score_thr=0.05, nms_pre=1000, min_bbox_size=0,
+                                                iou_threshold=0.5, max_per_img=100)
+    assert len(det['detection']['strides']) == 5
+
+
+def test_normalize_matches_the_data_preprocessor(segmentor, toy_images):
+    import cv2
+    model, _, path, _ = segmentor
+    info = read_deploy_info(ort_session(path).get_modelmeta().custom_metadata_map)
+    image = cv2.imread(toy_images['segmentation'])
+    data = model.data_preprocessor(
+        dict(inputs=[torch.from_numpy(image.transpose(2, 0, 1).copy())]), False)
+    height, width = image.shape[:2]
+    expected = data['inputs'][:, :, :height, :width].numpy()
+    np.testing.assert_allclose(normalize(image, info), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('shape', [SHAPE, SECOND_SHAPE], ids=['export_size', 'second_size'])
+def test_segmentor_agrees_with_pytorch_in_onnx_runtime(segmentor, toy_images, shape):
+    model, _, path, _ = segmentor
+    result = verify_onnx(path, model, toy_images['segmentation'], shape)
+    assert result['shape'] == list(shape)
+    assert result['pixel_agreement'] >= 0.999
+    assert result['logits_rel'] <= 1e-4
+    assert result['ok']
+
+
+def test_segmentor_outputs_int64_class_indices_at_input_size(segmentor, toy_images):
+    session = ort_session(segmentor[2])
+    info = read_deploy_info(session.get_modelmeta().custom_metadata_map)
+    inputs = np.concatenate([load_input(toy_images['segmentation'], info, SECOND_SHAPE)] * 2)
+    output, logits = session.run(None, {'input': inputs})
+    assert output.dtype == np.int64 and output.shape == (2, 1, *SECOND_SHAPE)
+    assert logits.shape == (2, 5, *SECOND_SHAPE)
+    np.testing.assert_array_equal(output[:, 0], logits.argmax(1))
+
+
+@pytest.mark.parametrize('shape', [SHAPE, SECOND_SHAPE], ids=['export_size', 'second_size'])
+def test_retinanet_agrees_with_pytorch_in_onnx_runtime(detector, toy_images, shape):
+    model, _, path, _ = detector
+    result = verify_onnx(path, model, toy_images['detection'], shape)
+    assert result['detections_torch'] > 10  # the comparison covers real boxes
+    assert result['detections_onnx'] == result['detections_torch']
+    assert result['unmatched'] == 0
+    assert result['box_rel'] <= 1e-3 and result['score_abs'] <= 1e-4
+    assert result['ok']
+
+
+def test_numpy_postprocess_reproduces_mmdet(detector, toy_images):
+    """The NumPy step on PyTorch's own head outputs gives mmdet's detections exactly."""
+    model, _, path, _ = detector
+    info = read_deploy_info(ort_session(path).get_modelmeta().custom_metadata_map)
+    inputs = load_input(toy_images['detection'], info, SECOND_SHAPE)
+    with torch.no_grad():
+        cls_scores, bbox_preds = model.bbox_head(model.extract_feat(torch.from_numpy(inputs)))
+    outputs = [out[0].numpy() for out in (*cls_scores, *bbox_preds)]
+    dets, labels = retinanet_postprocess(outputs, info, SECOND_SHAPE)
+    expected = run_torch(model, inputs, 'detection')
+    np.testing.assert_allclose(dets, expected['dets'], rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(labels, expected['labels'])
+
+
+def test_compare_fails_over_tolerance():
+    output = np.zeros((1, 1, 10, 100), np.int64)
+    changed = output.copy()
+    changed[0, 0, 0, :2] = 1  # 0.2% of the pixels
+    assert not compare(dict(output=changed), dict(output=output), 'segmentation')['ok']
+    dets = np.array([[0, 0, 10, 10, 0.9], [20, 20, 40, 40, 0.8]], np.float32)
+    labels = np.array([0, 1])
+    shifted = dets.copy()
+    shifted[1, 2] += 0.1  # 0.1 px on a 40 px coordinate: 2.5e-3 relative
+    result = compare(dict(dets=shifted, labels=labels), dict(dets=dets, labels=labels),
+                     'detection')
+    assert result['box_rel'] == pytest.approx(0.1 / 40, rel=1e-3) and not result['ok']
+    fewer = compare(dict(dets=dets[:1], labels=labels[:1]), dict(dets=dets, labels=labels),
+                    'detection')
+    assert fewer['unmatched'] == 1 and not fewer['ok']
+
+
+def test_mask_rcnn_is_refused_with_the_reason():
+    model, cfg = build_model(MASK_RCNN_CONFIG)
+    with pytest.raises(InvalidInputError, match='two-stage detectors'):
+        export_onnx(model, cfg, 'unused.onnx', SHAPE)
+
+
+def test_pytorch2onnx_verifies_a_static_export(segmentor, toy_images, tmp_path, capsys):
+    out = tmp_path / 'seg_static.onnx'
+    code = cli.main([SEG_CONFIG, segmentor[3], '--out', str(out), '--shape', '64', '64',
+                     '--verify', '--image', toy_images['segmentation']])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert 'input 64x64, outputs output' in printed
+    assert 'class maps agree on' in printed and ': OK' in printed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('task', ['segmentation', 'detection'])
+def test_ort_infer_draws_without_torch(segmentor, detector, toy_images, tmp_path, task):
+    import cv2
+    path = (segmentor if task == 'segmentation' else detector)[2]
+    picture = tmp_path / 'picture.png'
+    # run the tool's main in a fresh interpreter, then report whether torch got imported
+    code = ('import runpy, sys\n'
+            f'sys.argv = ["ort_infer.py", {path!r}, {toy_images[task]!r}, "--out", '
+            f'{str(picture)!r}, "--score-thr", "0.2"]\n'
+            'runpy.run_path("tools/deployment/ort_infer.py", run_name="__main__")\n'
+            'print("torch imported:", "torch" in sys.modules)\n')
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert 'torch imported: False' in result.stdout
+    image, drawn = cv2.imread(toy_images[task]), cv2.imread(str(picture))
+    assert drawn.shape == image.shape
+    assert (drawn != image).any()  # an overlay or boxes were drawn
+    expected = 'classes present:' if task == 'segmentation' else 'detections >= 0.2'
+    assert expected in result.stdout
