@@ -12,8 +12,9 @@ import torch
 from conftest import REPO, build_model_of
 from mmengine.config import Config
 
-from poolformer_mm.apis.inference import draw_predictions, init_inferencer
+from poolformer_mm.apis.inference import collect_images, draw_predictions, init_inferencer
 from poolformer_mm.datasets import make_toy_ade, make_toy_coco
+from poolformer_mm.errors import InputNotFoundError, InvalidInputError
 
 TOY_RETINANET = 'configs/detection/toy/retinanet_poolformer_s12_toy.py'
 TOY_MASK_RCNN = 'configs/detection/toy/mask_rcnn_poolformer_s12_toy.py'
@@ -280,6 +281,25 @@ def test_picture_is_the_one_the_inferencer_draws(tmp_path, checkpoints, images):
     inferencer(image, out_dir=str(tmp_path / 'upstream'), pred_score_thr=0.3)
     upstream = cv2.imread(str(tmp_path / 'upstream' / 'vis' / os.path.basename(image)))
     np.testing.assert_array_equal(cv2.imread(written), upstream)
+
+
+def test_missing_input_and_folder_without_images_are_refused(tmp_path):
+    with pytest.raises(InputNotFoundError, match=f"input '{tmp_path / 'nothing'}' is neither an "
+                       'image file nor a folder: check the path'):
+        collect_images([str(tmp_path / 'nothing')])
+    (tmp_path / 'notes.txt').write_text('not an image')
+    with pytest.raises(InputNotFoundError, match=r'no images \(.jpg, .jpeg, .png.*\) found in '
+                       f'{tmp_path}'):
+        collect_images([str(tmp_path)])
+
+
+def test_two_images_that_would_give_one_picture_are_refused_before_the_model_is_built(tmp_path):
+    for name in ('photo.jpg', 'photo.png'):
+        cv2.imwrite(str(tmp_path / name), np.zeros((40, 40, 3), np.uint8))
+    with pytest.raises(InvalidInputError, match=r"images '.*photo.jpg' and '.*photo.png' would "
+                       "both be drawn to '.*out/photo.png'"):
+        draw_predictions(TOY_FPN, str(tmp_path / 'no_checkpoint_needed.pth'), [str(tmp_path)],
+                         str(tmp_path / 'out'))
 
 
 @pytest.mark.slow

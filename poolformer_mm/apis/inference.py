@@ -19,6 +19,7 @@ from mmengine.config import Config
 
 from ..engine import switch_backbone_to_deploy
 from ..engine.safe_checkpoints import check_checkpoint_path
+from ..errors import InputNotFoundError, InvalidInputError
 from .checkpoint_fit import check_checkpoint_fits
 from .data_checks import check_image_fits_model, read_image_for_inference
 from .eval_metrics import task_of
@@ -36,9 +37,11 @@ def collect_images(inputs: Sequence[str]) -> List[str]:
         elif osp.isfile(path):
             images.append(path)
         else:
-            raise FileNotFoundError(f"input '{path}' is neither an image file nor a folder")
+            raise InputNotFoundError(f"input '{path}' is neither an image file nor a folder: "
+                                     'check the path')
     if not images:
-        raise FileNotFoundError(f'no images ({", ".join(IMAGE_SUFFIXES)}) found in {list(inputs)}')
+        raise InputNotFoundError(f'no images ({", ".join(IMAGE_SUFFIXES)}) found in '
+                                 f'{", ".join(inputs)}')
     return images
 
 
@@ -119,12 +122,24 @@ def draw_predictions(config: str, checkpoint: str, inputs: Sequence[str], out_di
     loading (same predictions, faster). Returns the written paths.
 
     Raises:
-        ValueError: naming the file, for an image that is damaged or that the config's test
-            resize makes too thin for the model; naming the parts, for a checkpoint that does
-            not fit the config's model. Nothing is written then.
+        InputNotFoundError: for an input that is neither an image nor a folder of images.
+        InvalidInputError: naming the file, for an image that is damaged or that the config's
+            test resize makes too thin for the model, or two images of the same name; naming
+            the parts, for a checkpoint that does not fit the config's model. Nothing is
+            written then.
     """
     cfg = Config.fromfile(config)
     images = collect_images(inputs)
+    out_files = [osp.join(out_dir, osp.splitext(osp.basename(path))[0] + '.png')
+                 for path in images]
+    drawn_by = {}
+    for path, out_file in zip(images, out_files):
+        if out_file in drawn_by:
+            raise InvalidInputError(
+                f"images '{drawn_by[out_file]}' and '{path}' would both be drawn to "
+                f"'{out_file}': give them different names, or run them in separate calls with "
+                'different --out-dir')
+        drawn_by[out_file] = path
     check_checkpoint_path(checkpoint)
     # Every image is decoded and checked before the model is built, so a damaged file or one too
     # thin for the test resize stops with its name at once, instead of an OpenCV assertion after
@@ -134,10 +149,9 @@ def draw_predictions(config: str, checkpoint: str, inputs: Sequence[str], out_di
     inferencer = init_inferencer(cfg, checkpoint, device, deploy)
     os.makedirs(out_dir, exist_ok=True)
     written = []
-    for path in images:
-        # The inferencers would write into out_dir/vis/ under the input's own name (a .jpg for
-        # a JPEG); the pictures go where the user asked, as lossless PNGs.
-        out_file = osp.join(out_dir, osp.splitext(osp.basename(path))[0] + '.png')
+    # The inferencers would write into out_dir/vis/ under the input's own name (a .jpg for a
+    # JPEG); the pictures go where the user asked, as lossless PNGs.
+    for path, out_file in zip(images, out_files):
         mmcv.imwrite(mmcv.rgb2bgr(draw_prediction(inferencer, path, score_thr)), out_file)
         written.append(out_file)
     return written
