@@ -231,3 +231,21 @@ def test_ort_infer_draws_without_torch(segmentor, detector, toy_images, tmp_path
     assert (drawn != image).any()  # an overlay or boxes were drawn
     expected = 'classes present:' if task == 'segmentation' else 'detections >= 0.2'
     assert expected in result.stdout
+
+
+def test_benchmark_times_onnx_runtime_against_pytorch(segmentor):
+    from poolformer_mm.analysis.benchmark import (
+        float_output_differences,
+        inference_step,
+        measure,
+        onnx_variants,
+    )
+    _, _, path, checkpoint = segmentor
+    variants = onnx_variants(SEG_CONFIG, path, checkpoint, threads=1)
+    assert list(variants) == ['eager', 'deploy', 'onnxruntime']
+    inputs = torch.randn(1, 3, *SHAPE)
+    results = measure(variants, inference_step(inputs), warmup=0, repeat=1, memory=False)
+    assert all(len(m.latency_ms) == 1 and m.latency_ms[0] > 0 for m in results.values())
+    float_output_differences(variants, inputs, results)
+    assert results['eager'].max_abs_diff == 0
+    assert 0 < results['onnxruntime'].max_rel_diff < 1e-4  # the logits of another runtime

@@ -338,3 +338,68 @@ def format_results(results: Dict[str, Measurement], batch: int, baseline: str,
             line += f' {100 * achieved / matmul_rate:8.0f}%'
         lines.append(line)
     return '\n'.join(lines)
+
+
+# ---------------------------------------------------------------------------------- ONNX Runtime
+class OnnxRuntimeModel(nn.Module):
+    """An ONNX Runtime CPU session behind ``nn.Module``'s call, so that :func:`measure` times it
+    like the PyTorch variants; returns the outputs as tensors."""
+
+    def __init__(self, path: str, threads: Optional[int] = None):
+        super().__init__()
+        from ..deployment.verify import ort_session
+        self.session = ort_session(path, threads)
+
+    def forward(self, inputs: torch.Tensor):
+        outputs = self.session.run(None, {'input': inputs.numpy()})
+        return tuple(torch.from_numpy(out) for out in outputs)
+
+
+def onnx_variants(config: str, onnx_path: str, checkpoint: Optional[str] = None,
+                  threads: Optional[int] = None) -> Dict[str, nn.Module]:
+    """The exported model of ``onnx_path`` three ways, with the same weights and outputs:
+    'eager' (the config's model as trained), 'deploy' (backbone folded, the CPU fast paths on)
+    and 'onnxruntime' (the file). ``checkpoint`` should be the exported one; without it the
+    weights are random and only the timings mean something."""
+    from ..deployment.export import SegmentorExport, SingleStageDetectorExport, build_model
+    from ..deployment.postprocess import read_deploy_info
+    from ..engine.deploy_hook import switch_backbone_to_deploy
+
+    runtime = OnnxRuntimeModel(onnx_path, threads)
+    info = read_deploy_info(runtime.session.get_modelmeta().custom_metadata_map)
+    model = build_model(config, checkpoint)[0]
+    deploy = copy.deepcopy(model)
+    switch_backbone_to_deploy(deploy)
+    if info['task'] == 'segmentation':
+        wrap = lambda m: SegmentorExport(m, 'logits' in info['outputs'])  # noqa: E731
+    else:
+        wrap = SingleStageDetectorExport
+    return dict(eager=wrap(model).eval(), deploy=wrap(deploy).eval(), onnxruntime=runtime)
+
+
+def inference_step(inputs: torch.Tensor) -> Callable:
+    """One no-grad call of a whole exported-model variant."""
+
+    def step(model: nn.Module):
+        with torch.no_grad():
+            return model(inputs)
+
+    return step
+
+
+def float_output_differences(variants: Dict[str, nn.Module], inputs: torch.Tensor,
+                             results: Dict[str, Measurement]) -> None:
+    """Largest difference of each variant's float outputs (logits, head maps) from the first's;
+    class-index outputs are left out."""
+    def floats(outputs):
+        outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs, )
+        return [o.float() for o in outputs if o.is_floating_point()]
+
+    step = inference_step(inputs)
+    expected = floats(step(next(iter(variants.values()))))
+    if not expected:
+        return
+    scale = max(o.abs().max().item() for o in expected)
+    for name, model in variants.items():
+        diff = max((a - b).abs().max().item() for a, b in zip(expected, floats(step(model))))
+        results[name].max_abs_diff, results[name].max_rel_diff = diff, diff / scale

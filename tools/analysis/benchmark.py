@@ -12,6 +12,9 @@
         --whole-model --shape 512 --batch 2 --variants fast cp
     # images/s against input size, as a PNG
     python tools/analysis/benchmark.py --arch s12 --plot speed.png --sizes 224 320 448 512
+    # a whole exported model: ONNX Runtime against PyTorch eager and folded, at the file's size
+    python tools/analysis/benchmark.py --config configs/segmentation/fpn_poolformer_s12.py \
+        --onnx fpn.onnx [--checkpoint CKPT] --threads 2
 
 The first variant is the baseline of the speed-up column (median over rounds of the per-round
 time ratio; the variants run interleaved) and of the output differences (of the loss, for a
@@ -26,10 +29,13 @@ import torch
 from poolformer_mm.analysis.benchmark import (
     backbone_step,
     backbone_variants,
+    float_output_differences,
     format_results,
+    inference_step,
     loss_differences,
     matmul_gflops,
     measure,
+    onnx_variants,
     output_differences,
     segmentation_training_step,
     segmentor_variants,
@@ -43,6 +49,11 @@ def parse_args():
     source.add_argument('--arch', help='a PoolFormer arch (s12, s24, s36, m36, m48)')
     source.add_argument('--config', help='a config; its backbone, or with --whole-model the '
                         'segmentor itself')
+    parser.add_argument('--onnx', help='an exported model (tools/deployment/pytorch2onnx.py) of '
+                        '--config: time it in ONNX Runtime against the PyTorch eager and '
+                        'deploy forms, at its export size, batch --batch')
+    parser.add_argument('--checkpoint', help='with --onnx: the exported weights (default: '
+                        'random; the timings do not depend on them)')
     parser.add_argument('--whole-model', action='store_true',
                         help='time a training step of the whole segmentor of --config')
     parser.add_argument('--shape', type=int, nargs='+', default=[512], help='H [W]')
@@ -97,7 +108,21 @@ def main():
         kwargs = {k: backbone[k] for k in ('out_indices', 'pool_size') if k in backbone}
     if args.plot:  # timings only, before any memory measurement changes the allocator
         plot_sizes(args, arch, names, kwargs)
-    if args.whole_model:
+    if args.onnx:
+        if not args.config:
+            raise SystemExit('error: --onnx needs the --config it was exported from')
+        variants = onnx_variants(args.config, args.onnx, args.checkpoint,
+                                 torch.get_num_threads())
+        names = list(variants)
+        height, width = variants['onnxruntime'].session.get_inputs()[0].shape[2:]
+        if not all(isinstance(side, int) for side in (height, width)):  # dynamic axes
+            height, width = (args.shape * 2)[:2]
+        inputs = torch.randn(args.batch, 3, height, width)
+        step = inference_step(inputs)
+        results = measure(variants, step, warmup=args.warmup, repeat=args.repeat)
+        float_output_differences(variants, inputs, results)
+        what = f'{args.config} whole model (no post-processing), ONNX Runtime vs PyTorch'
+    elif args.whole_model:
         cfg = load_config(args.config)
         variants = segmentor_variants(args.config, names)
         step = segmentation_training_step(next(iter(variants.values())), height, width,
