@@ -224,6 +224,25 @@ def test_inferencers_refuse_a_checkpoint_whose_pickle_runs_code(tmp_path, config
     assert not marker.exists()
 
 
+@pytest.mark.slow
+def test_config_import_alone_makes_det_inferencer_loading_safe(tmp_path):
+    # a user's script imports only mmdet: the config's custom_imports brings in poolformer_mm,
+    # and with it the weights-only loaders, before the inferencer reads the weights
+    marker = tmp_path / 'marker'
+    checkpoint = tmp_path / 'evil.pth'
+    torch.save({'state_dict': {}, 'meta': {'dataset_meta': _WritesMarker(str(marker))}},
+               checkpoint)
+    script = ('import sys\n'
+              'from mmdet.apis import DetInferencer\n'
+              "assert 'poolformer_mm' not in sys.modules\n"
+              f"DetInferencer(model='{TOY_RETINANET}', weights='{checkpoint}', device='cpu')\n")
+    result = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True,
+                            text=True)
+    assert result.returncode == 1
+    assert f"refused to load '{checkpoint}': its pickle asks for something" in result.stderr
+    assert not marker.exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # poolformer_mm.apis.inference and tools/infer.py
 
