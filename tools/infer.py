@@ -11,8 +11,6 @@ import argparse
 import logging
 import re
 
-from mmengine.logging import MMLogger
-
 from poolformer_mm.apis.inference import draw_predictions
 from poolformer_mm.errors import report_user_errors
 from poolformer_mm.known_warnings import ignore_known_warnings
@@ -47,6 +45,8 @@ def parse_args(argv=None):
 
 @report_user_errors
 def main(argv=None):
+    # mmengine after poolformer_mm, which sets the import-time warning filters first
+    from mmengine.logging import MMLogger
     args = parse_args(argv)
     MMLogger.get_current_instance().addFilter(HideFunctionScopeNotice())
     written = draw_predictions(args.config, args.checkpoint, args.inputs, args.out_dir,
