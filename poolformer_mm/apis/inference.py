@@ -20,6 +20,7 @@ from mmengine.config import Config
 from ..engine import switch_backbone_to_deploy
 from ..engine.safe_checkpoints import check_checkpoint_path
 from ..errors import InputNotFoundError, InvalidInputError
+from ..models import check_neck_in_channels
 from .checkpoint_fit import check_checkpoint_fits
 from .data_checks import check_image_fits_model, read_image_for_inference
 from .eval_metrics import task_of
@@ -96,6 +97,7 @@ def init_inferencer(config: Union[str, Config], checkpoint: str, device: str = '
         inferencer = _segmentation_inferencer_class()(model=cfg, weights=checkpoint,
                                                       device=device)
         inferencer.show_progress = False
+    check_neck_in_channels(inferencer.model)
     check_checkpoint_fits(inferencer.model, checkpoint, name)
     if deploy:
         switch_backbone_to_deploy(inferencer.model)

@@ -3,6 +3,8 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
+from ..errors import InvalidInputError
+
 
 def find_backbone(model):
     """The backbone of a detector or segmentor, through DDP and test-time-augmentation wrappers."""
@@ -15,7 +17,7 @@ def switch_backbone_to_deploy(model) -> None:
     """Call ``switch_to_deploy()`` on ``model``'s backbone, or say why it cannot be done."""
     backbone = find_backbone(model)
     if not hasattr(backbone, 'switch_to_deploy'):
-        raise ValueError(
+        raise InvalidInputError(
             f'--deploy folds a PoolFormer backbone for inference, but this model\'s backbone is '
             f'{type(backbone).__name__}, which has no switch_to_deploy(); drop --deploy.')
     backbone.switch_to_deploy()
