@@ -197,7 +197,7 @@ def test_compare_fails_over_tolerance():
 
 def test_mask_rcnn_is_refused_with_the_reason():
     model, cfg = build_model(MASK_RCNN_CONFIG)
-    with pytest.raises(InvalidInputError, match='two-stage detectors'):
+    with pytest.raises(InvalidInputError, match=r'two-stage detectors \(MaskRCNN\)'):
         export_onnx(model, cfg, 'unused.onnx', SHAPE)
 
 
@@ -249,3 +249,17 @@ def test_benchmark_times_onnx_runtime_against_pytorch(segmentor):
     float_output_differences(variants, inputs, results)
     assert results['eager'].max_abs_diff == 0
     assert 0 < results['onnxruntime'].max_rel_diff < 1e-4  # the logits of another runtime
+
+
+@pytest.mark.parametrize('bins', [2, 3, 6, (4, 5)])
+def test_static_adaptive_pool_has_adaptive_pooling_bins(bins):
+    from poolformer_mm.deployment.export import StaticAdaptiveAvgPool2d
+    pool = torch.nn.AdaptiveAvgPool2d(bins)
+    x = torch.randn(2, 3, 7, 9)
+    torch.testing.assert_close(StaticAdaptiveAvgPool2d(pool)(x), pool(x))
+
+
+def test_dynamic_export_of_pyramid_pooling_is_refused():
+    model, cfg = build_model('configs/segmentation/upernet_poolformer_s12.py')
+    with pytest.raises(InvalidInputError, match='without --dynamic'):
+        export_onnx(model, cfg, 'unused.onnx', SHAPE, dynamic=True)

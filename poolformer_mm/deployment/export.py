@@ -33,7 +33,7 @@ from ..apis.checkpoint_fit import check_checkpoint_fits
 from ..apis.eval_metrics import task_of
 from ..engine.deploy_hook import find_backbone, switch_backbone_to_deploy
 from ..errors import InvalidInputError
-from ..models.layers.blocks import DeployPoolFormerBlock
+from ..models.layers.blocks import DeployPoolFormerBlock, PositionEmbedding
 from .postprocess import METADATA_KEY
 
 OPSET_VERSION = 17
@@ -101,9 +101,17 @@ class ExportPoolFormerBlock(nn.Module):
 
 
 def fold_for_export(model: nn.Module) -> nn.Module:
-    """Fold the backbone (``switch_to_deploy``), give its folded blocks plain-op forms, and make
-    upsampling by a factor follow the input size in a trace."""
+    """Fold the backbone (``switch_to_deploy``, where it has one), give its folded blocks
+    plain-op forms, and make upsampling by a factor follow the input size in a trace."""
     _replace_fixed_size_upsampling(model)
+    for module, name, pool in _fixed_bin_pools(model):
+        setattr(module, name, StaticAdaptiveAvgPool2d(pool))
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, PositionEmbedding):
+                setattr(module, name, ExportPositionEmbedding(child))
+    if not hasattr(find_backbone(model), 'switch_to_deploy'):
+        return model  # e.g. MetaFormer: no folded form; exported as it is
     switch_backbone_to_deploy(model)
     for module in find_backbone(model).modules():
         blocks = getattr(module, 'blocks', None)
@@ -143,6 +151,56 @@ def _replace_fixed_size_upsampling(model: nn.Module) -> None:
         for name, child in module.named_children():
             if isinstance(child, Upsample) and not child.size:
                 setattr(module, name, ScaleUpsample(child))
+
+
+class ExportPositionEmbedding(nn.Module):
+    """:class:`PositionEmbedding` that always resizes to the feature map.
+
+    The backbone skips the resize at the embedding's own grid; a trace at that size would
+    record no resize, and a dynamic-size model would then add the embedding unresized at every
+    other size. Bicubic resizing to the same size returns the embedding unchanged.
+    """
+
+    def __init__(self, embedding: PositionEmbedding):
+        super().__init__()
+        self.weight = embedding.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + F.interpolate(self.weight, size=x.shape[-2:], mode='bicubic',
+                                 align_corners=False)
+
+
+class StaticAdaptiveAvgPool2d(nn.Module):
+    """``nn.AdaptiveAvgPool2d`` as explicit bins, each averaged (the same bin edges).
+
+    ONNX has adaptive pooling only as global pooling; the exporter otherwise needs an output
+    size that divides the input size (UPerNet's pyramid pooling of 1, 2, 3 and 6 bins rarely
+    does). The bins are fixed by the size the model is traced at, so a model with this module is
+    exported for one input size only (see :func:`check_exportable`).
+    """
+
+    def __init__(self, pool: nn.AdaptiveAvgPool2d):
+        super().__init__()
+        size = pool.output_size
+        self.output_size = (size, size) if isinstance(size, int) else tuple(size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = int(x.shape[2]), int(x.shape[3])
+        out_h, out_w = (o or s for o, s in zip(self.output_size, (height, width)))
+        rows = []
+        for i in range(out_h):
+            top, bottom = i * height // out_h, -(-(i + 1) * height // out_h)
+            rows.append(torch.cat([
+                x[:, :, top:bottom, j * width // out_w:-(-(j + 1) * width // out_w)].mean(
+                    dim=(2, 3), keepdim=True) for j in range(out_w)], dim=3))
+        return torch.cat(rows, dim=2)
+
+
+def _fixed_bin_pools(model: nn.Module) -> list:
+    """The adaptive average pools with more than one bin (global pooling exports as it is)."""
+    return [(module, name, child) for module in model.modules()
+            for name, child in module.named_children()
+            if isinstance(child, nn.AdaptiveAvgPool2d) and child.output_size not in (1, (1, 1))]
 
 
 class SegmentorExport(nn.Module):
@@ -214,25 +272,32 @@ def _detection_info(detector: nn.Module) -> dict:
                       max_per_img=int(cfg.max_per_img)))
 
 
-def check_exportable(model: nn.Module, task: str) -> None:
+def check_exportable(model: nn.Module, task: str, dynamic: bool = False) -> None:
     """Refuse, with what is supported, a model this exporter does not handle."""
+    if dynamic and _fixed_bin_pools(model):
+        raise InvalidInputError(
+            f'{type(model).__name__} has adaptive average pooling to more than one bin (e.g. '
+            "UPerNet's pyramid pooling), which ONNX cannot follow to other input sizes: export "
+            'without --dynamic, at the size it will run at (--shape H W)')
     if task == 'segmentation':
         if not hasattr(model, 'decode_head') or getattr(model, 'cascade', False):
             raise InvalidInputError(
                 f'ONNX export handles encoder-decoder segmentors; {type(model).__name__} is not '
                 'one')
         return
+    if hasattr(model, 'roi_head'):
+        raise InvalidInputError(
+            f'ONNX export of two-stage detectors ({type(model).__name__}) is not supported yet: '
+            'detection export handles single-stage RetinaNet-style detectors')
     head = getattr(model, 'bbox_head', None)
     coder = type(getattr(head, 'bbox_coder', None)).__name__
-    if (head is None or hasattr(model, 'roi_head') or not hasattr(head, 'prior_generator')
-            or coder != 'DeltaXYWHBBoxCoder' or head.bbox_coder.add_ctr_clamp
-            or not head.use_sigmoid_cls
+    if (head is None or not hasattr(head, 'prior_generator') or coder != 'DeltaXYWHBBoxCoder'
+            or head.bbox_coder.add_ctr_clamp or not head.use_sigmoid_cls
             or head.test_cfg.get('nms', {}).get('type', 'nms') != 'nms'):
         raise InvalidInputError(
             f'ONNX export of {type(model).__name__} with {type(head).__name__} is not supported: '
             'detection export handles anchor-based single-stage detectors with sigmoid scores, '
-            'DeltaXYWHBBoxCoder and plain NMS (RetinaNet); two-stage detectors (Mask R-CNN) '
-            'are not exported yet.')
+            'DeltaXYWHBBoxCoder and plain NMS (RetinaNet)')
 
 
 def deploy_info(model: nn.Module, cfg: Config, shape: Sequence[int], dynamic: bool,
@@ -267,7 +332,7 @@ def export_onnx(model: nn.Module, cfg: Config, out: str, shape: Sequence[int] = 
     import onnx
 
     task = 'detection' if task_of(cfg) == 'mmdet' else 'segmentation'
-    check_exportable(model, task)
+    check_exportable(model, task, dynamic)
     info = deploy_info(model, cfg, shape, dynamic, task)
     fold_for_export(model)
     if task == 'segmentation':
