@@ -113,7 +113,7 @@ def test_metadata_holds_what_the_runtime_needs(segmentor, detector):
     assert seg['task'] == 'segmentation' and seg['dynamic'] and seg['input_size'] == [64, 64]
     assert seg['classes'] == ['sky', 'tree', 'grass', 'water', 'road']
     assert seg['to_rgb'] and seg['mean'] == pytest.approx([123.675, 116.28, 103.53])
-    assert seg['outputs'] == ['output', 'logits']
+    assert seg['outputs'] == ['output', 'logits'] and seg['backbone_folded']
     det = read_deploy_info(ort_session(detector[2]).get_modelmeta().custom_metadata_map)
     assert det['classes'] == ['circle', 'square', 'triangle']
     assert det['detection']['test_cfg'] == dict(score_thr=0.05, nms_pre=1000, min_bbox_size=0,
@@ -207,7 +207,7 @@ def test_pytorch2onnx_verifies_a_static_export(segmentor, toy_images, tmp_path, 
                      '--verify', '--image', toy_images['segmentation']])
     printed = capsys.readouterr().out
     assert code == 0, printed
-    assert 'input 64x64, outputs output' in printed
+    assert 'input 64x64, outputs output, backbone folded' in printed
     assert 'class maps agree on' in printed and ': OK' in printed
 
 

@@ -93,7 +93,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     shape = tuple(args.shape) if args.shape else default_shape(cfg)
     info = export_onnx(copy.deepcopy(model), cfg, args.out, shape, args.dynamic, args.logits)
     print(f"wrote {args.out}: {info['task']}, input {shape[0]}x{shape[1]}"
-          f"{' (dynamic)' if args.dynamic else ''}, outputs {', '.join(info['outputs'])}")
+          f"{' (dynamic)' if args.dynamic else ''}, outputs {', '.join(info['outputs'])}, "
+          f"backbone {'folded' if info['backbone_folded'] else 'as trained (no folded form)'}")
     if not args.verify:
         return 0
     with tempfile.TemporaryDirectory() as folder:

@@ -334,6 +334,7 @@ def export_onnx(model: nn.Module, cfg: Config, out: str, shape: Sequence[int] = 
     task = 'detection' if task_of(cfg) == 'mmdet' else 'segmentation'
     check_exportable(model, task, dynamic)
     info = deploy_info(model, cfg, shape, dynamic, task)
+    info['backbone_folded'] = hasattr(find_backbone(model), 'switch_to_deploy')
     fold_for_export(model)
     if task == 'segmentation':
         wrapper = SegmentorExport(model, with_logits)

@@ -22,13 +22,19 @@ from .postprocess import normalize, read_deploy_info, resize_for_model, retinane
 TOLERANCES = dict(pixel_agreement=0.999, logits_rel=1e-4, box_rel=1e-3, score_abs=1e-4)
 
 
-def ort_session(path: str, threads: Optional[int] = None):
-    """A CPU ONNX Runtime session for ``path``."""
+def ort_session(path: str, threads: Optional[int] = None, spinning: bool = True):
+    """A CPU ONNX Runtime session for ``path``.
+
+    ``spinning=False`` stops its worker threads from busy-waiting for work after each run
+    (they do by default), which would take the CPU from whatever runs next in the process.
+    """
     import onnxruntime as ort
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if not spinning:
+        options.add_session_config_entry('session.intra_op.allow_spinning', '0')
     return ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
 
 
