@@ -263,3 +263,13 @@ def test_dynamic_export_of_pyramid_pooling_is_refused():
     model, cfg = build_model('configs/segmentation/upernet_poolformer_s12.py')
     with pytest.raises(InvalidInputError, match='without --dynamic'):
         export_onnx(model, cfg, 'unused.onnx', SHAPE, dynamic=True)
+
+
+def test_pytorch2onnx_exits_1_over_tolerance(segmentor, toy_images, tmp_path, capsys,
+                                             monkeypatch):
+    from poolformer_mm.deployment.verify import TOLERANCES
+    monkeypatch.setitem(TOLERANCES, 'logits_rel', 0.0)  # no two runtimes agree to the last bit
+    code = cli.main([SEG_CONFIG, segmentor[3], '--out', str(tmp_path / 'seg.onnx'), '--shape',
+                     '64', '64', '--logits', '--verify', '--image', toy_images['segmentation']])
+    assert code == 1
+    assert 'OVER TOLERANCE' in capsys.readouterr().out
