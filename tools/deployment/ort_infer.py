@@ -46,7 +46,12 @@ def main(argv=None):
     options = ort.SessionOptions()
     if args.threads:
         options.intra_op_num_threads = args.threads
-    session = ort.InferenceSession(args.model, options, providers=['CPUExecutionProvider'])
+    if not osp.isfile(args.model):
+        sys.exit(f"error: ONNX model '{args.model}' not found")
+    try:
+        session = ort.InferenceSession(args.model, options, providers=['CPUExecutionProvider'])
+    except Exception as err:  # onnxruntime raises its own types for damaged or foreign files
+        sys.exit(f"error: ONNX Runtime cannot load '{args.model}': {err}")
     try:
         info = post.read_deploy_info(session.get_modelmeta().custom_metadata_map)
     except ValueError as err:
