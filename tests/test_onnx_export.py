@@ -273,3 +273,23 @@ def test_pytorch2onnx_exits_1_over_tolerance(segmentor, toy_images, tmp_path, ca
                      '64', '64', '--logits', '--verify', '--image', toy_images['segmentation']])
     assert code == 1
     assert 'OVER TOLERANCE' in capsys.readouterr().out
+
+
+def test_int8_quantisation_keeps_metadata_and_most_pixels(segmentor, tmp_path):
+    import runpy
+
+    import onnx
+    make_toy_ade(str(tmp_path / 'calib'), num_train=0, num_val=3)
+    images = sorted(glob.glob(str(tmp_path / 'calib/images/validation/*.jpg')))
+    tool = runpy.run_path('tools/deployment/quantize_onnx.py')
+    out = str(tmp_path / 'seg_int8.onnx')
+    tool['main']([segmentor[2], str(tmp_path / 'calib/images/validation'), '--out', out])
+    ops = {node.op_type for node in onnx.load(out).graph.node}
+    assert {'QuantizeLinear', 'DequantizeLinear'} <= ops
+    fp32, int8 = ort_session(segmentor[2]), ort_session(out)
+    info = read_deploy_info(int8.get_modelmeta().custom_metadata_map)
+    assert info == read_deploy_info(fp32.get_modelmeta().custom_metadata_map)
+    inputs = load_input(images[0], info, SECOND_SHAPE)
+    agreement = (fp32.run(['output'], {'input': inputs})[0]
+                 == int8.run(['output'], {'input': inputs})[0]).mean()
+    assert agreement >= 0.9  # int8 changes a few pixels, no more
