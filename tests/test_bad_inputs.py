@@ -17,7 +17,7 @@ from poolformer_mm.engine import AtomicLocalBackend
 TOY_RETINANET = 'configs/detection/toy/retinanet_poolformer_s12_toy.py'
 TOY_FPN = 'configs/segmentation/toy/fpn_poolformer_s12_toy.py'
 ONE_EPOCH = ['--cfg-options', 'train_cfg.max_epochs=1', 'train_cfg.val_interval=100',
-             'default_hooks.checkpoint.interval=1']
+             'default_hooks.checkpoint.interval=1', 'train_dataloader.batch_size=2']
 
 
 @pytest.fixture
@@ -144,7 +144,8 @@ def test_nan_loss_stops_with_the_iteration_and_keeps_the_last_good_checkpoint(tm
                        r'is .*epoch_1.pth'):
         run_training([TOY_RETINANET, '--data-root', coco, '--work-dir', work_dir, '--resume',
                       '--cfg-options', 'train_cfg.max_epochs=2', 'train_cfg.val_interval=100',
-                      'default_hooks.checkpoint.interval=1', 'model.data_preprocessor.std=[0,0,0]'])
+                      'default_hooks.checkpoint.interval=1', 'train_dataloader.batch_size=2',
+                      'model.data_preprocessor.std=[0,0,0]'])
     assert not osp.exists(osp.join(work_dir, 'epoch_2.pth'))
     assert torch.load(osp.join(work_dir, 'epoch_1.pth'), weights_only=True)['meta']['epoch'] == 1
 

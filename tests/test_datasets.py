@@ -40,6 +40,24 @@ def test_toy_coco_is_valid_coco_with_masks_matching_boxes(tmp_path):
     assert image.shape == (96, 96, 3)
 
 
+def test_toy_coco_shapes_are_large_and_stand_out_from_their_background(tmp_path):
+    """What makes the toy detection demo work from scratch in minutes: no box smaller than a
+    fifth of the image side, and no shape in a colour close to the background around it."""
+    root = Path(make_toy_coco(str(tmp_path / 'coco'), num_train=24, num_val=2))
+    coco = COCO(str(root / 'annotations/instances_train.json'))
+    for image_info in coco.loadImgs(coco.getImgIds()):
+        image = cv2.imread(str(root / 'train' / image_info['file_name'])).astype(np.float32)
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=image_info['id']))
+        masks = [coco.annToMask(ann) for ann in anns]
+        shapes = np.any(masks, axis=0)
+        for ann, mask in zip(anns, masks):
+            assert max(ann['bbox'][2:]) >= 0.2 * 128, ann
+            inside = cv2.erode(mask, np.ones((3, 3), np.uint8)).astype(bool)
+            ring = cv2.dilate(mask, np.ones((7, 7), np.uint8)).astype(bool) & ~shapes
+            contrast = np.abs(image[inside].mean(0) - image[ring].mean(0)).sum()
+            assert contrast > 120, (image_info['file_name'], ann['id'], contrast)
+
+
 def test_toy_ade_uses_reduce_zero_labels(tmp_path):
     root = Path(make_toy_ade(str(tmp_path / 'ade'), num_train=3, num_val=2, image_size=(64, 80)))
     labels = sorted((root / 'annotations/training').glob('*.png'))

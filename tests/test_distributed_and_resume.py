@@ -255,9 +255,9 @@ DETERMINISTIC = ['randomness.deterministic=True', 'train_dataloader.persistent_w
                  'default_hooks.logger.interval=1']
 # Iteration-based: 12 iterations, checkpoints at 3, 6, 9 and 12, 8 images (2 per pass).
 FPN_RESUME = [*DETERMINISTIC, 'train_cfg.max_iters=12', 'default_hooks.checkpoint.interval=3']
-# Epoch-based: 3 epochs of 8 iterations, a checkpoint after each.
+# Epoch-based: 3 epochs of 8 iterations (16 images, 2 per pass), a checkpoint after each.
 RETINANET_RESUME = [*DETERMINISTIC, 'train_cfg.max_epochs=3', 'train_cfg.val_interval=100',
-                    'default_hooks.checkpoint.interval=1']
+                    'default_hooks.checkpoint.interval=1', 'train_dataloader.batch_size=2']
 
 RESUME_CASES = {
     # name: (config, options, number of checkpoints, iterations from one to the next)

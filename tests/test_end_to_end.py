@@ -5,6 +5,7 @@ Marked slow: `make test` (and CI) runs them; `pytest -m "not slow"` skips them l
 import glob
 import json
 import os.path as osp
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -51,7 +52,7 @@ def small_coco(tmp_path_factory):
 def test_detector_trains_resumes_and_tests(tmp_path, small_coco, config, metrics):
     work_dir = tmp_path / 'work'
     schedule = ['train_cfg.val_interval=100', 'default_hooks.logger.interval=1',
-                'default_hooks.checkpoint.interval=1']
+                'default_hooks.checkpoint.interval=1', 'train_dataloader.batch_size=2']
     run_tool('tools/train.py', config, '--work-dir', work_dir, '--data-root', small_coco,
              '--cfg-options', 'train_cfg.max_epochs=3', *schedule)
     assert sorted(p.name for p in work_dir.glob('epoch_*.pth')) == [
@@ -81,31 +82,29 @@ def test_detector_trains_resumes_and_tests(tmp_path, small_coco, config, metrics
 
 
 def test_toy_retinanet_learns(tmp_path):
-    """The demo's budget (20 epochs, about 4 minutes): box mAP far above an untrained model's."""
+    """The demo's detection job as it runs (the toy set and recipe, about 5 minutes on 2 cores):
+    boxes on at least 14 of the 16 pictures at the score the pictures are drawn with (15 on
+    the machine it was tuned on), and a box mAP50 of at least 0.4 (0.46 there; an untrained model
+    has no box above mmdet's threshold at all). The margins allow for other CPUs and thread
+    counts, which sum in another order."""
+    from mmengine.config import Config
+    cfg = Config.fromfile(str(REPO / TOY_RETINANET))
     data = make_toy_coco(str(tmp_path / 'coco'))
     work_dir = tmp_path / 'work'
     run_tool('tools/train.py', TOY_RETINANET, '--work-dir', work_dir, '--data-root', data)
-    trained = parse_test_metrics(run_tool('tools/test.py', TOY_RETINANET, work_dir / 'epoch_20.pth',
-                                    '--data-root', data, '--eval', 'bbox', '--work-dir',
-                                    work_dir))
-    untrained_path = tmp_path / 'untrained.pth'
-    initial = torch.load(work_dir / 'epoch_20.pth', weights_only=True)
-    from mmdet.registry import MODELS
-    from mmengine.config import Config
-    from mmengine.registry import init_default_scope
-    init_default_scope('mmdet')
-    model = MODELS.build(Config.fromfile(str(REPO / TOY_RETINANET)).model)
-    model.init_weights()
-    initial['state_dict'] = model.state_dict()
-    torch.save({'state_dict': initial['state_dict'], 'meta': initial['meta']}, untrained_path)
-    untrained = parse_test_metrics(run_tool('tools/test.py', TOY_RETINANET, untrained_path,
-                                      '--data-root', data, '--eval', 'bbox', '--work-dir',
-                                      work_dir))
-    # mmdet reports no metric at all when not one box scores above its threshold
-    untrained_map50 = untrained.get('coco/bbox_mAP_50', 0.0)
-    assert untrained_map50 < 0.02
-    assert trained['coco/bbox_mAP_50'] > max(0.1, untrained_map50 + 0.08), trained
-    assert trained['coco/bbox_mAP'] > untrained.get('coco/bbox_mAP', 0.0) + 0.03, trained
+    checkpoint = work_dir / f'epoch_{cfg.train_cfg.max_epochs}.pth'
+    predictions = tmp_path / 'predictions.pkl'
+    trained = parse_test_metrics(run_tool('tools/test.py', TOY_RETINANET, checkpoint,
+                                          '--data-root', data, '--eval', 'bbox', '--work-dir',
+                                          work_dir, '--out', predictions))
+    assert trained['coco/bbox_mAP_50'] >= 0.4, trained
+    assert trained['coco/bbox_mAP'] >= 0.28, trained
+    with open(predictions, 'rb') as f:
+        results = pickle.load(f)
+    assert len(results) == 16
+    threshold = cfg.default_hooks.visualization.score_thr  # that of the pictures
+    drawn = [(r['pred_instances']['scores'] >= threshold).any().item() for r in results]
+    assert sum(drawn) >= 14, [r['pred_instances']['scores'].max().item() for r in results]
 
 
 def test_semantic_fpn_trains_on_one_cpu_process_and_learns(tmp_path):
@@ -162,3 +161,39 @@ def test_inference_tool_writes_pictures_for_detection_and_segmentation(tmp_path)
     import cv2
     assert cv2.imread(str(written['mmdet'][0])).shape == (128, 128, 3)
     assert cv2.imread(str(written['mmseg'][0])).shape == (128, 160, 3)
+
+
+def _demo_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('demo', REPO / 'tools' / 'demo.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+FAKE_LOG = r'''
+import sys
+prefix = '11/29 21:00:53 - mmengine - INFO - '
+print(prefix + 'Config:\nmodel = dict(\n    type="RetinaNet")')
+print(prefix + 'Epoch(train) [1][10/40]  lr: 1.0e-03  eta: 0:01:40  loss: 1.70')
+print('Test metrics: {"coco/bbox_mAP": 0.5}')
+print(prefix + 'Config:\nstill the config')
+print('error: the data root is missing', file=sys.stderr)
+sys.exit(int(sys.argv[1]))
+'''
+
+
+def test_demo_streams_the_log_without_the_config_and_names_a_failed_command(tmp_path, capsys):
+    demo = _demo_module()
+    tool = tmp_path / 'tool.py'
+    tool.write_text(FAKE_LOG)
+    out = demo.run([str(tool), '0'])
+    shown = capsys.readouterr().out
+    assert shown.startswith(f'$ python {tool} 0\n')
+    assert 'eta: 0:01:40' in shown and 'Test metrics: {"coco/bbox_mAP": 0.5}' in shown
+    assert 'model = dict(' not in shown and 'still the config' not in shown
+    assert 'model = dict(' in out  # what it returns is the whole output
+    with pytest.raises(SystemExit, match=f'command failed with exit code 3:\n  python {tool} 3'):
+        demo.run([str(tool), '3'])
+    # on failure the lines hidden since the last shown one come out: the error is not lost
+    assert 'error: the data root is missing' in capsys.readouterr().out

@@ -4,14 +4,19 @@ segmentors from scratch on the synthetic toy sets, through tools/train.py and to
 
     python tools/demo.py [--task det seg] [--work-root work_dirs/demo]
 
-Makes the toy data if missing, trains the toy RetinaNet (and Semantic FPN), tests each with the
-old-style --eval flag, writes pictures with --show-dir, and prints the metrics and where the
-pictures are. Takes a few minutes on a 2-core CPU.
+Writes the toy data, trains the toy RetinaNet (and Semantic FPN), tests each with the old-style
+--eval flag, draws the predictions with --show-dir, plots the training curves, and prints the
+metrics, how many pictures show boxes, and where the pictures and curves are. The training log
+streams to the terminal as it is written (mmengine's lines carry an ETA).
 """
 import argparse
 import glob
 import json
+import os
 import os.path as osp
+import pickle
+import re
+import resource
 import subprocess
 import sys
 import time
@@ -21,21 +26,120 @@ REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 JOBS = {
     'det': dict(kind='coco', data_root='data/toy_coco',
                 config='configs/detection/toy/retinanet_poolformer_s12_toy.py',
-                checkpoint='epoch_20.pth', eval=['bbox'], metric='coco/bbox_mAP'),
+                eval=['bbox'], checkpoint_prefix='epoch'),
     'seg': dict(kind='ade', data_root='data/toy_ade',
                 config='configs/segmentation/toy/fpn_poolformer_s12_toy.py',
-                checkpoint='iter_240.pth', eval=['mIoU'], metric='mIoU'),
+                eval=['mIoU'], checkpoint_prefix='iter'),
 }
+
+# The first line of a message from mmengine's logger: "11/29 21:00:53 - mmengine - INFO - ...".
+LOG_LINE = re.compile(r'^\d\d/\d\d \d\d:\d\d:\d\d - mmengine - [A-Z]+ - (.*)$')
+# Multi-line log messages that repeat the config and the hooks, and the environment (the message
+# that starts with an empty line): hundreds of lines, which stay in the log file in the work dir.
+QUIET_BLOCKS = ('Config:', 'Hooks will be executed in the following order')
 
 
 def run(cmd):
-    print('$ ' + ' '.join(cmd), flush=True)
-    result = subprocess.run([sys.executable] + cmd, cwd=REPO, capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.stdout.write(result.stdout[-4000:])
-        sys.stderr.write(result.stderr[-4000:])
-        raise SystemExit(f'command failed with exit code {result.returncode}')
-    return result.stdout
+    """Run ``python cmd...`` in the repository, passing its output through as it comes, less
+    the config and environment dumps. Returns the whole output; exits if the command fails."""
+    print('$ python ' + ' '.join(cmd), flush=True)
+    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    process = subprocess.Popen([sys.executable] + cmd, cwd=REPO, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1)
+    lines, hidden, quiet = [], [], False
+    for line in process.stdout:
+        lines.append(line)
+        message = LOG_LINE.match(line)
+        if message:
+            text = message.group(1).strip()
+            quiet = not text or text.startswith(QUIET_BLOCKS)
+        elif line.startswith('Traceback'):
+            quiet = False
+        if quiet:
+            hidden.append(line)
+            continue
+        hidden = []
+        sys.stdout.write(line)
+        sys.stdout.flush()
+    returncode = process.wait()
+    if returncode != 0:
+        # an error message printed inside a hidden block (after the config dump) still shows
+        sys.stdout.write(''.join(hidden[-40:]))
+        raise SystemExit(f'demo: command failed with exit code {returncode}:\n'
+                         f'  python {" ".join(cmd)}')
+    return ''.join(lines)
+
+
+def score_threshold(config):
+    """The score above which mmdet's DetVisualizationHook draws a box for this config."""
+    from mmengine.config import Config
+    cfg = Config.fromfile(osp.join(REPO, config), import_custom_modules=False)
+    hook = cfg.default_hooks.visualization
+    if 'score_thr' in hook:
+        return hook['score_thr']
+    import inspect
+
+    from mmdet.engine.hooks import DetVisualizationHook
+    return inspect.signature(DetVisualizationHook).parameters['score_thr'].default
+
+
+def last_checkpoint(work_dir, prefix):
+    """The checkpoint the training wrote last (epoch_N.pth / iter_N.pth with the largest N)."""
+    found = glob.glob(osp.join(REPO, work_dir, f'{prefix}_*.pth'))
+    if not found:
+        raise SystemExit(f'demo: the training wrote no {prefix}_*.pth in {work_dir}')
+    return max(found, key=lambda p: int(re.findall(r'_(\d+)\.pth$', p)[0]))
+
+
+def find_pictures(show_dir):
+    pictures = sorted(glob.glob(osp.join(REPO, show_dir, '*.png')))
+    # older layouts nest mmseg's pictures (vis_data/vis_image/)
+    return pictures or sorted(glob.glob(osp.join(REPO, show_dir, '**', '*.png'), recursive=True))
+
+
+def minutes(seconds):
+    return f'{int(seconds // 60)} min {seconds % 60:02.0f} s'
+
+
+def cpu_seconds_of_children():
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_job(task, work_root):
+    job = JOBS[task]
+    # The data take a second to write and are deterministic: writing them every time keeps a
+    # folder from an older version of the generator from being trained on.
+    run(['tools/dataset_converters/make_toy_data.py', job['kind'], job['data_root']])
+    work_dir = osp.join(work_root, task)
+    run(['tools/train.py', job['config'], '--work-dir', work_dir])
+    curves = osp.join(work_dir, 'curves.png')
+    run(['tools/analysis/plot_logs.py', work_dir, '--out', curves])
+
+    show_dir = osp.join(work_dir, 'pictures')
+    test = ['tools/test.py', job['config'], last_checkpoint(work_dir, job['checkpoint_prefix']),
+            '--work-dir', work_dir, '--eval', *job['eval'], '--show-dir', show_dir]
+    if task == 'det':
+        predictions = osp.join(work_dir, 'predictions.pkl')
+        test += ['--out', predictions]
+    out = run(test)
+    metrics = json.loads(out.rsplit('Test metrics: ', 1)[1].splitlines()[0])
+    pictures = find_pictures(show_dir)
+    where = osp.relpath(osp.dirname(pictures[0]), REPO) if pictures else show_dir
+    if task == 'det':
+        threshold = score_threshold(job['config'])
+        with open(osp.join(REPO, predictions), 'rb') as f:
+            results = pickle.load(f)
+        with_boxes = sum(bool((r['pred_instances']['scores'] >= threshold).any())
+                         for r in results)
+        result = (f"bbox mAP {metrics['coco/bbox_mAP']:.3f}, "
+                  f"mAP50 {metrics['coco/bbox_mAP_50']:.3f}; {with_boxes} of {len(results)} "
+                  f'pictures show boxes (score >= {threshold})')
+    else:
+        result = f"mIoU {metrics['mIoU']:.2f}, aAcc {metrics['aAcc']:.2f}"
+    return [f"{job['config']}:", f'  {result}',
+            f'  {len(pictures)} pictures in {where}/',
+            f'  training curves in {curves}']
 
 
 def main():
@@ -44,26 +148,17 @@ def main():
     parser.add_argument('--work-root', default='work_dirs/demo')
     args = parser.parse_args()
 
+    start = time.perf_counter()
     summary = []
     for task in args.task:
-        job = JOBS[task]
-        start = time.perf_counter()
-        if not osp.isdir(osp.join(REPO, job['data_root'])):
-            run(['tools/dataset_converters/make_toy_data.py', job['kind'], job['data_root']])
-        work_dir = osp.join(args.work_root, task)
-        run(['tools/train.py', job['config'], '--work-dir', work_dir])
-        show_dir = osp.join(work_dir, 'pictures')
-        out = run(['tools/test.py', job['config'], osp.join(work_dir, job['checkpoint']),
-                   '--work-dir', work_dir, '--eval', *job['eval'], '--show-dir', show_dir])
-        metrics = json.loads(out.rsplit('Test metrics: ', 1)[1].splitlines()[0])
-        # mmseg's visualiser nests its pictures (vis_data/vis_image/); report where they are
-        pictures = sorted(glob.glob(osp.join(REPO, show_dir, '**', '*.png'), recursive=True))
-        where = osp.relpath(osp.dirname(pictures[0]), REPO) if pictures else show_dir
-        summary.append(f"{job['config']}: {job['metric']} = {metrics[job['metric']]:.3f}, "
-                       f'{len(pictures)} pictures in {where}/ '
-                       f'({time.perf_counter() - start:.0f} s)')
-        print(summary[-1], flush=True)
-    print('\n'.join(['', 'Demo finished:'] + summary))
+        task_start = time.perf_counter()
+        summary += run_job(task, args.work_root)
+        summary.append(f'  ({minutes(time.perf_counter() - task_start)})')
+        print('\n'.join(summary[-5:]), flush=True)
+    took = time.perf_counter() - start
+    print('\n'.join(['', 'Demo finished:'] + summary + [
+        f'Took {minutes(took)} (CPU time of its processes: {minutes(cpu_seconds_of_children())}'
+        f' on {os.cpu_count()} cores).']))
 
 
 if __name__ == '__main__':

@@ -14,6 +14,12 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 TOY_COCO_CLASSES = ('circle', 'square', 'triangle')
+# Up to 3 shapes per image, of circumradius 15-27 % of the image side (boxes of 27 to 70
+# pixels in a 128 image: the sizes the toy RetinaNet's stride-8 and stride-16 anchors cover),
+# each in a colour that stands out from its background.
+_MAX_SHAPES = 3
+_RADIUS = (0.15, 0.27)
+_MIN_CONTRAST = 180
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -54,14 +60,29 @@ def _place_shapes(rng: np.random.Generator, size: int, max_shapes: int,
     return placed
 
 
+def _contrasting_colour(rng: np.random.Generator, image: np.ndarray,
+                        polygon: np.ndarray) -> List[int]:
+    """A random colour at least _MIN_CONTRAST (summed over the channels) away from the mean of
+    the background it covers: a shape in a colour close to its background would be a label the
+    image does not show."""
+    mask = np.zeros(image.shape[:2], np.uint8)
+    cv2.fillPoly(mask, [np.round(polygon).astype(np.int32)], 1)
+    under = image[mask.astype(bool)].mean(axis=0)
+    while True:  # over half of all colours qualify, whatever the background
+        colour = rng.integers(0, 256, 3)
+        if np.abs(colour - under).sum() >= _MIN_CONTRAST:
+            return [int(c) for c in colour]
+
+
 def _draw_coco_split(root: str, split: str, num_images: int, size: int,
                      rng: np.random.Generator) -> None:
     os.makedirs(osp.join(root, split), exist_ok=True)
     images, annotations = [], []
     for image_id in range(1, num_images + 1):
         image = _background(rng, size)
-        for kind, polygon in _place_shapes(rng, size, 3, size * 0.12, size * 0.25):
-            colour = [int(c) for c in rng.integers(0, 256, 3)]
+        for kind, polygon in _place_shapes(rng, size, _MAX_SHAPES, size * _RADIUS[0],
+                                           size * _RADIUS[1]):
+            colour = _contrasting_colour(rng, image, polygon)
             cv2.fillPoly(image, [np.round(polygon).astype(np.int32)], colour)
             segmentation = [np.round(polygon, 1).flatten().tolist()]
             # Box and area as COCO defines them: from the polygon rasterised by pycocotools.
@@ -79,7 +100,7 @@ def _draw_coco_split(root: str, split: str, num_images: int, size: int,
         json.dump(dict(images=images, annotations=annotations, categories=categories), f)
 
 
-def make_toy_coco(root: str, num_train: int = 48, num_val: int = 16, image_size: int = 128,
+def make_toy_coco(root: str, num_train: int = 320, num_val: int = 16, image_size: int = 128,
                   seed: int = 0) -> str:
     """Write a COCO-format instance segmentation set of circles, squares and triangles.
 

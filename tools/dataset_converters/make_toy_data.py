@@ -5,30 +5,41 @@
     python tools/dataset_converters/make_toy_data.py ade data/toy_ade
 """
 import argparse
+import inspect
 import time
 
 from poolformer_mm.datasets import make_toy_ade, make_toy_coco
+
+DEFAULTS = {kind: {name: p.default for name, p in inspect.signature(make).parameters.items()
+                   if name in ('num_train', 'num_val')}
+            for kind, make in (('coco', make_toy_coco), ('ade', make_toy_ade))}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('kind', choices=['coco', 'ade'], help='which data set to write')
     parser.add_argument('out', help='output folder (the data root of the toy configs)')
-    parser.add_argument('--num-train', type=int, default=48)
-    parser.add_argument('--num-val', type=int, default=16)
-    parser.add_argument('--size', type=int, nargs='+', default=None,
-                        help='image side (coco, square) or height width (ade)')
+    parser.add_argument('--num-train', type=int,
+                        help=f'default: {DEFAULTS["coco"]["num_train"]} (coco), '
+                        f'{DEFAULTS["ade"]["num_train"]} (ade)')
+    parser.add_argument('--num-val', type=int, help=f'default: {DEFAULTS["coco"]["num_val"]}')
+    parser.add_argument('--size', type=int, nargs='+',
+                        help='image side (coco, square; default 128) or height width (ade; '
+                        'default 128 160)')
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args()
     start = time.perf_counter()
-    if args.kind == 'coco':
-        size = args.size[0] if args.size else 128
-        make_toy_coco(args.out, args.num_train, args.num_val, size, args.seed)
-    else:
-        size = tuple(args.size) if args.size else (128, 160)
-        make_toy_ade(args.out, args.num_train, args.num_val, size, args.seed)
+    # what is not given comes from the generator's own defaults, those of the toy configs
+    kwargs = dict(DEFAULTS[args.kind], seed=args.seed)
+    for name in ('num_train', 'num_val'):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
+    if args.size:
+        kwargs['image_size'] = args.size[0] if args.kind == 'coco' else tuple(args.size)
+    make = make_toy_coco if args.kind == 'coco' else make_toy_ade
+    make(args.out, **kwargs)
     print(f'wrote toy {args.kind} data set to {args.out} '
-          f'({args.num_train} train + {args.num_val} val images, '
+          f'({kwargs["num_train"]} train + {kwargs["num_val"]} val images, '
           f'{time.perf_counter() - start:.1f} s)')
 
 

@@ -1,14 +1,20 @@
 # RetinaNet PoolFormer-S12 trained from scratch on the synthetic toy set written by
 # python tools/dataset_converters/make_toy_data.py coco data/toy_coco
-# (128x128 images of circles, squares and triangles): about 4 minutes on a 2-core CPU.
+# (320 128x128 images of circles, squares and triangles): about 4 minutes on a 2-core CPU.
 _base_ = '../retinanet_poolformer_s12.py'
 
 data_root = 'data/toy_coco/'
 metainfo = dict(classes=('circle', 'square', 'triangle'))
 image_size = (128, 128)
-max_epochs = 20
+max_epochs = 10
 
-model = dict(backbone=dict(init_cfg=None), bbox_head=dict(num_classes=3))
+model = dict(
+    backbone=dict(init_cfg=None),
+    # A 128-channel neck and head (256 on COCO): the head's convolutions are most of the compute
+    # at this image size, and the narrower one also trained more stably at the toy's learning
+    # rate (a 256-channel run diverged in epoch 4, loss 1.3 -> 3.4).
+    neck=dict(out_channels=128),
+    bbox_head=dict(num_classes=3, in_channels=128, feat_channels=128))
 
 train_pipeline = [
     dict(type='LoadImageFromFile'),
@@ -25,7 +31,7 @@ test_pipeline = [
          meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor'))
 ]
 train_dataloader = dict(
-    batch_size=2, num_workers=0, persistent_workers=False,
+    batch_size=4, num_workers=0, persistent_workers=False,
     dataset=dict(data_root=data_root, metainfo=metainfo, pipeline=train_pipeline,
                  ann_file='annotations/instances_train.json', data_prefix=dict(img='train/')))
 val_dataloader = dict(
@@ -36,14 +42,18 @@ test_dataloader = val_dataloader
 val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')
 test_evaluator = val_evaluator
 
-# From scratch on 48 images: batch 2 (more updates per minute), higher lr, short warm-up,
-# one step near the end.
-optim_wrapper = dict(optimizer=dict(lr=3e-4), clip_grad=dict(max_norm=10.))
+# From scratch on 320 images: batch 4 (the cheapest per image on 2 cores), 800 iterations,
+# lr 1e-3 after a 80-iteration warm-up (2e-3 left the box loss stuck), ten times lower for the
+# last fifth.
+optim_wrapper = dict(optimizer=dict(lr=1e-3), clip_grad=dict(max_norm=10.))
 param_scheduler = [
-    dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=48),
-    dict(type='MultiStepLR', by_epoch=True, begin=0, end=max_epochs, milestones=[16], gamma=0.1)
+    dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=80),
+    dict(type='MultiStepLR', by_epoch=True, begin=0, end=max_epochs, milestones=[8], gamma=0.1)
 ]
 train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs)
-default_hooks = dict(logger=dict(interval=6), checkpoint=dict(interval=max_epochs // 2))
-auto_scale_lr = dict(base_batch_size=2)
+# A log line (with its ETA) every 20 iterations: every 5-10 s on 2 quiet cores. Pictures show
+# boxes that score at least 0.3 (mmdet's default, stated for the demo and its test).
+default_hooks = dict(logger=dict(interval=20), checkpoint=dict(interval=max_epochs // 2),
+                     visualization=dict(score_thr=0.3))
+auto_scale_lr = dict(base_batch_size=4)
 randomness = dict(seed=0)
