@@ -10,6 +10,7 @@ Semantic FPN only; check a detector's accuracy before using it. Needs onnxruntim
 """
 import argparse
 import glob
+import os
 import os.path as osp
 import sys
 import tempfile
@@ -72,15 +73,22 @@ def main(argv=None):
         info = post.read_deploy_info({p.key: p.value for p in model.metadata_props})
     except ValueError as err:
         sys.exit(f'error: {args.model}: {err}')
-    images = calibration_images(args.calib, args.num)
+    images = [osp.abspath(path) for path in calibration_images(args.calib, args.num)]
+    model_path, out_path, cwd = osp.abspath(args.model), osp.abspath(args.out), os.getcwd()
     with tempfile.TemporaryDirectory() as folder:
-        # shape inference and graph optimisation first, as ONNX Runtime recommends; its
-        # symbolic shape inference gives up on dynamic height and width, ONNX's own does not
-        prepared = osp.join(folder, 'prepared.onnx')
-        quant_pre_process(args.model, prepared, skip_symbolic_shape=info['dynamic'])
-        quantize_static(prepared, args.out, ImageReader(images, info, post),
-                        quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, per_channel=True)
+        # ONNX Runtime's shape inference writes temporary files (sym_shape_infer_temp.onnx and
+        # its external data) into the working directory; keep them in the temporary folder
+        os.chdir(folder)
+        try:
+            # shape inference and graph optimisation first, as ONNX Runtime recommends; its
+            # symbolic shape inference gives up on dynamic height and width, ONNX's own does not
+            prepared = osp.join(folder, 'prepared.onnx')
+            quant_pre_process(model_path, prepared, skip_symbolic_shape=info['dynamic'])
+            quantize_static(prepared, out_path, ImageReader(images, info, post),
+                            quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, per_channel=True)
+        finally:
+            os.chdir(cwd)
     print(f'wrote {args.out}: int8, calibrated on {len(images)} images')
 
 
