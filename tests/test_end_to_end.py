@@ -82,11 +82,11 @@ def test_detector_trains_resumes_and_tests(tmp_path, small_coco, config, metrics
 
 
 def test_toy_retinanet_learns(tmp_path):
-    """The demo's detection job as it runs (the toy set and recipe, about 5 minutes on 2 cores):
-    boxes on at least 14 of the 16 pictures at the score the pictures are drawn with (15 on
-    the machine it was tuned on), and a box mAP50 of at least 0.4 (0.46 there; an untrained model
-    has no box above mmdet's threshold at all). The margins allow for other CPUs and thread
-    counts, which sum in another order."""
+    """The demo's detection job as it runs (the toy set and recipe, about 8 minutes on 2 cores):
+    boxes on at least 14 of the 16 pictures at the score the pictures are drawn with (16 on
+    the machine it was tuned on), and a box mAP50 of at least 0.45 (0.55 there; an untrained
+    model has no box above mmdet's threshold at all). The margins allow for other CPUs and
+    thread counts, which sum in another order."""
     from mmengine.config import Config
     cfg = Config.fromfile(str(REPO / TOY_RETINANET))
     data = make_toy_coco(str(tmp_path / 'coco'))
@@ -97,8 +97,8 @@ def test_toy_retinanet_learns(tmp_path):
     trained = parse_test_metrics(run_tool('tools/test.py', TOY_RETINANET, checkpoint,
                                           '--data-root', data, '--eval', 'bbox', '--work-dir',
                                           work_dir, '--out', predictions))
-    assert trained['coco/bbox_mAP_50'] >= 0.4, trained
-    assert trained['coco/bbox_mAP'] >= 0.28, trained
+    assert trained['coco/bbox_mAP_50'] >= 0.45, trained
+    assert trained['coco/bbox_mAP'] >= 0.33, trained
     with open(predictions, 'rb') as f:
         results = pickle.load(f)
     assert len(results) == 16

@@ -1,12 +1,12 @@
 # RetinaNet PoolFormer-S12 trained from scratch on the synthetic toy set written by
 # python tools/dataset_converters/make_toy_data.py coco data/toy_coco
-# (320 128x128 images of circles, squares and triangles): about 4 minutes on a 2-core CPU.
+# (320 128x128 images of circles, squares and triangles): about 8 minutes on 2 CPU cores.
 _base_ = '../retinanet_poolformer_s12.py'
 
 data_root = 'data/toy_coco/'
 metainfo = dict(classes=('circle', 'square', 'triangle'))
 image_size = (128, 128)
-max_epochs = 10
+max_epochs = 12
 
 model = dict(
     backbone=dict(init_cfg=None),
@@ -42,13 +42,14 @@ test_dataloader = val_dataloader
 val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')
 test_evaluator = val_evaluator
 
-# From scratch on 320 images: batch 4 (the cheapest per image on 2 cores), 800 iterations,
+# From scratch on 320 images: batch 4 (the cheapest per image on 2 cores), 960 iterations,
 # lr 1e-3 after a 80-iteration warm-up (2e-3 left the box loss stuck), ten times lower for the
-# last fifth.
+# last two epochs. 10 epochs gave mAP50 0.46 and boxes on 15 of 16 val pictures; 12 give 0.55
+# and 16 of 16.
 optim_wrapper = dict(optimizer=dict(lr=1e-3), clip_grad=dict(max_norm=10.))
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=80),
-    dict(type='MultiStepLR', by_epoch=True, begin=0, end=max_epochs, milestones=[8], gamma=0.1)
+    dict(type='MultiStepLR', by_epoch=True, begin=0, end=max_epochs, milestones=[10], gamma=0.1)
 ]
 train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs)
 # A log line (with its ETA) every 20 iterations: every 5-10 s on 2 quiet cores. Pictures show
