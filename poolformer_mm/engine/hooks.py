@@ -17,7 +17,11 @@ class FiniteLossHook(Hook):
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         loss = (outputs or {}).get('loss')
-        if loss is None or math.isfinite(float(loss)):
+        if loss is None:
+            return
+        # detached: float() of a tensor that requires grad warns on every iteration
+        loss = float(loss.detach()) if hasattr(loss, 'detach') else float(loss)
+        if math.isfinite(loss):
             return
         last = osp.join(runner.work_dir, 'last_checkpoint')
         if osp.isfile(last):
@@ -26,6 +30,6 @@ class FiniteLossHook(Hook):
         else:
             kept = 'no checkpoint had been written yet'
         raise FloatingPointError(
-            f'loss became {float(loss)} at iteration {runner.iter + 1} (epoch {runner.epoch + 1}); '
+            f'loss became {loss} at iteration {runner.iter + 1} (epoch {runner.epoch + 1}); '
             f'training stopped and {kept}. Lower the learning rate, enable gradient clipping '
             '(optim_wrapper.clip_grad) or check the data, then train again with --resume.')

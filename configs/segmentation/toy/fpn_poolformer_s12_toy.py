@@ -8,7 +8,7 @@ metainfo = dict(classes=('sky', 'tree', 'grass', 'water', 'road'),
                 palette=[[120, 180, 235], [40, 110, 40], [90, 200, 60], [30, 90, 170],
                          [110, 110, 110]])
 crop_size = (96, 96)
-max_iters = 240
+max_iters = 120
 
 model = dict(
     data_preprocessor=dict(size=crop_size),
