@@ -33,28 +33,29 @@ def _build(path, build_model):
     return cfg, build_model(cfg)
 
 
-@pytest.mark.parametrize('name, millions', DETECTORS.items())
-def test_detector_parameter_count_rounds_to_the_paper(name, millions, build_model):
-    cfg, model = _build(f'{REPO_CONFIGS}/detection/{name}.py', build_model)
+def _build_with_count(path, millions, arch, build_model):
+    """Build ``path``; check its parameter count (in millions, rounded to 0.1) and that its
+    backbone starts from the official weights of ``arch``."""
+    cfg, model = _build(path, build_model)
     params = sum(p.numel() for p in model.parameters())
     assert round(params / 1e6, 1) == millions
-    assert cfg.model.backbone.init_cfg.checkpoint == OFFICIAL_WEIGHTS.format(name[-3:])
+    assert cfg.model.backbone.init_cfg.checkpoint == OFFICIAL_WEIGHTS.format(arch)
+    return model
+
+
+@pytest.mark.parametrize('name, millions', DETECTORS.items())
+def test_detector_parameter_count_rounds_to_the_paper(name, millions, build_model):
+    _build_with_count(f'{REPO_CONFIGS}/detection/{name}.py', millions, name[-3:], build_model)
 
 
 @pytest.mark.parametrize('name, millions', SEGMENTORS.items())
 def test_segmentor_parameter_count_rounds_to_the_paper(name, millions, build_model):
-    cfg, model = _build(f'{REPO_CONFIGS}/segmentation/{name}.py', build_model)
-    params = sum(p.numel() for p in model.parameters())
-    assert round(params / 1e6, 1) == millions
-    assert cfg.model.backbone.init_cfg.checkpoint == OFFICIAL_WEIGHTS.format(name[-3:])
+    _build_with_count(f'{REPO_CONFIGS}/segmentation/{name}.py', millions, name[-3:], build_model)
 
 
 @pytest.mark.parametrize('name, millions', BEYOND_THE_PAPER.items())
 def test_config_beyond_the_paper_has_its_measured_parameter_count(name, millions, build_model):
-    cfg, model = _build(f'{REPO_CONFIGS}/{name}.py', build_model)
-    params = sum(p.numel() for p in model.parameters())
-    assert round(params / 1e6, 1) == millions
-    assert cfg.model.backbone.init_cfg.checkpoint == OFFICIAL_WEIGHTS.format(name[-3:])
+    model = _build_with_count(f'{REPO_CONFIGS}/{name}.py', millions, name[-3:], build_model)
     assert model.backbone.arch_name == name[-3:]
 
 
