@@ -16,8 +16,8 @@ from .verify import TOLERANCES, verify_onnx
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description='Export a segmentor or RetinaNet detector with a folded PoolFormer backbone '
-        'to ONNX (opset 17).')
+        description='Export a segmentor, RetinaNet or Mask R-CNN with a folded PoolFormer '
+        'backbone to ONNX (opset 17).')
     parser.add_argument('config')
     parser.add_argument('checkpoint')
     parser.add_argument('--out', required=True, help='the .onnx file to write')
@@ -25,7 +25,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help='input size (default: the config\'s crop size for segmentation, '
                         'its test Resize scale for detection, rounded up to 32)')
     parser.add_argument('--dynamic', action='store_true',
-                        help='batch, height and width as dynamic axes')
+                        help='batch, height and width as dynamic axes (Mask R-CNN: height and '
+                        'width; it runs one image at a time)')
     parser.add_argument('--logits', action='store_true',
                         help='segmentation: also output the logits (N, C, H, W), for debugging')
     parser.add_argument('--verify', action='store_true',
@@ -81,6 +82,9 @@ def format_report(result: dict) -> str:
                  f" {result['unmatched']} unmatched)",
                  f"boxes max rel diff {result['box_rel']:.2e} (need <= {tol['box_rel']:.0e})",
                  f"scores max diff {result['score_abs']:.2e} (need <= {tol['score_abs']:.0e})"]
+        if 'mask_iou' in result:
+            parts.append(f"pasted masks IoU >= {result['mask_iou']:.4f} for every detection "
+                         f"(need >= {tol['mask_iou']})")
     size = 'x'.join(map(str, result['shape']))
     return f"verify at {size}: {'; '.join(parts)}: {'OK' if result['ok'] else 'OVER TOLERANCE'}"
 

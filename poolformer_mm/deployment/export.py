@@ -6,9 +6,10 @@ The exported model follows mmdeploy's end-to-end convention where ONNX allows it
   (:func:`poolformer_mm.deployment.postprocess.normalize`);
 * segmentors: ``output``, int64 (N, 1, H, W) class indices at the input size (the argmax is in
   the graph); ``logits`` (N, C, H, W) too with ``with_logits=True``, to check agreement;
-* RetinaNet: the head's raw per-level outputs ``cls_score_<i>`` and ``bbox_pred_<i>``; the
-  documented NumPy step :func:`~poolformer_mm.deployment.postprocess.retinanet_postprocess`
-  turns them into ``dets`` (K, 5) and ``labels`` (K,) with the config's ``test_cfg``.
+* RetinaNet: ``dets`` (N, K, 5) x1, y1, x2, y2, score and ``labels`` (N, K), K = the
+  config's ``max_per_img``, with the config's ``test_cfg``: candidate selection, box decoding and
+  per-class NMS are in the graph (:mod:`poolformer_mm.deployment.ops`); rows after the last
+  detection are zeros with label -1, as mmdeploy pads its end-to-end detectors.
 
 Everything the runtime side needs (mean, std, channel order, input size, class names, task and
 post-processing settings) is stored as JSON in the model's ``metadata_props``, so running the
@@ -34,7 +35,9 @@ from ..apis.eval_metrics import task_of
 from ..engine.deploy_hook import find_backbone, switch_backbone_to_deploy
 from ..errors import InvalidInputError
 from ..models.layers.blocks import DeployPoolFormerBlock, PositionEmbedding
+from .ops import dense_head_candidates, nms_by_class, padded_detections
 from .postprocess import METADATA_KEY
+from .two_stage import MaskRCNNExport, check_mask_rcnn, mask_rcnn_info
 
 OPSET_VERSION = 17
 DEFAULT_SIZE_DIVISOR = 32
@@ -224,15 +227,23 @@ class SegmentorExport(nn.Module):
 
 
 class SingleStageDetectorExport(nn.Module):
-    """input -> the head's raw per-level class logits, then per-level box deltas."""
+    """input -> ``dets`` (N, K, 5) and ``labels`` (N, K): the head's detections after NMS,
+    with its ``test_cfg``, K = ``max_per_img`` (rows of zeros and label -1 after the last
+    detection; see :func:`~poolformer_mm.deployment.ops.padded_detections`)."""
 
     def __init__(self, detector: nn.Module):
         super().__init__()
         self.detector = detector
 
     def forward(self, input: torch.Tensor):
-        cls_scores, bbox_preds = self.detector.bbox_head(self.detector.extract_feat(input))
-        return (*cls_scores, *bbox_preds)
+        head = self.detector.bbox_head
+        cfg = head.test_cfg
+        cls_scores, bbox_preds = head(self.detector.extract_feat(input))
+        found = dense_head_candidates(head, cls_scores, bbox_preds, input, cfg)
+        selected = nms_by_class(found['boxes'], found['scores'], found['labels'],
+                                found['valid'], cfg.nms.iou_threshold, cfg.max_per_img)
+        return padded_detections(found['boxes'], found['scores'], found['labels'], selected,
+                                 cfg.max_per_img)
 
 
 # ---------------------------------------------------------------------------------- metadata
@@ -255,21 +266,13 @@ def _class_names(cfg: Config, num_classes: int) -> tuple:
 
 
 def _detection_info(detector: nn.Module) -> dict:
-    head = detector.bbox_head
-    coder, priors = head.bbox_coder, head.prior_generator
-    cfg = head.test_cfg
-    return dict(
-        num_classes=head.num_classes,
-        strides=[[float(s) for s in stride] for stride in priors.strides],
-        base_anchors=[anchors.tolist() for anchors in priors.base_anchors],
-        bbox_coder=dict(means=list(coder.means), stds=list(coder.stds),
-                        # decode()'s default; RetinaNet's head passes no other
-                        wh_ratio_clip=16 / 1000, clip_border=bool(coder.clip_border)),
-        test_cfg=dict(score_thr=float(cfg.get('score_thr', 0)),
-                      nms_pre=int(cfg.get('nms_pre', -1)),
-                      min_bbox_size=float(cfg.get('min_bbox_size', -1)),
-                      iou_threshold=float(cfg.nms.iou_threshold),
-                      max_per_img=int(cfg.max_per_img)))
+    cfg = detector.bbox_head.test_cfg
+    return dict(num_classes=detector.bbox_head.num_classes,
+                test_cfg=dict(score_thr=float(cfg.get('score_thr', 0)),
+                              nms_pre=int(cfg.get('nms_pre', -1)),
+                              min_bbox_size=float(cfg.get('min_bbox_size', -1)),
+                              iou_threshold=float(cfg.nms.iou_threshold),
+                              max_per_img=int(cfg.max_per_img)))
 
 
 def check_exportable(model: nn.Module, task: str, dynamic: bool = False) -> None:
@@ -286,9 +289,8 @@ def check_exportable(model: nn.Module, task: str, dynamic: bool = False) -> None
                 'one')
         return
     if hasattr(model, 'roi_head'):
-        raise InvalidInputError(
-            f'ONNX export of two-stage detectors ({type(model).__name__}) is not supported yet: '
-            'detection export handles single-stage RetinaNet-style detectors')
+        check_mask_rcnn(model)
+        return
     head = getattr(model, 'bbox_head', None)
     coder = type(getattr(head, 'bbox_coder', None)).__name__
     if (head is None or not hasattr(head, 'prior_generator') or coder != 'DeltaXYWHBBoxCoder'
@@ -297,15 +299,19 @@ def check_exportable(model: nn.Module, task: str, dynamic: bool = False) -> None
         raise InvalidInputError(
             f'ONNX export of {type(model).__name__} with {type(head).__name__} is not supported: '
             'detection export handles anchor-based single-stage detectors with sigmoid scores, '
-            'DeltaXYWHBBoxCoder and plain NMS (RetinaNet)')
+            'DeltaXYWHBBoxCoder and plain NMS (RetinaNet), and Mask R-CNN')
 
 
 def deploy_info(model: nn.Module, cfg: Config, shape: Sequence[int], dynamic: bool,
                 task: str) -> dict:
     """What the runtime side needs, stored in the ONNX file (see postprocess.read_deploy_info)."""
     preprocessor = model.data_preprocessor
-    num_classes = (model.decode_head.num_classes if task == 'segmentation'
-                   else model.bbox_head.num_classes)
+    if task == 'segmentation':
+        num_classes = model.decode_head.num_classes
+    else:
+        detection = (mask_rcnn_info(model) if hasattr(model, 'roi_head')
+                     else _detection_info(model))
+        num_classes = detection['num_classes']
     classes, palette = _class_names(cfg, num_classes)
     info = dict(
         format=1, task=task, config=osp.basename(cfg.filename or ''),
@@ -318,7 +324,7 @@ def deploy_info(model: nn.Module, cfg: Config, shape: Sequence[int], dynamic: bo
                             getattr(preprocessor, 'channel_conversion', False))),
         classes=classes, palette=palette)
     if task == 'detection':
-        info['detection'] = _detection_info(model)
+        info['detection'] = detection
     return info
 
 
@@ -339,19 +345,22 @@ def export_onnx(model: nn.Module, cfg: Config, out: str, shape: Sequence[int] = 
     if task == 'segmentation':
         wrapper = SegmentorExport(model, with_logits)
         outputs = ['output', 'logits'] if with_logits else ['output']
+    elif hasattr(model, 'roi_head'):
+        wrapper = MaskRCNNExport(model)
+        outputs = ['dets', 'labels', 'masks']
     else:
         wrapper = SingleStageDetectorExport(model)
-        levels = len(info['detection']['strides'])
-        outputs = ([f'cls_score_{i}' for i in range(levels)]
-                   + [f'bbox_pred_{i}' for i in range(levels)])
+        outputs = ['dets', 'labels']
     info['outputs'] = outputs
     axes = None
     if dynamic:
-        axes = {'input': {0: 'batch', 2: 'height', 3: 'width'}}
-        for i, name in enumerate(outputs):
-            same_size = task == 'segmentation'
-            axes[name] = {0: 'batch', 2: 'height' if same_size else f'height_{i}',
-                          3: 'width' if same_size else f'width_{i}'}
+        # Mask R-CNN runs one image at a time (see two_stage.py); detections have
+        # K = max_per_img rows at every size
+        batch = {} if isinstance(wrapper, MaskRCNNExport) else {0: 'batch'}
+        axes = {'input': {**batch, 2: 'height', 3: 'width'}}
+        for name in outputs:
+            axes[name] = ({0: 'batch', 2: 'height', 3: 'width'} if task == 'segmentation'
+                          else batch)
     dummy = torch.zeros(1, 3, *shape)
     # The project's CPU fast paths (fused oneDNN kernels, in-place accumulation, one-pass
     # GroupNorm statistics) only run without autograd; tracing with an input that requires
@@ -366,6 +375,8 @@ def export_onnx(model: nn.Module, cfg: Config, out: str, shape: Sequence[int] = 
     # second size, so the warnings would only be noise here.
     with torch.enable_grad(), warnings.catch_warnings():
         warnings.simplefilter('ignore', torch.jit.TracerWarning)
+        # indexing by the selected candidates: never negative indices, which it warns about
+        warnings.filterwarnings('ignore', 'Exporting aten::index operator')
         torch.onnx.export(wrapper, (dummy, ), out, dynamo=False, opset_version=OPSET_VERSION,
                           input_names=['input'], output_names=outputs, dynamic_axes=axes,
                           do_constant_folding=True, keep_initializers_as_inputs=True)

@@ -6,11 +6,12 @@ needs ONNX Runtime, NumPy and OpenCV alone. Everything a step needs comes from t
 information that :mod:`poolformer_mm.deployment.export` writes into the ONNX model's
 ``metadata_props`` (key :data:`METADATA_KEY`).
 
-Detection post-processing (RetinaNet): the graph ends at the head's raw per-level outputs, and
-:func:`retinanet_postprocess` does what mmdet's ``BaseDenseHead.predict_by_feat`` does with the
-config's ``test_cfg``, step for step: sigmoid scores, per level the ``nms_pre`` best
-(anchor, class) pairs above ``score_thr``, ``DeltaXYWHBBoxCoder`` decoding with clipping to the
-image, boxes no larger than ``min_bbox_size`` dropped, per-class NMS, the ``max_per_img`` best.
+Detection: NMS is in the graph; the model outputs ``dets`` (N, K, 5) and ``labels`` (N, K)
+with K = the config's ``max_per_img``, best first, and rows of zeros with label -1 after the
+last detection (:func:`detections_of` drops them). Mask R-CNN also outputs ``masks``
+(N, K, 28, 28): the mask head's probabilities for each detection's class, in its box.
+:func:`paste_masks` puts them into the image and thresholds them, as mmdet's ``FCNMaskHead``
+does with ``grid_sample`` (bilinear, zero outside the 28 x 28 grid).
 """
 import json
 
@@ -58,95 +59,58 @@ def normalize(image: np.ndarray, info: dict) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------- detection
-def grid_anchors(base_anchors: np.ndarray, stride, height: int, width: int) -> np.ndarray:
-    """All anchors of one level, ordered as the head's (H, W, anchor) outputs."""
-    shift_x = np.arange(width, dtype=np.float32) * np.float32(stride[0])
-    shift_y = np.arange(height, dtype=np.float32) * np.float32(stride[1])
-    xx, yy = np.meshgrid(shift_x, shift_y)
-    shifts = np.stack([xx.ravel(), yy.ravel(), xx.ravel(), yy.ravel()], axis=1)
-    return (shifts[:, None, :] + base_anchors[None]).reshape(-1, 4)
-
-
-def decode_deltas(anchors: np.ndarray, deltas: np.ndarray, coder: dict, image_shape):
-    """``DeltaXYWHBBoxCoder.decode``: (dx, dy, dw, dh) deltas on anchors -> clipped boxes."""
-    deltas = deltas * np.float32(coder['stds']) + np.float32(coder['means'])
-    centers = (anchors[:, :2] + anchors[:, 2:]) * np.float32(0.5)
-    sizes = anchors[:, 2:] - anchors[:, :2]
-    max_ratio = np.float32(abs(np.log(coder['wh_ratio_clip'])))
-    centers = centers + sizes * deltas[:, :2]
-    sizes = sizes * np.exp(np.clip(deltas[:, 2:], -max_ratio, max_ratio))
-    boxes = np.concatenate([centers - sizes * np.float32(0.5),
-                            centers + sizes * np.float32(0.5)], axis=1)
-    if coder['clip_border']:
-        boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, image_shape[1])
-        boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, image_shape[0])
-    return boxes
-
-
-def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
-    """Indices kept by greedy NMS, best score first (mmcv's ``nms`` with ``offset=0``)."""
-    order = np.argsort(-scores, kind='stable')
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    keep = []
-    while order.size:
-        best, rest = order[0], order[1:]
-        keep.append(best)
-        top_left = np.maximum(boxes[best, :2], boxes[rest, :2])
-        bottom_right = np.minimum(boxes[best, 2:], boxes[rest, 2:])
-        inter = np.prod(np.clip(bottom_right - top_left, 0, None), axis=1)
-        iou = inter / (areas[best] + areas[rest] - inter)
-        order = rest[~(iou > iou_threshold)]
-    return np.asarray(keep, dtype=np.int64)
-
-
-def batched_nms(boxes, scores, labels, iou_threshold):
-    """Per-class NMS through one NMS call on class-offset boxes, as mmcv's ``batched_nms``."""
-    if not len(boxes):
-        return np.zeros(0, np.int64)
-    offsets = labels.astype(boxes.dtype) * (boxes.max() + 1)
-    return nms(boxes + offsets[:, None], scores, iou_threshold)
-
-
-def retinanet_postprocess(outputs, info: dict, image_shape):
-    """Raw head outputs of one image -> ``dets`` (K, 5) x1, y1, x2, y2, score and ``labels`` (K,).
+def detections_of(outputs: dict, info: dict, image_shape, scale=(1.0, 1.0)) -> dict:
+    """Image 0's detections from the model's named outputs, without the padding rows.
 
     Args:
-        outputs (Sequence[np.ndarray]): the model's outputs for one image: the per-level class
-            logits (A * C, H, W), then the per-level box deltas (A * 4, H, W).
+        outputs (dict): the model's outputs by name.
         info (dict): the deploy information (:func:`read_deploy_info`).
-        image_shape (tuple): (H, W) of the model's input; boxes are clipped to it.
+        image_shape (tuple): (H, W) of the image the results are for.
+        scale (tuple): (h, w) scale of the model's input from that image
+            (:func:`resize_for_model`); boxes are divided by it.
+
+    Returns:
+        dict: ``dets`` (K, 5), ``labels`` (K,) and, for Mask R-CNN, ``masks`` (K, H, W) bool,
+        as mmdet's ``predict`` gives them for that image.
     """
-    det = info['detection']
-    cfg, num_classes = det['test_cfg'], det['num_classes']
-    num_levels = len(det['strides'])
-    all_boxes, all_scores, all_labels = [], [], []
-    for level in range(num_levels):
-        logits, deltas = outputs[level], outputs[num_levels + level]
-        height, width = logits.shape[-2:]
-        scores = 1 / (1 + np.exp(-logits.transpose(1, 2, 0).reshape(-1, num_classes)))
-        deltas = deltas.transpose(1, 2, 0).reshape(-1, 4)
-        anchors = grid_anchors(np.float32(det['base_anchors'][level]), det['strides'][level],
-                               height, width)
-        # the nms_pre best (anchor, class) pairs above score_thr, as filter_scores_and_topk
-        anchor_index, label = np.nonzero(scores > cfg['score_thr'])
-        kept = scores[anchor_index, label]
-        order = np.argsort(-kept, kind='stable')
-        if cfg['nms_pre'] > 0:
-            order = order[:cfg['nms_pre']]
-        anchor_index, label = anchor_index[order], label[order]
-        all_boxes.append(decode_deltas(anchors[anchor_index], deltas[anchor_index],
-                                       det['bbox_coder'], image_shape))
-        all_scores.append(kept[order])
-        all_labels.append(label)
-    boxes, scores = np.concatenate(all_boxes), np.concatenate(all_scores)
-    labels = np.concatenate(all_labels)
-    if cfg['min_bbox_size'] >= 0:
-        sizes = boxes[:, 2:] - boxes[:, :2]
-        valid = (sizes > cfg['min_bbox_size']).all(axis=1)
-        boxes, scores, labels = boxes[valid], scores[valid], labels[valid]
-    keep = batched_nms(boxes, scores, labels, cfg['iou_threshold'])[:cfg['max_per_img']]
-    dets = np.concatenate([boxes[keep], scores[keep, None]], axis=1).astype(np.float32)
-    return dets, labels[keep].astype(np.int64)
+    labels = outputs['labels'][0]
+    kept = labels >= 0
+    dets = outputs['dets'][0][kept].copy()
+    dets[:, [0, 2]] /= np.float32(scale[1])
+    dets[:, [1, 3]] /= np.float32(scale[0])
+    result = dict(dets=dets, labels=labels[kept])
+    if 'masks' in outputs:
+        result['masks'] = paste_masks(outputs['masks'][0][kept], dets[:, :4], image_shape,
+                                      info['detection']['mask_thr_binary'])
+    return result
+
+
+def _paste_weights(start: float, end: float, size: int, grid: int) -> np.ndarray:
+    """(size, grid) bilinear weights of the grid cells for the pixel centres of an image axis,
+    the grid spread over [start, end] (``grid_sample``, ``align_corners=False``)."""
+    extent = end - start
+    if extent == 0:  # mmdet samples the grid's middle for a box without width
+        position = np.full(size, (grid - 1) / 2, np.float32)
+    else:
+        position = (np.arange(size, dtype=np.float32) + 0.5 - start) / extent * grid - 0.5
+    # a tent around each cell: the two neighbours of a position share it, cells outside are 0
+    return np.clip(1 - np.abs(position[:, None] - np.arange(grid, dtype=np.float32)), 0, None)
+
+
+def paste_masks(masks: np.ndarray, boxes: np.ndarray, image_shape,
+                threshold: float = 0.5) -> np.ndarray:
+    """(K, m, m) mask probabilities in their (K, 4) boxes -> (K, H, W) bool image masks.
+
+    Bilinear sampling is separable, so each mask is ``rows @ mask @ cols.T`` with the weights of
+    :func:`_paste_weights`; then ``>= threshold`` as mmdet's ``mask_thr_binary``.
+    """
+    height, width = (int(s) for s in image_shape)
+    pasted = np.zeros((len(masks), height, width), bool)
+    for i, (mask, (x1, y1, x2, y2)) in enumerate(zip(masks, boxes)):
+        rows = _paste_weights(y1, y2, height, mask.shape[0])
+        cols = _paste_weights(x1, x2, width, mask.shape[1])
+        pasted[i] = rows @ mask.astype(np.float32) @ cols.T >= threshold
+    return pasted
 
 
 # ---------------------------------------------------------------------------------- drawing
@@ -165,15 +129,18 @@ def draw_segmentation(image: np.ndarray, classes: np.ndarray, info: dict,
 
 
 def draw_detections(image: np.ndarray, dets: np.ndarray, labels: np.ndarray, info: dict,
-                    score_thr: float = 0.3) -> np.ndarray:
-    """Boxes with class name and score for detections at or above ``score_thr``."""
+                    score_thr: float = 0.3, masks=None) -> np.ndarray:
+    """Boxes with class name and score (and masks, (K, H, W) bool at the image's size, half
+    opaque) for detections at or above ``score_thr``."""
     image = image.copy()
     names = info['classes']
     colours = _colours(len(names))
-    for (x1, y1, x2, y2, score), label in zip(dets, labels):
+    for i, ((x1, y1, x2, y2, score), label) in enumerate(zip(dets, labels)):
         if score < score_thr:
             continue
         colour = tuple(int(c) for c in colours[label])
+        if masks is not None:
+            image[masks[i]] = (image[masks[i]] * 0.5 + np.float32(colour) * 0.5).astype(np.uint8)
         cv2.rectangle(image, (int(x1), int(y1)), (int(x2), int(y2)), colour, 1)
         cv2.putText(image, f'{names[label]} {score:.2f}', (int(x1), max(int(y1) - 2, 8)),
                     cv2.FONT_HERSHEY_SIMPLEX, 0.3, colour, 1, cv2.LINE_AA)

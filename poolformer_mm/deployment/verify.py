@@ -7,7 +7,10 @@ post-processing together.
 Tolerances (:data:`TOLERANCES`): segmentation class maps agree on at least 99.9% of the pixels
 and, when the model has the debug ``logits`` output, logits within 1e-4 of the largest logit;
 detection keeps the same number of detections, boxes within 1e-3 relative (to the coordinate,
-at least one pixel) and scores within 1e-4.
+at least one pixel) and scores within 1e-4; Mask R-CNN's masks, pasted into the image and
+thresholded (:func:`~poolformer_mm.deployment.postprocess.paste_masks`), overlap mmdet's by an
+IoU of at least 0.99 for every detection (the pixels both mark over the pixels either marks, a
+stricter measure than agreement over the whole image, which the background dominates).
 """
 from typing import Optional, Sequence
 
@@ -17,9 +20,10 @@ import torch
 import torch.nn as nn
 
 from ..errors import InputNotFoundError
-from .postprocess import normalize, read_deploy_info, resize_for_model, retinanet_postprocess
+from .postprocess import detections_of, normalize, read_deploy_info, resize_for_model
 
-TOLERANCES = dict(pixel_agreement=0.999, logits_rel=1e-4, box_rel=1e-3, score_abs=1e-4)
+TOLERANCES = dict(pixel_agreement=0.999, logits_rel=1e-4, box_rel=1e-3, score_abs=1e-4,
+                  mask_iou=0.99)
 
 
 def ort_session(path: str, threads: Optional[int] = None, spinning: bool = True):
@@ -51,8 +55,7 @@ def run_onnx(session, inputs: np.ndarray, info: dict) -> dict:
     outputs = session.run(None, {'input': inputs})
     if info['task'] == 'segmentation':
         return dict(zip(info['outputs'], outputs))
-    dets, labels = retinanet_postprocess([out[0] for out in outputs], info, inputs.shape[2:])
-    return dict(dets=dets, labels=labels)
+    return detections_of(dict(zip(info['outputs'], outputs)), info, inputs.shape[2:])
 
 
 def run_torch(model: nn.Module, inputs: np.ndarray, task: str) -> dict:
@@ -69,7 +72,10 @@ def run_torch(model: nn.Module, inputs: np.ndarray, task: str) -> dict:
                                              batch_input_shape=shape, scale_factor=(1., 1.)))
         result = model.predict(x, [sample], rescale=False)[0].pred_instances
     dets = torch.cat([result.bboxes, result.scores[:, None]], dim=1)
-    return dict(dets=dets.numpy(), labels=result.labels.numpy())
+    out = dict(dets=dets.numpy(), labels=result.labels.numpy())
+    if 'masks' in result:
+        out['masks'] = result.masks.numpy().astype(bool)
+    return out
 
 
 def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -78,6 +84,12 @@ def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     inter = np.prod(np.clip(bottom_right - top_left, 0, None), axis=2)
     area = lambda boxes: np.prod(boxes[:, 2:4] - boxes[:, :2], axis=1)  # noqa: E731
     return inter / np.maximum(area(a)[:, None] + area(b)[None] - inter, 1e-9)
+
+
+def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Pixels both binary masks mark over pixels either marks (1 for two empty masks)."""
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
 def compare(onnx_out: dict, torch_out: dict, task: str) -> dict:
@@ -109,6 +121,13 @@ def compare(onnx_out: dict, torch_out: dict, task: str) -> dict:
             stats['score_abs'] = float(np.abs(pairs_ours[:, 4] - pairs_theirs[:, 4]).max())
     ok = (len(ours) == len(theirs) and stats['unmatched'] == 0
           and stats['box_rel'] <= tol['box_rel'] and stats['score_abs'] <= tol['score_abs'])
+    if 'masks' in torch_out:
+        stats['mask_iou'] = 1.0
+        if len(ours) and len(theirs) and matched.any():
+            stats['mask_iou'] = float(min(_mask_iou(onnx_out['masks'][match[i]], mask)
+                                          for i, mask in enumerate(torch_out['masks'])
+                                          if matched[i]))
+        ok = ok and stats['mask_iou'] >= tol['mask_iou']
     return dict(stats, ok=bool(ok))
 
 

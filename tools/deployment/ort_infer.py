@@ -3,7 +3,8 @@
 
     python tools/deployment/ort_infer.py FILE.onnx IMAGE --out PIC.png [--score-thr 0.3]
 
-Segmentation: a colour overlay of the class map. Detection: boxes with class names and scores.
+Segmentation: a colour overlay of the class map. Detection: boxes with class names and scores
+(Mask R-CNN: and masks).
 Normalisation, input size, class names and post-processing settings come from the ONNX file's
 metadata (written by tools/deployment/pytorch2onnx.py). Needs onnxruntime, numpy, opencv.
 """
@@ -70,11 +71,11 @@ def main(argv=None):
         found = ', '.join(info['classes'][i] for i in np.unique(classes))
         summary = f'classes present: {found}'
     else:
-        dets, labels = post.retinanet_postprocess([out[0] for out in outputs], info,
-                                                  inputs.shape[2:])
-        dets[:, [0, 2]] /= scale_w  # back to the original image's pixels
-        dets[:, [1, 3]] /= scale_h
-        picture = post.draw_detections(image, dets, labels, info, args.score_thr)
+        found = post.detections_of(dict(zip(info['outputs'], outputs)), info, image.shape[:2],
+                                   scale=(scale_h, scale_w))
+        dets = found['dets']
+        picture = post.draw_detections(image, dets, found['labels'], info, args.score_thr,
+                                       found.get('masks'))
         summary = f'{int((dets[:, 4] >= args.score_thr).sum())} detections >= {args.score_thr}'
     if not cv2.imwrite(args.out, picture):
         sys.exit(f"error: cannot write '{args.out}' (unknown extension or folder missing?)")
