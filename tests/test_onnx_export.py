@@ -205,6 +205,9 @@ def test_compare_fails_over_tolerance():
     fewer = compare(dict(dets=dets[:1], labels=labels[:1]), dict(dets=dets, labels=labels),
                     'detection')
     assert fewer['unmatched'] == 1 and not fewer['ok']
+    none = compare(dict(dets=dets[:0], labels=labels[:0]), dict(dets=dets, labels=labels),
+                   'detection')
+    assert none['unmatched'] == 2 and not none['ok']
 
 
 def test_cascade_mask_rcnn_is_refused_with_the_reason():

@@ -152,3 +152,19 @@ def test_ort_infer_draws_masks_without_torch(mask_rcnn, image, tmp_path):
     assert 'torch imported: False' in result.stdout and '20 detections >= 0.05' in result.stdout
     drawn, original = cv2.imread(str(picture)), cv2.imread(image)
     assert drawn.shape == original.shape and (drawn != original).any()
+
+
+def test_compare_fails_when_a_pasted_mask_differs():
+    from poolformer_mm.deployment.verify import compare
+    dets = np.array([[0, 0, 10, 10, 0.9], [20, 20, 40, 40, 0.8]], np.float32)
+    labels = np.array([0, 1])
+    masks = np.zeros((2, 50, 50), bool)
+    masks[0, :10, :10] = masks[1, 20:40, 20:40] = True
+    same = compare(dict(dets=dets, labels=labels, masks=masks),
+                   dict(dets=dets, labels=labels, masks=masks), 'detection')
+    assert same['mask_iou'] == 1.0 and same['ok']
+    changed = masks.copy()
+    changed[1, 20:22, 20:40] = False  # 40 of 400 pixels: IoU 0.9
+    result = compare(dict(dets=dets, labels=labels, masks=changed),
+                     dict(dets=dets, labels=labels, masks=masks), 'detection')
+    assert result['mask_iou'] == pytest.approx(0.9) and not result['ok']

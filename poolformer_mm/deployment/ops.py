@@ -68,7 +68,10 @@ class RoiAlign(torch.autograd.Function):
             return feats.new_zeros((0, feats.shape[1], output_size, output_size))
         from mmcv.ops import roi_align
         rois = torch.cat([image_index[:, None].to(rois.dtype), rois], dim=1)
-        return roi_align(feats, rois, output_size, spatial_scale, sampling_ratio, 'avg', True)
+        # mmcv's CPU kernel reads the map as contiguous NCHW whatever its strides (a
+        # channels-last map, as the MetaFormer backbones give without autograd, reads wrong)
+        return roi_align(feats.contiguous(), rois, output_size, spatial_scale, sampling_ratio,
+                         'avg', True)
 
     @staticmethod
     def symbolic(g, feats, rois, image_index, output_size, spatial_scale, sampling_ratio):

@@ -119,6 +119,8 @@ def compare(onnx_out: dict, torch_out: dict, task: str) -> dict:
             stats['box_rel'] = float(
                 (box_diff / np.maximum(np.abs(pairs_theirs[:, :4]), 1.0)).max())
             stats['score_abs'] = float(np.abs(pairs_ours[:, 4] - pairs_theirs[:, 4]).max())
+    else:  # one side has none: every detection of the other is unmatched
+        stats['unmatched'] = len(ours) + len(theirs)
     ok = (len(ours) == len(theirs) and stats['unmatched'] == 0
           and stats['box_rel'] <= tol['box_rel'] and stats['score_abs'] <= tol['score_abs'])
     if 'masks' in torch_out:
