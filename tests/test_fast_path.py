@@ -222,4 +222,4 @@ def test_benchmark_script_prints_every_variant_and_its_difference(tmp_path):
     import json
     saved = json.loads((tmp_path / 'out.json').read_text())
     assert saved['results']['deploy']['max_rel_diff'] <= 1e-5
-    assert 'fp32 matmul' in result.stdout and '% matmul' in result.stdout
+    assert 'matmul fp32' in result.stdout and '% matmul' in result.stdout

@@ -39,7 +39,11 @@ def parse_args(argv=None):
                         help='detection: lowest score drawn')
     parser.add_argument('--deploy', action='store_true',
                         help="fold the PoolFormer backbone's norms and layer scales into its "
-                        'weights after loading: same predictions, faster')
+                        'weights after loading and run the neck and head channels-last: same '
+                        'predictions, faster')
+    parser.add_argument('--amp', nargs='?', const='auto', choices=['auto', 'bf16', 'fp16'],
+                        help='mixed precision, as in tools/test.py: bf16 on a CPU with bf16 '
+                        'units (fp32 with a warning on one without), fp16 on a GPU')
     return parser.parse_args(argv)
 
 
@@ -50,7 +54,8 @@ def main(argv=None):
     args = parse_args(argv)
     MMLogger.get_current_instance().addFilter(HideFunctionScopeNotice())
     written = draw_predictions(args.config, args.checkpoint, args.inputs, args.out_dir,
-                               args.device, args.score_thr, deploy=args.deploy)
+                               args.device, args.score_thr, deploy=args.deploy,
+                               amp=args.amp)
     print(f'wrote {len(written)} pictures to {args.out_dir}/')
 
 

@@ -7,13 +7,22 @@ Each variant is the same network with the same weights, run a different way:
 * ``fast``      - :class:`PoolFormer`'s default token-layout path (trains; same gradients);
 * ``deploy``    - after ``switch_to_deploy()``: norms and layer scales folded in (inference only);
 * ``cp``        - the default path after ``set_grad_checkpointing(True)`` (``with_cp=True``); for
-  a whole segmentor also the loss of :class:`LowMemoryFPNHead`.
+  a whole segmentor also the loss of :class:`LowMemoryFPNHead`;
+* ``timm``, ``mmpretrain`` - the peers' PoolFormer (:mod:`.peers`), when installed.
+
+Whole detectors and segmentors (:func:`model_variants`) take ``reference`` (the paper's backbone
+in the config's model), ``plain``, ``fast``, ``cp`` and ``deploy``, which is what
+``tools/test.py --deploy`` runs (:func:`~poolformer_mm.engine.prepare_for_inference`).
+
+A variant name may carry its precision, ``deploy:bf16``; ``bf16`` is what ``--amp`` runs: for a
+backbone, autocast around it; for a whole model in inference, autocast in the backbone, neck and
+heads with post-processing in fp32 (:func:`~poolformer_mm.engine.enable_inference_autocast`);
+in training, autocast around the loss computation, as ``tools/train.py --amp``.
 
 Modes are switched only through these public methods of the backbone.
 
 Timings interleave the variants (A B C A B C ...) so that a machine whose speed drifts treats
-them alike; medians are reported, and a speed-up is the median over rounds of the ratio of the
-two variants' times in the same round, which cancels slow drifts of a shared machine. Memory is
+them alike; medians are reported, and a speed-up is the ratio of the two medians. Memory is
 the peak resident set size above the level just before the measured call (CPU, sampled every
 millisecond) or ``max_memory_allocated`` (CUDA).
 """
@@ -25,7 +34,7 @@ import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import psutil
 import torch
@@ -52,8 +61,8 @@ class Measurement:
         return statistics.median(self.latency_ms)
 
     def speedup_over(self, baseline: 'Measurement') -> float:
-        """Median over rounds of ``baseline time / own time``, the rounds being interleaved."""
-        return statistics.median(b / m for b, m in zip(baseline.latency_ms, self.latency_ms))
+        """``baseline``'s median time over this one's: the ratio of the printed medians."""
+        return baseline.median_ms / self.median_ms
 
     def as_dict(self, batch: int) -> dict:
         out = asdict(self)
@@ -62,12 +71,13 @@ class Measurement:
         return out
 
 
-def matmul_gflops(device: str = 'cpu', size: int = 2048, repeat: int = 10) -> float:
-    """The machine's large fp32 matrix-multiply rate (best of ``repeat``): the ceiling for
-    networks whose MACs sit in 1x1 convolutions. The best run, because a shared machine's
+def matmul_gflops(device: str = 'cpu', size: int = 2048, repeat: int = 10,
+                  dtype: torch.dtype = torch.float32) -> float:
+    """The machine's large matrix-multiply rate in ``dtype`` (best of ``repeat``): the ceiling
+    for networks whose MACs sit in 1x1 convolutions. The best run, because a shared machine's
     slow moments would otherwise lower the ceiling and flatter the fraction reached."""
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
     times = []
     for _ in range(repeat + 1):
         _sync(device)
@@ -136,9 +146,26 @@ class _PeakRss:
         return (self.peak - self.start) / 2**20
 
 
+PRECISIONS = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def parse_variant(spec: str, default_dtype: str = 'fp32') -> tuple:
+    """``'deploy:bf16'`` -> ``('deploy', 'bf16')``; without a precision, ``default_dtype``."""
+    name, _, dtype = spec.partition(':')
+    dtype = dtype or default_dtype
+    if dtype not in PRECISIONS:
+        raise ValueError(f"unknown precision '{dtype}' in variant '{spec}'; choose from "
+                         f"{', '.join(PRECISIONS)}")
+    return name, dtype
+
+
 def backbone_variants(arch: str, names: Sequence[str], seed: int = 0,
+                      notes: Optional[List[str]] = None,
                       **backbone_kwargs) -> Dict[str, nn.Module]:
-    """PoolFormer backbones of ``arch`` with identical random weights, one per variant."""
+    """PoolFormer backbones of ``arch`` with identical random weights, one per variant name
+    (a precision suffix, ``deploy:bf16``, is ignored here). A peer that is not installed is
+    left out, and the reason appended to ``notes``."""
+    from .peers import PEERS, peer_backbone
     torch.manual_seed(seed)
     base = PoolFormer(arch, **backbone_kwargs)
     base.init_weights()
@@ -147,11 +174,21 @@ def backbone_variants(arch: str, names: Sequence[str], seed: int = 0,
             if 'norm' in name or 'layer_scale' in name:
                 param.add_(torch.randn_like(param) * 0.1)
     variants = {}
-    for name in names:
-        if name not in VARIANTS:
-            raise ValueError(f"unknown variant '{name}'; choose from {', '.join(VARIANTS)}")
+    for spec in names:
+        name, _ = parse_variant(spec)
+        if name not in VARIANTS + tuple(PEERS):
+            raise ValueError(f"unknown variant '{name}'; choose from "
+                             f"{', '.join(VARIANTS + tuple(PEERS))}")
+        if name in PEERS:
+            peer, reason = peer_backbone(name, base)
+            if peer is None:
+                if notes is not None:
+                    notes.append(f'{spec} skipped: {reason}')
+                continue
+            variants[spec] = peer
+            continue
         if name == 'reference':
-            variants[name] = ReferencePoolFormer.like(base)
+            variants[spec] = ReferencePoolFormer.like(base)
             continue
         model = copy.deepcopy(base)
         if name == 'plain':
@@ -160,25 +197,27 @@ def backbone_variants(arch: str, names: Sequence[str], seed: int = 0,
             model.switch_to_deploy()
         elif name == 'cp':
             model.set_grad_checkpointing(True)
-        variants[name] = model
+        variants[spec] = model
     return variants
 
 
-def measure(variants: Dict[str, nn.Module], step: Callable[[nn.Module], object],
+def measure(variants: Dict[str, nn.Module],
+            step: Union[Callable[[nn.Module], object], Dict[str, Callable]],
             train: bool = False, warmup: int = 2, repeat: int = 10,
             device: str = 'cpu', memory: bool = True) -> Dict[str, Measurement]:
     """Time ``step(model)`` for every variant (interleaved), then (``memory``) each one's peak
-    memory."""
+    memory. ``step`` may be a dict of one step per variant (their precisions, say)."""
+    steps = step if isinstance(step, dict) else {name: step for name in variants}
     results = {name: Measurement(name) for name in variants}
-    for model in variants.values():
+    for name, model in variants.items():
         model.train(train)
         for _ in range(warmup):
-            step(model)
+            steps[name](model)
     for _ in range(repeat):
         for name, model in variants.items():
             _sync(device)
             start = time.perf_counter()
-            step(model)
+            steps[name](model)
             _sync(device)
             results[name].latency_ms.append((time.perf_counter() - start) * 1000)
     if not memory:
@@ -192,11 +231,11 @@ def measure(variants: Dict[str, nn.Module], step: Callable[[nn.Module], object],
         if device.startswith('cuda'):
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            step(model)
+            steps[name](model)
             results[name].peak_memory_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
         else:
             with _PeakRss() as rss:
-                step(model)
+                steps[name](model)
             results[name].peak_memory_mb = rss.peak_mb
     return results
 
@@ -218,15 +257,128 @@ def backbone_step(inputs: torch.Tensor, train: bool, dtype: torch.dtype) -> Call
 
 
 def output_differences(variants: Dict[str, nn.Module], inputs: torch.Tensor,
-                       results: Dict[str, Measurement]) -> None:
-    """Largest absolute and relative output difference of each variant against the first."""
-    models = list(variants.values())
-    with torch.no_grad():
-        expected = models[0].eval()(inputs)
-        scale = max(o.abs().max().item() for o in expected)
-        for name, model in variants.items():
-            diff = max((a - b).abs().max().item() for a, b in zip(expected, model.eval()(inputs)))
-            results[name].max_abs_diff, results[name].max_rel_diff = diff, diff / scale
+                       results: Dict[str, Measurement], default_dtype: str = 'fp32') -> None:
+    """Largest absolute and relative output difference of each variant (in its precision)
+    against the first. timm's features come before the output norms, so they are left out."""
+    outputs = {}
+    for name, model in variants.items():
+        if parse_variant(name)[0] == 'timm':
+            continue
+        dtype = PRECISIONS[parse_variant(name, default_dtype)[1]]
+        model.eval()  # not chained: mmpretrain's train() returns None
+        outputs[name] = [o.float() for o in backbone_step(inputs, False, dtype)(model)]
+    expected = next(iter(outputs.values()))
+    scale = max(o.abs().max().item() for o in expected)
+    for name, outs in outputs.items():
+        diff = max((a - b).abs().max().item() for a, b in zip(expected, outs))
+        results[name].max_abs_diff, results[name].max_rel_diff = diff, diff / scale
+
+
+# ---------------------------------------------------------------------------------- whole models
+def model_variants(config: str, names: Sequence[str], seed: int = 0,
+                   default_dtype: str = 'fp32', train: bool = False) -> Dict[str, nn.Module]:
+    """The config's detector or segmentor with identical random weights, one per variant name:
+    'reference' (the paper's backbone, :class:`ReferencePoolFormer`, in the config's model),
+    'plain', 'fast', 'cp' (as :func:`segmentor_variants`) and 'deploy' (inference only: what
+    ``tools/test.py --deploy`` runs). A ``:bf16`` suffix in inference runs the model as
+    ``--amp`` does (:func:`~poolformer_mm.engine.enable_inference_autocast`); in training the
+    step applies it (:func:`model_training_step`)."""
+    from ..engine import enable_inference_autocast, prepare_for_inference
+    plain_names = [parse_variant(n)[0] for n in names]
+    base = segmentor_variants(config, ['fast'], seed)['fast']  # any mmdet or mmseg model
+    variants = {}
+    for spec, name in zip(names, plain_names):
+        if name == 'reference':
+            model = copy.deepcopy(base)
+            model.backbone = ReferencePoolFormer.like(base.backbone)
+        elif name == 'deploy':
+            if train:
+                raise ValueError("'deploy' is an inference form; it does not train")
+            model = copy.deepcopy(base)
+            prepare_for_inference(model)
+        elif name == 'cp':
+            model = segmentor_variants(config, ['cp'], seed)['cp']
+            model.load_state_dict(base.state_dict())
+        elif name in ('plain', 'fast'):
+            model = copy.deepcopy(base)
+            model.backbone.set_fast_path(name == 'fast')
+        else:
+            raise ValueError(f"whole models take the variants reference, plain, fast, cp and "
+                             f"deploy, not '{name}'")
+        dtype = parse_variant(spec, default_dtype)[1]
+        if not train and dtype != 'fp32':
+            enable_inference_autocast(model, 'cpu', PRECISIONS[dtype])
+        variants[spec] = model.train(train)
+    return variants
+
+
+def model_inference_step(model: nn.Module, height: int, width: int, batch: int = 1,
+                         mode: str = 'predict') -> Callable:
+    """``model(inputs, data_samples, mode)`` without gradients on a reproducible random batch:
+    'predict' includes the post-processing (NMS, resizing the logits), 'tensor' does not."""
+    from .complexity import dummy_batch
+    task = 'mmdet' if 'mmdet' in type(model).__module__ else 'mmseg'
+    inputs, samples = dummy_batch(model, task, height, width)
+    inputs, samples = inputs.expand(batch, -1, -1, -1).contiguous(), samples * batch
+
+    def step(variant: nn.Module):
+        with torch.no_grad():
+            return variant(inputs, copy.deepcopy(samples), mode=mode)
+
+    return step
+
+
+def detection_batch(model: nn.Module, height: int, width: int, batch: int,
+                    num_boxes: int = 8) -> dict:
+    """A random batch of images with boxes, through ``model``'s data preprocessor
+    (reproducible)."""
+    from mmdet.structures import DetDataSample
+    from mmengine.structures import InstanceData
+    generator = torch.Generator().manual_seed(0)
+    samples, images = [], []
+    for _ in range(batch):
+        sample = DetDataSample(metainfo=dict(img_shape=(height, width), ori_shape=(height, width),
+                                             pad_shape=(height, width), scale_factor=(1., 1.)))
+        corners = torch.rand(num_boxes, 2, 2, generator=generator) * torch.tensor(
+            [width, height])
+        low, high = corners.min(1).values, corners.max(1).values + 16
+        num_classes = getattr(model.bbox_head if hasattr(model, 'bbox_head') else
+                              model.roi_head.bbox_head, 'num_classes', 80)
+        sample.gt_instances = InstanceData(
+            bboxes=torch.cat([low, high], 1).clamp(max=torch.tensor([width, height] * 2)),
+            labels=torch.randint(0, num_classes, (num_boxes, ), generator=generator))
+        if hasattr(model, 'roi_head') and getattr(model.roi_head, 'with_mask', False):
+            from mmdet.structures.mask import BitmapMasks
+            masks = torch.zeros(num_boxes, height, width, dtype=torch.uint8)
+            for j, (x1, y1, x2, y2) in enumerate(sample.gt_instances.bboxes.long().tolist()):
+                masks[j, y1:y2, x1:x2] = 1
+            sample.gt_instances.masks = BitmapMasks(masks.numpy(), height, width)
+        samples.append(sample)
+        images.append(torch.randint(0, 256, (3, height, width), dtype=torch.uint8,
+                                    generator=generator))
+    return model.data_preprocessor(dict(inputs=images, data_samples=samples), True)
+
+
+def model_training_step(model: nn.Module, height: int, width: int, batch: int,
+                        dtype: torch.dtype = torch.float32) -> Callable:
+    """A training step (loss, backward) of an mmdet or mmseg model on a random labelled batch;
+    a low-precision ``dtype`` autocasts the loss computation, as ``tools/train.py --amp``."""
+    if 'mmdet' in type(model).__module__:
+        data = detection_batch(model, height, width, batch)
+    else:
+        data = segmentation_batch(model, height, width, batch,
+                                  model.decode_head.num_classes)
+    device_type = data['inputs'].device.type
+
+    def step(variant: nn.Module) -> float:
+        with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
+            losses = variant(data['inputs'], data['data_samples'], mode='loss')
+        loss, _ = variant.parse_losses(losses)
+        loss.backward()
+        variant.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
 
 
 def segmentor_variants(config: str, names: Sequence[str], seed: int = 0) -> Dict[str, nn.Module]:
@@ -321,23 +473,74 @@ def loss_differences(variants: Dict[str, nn.Module], step: Callable[[nn.Module],
 
 
 def format_results(results: Dict[str, Measurement], batch: int, baseline: str,
-                   gmacs: Optional[float] = None, matmul_rate: Optional[float] = None) -> str:
+                   gmacs: Optional[float] = None,
+                   matmul_rate: Union[None, float, Dict[str, float]] = None) -> str:
+    """The results as a table. The speed-up is the ratio of the baseline's median to the
+    variant's; '% matmul' is the rate reached (2 * MACs / median) as a share of the machine's
+    matrix-multiply rate in the variant's precision (``matmul_rate`` by variant, or one rate)."""
     base = results.get(baseline)
-    header = (f'{"variant":10} {"median ms":>10} {"min-max ms":>16} {"img/s":>8} '
+    rates = matmul_rate if isinstance(matmul_rate, dict) else {
+        name: matmul_rate for name in results}
+    show_rate = bool(gmacs) and any(rates.values())
+    header = (f'{"variant":16} {"median ms":>10} {"min-max ms":>16} {"img/s":>8} '
               f'{"speed-up":>9} {"peak MB":>9} {"max |diff|":>11} {"rel diff":>9}')
-    if gmacs and matmul_rate:
+    if show_rate:
         header += f' {"% matmul":>9}'
     lines = [header]
     for name, m in results.items():
         speedup = f'{m.speedup_over(base):8.2f}x' if base else '        -'
-        line = (f'{name:10} {m.median_ms:10.1f} {min(m.latency_ms):7.1f}-{max(m.latency_ms):<8.1f}'
-                f' {batch * 1000 / m.median_ms:8.2f} {speedup} {m.peak_memory_mb:9.0f} '
-                f'{m.max_abs_diff:11.2e} {m.max_rel_diff:9.2e}')
-        if gmacs and matmul_rate:
+        line = (f'{name:16} {m.median_ms:10.1f} {min(m.latency_ms):7.1f}-'
+                f'{max(m.latency_ms):<8.1f} {batch * 1000 / m.median_ms:8.2f} {speedup} '
+                f'{m.peak_memory_mb:9.0f} {m.max_abs_diff:11.2e} {m.max_rel_diff:9.2e}')
+        if show_rate and rates.get(name):
             achieved = 2 * gmacs * batch / (m.median_ms / 1000)
-            line += f' {100 * achieved / matmul_rate:8.0f}%'
+            line += f" {100 * achieved / rates[name]:8.0f}%"
         lines.append(line)
     return '\n'.join(lines)
+
+
+def machine_description(cpuinfo: str = '/proc/cpuinfo') -> str:
+    """The CPU model and its SIMD / matrix flags, as ``lscpu`` shows them (Linux), so that a
+    figure says what machine type it comes from."""
+    import platform
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith('model name') and model in ('', platform.machine()):
+                    model = line.split(':', 1)[1].strip()
+                elif line.startswith('flags'):
+                    flags = set(line.split(':', 1)[1].split())
+                    break
+    except OSError:
+        pass
+    shown = [flag for flag in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16', 'amx_tile')
+             if flag in flags]
+    return f"{model} ({' '.join(shown) or 'no AVX2/AVX-512/AMX flags'})"
+
+
+def flat_float_outputs(outputs) -> List[torch.Tensor]:
+    """Every floating tensor of nested tuples / lists, in order, in fp32."""
+    if isinstance(outputs, torch.Tensor):
+        return [outputs.float()] if outputs.is_floating_point() else []
+    if isinstance(outputs, (tuple, list)):
+        return [t for o in outputs for t in flat_float_outputs(o)]
+    return []
+
+
+def model_output_differences(variants: Dict[str, nn.Module], tensor_step: Callable,
+                             results: Dict[str, Measurement]) -> None:
+    """Largest difference of each whole-model variant's network outputs (``mode='tensor'``:
+    logits, head maps) from the first's, relative to the largest."""
+    outputs = {}
+    for name, model in variants.items():
+        model.eval()
+        outputs[name] = flat_float_outputs(tensor_step(model))
+    expected = next(iter(outputs.values()))
+    scale = max(o.abs().max().item() for o in expected)
+    for name, outs in outputs.items():
+        diff = max((a - b).abs().max().item() for a, b in zip(expected, outs))
+        results[name].max_abs_diff, results[name].max_rel_diff = diff, diff / scale
 
 
 # ---------------------------------------------------------------------------------- ONNX Runtime

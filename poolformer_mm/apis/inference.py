@@ -2,7 +2,8 @@
 
 :func:`init_inferencer` returns mmdet's ``DetInferencer`` for a detection config and mmseg's
 ``MMSegInferencer`` for a segmentation config, with this project's checks on top: the checkpoint
-path, weights that fit the config's model, and ``deploy`` folding after the weights are loaded.
+path, weights that fit the config's model, and ``deploy`` folding and ``amp`` autocast after the
+weights are loaded.
 :func:`draw_predictions` (``tools/infer.py``) also checks every image before the model sees it
 and writes one ``<image stem>.png`` per image directly into the folder the user named.
 
@@ -10,14 +11,17 @@ The weights go through mmengine's checkpoint loaders, which importing ``poolform
 configs' ``custom_imports``) makes weights-only.
 """
 import copy
+import logging
 import os
 import os.path as osp
-from typing import List, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import mmcv
+import torch
 from mmengine.config import Config
+from mmengine.logging import print_log
 
-from ..engine import switch_backbone_to_deploy
+from ..engine import enable_inference_autocast, inference_amp_dtype, prepare_for_inference
 from ..engine.safe_checkpoints import check_checkpoint_path
 from ..errors import InputNotFoundError, InvalidInputError
 from ..models import check_neck_in_channels
@@ -69,15 +73,18 @@ def _segmentation_inferencer_class():
 
 
 def init_inferencer(config: Union[str, Config], checkpoint: str, device: str = 'cpu',
-                    deploy: bool = False):
+                    deploy: bool = False, amp: Optional[str] = None):
     """mmdet's ``DetInferencer`` or mmseg's ``MMSegInferencer`` for ``config``, with its weights.
 
     Args:
         config (str | Config): an mmdet or mmseg config (file or loaded).
         checkpoint (str): the weights, a path or URL (weights-only loading).
         device (str): e.g. ``'cpu'`` or ``'cuda:0'``.
-        deploy (bool): fold the PoolFormer backbone once the weights are loaded (same
-            predictions, faster).
+        deploy (bool): fold the PoolFormer backbone once the weights are loaded and run the
+            neck and head channels-last (same predictions, faster).
+        amp (str, optional): mixed precision in the backbone, neck and heads: 'auto', 'bf16'
+            or 'fp16' (see :func:`~poolformer_mm.engine.inference_amp_dtype`). Default: None
+            (fp32).
 
     Raises:
         ValueError: if the checkpoint does not fit the config's model (another arch or task),
@@ -100,7 +107,12 @@ def init_inferencer(config: Union[str, Config], checkpoint: str, device: str = '
     check_neck_in_channels(inferencer.model)
     check_checkpoint_fits(inferencer.model, checkpoint, name)
     if deploy:
-        switch_backbone_to_deploy(inferencer.model)
+        prepare_for_inference(inferencer.model)
+    if amp:
+        dtype, message = inference_amp_dtype(device, amp)
+        print_log(message, logger='current', level=logging.INFO if dtype else logging.WARNING)
+        if dtype is not None:
+            enable_inference_autocast(inferencer.model, torch.device(device).type, dtype)
     return inferencer
 
 
@@ -116,12 +128,12 @@ def draw_prediction(inferencer, image: str, score_thr: float = 0.3):
 
 def draw_predictions(config: str, checkpoint: str, inputs: Sequence[str], out_dir: str,
                      device: str = 'cpu', score_thr: float = 0.3,
-                     deploy: bool = False) -> List[str]:
+                     deploy: bool = False, amp: Optional[str] = None) -> List[str]:
     """Run the model on every image of ``inputs`` and write ``<image stem>.png`` to ``out_dir``.
 
     Detection configs get boxes (and masks, for instance segmentation); segmentation configs get
-    a colour overlay of the predicted classes. ``deploy`` folds the PoolFormer backbone after
-    loading (same predictions, faster). Returns the written paths.
+    a colour overlay of the predicted classes. ``deploy`` and ``amp`` are those of
+    :func:`init_inferencer`. Returns the written paths.
 
     Raises:
         InputNotFoundError: for an input that is neither an image nor a folder of images.
@@ -148,7 +160,7 @@ def draw_predictions(config: str, checkpoint: str, inputs: Sequence[str], out_di
     # the images before it.
     for path in images:
         check_image_fits_model(path, read_image_for_inference(path).shape, cfg)
-    inferencer = init_inferencer(cfg, checkpoint, device, deploy)
+    inferencer = init_inferencer(cfg, checkpoint, device, deploy, amp)
     os.makedirs(out_dir, exist_ok=True)
     written = []
     # The inferencers would write into out_dir/vis/ under the input's own name (a .jpg for a

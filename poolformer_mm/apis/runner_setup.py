@@ -6,6 +6,7 @@ The flags are those of mmdet 3.3's and mmseg 1.2's scripts, plus ``--eval`` (the
 import argparse
 import copy
 import json
+import logging
 import os
 import os.path as osp
 from typing import Dict, Optional, Sequence
@@ -16,6 +17,7 @@ from mmengine.config import Config
 from mmengine.hooks import CheckpointHook
 from mmengine.logging import print_log
 
+from ..engine.inference_precision import inference_amp_dtype
 from ..engine.safe_checkpoints import check_checkpoint_path
 from ..engine.work_dir import find_resumable_checkpoint, lock_work_dir
 from ..errors import InvalidInputError
@@ -71,7 +73,13 @@ def test_parser() -> argparse.ArgumentParser:
     parser.add_argument('--tta', action='store_true', help='test-time augmentation')
     parser.add_argument('--deploy', action='store_true',
                         help="fold the PoolFormer backbone's norms and layer scales into its "
-                        'weights after loading the checkpoint: same results, faster')
+                        'weights after loading the checkpoint and run the neck and head '
+                        'channels-last: same results, faster')
+    parser.add_argument('--amp', nargs='?', const='auto', choices=['auto', 'bf16', 'fp16'],
+                        help='mixed precision in the backbone, neck and heads (post-processing '
+                        'stays fp32). auto (the default of a bare --amp): fp16 on a GPU, bf16 on '
+                        'a CPU with bf16 units, fp32 with a warning on a CPU without them, where '
+                        'bf16 is emulated and slower. With --deploy the fastest inference')
     _common_arguments(parser)
     return parser
 
@@ -187,6 +195,15 @@ def _enable_tta(cfg: Config) -> None:
     cfg.model = cfg.tta_model
 
 
+def _enable_test_amp(cfg: Config, choice: str = 'auto') -> None:
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'  # where the Runner puts the model
+    dtype, message = inference_amp_dtype(device, choice)
+    print_log(message, logger='current', level=logging.INFO if dtype else logging.WARNING)
+    if dtype is not None:
+        cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [
+            dict(type='InferenceAutocastHook', dtype=str(dtype).replace('torch.', ''))]
+
+
 def config_for_testing(args) -> Config:
     cfg = _load_config(args)
     check_checkpoint_path(args.checkpoint, 'checkpoint')
@@ -199,6 +216,8 @@ def config_for_testing(args) -> Config:
         _enable_tta(cfg)
     if args.deploy:
         cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [dict(type='DeployBackboneHook')]
+    if args.amp:
+        _enable_test_amp(cfg, args.amp)
     if args.out and task_of(cfg) == 'mmseg':
         cfg.test_evaluator['output_dir'] = args.out
         cfg.test_evaluator['keep_results'] = True

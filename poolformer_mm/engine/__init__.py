@@ -1,6 +1,12 @@
 from .checkpoint_hook import CrashSafeCheckpointHook
-from .deploy_hook import DeployBackboneHook, switch_backbone_to_deploy
+from .deploy_hook import DeployBackboneHook, prepare_for_inference, switch_backbone_to_deploy
 from .hooks import FiniteLossHook
+from .inference_precision import (
+    InferenceAutocastHook,
+    enable_inference_autocast,
+    inference_amp_dtype,
+    inference_autocast,
+)
 from .optim_wrapper import BF16AutocastOptimWrapper
 from .random_state import RandomStateHook, get_random_state, set_random_state
 from .safe_checkpoints import (
@@ -14,7 +20,8 @@ from .work_dir import WorkDirLock, find_resumable_checkpoint, lock_work_dir
 
 __all__ = [
     'AtomicLocalBackend', 'BF16AutocastOptimWrapper', 'CrashSafeCheckpointHook',
-    'DeployBackboneHook', 'FiniteLossHook',
+    'DeployBackboneHook', 'FiniteLossHook', 'InferenceAutocastHook', 'enable_inference_autocast',
+    'inference_amp_dtype', 'inference_autocast', 'prepare_for_inference',
     'WorkDirLock', 'find_resumable_checkpoint', 'is_remote_checkpoint', 'lock_work_dir',
     'load_from_local_weights_only', 'register_safe_checkpoint_io', 'switch_backbone_to_deploy',
     'RandomStateHook', 'SegPicturesHook', 'get_random_state', 'set_random_state'

@@ -1,68 +1,88 @@
 #!/usr/bin/env python
-"""Images per second, latency and peak memory of PoolFormer variants with identical weights.
+"""Speed and peak memory of PoolFormer backbones and whole models, variants side by side.
 
-    # backbone inference at 512x512: the fast paths against the paper's plain formulation
-    python tools/analysis/benchmark.py --arch s12 --shape 512 --variants reference fast deploy
-    # backbone training step (forward + backward), batch 2
-    python tools/analysis/benchmark.py --arch s12 --shape 512 --batch 2 --mode train \
+    # backbone inference at 512x512: the paper's formulation, timm's and mmpretrain's (if
+    # installed), this project's fast and folded forms, all with the same weights
+    python tools/analysis/benchmark.py --arch s12 --shape 512 \
+        --variants reference timm mmpretrain fast deploy
+    # the same in bf16 (autocast, as --amp runs it): ':bf16' after a variant name
+    python tools/analysis/benchmark.py --arch s12 --variants reference deploy deploy:bf16
+    # a whole segmentor or detector in inference (post-processing included), as tools/test.py
+    # runs it: the paper's backbone in fp32 against --deploy and --deploy --amp
+    python tools/analysis/benchmark.py --model configs/segmentation/fpn_poolformer_s12.py \
+        --shape 512 --variants reference deploy deploy:bf16
+    python tools/analysis/benchmark.py --model configs/detection/retinanet_poolformer_s12.py \
+        --shape 800 1333 --variants reference deploy deploy:bf16
+    # a whole model's training step (forward, loss, backward), fp32 and --amp
+    python tools/analysis/benchmark.py --model configs/segmentation/fpn_poolformer_s12.py \
+        --mode train --batch 2 --variants reference fast fast:bf16
+    # backbone training step, batch 2; with_cp's memory saving
+    python tools/analysis/benchmark.py --arch s12 --batch 2 --mode train \
         --variants reference fast cp
-    # whole Semantic FPN training step: the memory saving of fpn_poolformer_s12_with_cp.py
-    # (with_cp in the backbone, LowMemoryFPNHead's loss)
-    python tools/analysis/benchmark.py --config configs/segmentation/fpn_poolformer_s12.py \
-        --whole-model --shape 512 --batch 2 --variants fast cp
     # images/s against input size, as a PNG
     python tools/analysis/benchmark.py --arch s12 --plot speed.png --sizes 224 320 448 512
-    # a whole exported model: ONNX Runtime against PyTorch eager and folded, at the file's size
+    # an exported model: ONNX Runtime against PyTorch eager and folded, at the file's size
     python tools/analysis/benchmark.py --config configs/segmentation/fpn_poolformer_s12.py \
         --onnx fpn.onnx [--checkpoint CKPT] --threads 2
 
-The first variant is the baseline of the speed-up column (median over rounds of the per-round
-time ratio; the variants run interleaved) and of the output differences (of the loss, for a
-whole model).
+The variants run interleaved (A B C A B C ...), so a machine whose speed drifts treats them
+alike. The first variant is the baseline: the speed-up column is its median time over each
+variant's (the ratio of the printed medians), and the differences are against its outputs (of
+the network outputs, for a whole model; of the loss, in training). '% matmul' is the rate
+reached as a share of the machine's matrix-multiply rate in the variant's precision, measured at
+the start. The first line names the CPU and its AVX-512 / AMX flags.
 """
 import argparse
 import json
-import platform
 
 import torch
 
 from poolformer_mm.analysis.benchmark import (
+    PRECISIONS,
     backbone_step,
     backbone_variants,
     float_output_differences,
     format_results,
     inference_step,
     loss_differences,
+    machine_description,
     matmul_gflops,
     measure,
+    model_inference_step,
+    model_output_differences,
+    model_training_step,
+    model_variants,
     onnx_variants,
     output_differences,
-    segmentation_training_step,
-    segmentor_variants,
+    parse_variant,
 )
-from poolformer_mm.analysis.complexity import backbone_complexity, load_config
+from poolformer_mm.analysis.complexity import backbone_complexity, load_config, model_complexity
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument('--arch', help='a PoolFormer arch (s12, s24, s36, m36, m48)')
-    source.add_argument('--config', help='a config; its backbone, or with --whole-model the '
-                        'segmentor itself')
+    source.add_argument('--config', help="a config: time its backbone (with its out_indices "
+                        'and pool_size)')
+    source.add_argument('--model', help='a detector or segmentor config: time the whole model')
     parser.add_argument('--onnx', help='an exported model (tools/deployment/pytorch2onnx.py) of '
                         '--config: time it in ONNX Runtime against the PyTorch eager and '
                         'deploy forms, at its export size, batch --batch')
     parser.add_argument('--checkpoint', help='with --onnx: the exported weights (default: '
                         'random; the timings do not depend on them)')
     parser.add_argument('--whole-model', action='store_true',
-                        help='time a training step of the whole segmentor of --config')
+                        help='with --config: the same as --model CONFIG --mode train')
     parser.add_argument('--shape', type=int, nargs='+', default=[512], help='H [W]')
     parser.add_argument('--batch', type=int, default=1)
     parser.add_argument('--mode', choices=['inference', 'train'], default='inference')
     parser.add_argument('--variants', nargs='+', default=None,
-                        help='reference, plain, fast, deploy, cp (default: reference fast '
-                        'deploy for inference, reference fast cp for training)')
-    parser.add_argument('--dtype', choices=['fp32', 'bf16'], default='fp32')
+                        help='backbones: reference, plain, fast, deploy, cp, timm, mmpretrain; '
+                        'whole models: reference, plain, fast, deploy, cp; each with an '
+                        'optional precision, deploy:bf16 (default: reference fast deploy for '
+                        'inference, reference fast cp for training)')
+    parser.add_argument('--dtype', choices=['fp32', 'bf16'], default='fp32',
+                        help='the precision of variants named without one')
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--warmup', type=int, default=2)
@@ -73,16 +93,39 @@ def parse_args():
     return parser.parse_args()
 
 
-def run_backbone(args, arch, height, width, variants_names, kwargs, memory=True):
+def run_backbone(args, arch, height, width, names, kwargs, memory=True, notes=None):
     train = args.mode == 'train'
-    dtype = torch.bfloat16 if args.dtype == 'bf16' else torch.float32
-    variants = backbone_variants(arch, variants_names, **kwargs)
+    variants = backbone_variants(arch, names, notes=notes, **kwargs)
     for model in variants.values():
         model.to(args.device)
     inputs = torch.randn(args.batch, 3, height, width, device=args.device)
-    results = measure(variants, backbone_step(inputs, train, dtype), train=train,
-                      warmup=args.warmup, repeat=args.repeat, device=args.device, memory=memory)
-    output_differences(variants, inputs, results)
+    steps = {name: backbone_step(inputs, train, dtype_of(name, args)) for name in variants}
+    results = measure(variants, steps, train=train, warmup=args.warmup, repeat=args.repeat,
+                      device=args.device, memory=memory)
+    output_differences(variants, inputs, results, args.dtype)
+    return results
+
+
+def dtype_of(name, args):
+    return PRECISIONS[parse_variant(name, args.dtype)[1]]
+
+
+def run_model(args, height, width, names):
+    train = args.mode == 'train'
+    variants = model_variants(args.model, names, default_dtype=args.dtype, train=train)
+    first = next(iter(variants.values()))
+    if train:
+        steps = {name: model_training_step(first, height, width, args.batch,
+                                           dtype_of(name, args)) for name in variants}
+    else:
+        steps = model_inference_step(first, height, width, args.batch)
+    results = measure(variants, steps, train=train, warmup=args.warmup, repeat=args.repeat,
+                      device=args.device)
+    if train:
+        loss_differences(variants, next(iter(steps.values())), results)
+    else:
+        model_output_differences(
+            variants, model_inference_step(first, height, width, args.batch, 'tensor'), results)
     return results
 
 
@@ -90,17 +133,24 @@ def main():
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.whole_model:
+        if not args.config:
+            raise SystemExit('error: --whole-model goes with --config; or use --model CONFIG')
+        args.model, args.config, args.mode = args.config, None, 'train'
     height, width = (args.shape * 2)[:2]
-    train = args.mode == 'train' or args.whole_model
+    train = args.mode == 'train'
     names = args.variants or (['reference', 'fast', 'cp'] if train else
                               ['reference', 'fast', 'deploy'])
-    if args.whole_model and 'reference' in names:
-        names = [n for n in names if n != 'reference'] or ['fast']
+    if args.model and train and not args.variants:
+        names = ['reference', 'fast', 'cp']
 
-    matmul = matmul_gflops(args.device)
-    print(f'machine: {platform.machine()}, torch {torch.__version__}, {args.device}, '
-          f'{torch.get_num_threads()} threads, fp32 matmul {matmul:.0f} GFLOP/s')
-    kwargs, arch, gmacs = {}, args.arch, None
+    rates = {'fp32': matmul_gflops(args.device)}
+    if any(parse_variant(n, args.dtype)[1] == 'bf16' for n in names):
+        rates['bf16'] = matmul_gflops(args.device, dtype=torch.bfloat16)
+    print(f'machine: {machine_description()}, torch {torch.__version__}, {args.device}, '
+          f'{torch.get_num_threads()} threads, matmul ' +
+          ', '.join(f'{k} {v:.0f} GFLOP/s' for k, v in rates.items()))
+    kwargs, arch, gmacs, notes = {}, args.arch, None, []
     if args.config:
         cfg = load_config(args.config)
         backbone = dict(cfg.model.backbone)
@@ -122,34 +172,37 @@ def main():
         results = measure(variants, step, warmup=args.warmup, repeat=args.repeat)
         float_output_differences(variants, inputs, results)
         what = f'{args.config} whole model (no post-processing), ONNX Runtime vs PyTorch'
-    elif args.whole_model:
-        cfg = load_config(args.config)
-        variants = segmentor_variants(args.config, names)
-        step = segmentation_training_step(next(iter(variants.values())), height, width,
-                                          args.batch, cfg.model.decode_head.num_classes)
-        results = measure(variants, step, train=True, warmup=args.warmup, repeat=args.repeat,
-                          device=args.device)
-        loss_differences(variants, step, results)  # the |diff| columns: of the loss
-        what = f'{args.config} training step'
+    elif args.model:
+        results = run_model(args, height, width, names)
+        what = f'{args.model} whole model ' + (
+            'training step' if train else 'inference, post-processing included')
+        if not train:
+            gmacs = model_complexity(args.model, (height, width)).macs / 1e9
     else:
-        results = run_backbone(args, arch, height, width, names, kwargs)
+        results = run_backbone(args, arch, height, width, names, kwargs, notes=notes)
         what = f'PoolFormer-{arch.upper()} backbone {args.mode}'
         if not train:
             gmacs = backbone_complexity(arch, (height, width)).macs / 1e9
-    print(f'{what}, {height}x{width}, batch {args.batch}, {args.dtype}, median of {args.repeat}'
+    names = list(results)
+    print(f'{what}, {height}x{width}, batch {args.batch}, median of {args.repeat}'
           + (f', {gmacs:.2f} GMACs per image' if gmacs else ''))
-    print(format_results(results, args.batch, names[0], gmacs, None if train else matmul))
+    for note in notes:
+        print(note)
+    variant_rates = {n: rates.get(parse_variant(n, args.dtype)[1]) for n in names}
+    print(format_results(results, args.batch, names[0], gmacs, None if train else variant_rates))
     base = results[names[0]]
     for name in names[1:]:
         m = results[name]
-        print(f'{name} vs {names[0]}: {m.speedup_over(base):.2f}x speed, '
-              f'{m.peak_memory_mb / base.peak_memory_mb:.2f}x peak memory'
-              if base.peak_memory_mb > 0 else f'{name}: {m.speedup_over(base):.2f}x')
+        print(f'{name} vs {names[0]}: {m.speedup_over(base):.2f}x speed '
+              f'({base.median_ms:.1f} / {m.median_ms:.1f} ms)' +
+              (f', {m.peak_memory_mb / base.peak_memory_mb:.2f}x peak memory'
+               if base.peak_memory_mb > 0 else ''))
 
     if args.json:
         with open(args.json, 'w') as f:
-            json.dump(dict(what=what, shape=[height, width], batch=args.batch, dtype=args.dtype,
-                           threads=torch.get_num_threads(), matmul_gflops=matmul, gmacs=gmacs,
+            json.dump(dict(what=what, machine=machine_description(), shape=[height, width],
+                           batch=args.batch, dtype=args.dtype,
+                           threads=torch.get_num_threads(), matmul_gflops=rates, gmacs=gmacs,
                            baseline=names[0],
                            results={k: dict(v.as_dict(args.batch),
                                             speedup=v.speedup_over(results[names[0]]))
@@ -164,12 +217,13 @@ def plot_sizes(args, arch, names, kwargs):
     rates = {name: [] for name in names}
     for size in args.sizes:
         results = run_backbone(args, arch, size, size, names, kwargs, memory=False)
-        for name in names:
+        for name in results:
             rates[name].append(args.batch * 1000 / results[name].median_ms)
-        print(f'{size}x{size}: ' + ', '.join(f'{n} {rates[n][-1]:.2f} img/s' for n in names))
+        print(f'{size}x{size}: ' + ', '.join(f'{n} {rates[n][-1]:.2f} img/s' for n in results))
+    rates = {name: rate for name, rate in rates.items() if rate}  # peers not installed
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name in names:
-        ax.plot(args.sizes, rates[name], marker='o', label=name)
+    for name, rate in rates.items():
+        ax.plot(args.sizes, rate, marker='o', label=name)
     ax.set_xlabel('input size (square, pixels)')
     ax.set_ylabel('images / s')
     ax.set_yscale('log')

@@ -23,7 +23,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...errors import InvalidInputError
 from ..checkpoint_layouts import upgrade_legacy_keys_on_load
-from ..layers import MetaFormerStage, group_norm_1_to_nchw, is_group_norm_1, token_grids
+from ..layers import (
+    MetaFormerStage,
+    group_norm_1_channels_last,
+    group_norm_1_to_nchw,
+    is_group_norm_1,
+    token_grids,
+)
 
 # The schemes of mmengine's model zoo (mmengine/hub/*.json): ResNets, ResNeXts, VGGs, HRNets ...
 # of torchvision, OpenMMLab and mmcls, none of them a PoolFormer or MetaFormer. The stock mmseg
@@ -64,6 +70,7 @@ class DenseBackbone(BaseModule):
         # private registration exists in every supported torch; the public one is newer.
         self._register_load_state_dict_pre_hook(upgrade_legacy_keys_on_load)
         self._fast_path = False
+        self._channels_last_outputs = False
 
     # ---------------------------------------------------------------- construction
     def _set_dense_interface(self, out_indices: Sequence[int], frozen_stages: int,
@@ -227,6 +234,18 @@ class DenseBackbone(BaseModule):
             stage.set_token_layout(enable)
         return self
 
+    @property
+    def channels_last_outputs(self) -> bool:
+        """Whether the returned maps are channels-last (else contiguous NCHW)."""
+        return self._channels_last_outputs
+
+    def set_channels_last_outputs(self, enable: bool = True) -> 'DenseBackbone':
+        """Return channels-last maps, for a neck and head whose convolutions run channels-last
+        (:func:`poolformer_mm.engine.prepare_for_inference`): the token-layout stages then hand
+        over their maps without a layout conversion. Same values."""
+        self._channels_last_outputs = bool(enable)
+        return self
+
     def set_grad_checkpointing(self, enable: bool = True) -> 'DenseBackbone':
         """Gradient checkpointing per block in every stage: saves activation memory, costs a
         second forward pass; outputs and gradients are unchanged (``with_cp=True``)."""
@@ -298,8 +317,13 @@ class DenseBackbone(BaseModule):
             if i in self.out_indices:
                 norm = self.output_norms[str(i)]
                 if stage.token_layout and is_group_norm_1(norm):
-                    # one pass normalises the channels-last map and converts it to NCHW
-                    outs.append(group_norm_1_to_nchw(norm, x))
+                    # one pass normalises the channels-last map and converts it to NCHW, or
+                    # keeps it channels-last
+                    outs.append(group_norm_1_channels_last(norm, x)
+                                if self._channels_last_outputs
+                                else group_norm_1_to_nchw(norm, x))
                 else:
-                    outs.append(norm(x.contiguous()))
+                    out = norm(x.contiguous())
+                    outs.append(out.contiguous(memory_format=torch.channels_last)
+                                if self._channels_last_outputs else out)
         return tuple(outs)

@@ -35,6 +35,7 @@ from .norms import (
     ModifiedLayerNorm,
     build_norm,
     channel_norm_cfg,
+    group_norm_1_channels_last,
     group_norm_1_moments,
     group_norm_1_to_nchw,
     is_group_norm_1,
@@ -48,6 +49,6 @@ __all__ = [
     'TOKEN_MIXER_PRESETS', 'TOKEN_MIXERS', 'Attention', 'DepthwiseConvMixer', 'IdentityMixer',
     'PoolingMixer', 'RandomMixing', 'SepConv', 'SpatialFC', 'build_token_mixer',
     'resize_token_matrix', 'token_mixer_cfg', 'ChannelLayerNorm', 'ModifiedLayerNorm',
-    'build_norm', 'channel_norm_cfg', 'group_norm_1_moments', 'group_norm_1_to_nchw',
-    'is_group_norm_1', 'normalize_tokens'
+    'build_norm', 'channel_norm_cfg', 'group_norm_1_channels_last', 'group_norm_1_moments',
+    'group_norm_1_to_nchw', 'is_group_norm_1', 'normalize_tokens'
 ]

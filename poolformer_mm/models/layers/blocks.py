@@ -303,32 +303,47 @@ class MetaFormerBlock(nn.Module):
 
 # ---------------------------------------------------------------------------------- deploy form
 @functools.lru_cache(maxsize=None)
-def fused_linear_available() -> bool:
-    """Whether this torch has oneDNN's fused linear + GELU / + add kernels and they agree with
-    the unfused ops. They are private (``torch.ops.mkldnn._linear_pointwise``), so a torch
-    without them, or one where they misbehave, gets the unfused path (with a warning) instead
-    of an error."""
+def fused_linear_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this torch has oneDNN's fused linear + GELU / + add kernels for ``dtype`` and they
+    agree with the unfused ops. They are private (``torch.ops.mkldnn._linear_pointwise``), so a
+    torch without them, or one where they misbehave, gets the unfused path (with a warning)
+    instead of an error."""
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     try:
-        # checked in fp32 whatever the caller's autocast or grad mode, since the answer is kept
+        # checked whatever the caller's autocast or grad mode, since the answer is kept
         with torch.no_grad(), torch.autocast('cpu', enabled=False):
             linear = torch.ops.mkldnn._linear_pointwise
             generator = torch.Generator().manual_seed(0)
-            x, residual = torch.randn(2, 5, 8, generator=generator).unbind(0)
-            w1, b1 = torch.randn(16, 8, generator=generator), torch.randn(16, generator=generator)
-            w2, b2 = torch.randn(8, 16, generator=generator), torch.randn(8, generator=generator)
+            x, residual = torch.randn(2, 5, 8, generator=generator).to(dtype).unbind(0)
+            w1 = torch.randn(16, 8, generator=generator).to(dtype)
+            b1 = torch.randn(16, generator=generator).to(dtype)
+            w2 = torch.randn(8, 16, generator=generator).to(dtype)
+            b2 = torch.randn(8, generator=generator).to(dtype)
             hidden = linear(x, w1, b1, 'gelu', [], 'none')
             out = linear.binary(hidden, residual, w2, b2, 'add')
-            expected_hidden = F.gelu(F.linear(x, w1, b1))
-            expected = residual + F.linear(expected_hidden, w2, b2)
-            agree = (torch.allclose(hidden, expected_hidden, rtol=1e-5, atol=1e-5)
-                     and torch.allclose(out, expected, rtol=1e-5, atol=1e-5))
+            expected_hidden = F.gelu(F.linear(x.float(), w1.float(), b1.float()))
+            expected = residual.float() + F.linear(hidden.float(), w2.float(), b2.float())
+            agree = (torch.allclose(hidden.float(), expected_hidden, rtol=tolerance,
+                                    atol=tolerance)
+                     and torch.allclose(out.float(), expected, rtol=tolerance, atol=tolerance))
         reason = 'they disagree with the unfused ops'
     except (AttributeError, RuntimeError, NotImplementedError) as error:
         agree, reason = False, f'they are missing ({error})'
     if not agree:
-        warnings.warn(f"oneDNN's fused linear kernels are not used: {reason}. Deployed "
-                      'PoolFormer blocks run unfused: same outputs, slower on a CPU.')
+        warnings.warn(f"oneDNN's fused linear kernels ({dtype}) are not used: {reason}. "
+                      'Deployed PoolFormer blocks run unfused: same outputs, slower on a CPU.')
     return agree
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The low-precision dtype of the autocast region around this call, or None outside one."""
+    if not _autocast_enabled(device_type):
+        return None
+    try:
+        return torch.get_autocast_dtype(device_type)
+    except AttributeError:  # torch < 2.4
+        return (torch.get_autocast_cpu_dtype() if device_type == 'cpu'
+                else torch.get_autocast_gpu_dtype())
 
 
 def _uses_fused_linear(tokens: Tensor, act: nn.Module) -> bool:
@@ -373,26 +388,81 @@ class DeployPoolFormerBlock(nn.Module):
         self.act = mlp.act
 
     def forward_tokens(self, tokens: Tensor) -> Tensor:
-        n, channels = tokens.shape[0], tokens.shape[-1]
-        _, inv_std = group_norm_1_moments(tokens, self.eps1)
-        mixer_scale = (inv_std[:, None] * self.mixer_scale).view(n, 1, 1, channels)
-        tokens = torch.addcmul(tokens, self.token_mixer.forward_tokens(tokens), mixer_scale)
-        mean, inv_std = group_norm_1_moments(tokens, self.eps2)
-        per_sample = (n, 1, 1, 1)  # (x - mean) * inv_std in one pass
-        normed = torch.addcmul((-mean * inv_std).view(per_sample), tokens,
-                               inv_std.view(per_sample))
+        low_precision = autocast_dtype(tokens.device.type)
+        if low_precision is not None:
+            with torch.autocast(tokens.device.type, enabled=False):
+                # a stage's convolution hands its first block low-precision tokens
+                return self._forward_mixed_precision(tokens.float(), low_precision)
+        tokens, normed = self._mix_and_normalize(tokens)
         if _uses_fused_linear(tokens, self.act):
             linear = torch.ops.mkldnn._linear_pointwise
             hidden = linear(normed, self.fc1_weight, self.fc1_bias, 'gelu', [], 'none')
             return linear.binary(hidden, tokens, self.fc2_weight, self.fc2_bias, 'add')
         hidden = self.act(F.linear(normed, self.fc1_weight, self.fc1_bias))
-        # autograd forbids the in-place form, and autocast does not cast for in-place ops
-        if (torch.is_grad_enabled() and tokens.requires_grad) or hidden.dtype != tokens.dtype:
+        # autograd forbids the in-place form
+        if torch.is_grad_enabled() and tokens.requires_grad:
             return tokens + F.linear(hidden, self.fc2_weight, self.fc2_bias)
         # tokens is this block's own fresh tensor: accumulate the MLP into it in place
         flat = tokens.view(-1, tokens.shape[-1])
         flat.add_(self.fc2_bias).addmm_(hidden.view(flat.shape[0], -1), self.fc2_weight.t())
         return tokens
+
+    def _mix_and_normalize(self, tokens: Tensor, normed_dtype: Optional[torch.dtype] = None):
+        """The mixer half of the block, then the MLP's input: ``(tokens, norm2(tokens))``, the
+        latter in ``normed_dtype`` (default: that of ``tokens``)."""
+        n, channels = tokens.shape[0], tokens.shape[-1]
+        _, inv_std = group_norm_1_moments(tokens, self.eps1)
+        mixer_scale = (inv_std[:, None] * self.mixer_scale).view(n, 1, 1, channels)
+        tokens = torch.addcmul(tokens, self.token_mixer.forward_tokens(tokens), mixer_scale)
+        mean, inv_std = group_norm_1_moments(tokens, self.eps2)
+        # (x - mean) * inv_std in one pass. The per-sample factors are repeated along the
+        # channels: CPU kernels vectorise a broadcast over the innermost dimension only (one
+        # value per sample ran 3x slower at 128x128x64)
+        shift, scale = (torch.stack([-mean * inv_std, inv_std], 1)[:, :, None]
+                        .expand(n, 2, channels).contiguous().view(n, 2, 1, 1, channels)
+                        .unbind(1))
+        normed = torch.addcmul(shift, tokens, scale)
+        return tokens, normed if normed_dtype is None else normed.to(normed_dtype)
+
+    def _forward_mixed_precision(self, tokens: Tensor, dtype: torch.dtype) -> Tensor:
+        """The block under autocast: the two matrix products (nearly all the MACs) in ``dtype``
+        with weights cast once, not at every call; the residual stream, the statistics and the
+        mixer in fp32, so the rounding of 12 to 36 residual additions does not pile up."""
+        tokens, normed = self._mix_and_normalize(tokens, dtype)
+        fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc2_row_scale = self._weights_in(dtype)
+        if (tokens.device.type == 'cpu' and type(self.act) is nn.GELU
+                and self.act.approximate == 'none' and dtype == torch.bfloat16
+                and not (torch.is_grad_enabled() and tokens.requires_grad)
+                and torch.backends.mkldnn.is_available() and fused_linear_available(dtype)):
+            hidden = torch.ops.mkldnn._linear_pointwise(normed, fc1_weight, fc1_bias, 'gelu',
+                                                        [], 'none')
+        else:
+            hidden = self.act(F.linear(normed, fc1_weight, fc1_bias))
+        out = F.linear(hidden, fc2_weight, fc2_bias)
+        if fc2_row_scale is not None:
+            out = out.float() * fc2_row_scale
+        if torch.is_grad_enabled() and tokens.requires_grad:
+            return tokens + out
+        return tokens.add_(out)
+
+    def _weights_in(self, dtype: torch.dtype) -> tuple:
+        """The folded MLP weights in ``dtype``, cast on first use and kept until the buffers
+        change (``load_state_dict``, ``.to()``). fp16 cannot hold the folded layer scales
+        (1e-5 to 1e-6 times weights of about 0.02 are below its normal range), so in fp16
+        fc2's rows are scaled to a maximum of 1 and the scale is applied to the fp32 output."""
+        key = (dtype, ) + tuple((buffer.data_ptr(), buffer._version) for buffer in (
+            self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias))
+        cached = self.__dict__.get('_weights_cache')
+        if cached is None or cached[0] != key:
+            fc2_weight, fc2_bias, row_scale = self.fc2_weight, self.fc2_bias, None
+            if dtype == torch.float16:
+                row_scale = fc2_weight.abs().amax(1).clamp_min(1e-30)
+                fc2_weight, fc2_bias = fc2_weight / row_scale[:, None], fc2_bias / row_scale
+            weights = (self.fc1_weight.to(dtype), self.fc1_bias.to(dtype), fc2_weight.to(dtype),
+                       fc2_bias.to(dtype), row_scale)
+            # a plain attribute, outside the state dict and the module's buffers
+            self.__dict__['_weights_cache'] = cached = (key, weights)
+        return cached[1]
 
     def forward(self, x: Tensor) -> Tensor:
         """NCHW in, NCHW out, for a stage that runs NCHW."""

@@ -36,6 +36,11 @@ from torch import Tensor
 
 from .activations import StarReLU
 
+# Token grids from which the depthwise-convolution form of pooling beats the pooling kernel in
+# inference (measured on a CPU, 1 thread: 2.5x faster at 64x64 and 128x128, slower at 16x16,
+# where its fixed cost for the borders dominates)
+_CONV_POOLING_MIN_TOKENS = 64 * 64
+
 
 class PoolingMixer(nn.Module):
     """PoolFormer's token mixer: ``avg_pool(x) - x``, with no parameters.
@@ -65,9 +70,47 @@ class PoolingMixer(nn.Module):
     def forward_tokens(self, tokens: Tensor) -> Tensor:
         """The same on (N, H, W, C) tokens: pooling on their channels-last view (about 6x faster
         than on NCHW on a CPU); permuting back is free."""
-        pooled = F.avg_pool2d(tokens.permute(0, 3, 1, 2), self.pool_size, stride=1,
-                              padding=self.pool_size // 2, count_include_pad=False)
+        x = tokens.permute(0, 3, 1, 2)
+        radius = self.pool_size // 2
+        height, width = x.shape[2:]
+        if (tokens.device.type == 'cpu' and height * width >= _CONV_POOLING_MIN_TOKENS
+                and radius > 0 and min(height, width) > 2 * radius
+                and not (torch.is_grad_enabled() and tokens.requires_grad)):
+            return self._pool_minus_identity_by_conv(x).permute(0, 2, 3, 1)
+        pooled = F.avg_pool2d(x, self.pool_size, stride=1, padding=radius,
+                              count_include_pad=False)
         return pooled.permute(0, 2, 3, 1) - tokens
+
+    def _pool_minus_identity_by_conv(self, x: Tensor) -> Tensor:
+        """``pool(x) - x`` in one depthwise convolution (kernel ``1/k^2``, centre minus 1), which
+        is exact away from the borders, then the border rows and columns, where the window
+        averages only its part inside the map, from the pooling of thin strips. On a
+        channels-last map about 2.5x faster than pooling and subtracting (CPU, 1 thread, 64x64
+        maps and larger); inference only: its backward is slower."""
+        k, radius = self.pool_size, self.pool_size // 2
+        channels, height, width = x.shape[1:]
+        key = (channels, x.dtype, x.device)
+        cache = self.__dict__.setdefault('_conv_kernels', {})  # outside the state dict
+        if key not in cache:
+            kernel = torch.full((channels, 1, k, k), 1.0 / k**2, dtype=x.dtype, device=x.device)
+            kernel[:, :, radius, radius] -= 1
+            cache[key] = kernel
+        out = F.conv2d(x, cache[key], padding=radius, groups=channels)
+        # a border row's window reaches 2 * radius rows into the map: pool that strip
+        edge, everything = 2 * radius, slice(None)
+        for strip_index, border_index in (
+                ((everything, everything, slice(0, edge)), (everything, everything,
+                                                            slice(0, radius))),
+                ((everything, everything, slice(height - edge, None)),
+                 (everything, everything, slice(radius, None))),
+                ((everything, everything, everything, slice(0, edge)),
+                 (everything, everything, everything, slice(0, radius))),
+                ((everything, everything, everything, slice(width - edge, None)),
+                 (everything, everything, everything, slice(radius, None)))):
+            strip = x[strip_index]
+            pooled = F.avg_pool2d(strip, k, stride=1, padding=radius, count_include_pad=False)
+            out[strip_index][border_index] = pooled[border_index] - strip[border_index]
+        return out
 
     def extra_repr(self) -> str:
         return f'pool_size={self.pool_size}'

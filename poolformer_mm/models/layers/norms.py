@@ -128,6 +128,18 @@ def group_norm_1_moments(tokens: Tensor, eps: float) -> tuple:
     return mean.view(n).to(tokens.dtype), inv_std.view(n).to(tokens.dtype)
 
 
+def group_norm_1_channels_last(norm: nn.GroupNorm, x: Tensor) -> Tensor:
+    """``norm(x)`` for a GroupNorm(1) with affine and a channels-last NCHW map; stays
+    channels-last (one pass, over the tokens' innermost channels)."""
+    n, channels = x.shape[:2]
+    tokens = x.permute(0, 2, 3, 1)
+    mean, inv_std = group_norm_1_moments(tokens, norm.eps)
+    scale = norm.weight * inv_std[:, None]  # (N, C)
+    shift = norm.bias - scale * mean[:, None]
+    out = torch.addcmul(shift.view(n, 1, 1, channels), tokens, scale.view(n, 1, 1, channels))
+    return out.permute(0, 3, 1, 2)
+
+
 def group_norm_1_to_nchw(norm: nn.GroupNorm, x: Tensor) -> Tensor:
     """``norm(x)`` for a GroupNorm(1) with affine and an NCHW map in any memory layout (a
     token-layout stage hands over a channels-last one); returns contiguous NCHW."""

@@ -1,0 +1,275 @@
+"""Fast and mixed-precision inference: the same predictions, post-processing in fp32.
+
+Covers the depthwise-convolution form of pooling, the folded blocks under bf16 autocast,
+channels-last outputs and necks (``prepare_for_inference``, ``--deploy``), ``--amp`` at test
+time (``enable_inference_autocast``, which CPUs get bf16), and the benchmark's peers. Speed is
+measured by tools/analysis/benchmark.py, never asserted here.
+"""
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from mmengine.config import Config
+from mmengine.logging import MMLogger
+from mmengine.model import revert_sync_batchnorm
+
+from poolformer_mm.analysis.benchmark import flat_float_outputs
+from poolformer_mm.analysis.complexity import build_model_without_pretrained, dummy_batch
+from poolformer_mm.analysis.peers import copy_weights_by_value, peer_backbone
+from poolformer_mm.analysis.reference import ReferencePoolFormer
+from poolformer_mm.apis.runner_setup import _enable_test_amp
+from poolformer_mm.engine import (
+    enable_inference_autocast,
+    inference_amp_dtype,
+    prepare_for_inference,
+)
+from poolformer_mm.engine import inference_precision
+from poolformer_mm.errors import InvalidInputError
+from poolformer_mm.models import PoolFormer
+from poolformer_mm.models.layers import PoolingMixer
+
+TOY_FPN = 'configs/segmentation/toy/fpn_poolformer_s12_toy.py'
+TOY_RETINANET = 'configs/detection/toy/retinanet_poolformer_s12_toy.py'
+TOY_MASK_RCNN = 'configs/detection/toy/mask_rcnn_poolformer_s12_toy.py'
+UPERNET = 'configs/segmentation/upernet_poolformer_s12.py'
+
+
+def _randomised(arch='s12', seed=0):
+    torch.manual_seed(seed)
+    model = PoolFormer(arch)
+    model.init_weights()
+    with torch.no_grad():  # norms and layer scales far from their initial values
+        for name, param in model.named_parameters():
+            if 'norm' in name or 'layer_scale' in name:
+                param.add_(torch.randn_like(param) * 0.2)
+    return model.eval()
+
+
+def _rel_diff(expected, actual):
+    """max |difference| / max |expected|, the worst output."""
+    return max((a.float() - b.float()).abs().max().item() / a.abs().max().item()
+               for a, b in zip(expected, actual))
+
+
+def _model(config, seed=0):
+    MMLogger.get_current_instance().setLevel(logging.WARNING)  # init_weights' report
+    torch.manual_seed(seed)
+    model = revert_sync_batchnorm(build_model_without_pretrained(Config.fromfile(config)))
+    model.init_weights()
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------- pooling
+@pytest.mark.parametrize('pool_size', [1, 3, 5, 7])
+@pytest.mark.parametrize('shape', [(2, 64, 64, 8), (1, 70, 90, 4), (1, 5, 900, 4),
+                                   (1, 100, 41, 4)])
+def test_pooling_by_convolution_equals_average_pooling_at_the_borders_too(pool_size, shape):
+    mixer = PoolingMixer(shape[-1], pool_size)
+    tokens = torch.randn(*shape)
+    expected = F.avg_pool2d(tokens.permute(0, 3, 1, 2), pool_size, 1, pool_size // 2,
+                            count_include_pad=False).permute(0, 2, 3, 1) - tokens
+    with torch.no_grad():
+        mixed = mixer.forward_tokens(tokens)
+    torch.testing.assert_close(mixed, expected, rtol=0, atol=2e-6)
+    # and with gradients (the pooling kernel: its backward is faster)
+    tokens.requires_grad_()
+    mixer.forward_tokens(tokens).sum().backward()
+    assert tokens.grad is not None
+
+
+def test_deploy_keeps_fp32_outputs_within_1e_5_where_pooling_is_a_convolution():
+    model = _randomised()
+    x = torch.randn(1, 3, 256, 320)  # stage 1 has 64x80 tokens: the convolution form
+    with torch.no_grad():
+        expected = model(x)
+        model.switch_to_deploy()
+        folded = model(x)
+    assert _rel_diff(expected, folded) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------- bf16
+@pytest.mark.parametrize('arch', ['s12', 'm36'])
+@pytest.mark.parametrize('form', ['fast', 'deploy'])
+def test_bf16_backbone_outputs_are_within_2e_2_of_fp32(arch, form):
+    model = _randomised(arch)
+    x = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        expected = model(x)
+        if form == 'deploy':
+            model.switch_to_deploy()
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            low = model(x)
+    assert _rel_diff(expected, low) <= 2e-2
+
+
+def test_deploy_casts_its_weights_once_and_again_after_a_weight_change():
+    model = _randomised().switch_to_deploy()
+    block = model.stages[0].blocks[0]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        model(x)
+        first = block._weights_in(torch.bfloat16)
+        model(x)
+        assert block._weights_in(torch.bfloat16)[0] is first[0]
+        block.fc1_weight.mul_(2)  # load_state_dict copies in place the same way
+        recast = block._weights_in(torch.bfloat16)
+    assert recast[0] is not first[0]
+    torch.testing.assert_close(recast[0].float(), 2 * first[0].float(), rtol=1e-2, atol=0)
+    assert 'fc1_weight' in dict(block.named_buffers()) and len(block.state_dict()) == 5
+
+
+def test_fp16_keeps_the_folded_layer_scales_of_1e_6():
+    """fp16 has no normal numbers below 6e-5: fc2's rows are scaled to 1 before the cast."""
+    model = _randomised()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if 'layer_scale' in name:
+                param.fill_(1e-6)
+        model.switch_to_deploy()
+    block = model.stages[0].blocks[0]
+    tokens = torch.randn(1, 16, 16, 64)
+    with torch.no_grad():
+        expected = block.forward_tokens(tokens.clone())
+        fc2, _, row_scale = (block._weights_in(torch.float16)[2:])[0], None, \
+            block._weights_in(torch.float16)[4]
+    assert fc2.abs().amax(1).min().item() == pytest.approx(1.0, rel=1e-3)
+    assert row_scale is not None and row_scale.dtype == torch.float32
+    assert expected.abs().max() > 0
+
+
+# ---------------------------------------------------------------------------------- channels-last
+def test_channels_last_outputs_hold_the_same_values():
+    model = _randomised().switch_to_deploy()
+    x = torch.randn(1, 3, 128, 96)
+    with torch.no_grad():
+        expected = model(x)
+        model.set_channels_last_outputs(True)
+        outs = model(x)
+    for a, b in zip(expected, outs):
+        assert a.is_contiguous() and b.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize('config', [TOY_FPN, UPERNET, TOY_RETINANET, TOY_MASK_RCNN])
+def test_prepare_for_inference_keeps_the_network_outputs(config):
+    model = _model(config)
+    task = 'mmdet' if 'detection' in config else 'mmseg'
+    inputs, samples = dummy_batch(model, task, 128, 160)
+    fast = copy.deepcopy(model)
+    prepare_for_inference(fast)
+    convs = [m for m in fast.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    with torch.no_grad():
+        expected = flat_float_outputs(model(inputs, samples, mode='tensor'))
+        outputs = flat_float_outputs(fast(inputs, samples, mode='tensor'))
+    assert len(outputs) == len(expected)
+    scale = max(o.abs().max().item() for o in expected)
+    assert max((a - b).abs().max().item() for a, b in zip(expected, outputs)) <= 1e-4 * scale
+
+
+# ---------------------------------------------------------------------------------- --amp
+@pytest.mark.parametrize('config', [TOY_RETINANET, TOY_MASK_RCNN, TOY_FPN])
+def test_amp_runs_the_network_in_bf16_and_post_processing_in_fp32(config):
+    """Autocast around the whole predict hands mmcv's NMS bf16 boxes, which it refuses."""
+    model = _model(config)
+    task = 'mmdet' if 'detection' in config else 'mmseg'
+    inputs, samples = dummy_batch(model, task, 128, 160)
+    prepare_for_inference(model)
+    seen = []
+    model.neck.register_forward_hook(lambda m, i, o: seen.append(o[0].dtype))
+    assert enable_inference_autocast(model, 'cpu', torch.bfloat16) >= 3
+    with torch.no_grad():
+        result = model.predict(inputs, samples)[0]
+    # the neck ran in bf16; for two-stage detectors its output was cast back for RoIAlign
+    assert seen and seen[0] in (torch.bfloat16, torch.float32)
+    if task == 'mmdet':
+        assert result.pred_instances.bboxes.dtype == torch.float32
+        assert result.pred_instances.scores.dtype == torch.float32
+    else:
+        assert result.seg_logits.data.dtype == torch.float32
+    # the wrapped forwards follow a deep copy (the test-time-augmentation wrapper copies)
+    copied = copy.deepcopy(model)
+    assert copied.backbone.forward.__self__ is copied.backbone
+
+
+def test_amp_neck_output_is_bf16_for_single_stage_detectors():
+    model = _model(TOY_RETINANET)
+    inputs, samples = dummy_batch(model, 'mmdet', 128, 160)
+    enable_inference_autocast(model, 'cpu', torch.bfloat16)
+    seen = []
+    model.neck.register_forward_hook(lambda m, i, o: seen.append(o[0].dtype))
+    with torch.no_grad():
+        maps = model(inputs, samples, mode='tensor')
+    assert seen == [torch.bfloat16]
+    assert all(t.dtype == torch.float32 for t in flat_float_outputs(maps))
+
+
+def test_amp_choice_follows_the_cpu_bf16_units(monkeypatch):
+    monkeypatch.setattr(inference_precision, 'cpu_bf16_units', lambda: ('amx_bf16', ))
+    dtype, message = inference_amp_dtype('cpu')
+    assert dtype == torch.bfloat16 and 'amx_bf16' in message
+    monkeypatch.setattr(inference_precision, 'cpu_bf16_units', lambda: ())
+    dtype, message = inference_amp_dtype('cpu')
+    assert dtype is None
+    assert 'no bf16 units' in message and 'avx512_bf16' in message and 'fp32' in message
+    dtype, message = inference_amp_dtype('cpu', 'bf16')  # asked for: run, and say so
+    assert dtype == torch.bfloat16 and 'slower than fp32' in message
+    assert inference_amp_dtype('cuda:0')[0] == torch.float16
+    assert inference_amp_dtype('cuda:0', 'bf16')[0] == torch.bfloat16
+    with pytest.raises(InvalidInputError, match='--amp fp16 is for GPUs'):
+        inference_amp_dtype('cpu', 'fp16')
+
+
+def test_cpu_bf16_units_are_read_from_the_flags(tmp_path):
+    cpuinfo = tmp_path / 'cpuinfo'
+    cpuinfo.write_text('model name\t: Some CPU\nflags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n')
+    assert inference_precision.cpu_bf16_units(str(cpuinfo)) == ('amx_bf16', )
+    cpuinfo.write_text('flags\t\t: fpu avx2 fma\n')
+    inference_precision.cpu_bf16_units.cache_clear()
+    assert inference_precision.cpu_bf16_units(str(cpuinfo)) == ()
+    inference_precision.cpu_bf16_units.cache_clear()
+    assert inference_precision.cpu_bf16_units(str(tmp_path / 'missing')) == ()
+    inference_precision.cpu_bf16_units.cache_clear()
+
+
+def test_test_tool_amp_without_bf16_units_warns_and_adds_nothing(monkeypatch, caplog):
+    monkeypatch.setattr(inference_precision, 'cpu_bf16_units', lambda: ())
+    cfg = Config(dict(custom_hooks=[]))
+    logger = MMLogger.get_current_instance()
+    messages = []
+    monkeypatch.setattr(logger, 'warning', lambda msg, *a, **k: messages.append(msg))
+    _enable_test_amp(cfg, 'auto')
+    assert cfg.custom_hooks == []
+    _enable_test_amp(cfg, 'bf16')
+    assert cfg.custom_hooks == [dict(type='InferenceAutocastHook', dtype='bfloat16')]
+    monkeypatch.setattr(inference_precision, 'cpu_bf16_units', lambda: ('avx512_bf16', ))
+    cfg = Config(dict(custom_hooks=[]))
+    _enable_test_amp(cfg, 'auto')
+    assert cfg.custom_hooks == [dict(type='InferenceAutocastHook', dtype='bfloat16')]
+
+
+# ---------------------------------------------------------------------------------- peers
+def test_peer_weights_are_paired_by_value():
+    backbone = _randomised()
+    peer = ReferencePoolFormer.like(_randomised(seed=1))  # other weights, same names
+    copy_weights_by_value(peer, backbone)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(backbone(x), peer.eval()(x)):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+
+
+def test_missing_peer_is_skipped_with_the_install_command(monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_timm(name, *args, **kwargs):
+        if name == 'timm' or name.startswith('timm.'):
+            raise ImportError("No module named 'timm'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, '__import__', no_timm)
+    peer, reason = peer_backbone('timm', _randomised())
+    assert peer is None and 'pip install timm' in reason
