@@ -99,6 +99,14 @@ def test_toy_retinanet_learns(tmp_path):
                                           work_dir, '--out', predictions))
     assert trained['coco/bbox_mAP_50'] >= 0.45, trained
     assert trained['coco/bbox_mAP'] >= 0.33, trained
+    # the fastest inference (folded backbone, channels-last neck and head, bf16 forced so
+    # that CPUs without bf16 units test it too) keeps the box mAP within 0.5 points
+    out = run_tool('tools/test.py', TOY_RETINANET, checkpoint, '--data-root', data, '--eval',
+                   'bbox', '--work-dir', work_dir, '--deploy', '--amp', 'bf16')
+    assert 'mixed precision: bf16 autocast in the backbone, neck and heads' in out
+    fast = parse_test_metrics(out)
+    for metric in ('coco/bbox_mAP', 'coco/bbox_mAP_50'):
+        assert fast[metric] == pytest.approx(trained[metric], abs=0.005), (metric, fast)
     with open(predictions, 'rb') as f:
         results = pickle.load(f)
     assert len(results) == 16
@@ -134,6 +142,13 @@ def test_semantic_fpn_trains_on_one_cpu_process_and_learns(tmp_path):
     folded = parse_test_metrics(out)
     for metric in ('aAcc', 'mIoU', 'mAcc'):
         assert folded[metric] == pytest.approx(results[metric], abs=0.02), metric
+    # and in bf16 (forced, so that CPUs without bf16 units test it too): within 0.5 points
+    out = run_tool('tools/test.py', TOY_FPN, work_dir / 'iter_120.pth', '--work-dir', work_dir,
+                   '--data-root', data, '--eval', 'mIoU', '--deploy', '--amp', 'bf16')
+    assert 'mixed precision: bf16 autocast in the backbone, neck and heads' in out
+    low = parse_test_metrics(out)
+    for metric in ('aAcc', 'mIoU', 'mAcc'):
+        assert low[metric] == pytest.approx(results[metric], abs=0.5), (metric, low)
 
 
 def test_inference_tool_writes_pictures_for_detection_and_segmentation(tmp_path):
@@ -154,8 +169,10 @@ def test_inference_tool_writes_pictures_for_detection_and_segmentation(tmp_path)
         torch.save({'state_dict': model.state_dict(), 'meta': {}}, checkpoint)
         root = make(str(tmp_path / cfg.default_scope), num_train=1, num_val=2)
         out_dir = tmp_path / f'{cfg.default_scope}_pictures'
+        # detection the fastest way: folded, channels-last, bf16 (post-processing in fp32)
+        fast = ['--deploy', '--amp', 'bf16'] if cfg.default_scope == 'mmdet' else []
         out = run_tool('tools/infer.py', config, checkpoint, osp.join(root, images),
-                       '--out-dir', out_dir)
+                       '--out-dir', out_dir, *fast)
         assert f'wrote 2 pictures to {out_dir}/' in out
         written[cfg.default_scope] = sorted(out_dir.glob('*.png'))
     import cv2

@@ -23,9 +23,9 @@ from poolformer_mm.apis.runner_setup import _enable_test_amp
 from poolformer_mm.engine import (
     enable_inference_autocast,
     inference_amp_dtype,
+    inference_precision,
     prepare_for_inference,
 )
-from poolformer_mm.engine import inference_precision
 from poolformer_mm.errors import InvalidInputError
 from poolformer_mm.models import PoolFormer
 from poolformer_mm.models.layers import PoolingMixer
@@ -121,7 +121,8 @@ def test_deploy_casts_its_weights_once_and_again_after_a_weight_change():
 
 
 def test_fp16_keeps_the_folded_layer_scales_of_1e_6():
-    """fp16 has no normal numbers below 6e-5: fc2's rows are scaled to 1 before the cast."""
+    """fp16 has no normal numbers below 6e-5: fc2's rows are scaled to 1 before the cast and
+    the scale is applied to the fp32 output."""
     model = _randomised()
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -129,14 +130,15 @@ def test_fp16_keeps_the_folded_layer_scales_of_1e_6():
                 param.fill_(1e-6)
         model.switch_to_deploy()
     block = model.stages[0].blocks[0]
-    tokens = torch.randn(1, 16, 16, 64)
+    tokens = torch.randn(1, 16, 16, 64) * 1e-4  # fp32 resolves updates of 1e-6 on these
     with torch.no_grad():
-        expected = block.forward_tokens(tokens.clone())
-        fc2, _, row_scale = (block._weights_in(torch.float16)[2:])[0], None, \
-            block._weights_in(torch.float16)[4]
-    assert fc2.abs().amax(1).min().item() == pytest.approx(1.0, rel=1e-3)
-    assert row_scale is not None and row_scale.dtype == torch.float32
-    assert expected.abs().max() > 0
+        expected = block.forward_tokens(tokens.clone()) - tokens
+        fc2_weight, row_scale = block._weights_in(torch.float16)[2::2]
+        low = block._forward_mixed_precision(tokens.clone(), torch.float16) - tokens
+    assert fc2_weight.dtype == torch.float16 and row_scale.dtype == torch.float32
+    assert fc2_weight.abs().amax(1).min().item() == pytest.approx(1.0, rel=1e-3)
+    # the MLP's update is about 1e-6: unscaled fp16 weights would round it to 0 or far off
+    assert (low - expected).abs().max() <= 2e-2 * expected.abs().max()
 
 
 # ---------------------------------------------------------------------------------- channels-last

@@ -458,14 +458,16 @@ def segmentation_training_step(model: nn.Module, height: int, width: int, batch:
     return step
 
 
-def loss_differences(variants: Dict[str, nn.Module], step: Callable[[nn.Module], float],
+def loss_differences(variants: Dict[str, nn.Module],
+                     step: Union[Callable[[nn.Module], float], Dict[str, Callable]],
                      results: Dict[str, Measurement]) -> None:
-    """Loss difference of each variant's training step against the first's (same weights and
-    random seed, so the head's dropout masks agree)."""
+    """Loss difference of each variant's training step (``step``, or its own of a dict)
+    against the first's (same weights and random seed, so the head's dropout masks agree)."""
+    steps = step if isinstance(step, dict) else {name: step for name in variants}
     losses = {}
     for name, model in variants.items():
         torch.manual_seed(0)
-        losses[name] = step(model)
+        losses[name] = steps[name](model)
     expected = next(iter(losses.values()))
     for name, loss in losses.items():
         results[name].max_abs_diff = abs(loss - expected)

@@ -148,5 +148,6 @@ class InferenceAutocastHook(Hook):
         if dtype is None:  # the reason was logged when the hook was configured
             return
         enable_inference_autocast(runner.model, device.type, dtype)
-        runner.logger.info(f'mixed precision: {dtype} autocast in the backbone, neck and heads; '
+        name = {torch.bfloat16: 'bf16', torch.float16: 'fp16'}.get(dtype, str(dtype))
+        runner.logger.info(f'mixed precision: {name} autocast in the backbone, neck and heads; '
                            'post-processing in fp32')

@@ -122,7 +122,7 @@ def run_model(args, height, width, names):
     results = measure(variants, steps, train=train, warmup=args.warmup, repeat=args.repeat,
                       device=args.device)
     if train:
-        loss_differences(variants, next(iter(steps.values())), results)
+        loss_differences(variants, steps, results)
     else:
         model_output_differences(
             variants, model_inference_step(first, height, width, args.batch, 'tensor'), results)
