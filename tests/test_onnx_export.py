@@ -210,10 +210,10 @@ def test_compare_fails_over_tolerance():
     assert none['unmatched'] == 2 and not none['ok']
 
 
-def test_cascade_mask_rcnn_is_refused_with_the_reason():
-    model, cfg = build_model('configs/detection/cascade_mask_rcnn_poolformer_s12.py')
-    with pytest.raises(InvalidInputError, match=r'CascadeRCNN with CascadeRoIHead is not '
-                       r'supported: .* averages their scores'):
+def test_two_stage_detector_with_soft_nms_is_refused_with_the_reason():
+    model, cfg = build_model('configs/detection/toy/mask_rcnn_poolformer_s12_toy.py',
+                             cfg_options={'model.test_cfg.rcnn.nms.type': 'soft_nms'})
+    with pytest.raises(InvalidInputError, match=r'MaskRCNN is not supported: .*plain NMS'):
         export_onnx(model, cfg, 'unused.onnx', SHAPE)
 
 

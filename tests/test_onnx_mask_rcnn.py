@@ -168,3 +168,32 @@ def test_compare_fails_when_a_pasted_mask_differs():
     result = compare(dict(dets=dets, labels=labels, masks=changed),
                      dict(dets=dets, labels=labels, masks=masks), 'detection')
     assert result['mask_iou'] == pytest.approx(0.9) and not result['ok']
+
+
+def test_cascade_export_module_computes_mmdet_predict():
+    """The cascade's export form in PyTorch: the same boxes, scores, labels and masks as mmdet
+    (the ONNX file of the full-size cascade takes too long to export for this suite; the README
+    gives its figures)."""
+    from mmdet.structures import DetDataSample
+
+    from poolformer_mm.deployment.two_stage import MaskRCNNExport
+    torch.manual_seed(0)
+    model = build_model('configs/detection/cascade_mask_rcnn_poolformer_s12.py')[0]
+    model.roi_head.test_cfg.score_thr = 0.005  # a fresh 80-class head scores about 1 / 81
+    model.rpn_head.test_cfg.max_per_img = 100  # 1000 proposals through 3 stages: slow on CPU
+    for head in model.roi_head.mask_head:
+        with torch.no_grad():
+            head.conv_logits.weight.normal_(0, 0.05)
+    inputs = torch.randn(1, 3, *SHAPE)
+    meta = dict(img_shape=SHAPE, ori_shape=SHAPE, pad_shape=SHAPE, batch_input_shape=SHAPE,
+                scale_factor=(1., 1.))
+    with torch.no_grad():
+        expected = model.predict(inputs, [DetDataSample(metainfo=meta)])[0].pred_instances
+        dets, labels, masks = MaskRCNNExport(model)(inputs)
+    count = len(expected)
+    assert 10 < count and (labels[0, count:] == -1).all()
+    torch.testing.assert_close(dets[0, :count, :4], expected.bboxes)
+    torch.testing.assert_close(dets[0, :count, 4], expected.scores)
+    assert labels[0, :count].tolist() == expected.labels.tolist()
+    pasted = paste_masks(masks[0, :count].numpy(), dets[0, :count, :4].numpy(), SHAPE)
+    np.testing.assert_array_equal(pasted, expected.masks.numpy())

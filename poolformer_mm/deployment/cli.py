@@ -16,8 +16,8 @@ from .verify import TOLERANCES, verify_onnx
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description='Export a segmentor, RetinaNet or Mask R-CNN with a folded PoolFormer '
-        'backbone to ONNX (opset 17).')
+        description='Export a segmentor, RetinaNet or (Cascade) Mask R-CNN with a folded '
+        'PoolFormer backbone to ONNX (opset 17).')
     parser.add_argument('config')
     parser.add_argument('checkpoint')
     parser.add_argument('--out', required=True, help='the .onnx file to write')
@@ -25,8 +25,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help='input size (default: the config\'s crop size for segmentation, '
                         'its test Resize scale for detection, rounded up to 32)')
     parser.add_argument('--dynamic', action='store_true',
-                        help='batch, height and width as dynamic axes (Mask R-CNN: height and '
-                        'width; it runs one image at a time)')
+                        help='batch, height and width as dynamic axes ((Cascade) Mask R-CNN: '
+                        'height and width; it runs one image at a time)')
     parser.add_argument('--logits', action='store_true',
                         help='segmentation: also output the logits (N, C, H, W), for debugging')
     parser.add_argument('--verify', action='store_true',

@@ -1,4 +1,4 @@
-"""ONNX export of mmseg segmentors and mmdet single-stage detectors with a folded backbone.
+"""ONNX export of mmseg segmentors and mmdet detectors with a folded backbone.
 
 The exported model follows mmdeploy's end-to-end convention where ONNX allows it:
 
@@ -9,7 +9,9 @@ The exported model follows mmdeploy's end-to-end convention where ONNX allows it
 * RetinaNet: ``dets`` (N, K, 5) x1, y1, x2, y2, score and ``labels`` (N, K), K = the
   config's ``max_per_img``, with the config's ``test_cfg``: candidate selection, box decoding and
   per-class NMS are in the graph (:mod:`poolformer_mm.deployment.ops`); rows after the last
-  detection are zeros with label -1, as mmdeploy pads its end-to-end detectors.
+  detection are zeros with label -1, as mmdeploy pads its end-to-end detectors;
+* Mask R-CNN and Cascade Mask R-CNN (:mod:`poolformer_mm.deployment.two_stage`): the same, and
+  ``masks`` (1, K, 28, 28), one image per run.
 
 Everything the runtime side needs (mean, std, channel order, input size, class names, task and
 post-processing settings) is stored as JSON in the model's ``metadata_props``, so running the

@@ -1,18 +1,20 @@
-"""ONNX export of Mask R-CNN: proposals, RoI heads, NMS and mask head, all in the graph.
+"""ONNX export of Mask R-CNN and Cascade Mask R-CNN: proposals, RoI heads, NMS and mask heads,
+all in the graph.
 
 :class:`MaskRCNNExport` computes what mmdet's ``TwoStageDetector.predict`` computes with a
-``StandardRoIHead``, up to the mask pasting:
+``StandardRoIHead`` or a ``CascadeRoIHead``, up to the mask pasting:
 
 1. RPN: per level the ``rpn.nms_pre`` best anchors, decoded, boxes without area dropped, NMS
    per level, the ``rpn.max_per_img`` best as proposals (their number follows the image);
-2. RoIAlign of each proposal on its level (mmdet's ``SingleRoIExtractor`` rule), the box head,
+2. RoIAlign of each proposal on its level (mmdet's ``SingleRoIExtractor`` rule), the box head
+   (a cascade: each stage on the previous stage's boxes, logits averaged over the stages),
    softmax scores and per-class boxes, per-class NMS over the (proposal, class) pairs over
    ``rcnn.score_thr``: ``dets`` (1, K, 5) and ``labels`` (1, K), K = ``rcnn.max_per_img``,
    zeros and label -1 after the last detection;
-3. RoIAlign of each detection's box, the mask head, the sigmoid of its class's map: ``masks``
-   (1, K, 28, 28), as mmdeploy's end-to-end Mask R-CNN. Pasting them into the image and the
-   ``rcnn.mask_thr_binary`` threshold are the NumPy step
-   :func:`poolformer_mm.deployment.postprocess.paste_masks`.
+3. RoIAlign of each detection's box, the mask head (a cascade: the mean of its stages), the
+   sigmoid of the detection's class map: ``masks`` (1, K, 28, 28), as mmdeploy's end-to-end
+   Mask R-CNN. Pasting them into the image and the ``rcnn.mask_thr_binary`` threshold are the
+   NumPy step :func:`poolformer_mm.deployment.postprocess.paste_masks`.
 
 One image per run: proposals differ in number between images, so a batch axis would need a
 per-image selection that ONNX has no op for.
@@ -32,7 +34,8 @@ from .ops import (
 
 
 class MaskRCNNExport(nn.Module):
-    """input (1, 3, H, W) -> ``dets`` (1, K, 5), ``labels`` (1, K), ``masks`` (1, K, m, m)."""
+    """input (1, 3, H, W) -> ``dets`` (1, K, 5), ``labels`` (1, K), ``masks`` (1, K, m, m), for
+    Mask R-CNN and Cascade Mask R-CNN."""
 
     def __init__(self, detector: nn.Module):
         super().__init__()
@@ -48,62 +51,106 @@ class MaskRCNNExport(nn.Module):
                                 found['valid'], cfg.nms.iou_threshold, cfg.max_per_img)
         return found['boxes'][0, selected[:, 1]]
 
+    @property
+    def cascade(self) -> bool:
+        return isinstance(self.detector.roi_head.bbox_head, nn.ModuleList)
+
+    def box_predictions(self, feats, proposals: torch.Tensor, input: torch.Tensor) -> tuple:
+        """Class logits (R, C + 1) and boxes (R, C, 4) for the proposals (R, 4).
+
+        A cascade (mmdet's ``CascadeRoIHead._refine_roi``) moves the rois to each stage's boxes
+        of its best class before the next stage, and averages the stages' logits.
+        """
+        roi_head = self.detector.roi_head
+        max_xyxy = image_size_xyxy(input)
+        if not self.cascade:
+            cls_score, bbox_pred = roi_head.bbox_head(
+                multi_level_roi_align(roi_head.bbox_roi_extractor, feats, proposals))
+            return cls_score, _decode(roi_head.bbox_head, proposals, bbox_pred, max_xyxy)
+        rois, stage_scores = proposals, []
+        for stage, head in enumerate(roi_head.bbox_head):
+            cls_score, bbox_pred = head(
+                multi_level_roi_align(roi_head.bbox_roi_extractor[stage], feats, rois))
+            stage_scores.append(cls_score)
+            boxes = _decode(head, rois, bbox_pred, max_xyxy)
+            if stage < len(roi_head.bbox_head) - 1:
+                if boxes.shape[1] > 1:  # class-specific boxes: those of the best class
+                    best = cls_score[:, :-1].argmax(dim=1)
+                    boxes = torch.gather(boxes, 1, best[:, None, None].expand(-1, 1, 4))
+                rois = boxes[:, 0]
+        return sum(stage_scores) / len(stage_scores), boxes
+
+    def mask_probabilities(self, feats, boxes: torch.Tensor, labels: torch.Tensor):
+        """(K, m, m) mask probabilities of each box's class (a cascade averages its stages)."""
+        roi_head = self.detector.roi_head
+        heads, extractors = roi_head.mask_head, roi_head.mask_roi_extractor
+        if not self.cascade:
+            heads, extractors = [heads], [extractors]
+        stages = []
+        for head, extractor in zip(heads, extractors):
+            mask_preds = head(multi_level_roi_align(extractor, feats, boxes))
+            channel = labels if mask_preds.shape[1] > 1 else torch.zeros_like(labels)
+            stages.append(torch.gather(mask_preds, 1, channel[:, None, None, None].expand(
+                -1, 1, *mask_preds.shape[2:]))[:, 0].sigmoid())
+        return sum(stages) / len(stages)
+
     def forward(self, input: torch.Tensor):
         feats = self.detector.extract_feat(input)
         proposals = self.proposals(feats, input)
-        roi_head = self.detector.roi_head
-        cfg, bbox_head = roi_head.test_cfg, roi_head.bbox_head
-        num_classes = bbox_head.num_classes
-        cls_score, bbox_pred = bbox_head(
-            multi_level_roi_align(roi_head.bbox_roi_extractor, feats, proposals))
+        cfg = self.detector.roi_head.test_cfg
+        cls_score, boxes = self.box_predictions(feats, proposals, input)
+        num_classes = cls_score.shape[1] - 1
         scores = cls_score.softmax(dim=-1)[:, :num_classes]  # the last column is background
-        boxes = decode_boxes(bbox_head.bbox_coder, proposals[:, None],
-                             bbox_pred.reshape(-1, num_classes, 4), image_size_xyxy(input))
         labels = torch.arange(num_classes)[None].expand_as(scores)
         # the (proposal, class) pairs of image 0 as one batch of candidates
-        boxes = boxes.reshape(1, -1, 4)
+        boxes = boxes.expand(-1, num_classes, -1).reshape(1, -1, 4)
         scores, labels = scores.reshape(1, -1), labels.reshape(1, -1)
         selected = nms_by_class(boxes, scores, labels, scores > cfg.score_thr,
                                 cfg.nms.iou_threshold, cfg.max_per_img)
         dets, labels = padded_detections(boxes, scores, labels, selected, cfg.max_per_img)
-        mask_preds = roi_head.mask_head(
-            multi_level_roi_align(roi_head.mask_roi_extractor, feats, dets[0, :, :4]))
-        detected = labels[0] >= 0
-        channel = labels[0].clamp(min=0) if mask_preds.shape[1] > 1 else torch.zeros_like(
-            labels[0])
-        masks = torch.gather(mask_preds, 1, channel[:, None, None, None].expand(
-            -1, 1, *mask_preds.shape[2:]))[:, 0].sigmoid()
-        masks = torch.where(detected[:, None, None], masks, torch.zeros_like(masks))
+        masks = self.mask_probabilities(feats, dets[0, :, :4], labels[0].clamp(min=0))
+        masks = torch.where((labels[0] >= 0)[:, None, None], masks, torch.zeros_like(masks))
         return dets, labels, masks[None]
+
+
+def _decode(head, rois: torch.Tensor, bbox_pred: torch.Tensor, max_xyxy) -> torch.Tensor:
+    """A box head's (R, 1 or C, 4) boxes: class-agnostic or one per class."""
+    classes = 1 if head.reg_class_agnostic else head.num_classes
+    return decode_boxes(head.bbox_coder, rois[:, None], bbox_pred.reshape(-1, classes, 4),
+                        max_xyxy)
 
 
 def check_mask_rcnn(model: nn.Module) -> None:
     """Refuse, with the reason, a two-stage detector :class:`MaskRCNNExport` does not compute."""
     name = type(model).__name__
     roi_head = model.roi_head
-    if type(roi_head).__name__ != 'StandardRoIHead':
+    if type(roi_head).__name__ not in ('StandardRoIHead', 'CascadeRoIHead'):
         raise InvalidInputError(
             f'ONNX export of {name} with {type(roi_head).__name__} is not supported: two-stage '
-            'export handles Mask R-CNN (StandardRoIHead); a cascade refines its boxes over '
-            'several stages and averages their scores, which the exporter does not rewrite')
-    bbox_head, rpn = roi_head.bbox_head, model.rpn_head
-    coders = {type(head.bbox_coder).__name__ for head in (bbox_head, rpn)}
-    if (not roi_head.with_mask or coders != {'DeltaXYWHBBoxCoder'} or not rpn.use_sigmoid_cls
-            or bbox_head.custom_cls_channels or getattr(bbox_head.loss_cls, 'use_sigmoid', False)
-            or bbox_head.reg_class_agnostic
-            or any(head.bbox_coder.add_ctr_clamp for head in (bbox_head, rpn))
+            'export handles Mask R-CNN and Cascade Mask R-CNN (StandardRoIHead, CascadeRoIHead)')
+    rpn = model.rpn_head
+    bbox_heads = roi_head.bbox_head
+    bbox_heads = list(bbox_heads) if isinstance(bbox_heads, nn.ModuleList) else [bbox_heads]
+    heads = [rpn, *bbox_heads]
+    if (not roi_head.with_mask or not rpn.use_sigmoid_cls
+            or {type(head.bbox_coder).__name__ for head in heads} != {'DeltaXYWHBBoxCoder'}
+            or any(head.bbox_coder.add_ctr_clamp for head in heads)
+            or any(head.custom_cls_channels or getattr(head.loss_cls, 'use_sigmoid', False)
+                   for head in bbox_heads)
             or any(cfg.get('nms', {}).get('type', 'nms') != 'nms'
                    for cfg in (rpn.test_cfg, roi_head.test_cfg))):
         raise InvalidInputError(
-            f'ONNX export of {name} is not supported: two-stage export handles Mask R-CNN '
-            '(RPN with sigmoid scores, softmax box head with per-class DeltaXYWHBBoxCoder boxes, '
-            'a mask head, plain NMS)')
+            f'ONNX export of {name} is not supported: two-stage export handles Mask R-CNN and '
+            'Cascade Mask R-CNN (RPN with sigmoid scores, softmax box heads with '
+            'DeltaXYWHBBoxCoder boxes, a mask head, plain NMS)')
 
 
 def mask_rcnn_info(model: nn.Module) -> dict:
     """The detection part of the deploy information (see export.deploy_info)."""
     rpn, rcnn = model.rpn_head.test_cfg, model.roi_head.test_cfg
-    return dict(num_classes=model.roi_head.bbox_head.num_classes,
+    bbox_head = model.roi_head.bbox_head
+    bbox_head = bbox_head[-1] if isinstance(bbox_head, nn.ModuleList) else bbox_head
+    return dict(num_classes=bbox_head.num_classes,
                 test_cfg=dict(score_thr=float(rcnn.score_thr),
                               iou_threshold=float(rcnn.nms.iou_threshold),
                               max_per_img=int(rcnn.max_per_img)),

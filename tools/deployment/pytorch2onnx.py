@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Export a segmentor, RetinaNet or Mask R-CNN with a folded PoolFormer backbone to ONNX.
+"""Export a segmentor, RetinaNet or (Cascade) Mask R-CNN with a folded backbone to ONNX.
 
     python tools/deployment/pytorch2onnx.py CONFIG CHECKPOINT --out FILE.onnx \
         [--shape H W] [--dynamic] [--verify] [--image PATH]
@@ -7,7 +7,7 @@
 The backbone is folded (norms and layer scales inside the weights) and exported in plain ONNX
 ops (opset 17). Input ``input``: a normalised float32 (N, 3, H, W) image. Segmentors output
 ``output``, int64 (N, 1, H, W) class indices; detectors ``dets`` (N, K, 5) and ``labels``
-(N, K) after NMS in the graph, Mask R-CNN also ``masks`` (N, K, 28, 28), which
+(N, K) after NMS in the graph, (Cascade) Mask R-CNN also ``masks`` (1, K, 28, 28), which
 poolformer_mm/deployment/postprocess.py pastes into the image. The
 normalisation, class names and post-processing settings are stored in the file's metadata, for
 tools/deployment/ort_infer.py. ``--verify`` compares ONNX Runtime with PyTorch on an image and
