@@ -275,3 +275,20 @@ def test_missing_peer_is_skipped_with_the_install_command(monkeypatch):
     monkeypatch.setattr(builtins, '__import__', no_timm)
     peer, reason = peer_backbone('timm', _randomised())
     assert peer is None and 'pip install timm' in reason
+
+
+def test_training_amp_on_a_cpu_without_bf16_units_says_it_is_slower(monkeypatch):
+    from poolformer_mm.apis import runner_setup
+    messages = []
+    monkeypatch.setattr(runner_setup, 'print_log', lambda msg, **kw: messages.append(msg))
+    monkeypatch.setattr(runner_setup.torch.cuda, 'is_available', lambda: False)
+    for units, expected in (((), 1), (('amx_bf16', ), 0)):
+        monkeypatch.setattr(runner_setup, 'cpu_bf16_units', lambda units=units: units)
+        messages.clear()
+        cfg = Config(dict(optim_wrapper=dict(type='OptimWrapper')))
+        runner_setup._enable_amp(cfg)
+        assert cfg.optim_wrapper.type == 'BF16AutocastOptimWrapper'
+        assert len(messages) == expected
+    monkeypatch.setattr(runner_setup, 'cpu_bf16_units', lambda: ())
+    runner_setup._enable_amp(Config(dict(optim_wrapper=dict(type='OptimWrapper'))))
+    assert 'no bf16 units' in messages[-1] and 'slower than in fp32' in messages[-1]

@@ -17,7 +17,7 @@ from mmengine.config import Config
 from mmengine.hooks import CheckpointHook
 from mmengine.logging import print_log
 
-from ..engine.inference_precision import inference_amp_dtype
+from ..engine.inference_precision import BF16_CPU_FLAGS, cpu_bf16_units, inference_amp_dtype
 from ..engine.safe_checkpoints import check_checkpoint_path
 from ..engine.work_dir import find_resumable_checkpoint, lock_work_dir
 from ..errors import InvalidInputError
@@ -128,6 +128,12 @@ def _enable_amp(cfg: Config) -> None:
     else:
         # mmengine's AmpOptimWrapper asserts a GPU; see poolformer_mm.engine.
         cfg.optim_wrapper.type = 'BF16AutocastOptimWrapper'
+        if not cpu_bf16_units():
+            # training in bf16 changes the numbers, so it runs as asked, but not silently slower
+            print_log(f"--amp: this CPU has no bf16 units (neither {' nor '.join(BF16_CPU_FLAGS)}"
+                      ' in /proc/cpuinfo): bf16 is emulated there, and training runs slower '
+                      'than in fp32; drop --amp for speed', logger='current',
+                      level=logging.WARNING)
 
 
 def config_for_training(args) -> Config:
