@@ -236,10 +236,11 @@ def test_ort_infer_draws_without_torch(segmentor, detector, toy_images, tmp_path
     # run the tool's main in a fresh interpreter, then report whether torch got imported
     code = ('import runpy, sys\n'
             f'sys.argv = ["ort_infer.py", {path!r}, {toy_images[task]!r}, "--out", '
-            f'{str(picture)!r}, "--score-thr", "0.05"]\n'
+            f'{str(picture)!r}, "--score-thr", "0.05", "--threads", "1"]\n'
             'runpy.run_path("tools/deployment/ort_infer.py", run_name="__main__")\n'
             'print("torch imported:", "torch" in sys.modules)\n')
-    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 0, result.stderr
     assert 'torch imported: False' in result.stdout
     image, drawn = cv2.imread(toy_images[task]), cv2.imread(str(picture))

@@ -83,8 +83,8 @@ def format_report(result: dict) -> str:
                  f"boxes max rel diff {result['box_rel']:.2e} (need <= {tol['box_rel']:.0e})",
                  f"scores max diff {result['score_abs']:.2e} (need <= {tol['score_abs']:.0e})"]
         if 'mask_iou' in result:
-            parts.append(f"pasted masks IoU >= {result['mask_iou']:.4f} for every detection "
-                         f"(need >= {tol['mask_iou']})")
+            parts.append(f"pasted masks agree on {100 * result['mask_iou']:.2f}% of the pixels "
+                         f"they mark (need >= {100 * tol['mask_iou']:.0f}%)")
     size = 'x'.join(map(str, result['shape']))
     return f"verify at {size}: {'; '.join(parts)}: {'OK' if result['ok'] else 'OVER TOLERANCE'}"
 
