@@ -27,7 +27,7 @@ from poolformer_mm.engine import (
     prepare_for_inference,
 )
 from poolformer_mm.errors import InvalidInputError
-from poolformer_mm.models import PoolFormer
+from poolformer_mm.models import MetaFormer, PoolFormer
 from poolformer_mm.models.layers import PoolingMixer
 
 TOY_FPN = 'configs/segmentation/toy/fpn_poolformer_s12_toy.py'
@@ -292,3 +292,22 @@ def test_training_amp_on_a_cpu_without_bf16_units_says_it_is_slower(monkeypatch)
     monkeypatch.setattr(runner_setup, 'cpu_bf16_units', lambda: ())
     runner_setup._enable_amp(Config(dict(optim_wrapper=dict(type='OptimWrapper'))))
     assert 'no bf16 units' in messages[-1] and 'slower than in fp32' in messages[-1]
+
+
+@pytest.mark.parametrize('build', [
+    lambda: PoolFormer('s12'),
+    lambda: PoolFormer('s12', token_mixers=('pool', 'pool', 'attn', 'attn')),
+    lambda: MetaFormer('caformer_s18'),
+    lambda: MetaFormer('convformer_s18')])
+def test_backbone_outputs_are_contiguous_nchw_unless_asked_for_channels_last(build):
+    """mmcv 2.1's CPU RoIAlign ignores strides: a channels-last map gives wrong RoI features
+    (this broke Mask R-CNN with the MetaFormer backbones on a CPU)."""
+    from mmcv.ops import roi_align
+    backbone = build().eval()
+    with torch.no_grad():
+        outs = backbone(torch.randn(1, 3, 64, 96))
+    assert all(o.is_contiguous() for o in outs)
+    rois = torch.tensor([[0, 1., 2., 9., 7.]])
+    misread = roi_align(outs[0].contiguous(memory_format=torch.channels_last), rois, (3, 3),
+                        1.0, 0, 'avg', True)
+    assert not torch.allclose(misread, roi_align(outs[0], rois, (3, 3), 1.0, 0, 'avg', True))

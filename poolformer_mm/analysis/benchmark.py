@@ -567,7 +567,12 @@ def onnx_variants(config: str, onnx_path: str, checkpoint: Optional[str] = None,
     'eager' (the config's model as trained), 'deploy' (backbone folded, the CPU fast paths on)
     and 'onnxruntime' (the file). ``checkpoint`` should be the exported one; without it the
     weights are random and only the timings mean something."""
-    from ..deployment.export import SegmentorExport, SingleStageDetectorExport, build_model
+    from ..deployment.export import (
+        MaskRCNNExport,
+        SegmentorExport,
+        SingleStageDetectorExport,
+        build_model,
+    )
     from ..deployment.postprocess import read_deploy_info
     from ..engine.deploy_hook import switch_backbone_to_deploy
 
@@ -578,6 +583,8 @@ def onnx_variants(config: str, onnx_path: str, checkpoint: Optional[str] = None,
     switch_backbone_to_deploy(deploy)
     if info['task'] == 'segmentation':
         wrap = lambda m: SegmentorExport(m, 'logits' in info['outputs'])  # noqa: E731
+    elif 'masks' in info['outputs']:
+        wrap = MaskRCNNExport
     else:
         wrap = SingleStageDetectorExport
     return dict(eager=wrap(model).eval(), deploy=wrap(deploy).eval(), onnxruntime=runtime)

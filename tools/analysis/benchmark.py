@@ -7,8 +7,9 @@
         --variants reference timm mmpretrain fast deploy
     # the same in bf16 (autocast, as --amp runs it): ':bf16' after a variant name
     python tools/analysis/benchmark.py --arch s12 --variants reference deploy deploy:bf16
-    # a whole segmentor or detector in inference (post-processing included), as tools/test.py
-    # runs it: the paper's backbone in fp32 against --deploy and --deploy --amp
+    # a whole segmentor or detector in inference (backbone, neck and head; --postprocess adds
+    # NMS / resizing), as tools/test.py runs it: the paper's backbone in fp32 against --deploy
+    # and --deploy --amp
     python tools/analysis/benchmark.py --model configs/segmentation/fpn_poolformer_s12.py \
         --shape 512 --variants reference deploy deploy:bf16
     python tools/analysis/benchmark.py --model configs/detection/retinanet_poolformer_s12.py \
@@ -71,6 +72,10 @@ def parse_args():
                         'deploy forms, at its export size, batch --batch')
     parser.add_argument('--checkpoint', help='with --onnx: the exported weights (default: '
                         'random; the timings do not depend on them)')
+    parser.add_argument('--postprocess', action='store_true',
+                        help='with --model in inference: time predict(), post-processing (NMS, '
+                        'resizing the logits to the image, argmax) included; default: the '
+                        'network (backbone, neck, head) alone')
     parser.add_argument('--whole-model', action='store_true',
                         help='with --config: the same as --model CONFIG --mode train')
     parser.add_argument('--shape', type=int, nargs='+', default=[512], help='H [W]')
@@ -118,7 +123,8 @@ def run_model(args, height, width, names):
         steps = {name: model_training_step(first, height, width, args.batch,
                                            dtype_of(name, args)) for name in variants}
     else:
-        steps = model_inference_step(first, height, width, args.batch)
+        steps = model_inference_step(first, height, width, args.batch,
+                                     'predict' if args.postprocess else 'tensor')
     results = measure(variants, steps, train=train, warmup=args.warmup, repeat=args.repeat,
                       device=args.device)
     if train:
@@ -175,7 +181,8 @@ def main():
     elif args.model:
         results = run_model(args, height, width, names)
         what = f'{args.model} whole model ' + (
-            'training step' if train else 'inference, post-processing included')
+            'training step' if train else 'inference, post-processing included'
+            if args.postprocess else 'inference (backbone, neck, head)')
         if not train:
             gmacs = model_complexity(args.model, (height, width)).macs / 1e9
     else:

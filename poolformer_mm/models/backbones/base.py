@@ -323,7 +323,9 @@ class DenseBackbone(BaseModule):
                                 if self._channels_last_outputs
                                 else group_norm_1_to_nchw(norm, x))
                 else:
-                    out = norm(x.contiguous())
-                    outs.append(out.contiguous(memory_format=torch.channels_last)
-                                if self._channels_last_outputs else out)
+                    # a channel LayerNorm permutes: its output is channels-last in memory, and
+                    # mmcv's CPU RoIAlign would misread it (it ignores strides)
+                    layout = (torch.channels_last if self._channels_last_outputs
+                              else torch.contiguous_format)
+                    outs.append(norm(x.contiguous()).contiguous(memory_format=layout))
         return tuple(outs)
