@@ -311,3 +311,33 @@ def test_backbone_outputs_are_contiguous_nchw_unless_asked_for_channels_last(bui
     misread = roi_align(outs[0].contiguous(memory_format=torch.channels_last), rois, (3, 3),
                         1.0, 0, 'avg', True)
     assert not torch.allclose(misread, roi_align(outs[0], rois, (3, 3), 1.0, 0, 'avg', True))
+
+
+def test_channels_last_training_gives_the_same_loss_and_gradients():
+    from types import SimpleNamespace
+
+    from poolformer_mm.analysis.benchmark import segmentation_batch
+    from poolformer_mm.engine import ChannelsLastHook
+    model = _model(TOY_FPN).train()
+    converted = copy.deepcopy(model)
+    runner = SimpleNamespace(model=converted, logger=MMLogger.get_current_instance())
+    ChannelsLastHook().before_train(runner)  # what tools/train.py --channels-last adds
+    assert converted.decode_head.conv_seg.weight.is_contiguous(
+        memory_format=torch.channels_last)
+    data = segmentation_batch(model, 64, 96, 2, model.decode_head.num_classes)
+    results = []
+    for variant in (model, converted):
+        torch.manual_seed(0)
+        loss, _ = variant.parse_losses(variant(data['inputs'], data['data_samples'],
+                                               mode='loss'))
+        loss.backward()
+        results.append((loss.item(), variant.backbone.stem.conv.weight.grad.clone(),
+                        variant.neck.fpn_convs[0].conv.weight.grad.clone()))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
+    for expected, grad in zip(results[0][1:], results[1][1:]):
+        torch.testing.assert_close(grad, expected, rtol=0, atol=1e-4 * expected.abs().max())
+
+
+def test_train_tool_has_channels_last():
+    from poolformer_mm.apis.runner_setup import train_parser
+    assert train_parser().parse_args(['some_config.py', '--channels-last']).channels_last

@@ -11,8 +11,9 @@ Each variant is the same network with the same weights, run a different way:
 * ``timm``, ``mmpretrain`` - the peers' PoolFormer (:mod:`.peers`), when installed.
 
 Whole detectors and segmentors (:func:`model_variants`) take ``reference`` (the paper's backbone
-in the config's model), ``plain``, ``fast``, ``cp`` and ``deploy``, which is what
-``tools/test.py --deploy`` runs (:func:`~poolformer_mm.engine.prepare_for_inference`).
+in the config's model), ``plain``, ``fast``, ``cp``, ``channels_last`` (``tools/train.py
+--channels-last``) and ``deploy``, which is what ``tools/test.py --deploy`` runs
+(:func:`~poolformer_mm.engine.prepare_for_inference`).
 
 A variant name may carry its precision, ``deploy:bf16``; ``bf16`` is what ``--amp`` runs: for a
 backbone, autocast around it; for a whole model in inference, autocast in the backbone, neck and
@@ -79,13 +80,13 @@ def matmul_gflops(device: str = 'cpu', size: int = 2048, repeat: int = 10,
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
     times = []
-    for _ in range(repeat + 1):
+    for _ in range(repeat + 3):  # AMX and AVX-512 units reach full speed after a few calls
         _sync(device)
         start = time.perf_counter()
         torch.mm(a, b)
         _sync(device)
         times.append(time.perf_counter() - start)
-    return 2 * size**3 / min(times[1:]) / 1e9
+    return 2 * size**3 / min(times[3:]) / 1e9
 
 
 def _sync(device: str) -> None:
@@ -279,11 +280,12 @@ def model_variants(config: str, names: Sequence[str], seed: int = 0,
                    default_dtype: str = 'fp32', train: bool = False) -> Dict[str, nn.Module]:
     """The config's detector or segmentor with identical random weights, one per variant name:
     'reference' (the paper's backbone, :class:`ReferencePoolFormer`, in the config's model),
-    'plain', 'fast', 'cp' (as :func:`segmentor_variants`) and 'deploy' (inference only: what
-    ``tools/test.py --deploy`` runs). A ``:bf16`` suffix in inference runs the model as
+    'plain', 'fast', 'cp' (as :func:`segmentor_variants`), 'channels_last' (fast, with the
+    neck and head channels-last: ``tools/train.py --channels-last``) and 'deploy' (inference
+    only: what ``tools/test.py --deploy`` runs). A ``:bf16`` suffix in inference runs the model as
     ``--amp`` does (:func:`~poolformer_mm.engine.enable_inference_autocast`); in training the
     step applies it (:func:`model_training_step`)."""
-    from ..engine import enable_inference_autocast, prepare_for_inference
+    from ..engine import enable_inference_autocast, prepare_for_inference, to_channels_last
     plain_names = [parse_variant(n)[0] for n in names]
     base = segmentor_variants(config, ['fast'], seed)['fast']  # any mmdet or mmseg model
     variants = {}
@@ -302,9 +304,12 @@ def model_variants(config: str, names: Sequence[str], seed: int = 0,
         elif name in ('plain', 'fast'):
             model = copy.deepcopy(base)
             model.backbone.set_fast_path(name == 'fast')
+        elif name == 'channels_last':
+            model = copy.deepcopy(base)
+            to_channels_last(model)
         else:
-            raise ValueError(f"whole models take the variants reference, plain, fast, cp and "
-                             f"deploy, not '{name}'")
+            raise ValueError(f"whole models take the variants reference, plain, fast, cp, "
+                             f"channels_last and deploy, not '{name}'")
         dtype = parse_variant(spec, default_dtype)[1]
         if not train and dtype != 'fp32':
             enable_inference_autocast(model, 'cpu', PRECISIONS[dtype])

@@ -1,3 +1,4 @@
+from .channels_last import ChannelsLastHook, to_channels_last
 from .checkpoint_hook import CrashSafeCheckpointHook
 from .deploy_hook import DeployBackboneHook, prepare_for_inference, switch_backbone_to_deploy
 from .hooks import FiniteLossHook
@@ -19,7 +20,8 @@ from .seg_pictures_hook import SegPicturesHook
 from .work_dir import WorkDirLock, find_resumable_checkpoint, lock_work_dir
 
 __all__ = [
-    'AtomicLocalBackend', 'BF16AutocastOptimWrapper', 'CrashSafeCheckpointHook',
+    'AtomicLocalBackend', 'BF16AutocastOptimWrapper', 'ChannelsLastHook', 'CrashSafeCheckpointHook',
+    'to_channels_last',
     'DeployBackboneHook', 'FiniteLossHook', 'InferenceAutocastHook', 'enable_inference_autocast',
     'inference_amp_dtype', 'inference_autocast', 'prepare_for_inference',
     'WorkDirLock', 'find_resumable_checkpoint', 'is_remote_checkpoint', 'lock_work_dir',

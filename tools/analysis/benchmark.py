@@ -83,9 +83,9 @@ def parse_args():
     parser.add_argument('--mode', choices=['inference', 'train'], default='inference')
     parser.add_argument('--variants', nargs='+', default=None,
                         help='backbones: reference, plain, fast, deploy, cp, timm, mmpretrain; '
-                        'whole models: reference, plain, fast, deploy, cp; each with an '
-                        'optional precision, deploy:bf16 (default: reference fast deploy for '
-                        'inference, reference fast cp for training)')
+                        'whole models: reference, plain, fast, channels_last, deploy, cp; each '
+                        'with an optional precision, deploy:bf16 (default: reference fast '
+                        'deploy for inference, reference fast cp for training)')
     parser.add_argument('--dtype', choices=['fp32', 'bf16'], default='fp32',
                         help='the precision of variants named without one')
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
