@@ -489,14 +489,14 @@ def format_results(results: Dict[str, Measurement], batch: int, baseline: str,
     rates = matmul_rate if isinstance(matmul_rate, dict) else {
         name: matmul_rate for name in results}
     show_rate = bool(gmacs) and any(rates.values())
-    header = (f'{"variant":16} {"median ms":>10} {"min-max ms":>16} {"img/s":>8} '
+    header = (f'{"variant":18} {"median ms":>10} {"min-max ms":>16} {"img/s":>8} '
               f'{"speed-up":>9} {"peak MB":>9} {"max |diff|":>11} {"rel diff":>9}')
     if show_rate:
         header += f' {"% matmul":>9}'
     lines = [header]
     for name, m in results.items():
         speedup = f'{m.speedup_over(base):8.2f}x' if base else '        -'
-        line = (f'{name:16} {m.median_ms:10.1f} {min(m.latency_ms):7.1f}-'
+        line = (f'{name:18} {m.median_ms:10.1f} {min(m.latency_ms):7.1f}-'
                 f'{max(m.latency_ms):<8.1f} {batch * 1000 / m.median_ms:8.2f} {speedup} '
                 f'{m.peak_memory_mb:9.0f} {m.max_abs_diff:11.2e} {m.max_rel_diff:9.2e}')
         if show_rate and rates.get(name):
