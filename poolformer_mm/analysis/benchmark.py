@@ -448,21 +448,6 @@ def segmentation_batch(model: nn.Module, height: int, width: int, batch: int,
     return model.data_preprocessor(dict(inputs=images, data_samples=samples), True)
 
 
-def segmentation_training_step(model: nn.Module, height: int, width: int, batch: int,
-                               num_classes: int) -> Callable:
-    """A training step (loss, backward) of an mmseg model on a random labelled batch."""
-    data = segmentation_batch(model, height, width, batch, num_classes)
-
-    def step(variant: nn.Module) -> float:
-        losses = variant(data['inputs'], data['data_samples'], mode='loss')
-        loss, _ = variant.parse_losses(losses)
-        loss.backward()
-        variant.zero_grad(set_to_none=True)
-        return loss.item()
-
-    return step
-
-
 def loss_differences(variants: Dict[str, nn.Module],
                      step: Union[Callable[[nn.Module], float], Dict[str, Callable]],
                      results: Dict[str, Measurement]) -> None:
