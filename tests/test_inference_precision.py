@@ -341,3 +341,36 @@ def test_channels_last_training_gives_the_same_loss_and_gradients():
 def test_train_tool_has_channels_last():
     from poolformer_mm.apis.runner_setup import train_parser
     assert train_parser().parse_args(['some_config.py', '--channels-last']).channels_last
+
+
+@pytest.mark.slow
+def test_benchmark_times_whole_models_with_precisions_and_notes_missing_peers(tmp_path):
+    import json
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, 'tools/analysis/benchmark.py', '--model', TOY_FPN, '--shape', '64',
+         '--warmup', '0', '--repeat', '2', '--variants', 'reference', 'deploy', 'deploy:bf16',
+         '--json', str(tmp_path / 'out.json')], cwd=repo, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert re.search(r'^machine: .+\(.*\), torch .+ matmul fp32 \d+ GFLOP/s, bf16 \d+', out, re.M)
+    saved = json.loads((tmp_path / 'out.json').read_text())['results']
+    assert set(saved) == {'reference', 'deploy', 'deploy:bf16'}
+    assert saved['deploy']['max_rel_diff'] <= 1e-5 and saved['deploy:bf16']['max_rel_diff'] < 5e-2
+    # the speed-up printed is the ratio of the printed medians
+    line = re.search(r'deploy vs reference: ([\d.]+)x speed \(([\d.]+) / ([\d.]+) ms\)', out)
+    assert float(line[1]) == pytest.approx(float(line[2]) / float(line[3]), abs=0.01)
+    # a peer that is not installed is skipped with the command that installs it
+    result = subprocess.run(
+        [sys.executable, '-c', 'import sys; sys.modules["timm"] = None; '
+         'sys.argv = ["benchmark.py", "--arch", "s12", "--shape", "64", "--warmup", "0", '
+         '"--repeat", "1", "--variants", "reference", "timm", "deploy"]; '
+         'exec(open("tools/analysis/benchmark.py").read())'],
+        cwd=repo, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'timm skipped: timm is not installed' in result.stdout
+    assert 'pip install timm' in result.stdout
