@@ -272,7 +272,8 @@ def output_differences(variants: Dict[str, nn.Module], inputs: torch.Tensor,
     scale = max(o.abs().max().item() for o in expected)
     for name, outs in outputs.items():
         diff = max((a - b).abs().max().item() for a, b in zip(expected, outs))
-        results[name].max_abs_diff, results[name].max_rel_diff = diff, diff / scale
+        results[name].max_abs_diff = diff
+        results[name].max_rel_diff = diff / scale if scale else float('nan')
 
 
 # ---------------------------------------------------------------------------------- whole models
@@ -532,7 +533,8 @@ def model_output_differences(variants: Dict[str, nn.Module], tensor_step: Callab
     scale = max(o.abs().max().item() for o in expected)
     for name, outs in outputs.items():
         diff = max((a - b).abs().max().item() for a, b in zip(expected, outs))
-        results[name].max_abs_diff, results[name].max_rel_diff = diff, diff / scale
+        results[name].max_abs_diff = diff
+        results[name].max_rel_diff = diff / scale if scale else float('nan')
 
 
 # ---------------------------------------------------------------------------------- ONNX Runtime
@@ -605,4 +607,5 @@ def float_output_differences(variants: Dict[str, nn.Module], inputs: torch.Tenso
     scale = max(o.abs().max().item() for o in expected)
     for name, model in variants.items():
         diff = max((a - b).abs().max().item() for a, b in zip(expected, floats(step(model))))
-        results[name].max_abs_diff, results[name].max_rel_diff = diff, diff / scale
+        results[name].max_abs_diff = diff
+        results[name].max_rel_diff = diff / scale if scale else float('nan')
