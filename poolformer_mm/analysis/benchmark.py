@@ -257,6 +257,20 @@ def backbone_step(inputs: torch.Tensor, train: bool, dtype: torch.dtype) -> Call
     return step
 
 
+def record_differences(outputs: Dict[str, List[torch.Tensor]],
+                       results: Dict[str, Measurement]) -> None:
+    """Each variant's largest absolute output difference from the first variant's outputs, and
+    that over the largest of them (nan when those are all zero); nothing without outputs."""
+    expected = next(iter(outputs.values()), [])
+    if not expected:
+        return
+    scale = max(o.abs().max().item() for o in expected)
+    for name, outs in outputs.items():
+        diff = max((a - b).abs().max().item() for a, b in zip(expected, outs))
+        results[name].max_abs_diff = diff
+        results[name].max_rel_diff = diff / scale if scale else float('nan')
+
+
 def output_differences(variants: Dict[str, nn.Module], inputs: torch.Tensor,
                        results: Dict[str, Measurement], default_dtype: str = 'fp32') -> None:
     """Largest absolute and relative output difference of each variant (in its precision)
@@ -268,12 +282,7 @@ def output_differences(variants: Dict[str, nn.Module], inputs: torch.Tensor,
         dtype = PRECISIONS[parse_variant(name, default_dtype)[1]]
         model.eval()  # not chained: mmpretrain's train() returns None
         outputs[name] = [o.float() for o in backbone_step(inputs, False, dtype)(model)]
-    expected = next(iter(outputs.values()))
-    scale = max(o.abs().max().item() for o in expected)
-    for name, outs in outputs.items():
-        diff = max((a - b).abs().max().item() for a, b in zip(expected, outs))
-        results[name].max_abs_diff = diff
-        results[name].max_rel_diff = diff / scale if scale else float('nan')
+    record_differences(outputs, results)
 
 
 # ---------------------------------------------------------------------------------- whole models
@@ -529,12 +538,7 @@ def model_output_differences(variants: Dict[str, nn.Module], tensor_step: Callab
     for name, model in variants.items():
         model.eval()
         outputs[name] = flat_float_outputs(tensor_step(model))
-    expected = next(iter(outputs.values()))
-    scale = max(o.abs().max().item() for o in expected)
-    for name, outs in outputs.items():
-        diff = max((a - b).abs().max().item() for a, b in zip(expected, outs))
-        results[name].max_abs_diff = diff
-        results[name].max_rel_diff = diff / scale if scale else float('nan')
+    record_differences(outputs, results)
 
 
 # ---------------------------------------------------------------------------------- ONNX Runtime
@@ -596,16 +600,10 @@ def float_output_differences(variants: Dict[str, nn.Module], inputs: torch.Tenso
                              results: Dict[str, Measurement]) -> None:
     """Largest difference of each variant's float outputs (logits, head maps) from the first's;
     class-index outputs are left out."""
-    def floats(outputs):
-        outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs, )
-        return [o.float() for o in outputs if o.is_floating_point()]
-
     step = inference_step(inputs)
-    expected = floats(step(next(iter(variants.values()))))
-    if not expected:
-        return
-    scale = max(o.abs().max().item() for o in expected)
+    outputs = {}
     for name, model in variants.items():
-        diff = max((a - b).abs().max().item() for a, b in zip(expected, floats(step(model))))
-        results[name].max_abs_diff = diff
-        results[name].max_rel_diff = diff / scale if scale else float('nan')
+        outputs[name] = flat_float_outputs(step(model))
+        if not outputs[name]:  # class indices only: nothing to compare
+            return
+    record_differences(outputs, results)

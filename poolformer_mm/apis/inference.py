@@ -11,7 +11,6 @@ The weights go through mmengine's checkpoint loaders, which importing ``poolform
 configs' ``custom_imports``) makes weights-only.
 """
 import copy
-import logging
 import os
 import os.path as osp
 from typing import List, Optional, Sequence, Union
@@ -19,9 +18,8 @@ from typing import List, Optional, Sequence, Union
 import mmcv
 import torch
 from mmengine.config import Config
-from mmengine.logging import print_log
 
-from ..engine import enable_inference_autocast, inference_amp_dtype, prepare_for_inference
+from ..engine import enable_inference_autocast, log_inference_amp, prepare_for_inference
 from ..engine.safe_checkpoints import check_checkpoint_path
 from ..errors import InputNotFoundError, InvalidInputError
 from ..models import check_neck_in_channels
@@ -109,8 +107,7 @@ def init_inferencer(config: Union[str, Config], checkpoint: str, device: str = '
     if deploy:
         prepare_for_inference(inferencer.model)
     if amp:
-        dtype, message = inference_amp_dtype(device, amp)
-        print_log(message, logger='current', level=logging.INFO if dtype else logging.WARNING)
+        dtype = log_inference_amp(device, amp)
         if dtype is not None:
             enable_inference_autocast(inferencer.model, torch.device(device).type, dtype)
     return inferencer

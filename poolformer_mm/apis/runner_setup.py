@@ -17,7 +17,7 @@ from mmengine.config import Config
 from mmengine.hooks import CheckpointHook
 from mmengine.logging import print_log
 
-from ..engine.inference_precision import BF16_CPU_FLAGS, cpu_bf16_units, inference_amp_dtype
+from ..engine.inference_precision import NO_BF16_UNITS, cpu_bf16_units, log_inference_amp
 from ..engine.safe_checkpoints import check_checkpoint_path
 from ..engine.work_dir import find_resumable_checkpoint, lock_work_dir
 from ..errors import InvalidInputError
@@ -134,9 +134,8 @@ def _enable_amp(cfg: Config) -> None:
         cfg.optim_wrapper.type = 'BF16AutocastOptimWrapper'
         if not cpu_bf16_units():
             # training in bf16 changes the numbers, so it runs as asked, but not silently slower
-            print_log(f"--amp: this CPU has no bf16 units (neither {' nor '.join(BF16_CPU_FLAGS)}"
-                      ' in /proc/cpuinfo): bf16 is emulated there, and training runs slower '
-                      'than in fp32; drop --amp for speed', logger='current',
+            print_log(f'--amp: {NO_BF16_UNITS}: bf16 is emulated there, and training runs '
+                      'slower than in fp32; drop --amp for speed', logger='current',
                       level=logging.WARNING)
 
 
@@ -209,8 +208,7 @@ def _enable_tta(cfg: Config) -> None:
 
 def _enable_test_amp(cfg: Config, choice: str = 'auto') -> None:
     device = 'cuda' if torch.cuda.is_available() else 'cpu'  # where the Runner puts the model
-    dtype, message = inference_amp_dtype(device, choice)
-    print_log(message, logger='current', level=logging.INFO if dtype else logging.WARNING)
+    dtype = log_inference_amp(device, choice)
     if dtype is not None:
         cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [
             dict(type='InferenceAutocastHook', dtype=str(dtype).replace('torch.', ''))]

@@ -6,7 +6,7 @@ from .inference_precision import (
     InferenceAutocastHook,
     enable_inference_autocast,
     inference_amp_dtype,
-    inference_autocast,
+    log_inference_amp,
 )
 from .optim_wrapper import BF16AutocastOptimWrapper
 from .random_state import RandomStateHook, get_random_state, set_random_state
@@ -23,7 +23,7 @@ __all__ = [
     'AtomicLocalBackend', 'BF16AutocastOptimWrapper', 'ChannelsLastHook', 'CrashSafeCheckpointHook',
     'to_channels_last',
     'DeployBackboneHook', 'FiniteLossHook', 'InferenceAutocastHook', 'enable_inference_autocast',
-    'inference_amp_dtype', 'inference_autocast', 'prepare_for_inference',
+    'inference_amp_dtype', 'log_inference_amp', 'prepare_for_inference',
     'WorkDirLock', 'find_resumable_checkpoint', 'is_remote_checkpoint', 'lock_work_dir',
     'load_from_local_weights_only', 'register_safe_checkpoint_io', 'switch_backbone_to_deploy',
     'RandomStateHook', 'SegPicturesHook', 'get_random_state', 'set_random_state'

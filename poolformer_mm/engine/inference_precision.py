@@ -5,7 +5,6 @@ which pays only where the CPU has bf16 units (AVX-512 BF16 or AMX): there the ma
 run several times faster than in fp32. A CPU without them emulates bf16 and is slower than
 fp32, so there ``--amp`` says so and runs fp32 instead: it is never silently slower.
 """
-import contextlib
 import functools
 import logging
 from typing import Optional, Tuple
@@ -19,6 +18,8 @@ from ..errors import InvalidInputError
 
 # the CPU flags (Linux /proc/cpuinfo names) of native bf16 arithmetic
 BF16_CPU_FLAGS = ('avx512_bf16', 'amx_bf16')
+NO_BF16_UNITS = (f"this CPU has no bf16 units (neither {' nor '.join(BF16_CPU_FLAGS)} in "
+                 '/proc/cpuinfo)')
 
 
 @functools.lru_cache(maxsize=None)
@@ -55,23 +56,17 @@ def inference_amp_dtype(device: str, choice: str = 'auto') -> Tuple[Optional[tor
     units = cpu_bf16_units()
     if units:
         return torch.bfloat16, f"mixed precision: bf16 autocast (this CPU has {', '.join(units)})"
-    missing = (f"this CPU has no bf16 units (neither {' nor '.join(BF16_CPU_FLAGS)} in "
-               '/proc/cpuinfo): bf16 is emulated there and slower than fp32')
+    missing = f'{NO_BF16_UNITS}: bf16 is emulated there and slower than fp32'
     if choice == 'bf16':
         return torch.bfloat16, f'mixed precision: bf16 autocast as asked, but {missing}'
     return None, f'--amp: {missing}; running in fp32 (--amp bf16 forces bf16)'
 
 
-def inference_autocast(device: str, choice: Optional[str] = 'auto'):
-    """A context for the forward passes of ``--amp CHOICE`` inference on ``device`` (see
-    :func:`inference_amp_dtype`; None: no autocast); logs what runs."""
-    if choice is None:
-        return contextlib.nullcontext()
+def log_inference_amp(device: str, choice: str = 'auto') -> Optional[torch.dtype]:
+    """:func:`inference_amp_dtype`, with its line logged (a warning when it runs fp32)."""
     dtype, message = inference_amp_dtype(device, choice)
     print_log(message, logger='current', level=logging.INFO if dtype else logging.WARNING)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=dtype)
+    return dtype
 
 
 def _to_float(outputs):
