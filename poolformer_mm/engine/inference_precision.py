@@ -15,6 +15,7 @@ from mmengine.logging import print_log
 from mmengine.registry import HOOKS
 
 from ..errors import InvalidInputError
+from .model_parts import unwrap_model
 
 # the CPU flags (Linux /proc/cpuinfo names) of native bf16 arithmetic
 BF16_CPU_FLAGS = ('avx512_bf16', 'amx_bf16')
@@ -110,8 +111,7 @@ def enable_inference_autocast(model: torch.nn.Module, device_type: str,
     and the neck's too where RoI extractors read them (two-stage detectors). Returns the number
     of modules changed.
     """
-    while hasattr(model, 'module') and not hasattr(model, 'backbone'):  # DDP, TTA wrappers
-        model = model.module
+    model = unwrap_model(model)  # DDP, test-time augmentation
     roi_head = getattr(model, 'roi_head', None)
     changed = _wrap(getattr(model, 'backbone', None), device_type, dtype, False)
     changed += _wrap(getattr(model, 'neck', None), device_type, dtype, roi_head is not None)
