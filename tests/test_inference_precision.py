@@ -374,3 +374,22 @@ def test_benchmark_times_whole_models_with_precisions_and_notes_missing_peers(tm
     assert result.returncode == 0, result.stderr[-2000:]
     assert 'timm skipped: timm is not installed' in result.stdout
     assert 'pip install timm' in result.stdout
+
+
+def test_benchmark_refuses_an_unknown_precision_or_variant_in_one_line():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from poolformer_mm.analysis.benchmark import parse_variant
+    assert parse_variant('deploy:bf16') == ('deploy', 'bf16')
+    assert parse_variant('deploy', 'bf16') == ('deploy', 'bf16')
+    with pytest.raises(ValueError, match="unknown precision 'int4' in variant 'deploy:int4'"):
+        parse_variant('deploy:int4')
+    result = subprocess.run(
+        [sys.executable, 'tools/analysis/benchmark.py', '--arch', 's12', '--shape', '32',
+         '--variants', 'reference', 'deploy:int4'], cwd=Path(__file__).resolve().parents[1],
+        capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "error: unknown precision 'int4'" in result.stderr
+    assert 'Traceback' not in result.stderr

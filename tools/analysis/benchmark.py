@@ -244,4 +244,7 @@ def plot_sizes(args, arch, names, kwargs):
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except ValueError as error:  # an unknown variant, peer or precision: one line, no traceback
+        raise SystemExit(f'error: {error}')
