@@ -100,9 +100,31 @@ def test_grayscale_rgba_tiny_and_odd_images_just_work(tmp_path, mode):
         assert cv2.imread(written).shape[:2] == shape[mode][:2]
 
 
+def _garbage(seed: int) -> bytes:
+    """Bytes that are no checkpoint; some start as a pickle, a zip or a safetensors file do, so
+    that the loaders get past their first check."""
+    rng = np.random.default_rng(seed)
+    body = rng.integers(0, 256, int(rng.choice([1, 10, 100, 5000])), dtype=np.uint8).tobytes()
+    prefix = [b'', b'\x80\x02', b'PK\x03\x04', (40).to_bytes(8, 'little') + b'{"a":'][seed % 4]
+    return prefix + body
+
+
+def test_garbage_files_of_every_kind_are_one_clear_error_from_the_loader(tmp_path):
+    # The restricted unpickler fails on random bytes with UnpicklingError, but also with
+    # IndexError, KeyError, UnicodeDecodeError ...: every one must be the same clear error.
+    from poolformer_mm.engine.safe_checkpoints import load_weights_only
+    from poolformer_mm.errors import InvalidInputError
+    path = tmp_path / 'garbage.pth'
+    for seed in range(400):
+        path.write_bytes(_garbage(seed))
+        with pytest.raises(InvalidInputError, match="'.*garbage.pth' is not a readable|refused to "
+                           "load '.*garbage.pth'"):
+            load_weights_only(str(path))
+
+
 def test_checkpoint_of_random_bytes_is_refused_by_test_script(tmp_path, coco):
     bad = tmp_path / 'random.pth'
-    bad.write_bytes(os.urandom(5000))
+    bad.write_bytes(_garbage(48))  # one whose unpickling fails with an IndexError
     with pytest.raises(ValueError, match="is not a readable PyTorch checkpoint|refused to load"):
         run_testing([TOY_RETINANET, str(bad), '--data-root', coco, '--work-dir',
                      str(tmp_path / 'w')])

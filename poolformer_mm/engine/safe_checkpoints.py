@@ -38,6 +38,7 @@ import re
 import secrets
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import BinaryIO, Optional, Union
 from urllib.parse import urlparse
@@ -117,12 +118,21 @@ def _refused(name: str, err: pickle.UnpicklingError) -> InvalidInputError:
 def _torch_load_weights_only(source: Union[str, BinaryIO], name: str, map_location=None):
     """``torch.load(source, weights_only=True)`` with one clear error for a refused file."""
     try:
-        return torch.load(source, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # a file that is not a checkpoint at all reads as an odd pickle protocol; the error
+            # below says so, torch's warning about the protocol would only add noise
+            warnings.filterwarnings('ignore', message='Detected pickle protocol')
+            return torch.load(source, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         raise _refused(name, err) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
+    except Exception as err:
+        # Bytes that are not a checkpoint make the restricted unpickler fail in many ways
+        # (IndexError, KeyError, UnicodeDecodeError, EOFError, RuntimeError ... on a pop from
+        # an empty stack or a bad memo key); every one means the same thing to the user.
+        first_line = (str(err).splitlines() or [''])[0]
         raise InvalidInputError(f"'{name}' is not a readable PyTorch checkpoint (truncated, or "
-                                f'another kind of file): {str(err).splitlines()[0]}') from None
+                                f'another kind of file): {type(err).__name__}: {first_line}'
+                                ) from None
 
 
 def is_safetensors_file(path: str) -> bool:
