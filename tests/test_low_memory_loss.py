@@ -83,7 +83,8 @@ def test_nothing_of_full_resolution_is_kept_for_backward():
     full_logits = 2 * 150 * 64 * 64
     ours = _saved_elements(lambda: upsampled_cross_entropy(low, labels))
     theirs = _saved_elements(lambda: _mmseg_loss(low, labels))
-    assert ours == low.numel() + labels.numel()  # the inputs, nothing else
+    # the inputs and one log-sum-exp per pixel: nothing per class at full resolution
+    assert ours == low.numel() + 2 * labels.numel()
     assert theirs >= full_logits  # mmseg's path keeps at least the log-softmax
 
 
@@ -99,39 +100,80 @@ def _build(cfg):
 
 
 def test_low_memory_head_gives_fpn_head_loss_and_gradients():
-    from poolformer_mm.analysis.benchmark import segmentation_batch, segmentor_variants
-    variants = segmentor_variants('configs/segmentation/toy/fpn_poolformer_s12_toy.py',
-                                  ['fast', 'cp'])
-    assert type(variants['cp'].decode_head).__name__ == 'LowMemoryFPNHead'
-    assert all(stage.grad_checkpointing for stage in variants['cp'].backbone.stages)
-    assert not any(stage.grad_checkpointing for stage in variants['fast'].backbone.stages)
-    data = segmentation_batch(variants['fast'], 80, 96, batch=2, num_classes=4)
+    from poolformer_mm.analysis.benchmark import (
+        segmentation_batch,
+        segmentor_variants,
+        upstream_model,
+    )
+    config = 'configs/segmentation/toy/fpn_poolformer_s12_toy.py'
+    ours = segmentor_variants(config, ['fast'])['fast']
+    mmseg_head = upstream_model(config)
+    mmseg_head.load_state_dict(ours.state_dict())
+    mmseg_head.backbone.set_fast_path(True)
+    assert type(ours.decode_head).__name__ == 'LowMemoryFPNHead'
+    assert type(mmseg_head.decode_head).__name__ == 'FPNHead'
+    data = segmentation_batch(ours, 80, 96, batch=2, num_classes=4)
     grads, losses = [], []
-    for model in variants.values():
+    for model in (mmseg_head, ours):
         model.train()
         torch.manual_seed(0)  # same dropout mask in the head
         losses.append(model.parse_losses(
             model(data['inputs'], data['data_samples'], mode='loss')))
         losses[-1][0].backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-    (fast_loss, fast_log), (cp_loss, cp_log) = losses
-    torch.testing.assert_close(cp_loss, fast_loss, rtol=1e-6, atol=0)
-    accuracies = [float(log['decode.acc_seg']) for log in (fast_log, cp_log)]
+    (mmseg_loss, mmseg_log), (our_loss, our_log) = losses
+    torch.testing.assert_close(our_loss, mmseg_loss, rtol=1e-6, atol=0)
+    accuracies = [float(log['decode.acc_seg']) for log in (mmseg_log, our_log)]
     assert accuracies[1] == pytest.approx(accuracies[0], abs=1e-3)
     for name, expected in grads[0].items():
         torch.testing.assert_close(grads[1][name], expected, rtol=1e-4, atol=1e-7, msg=name)
 
 
+def test_under_bf16_autocast_the_loss_is_as_close_to_the_exact_one_as_mmseg_s():
+    """Under ``--amp`` both losses resize bf16 logits: each must be as near to the exact (fp64)
+    loss and gradient as the other."""
+    torch.manual_seed(0)
+    low = torch.randn(2, 150, 32, 32)
+    labels = torch.randint(0, 150, (2, 128, 128))
+    labels[0, :20] = 255
+    exact_input = low.double().requires_grad_()
+    exact, _ = _mmseg_loss(exact_input, labels)
+    exact_grad, = torch.autograd.grad(exact, exact_input)
+    errors = {}
+    for name in ('mmseg', 'ours'):
+        bf16 = low.bfloat16().requires_grad_()
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            loss, _ = (_mmseg_loss(bf16, labels) if name == 'mmseg'
+                       else upsampled_cross_entropy(bf16, labels))
+        loss.backward()
+        assert loss.dtype == torch.float32 and bf16.grad.dtype == torch.bfloat16
+        errors[name] = (abs(loss.item() - exact.item()) / exact.item(),
+                        float((bf16.grad.double() - exact_grad).norm() / exact_grad.norm()))
+    assert errors['ours'][0] < 1e-3 and errors['ours'][1] < 2e-2, errors
+    # no worse than mmseg's own bf16 path (with a margin for rounding luck)
+    assert errors['ours'][1] <= 1.5 * errors['mmseg'][1], errors
+
+
+def test_fpn_configs_train_with_the_low_memory_head():
+    for name in ('fpn_poolformer_s12.py', 'fpn_poolformer_s12_with_cp.py', 'fpn_caformer_s18.py',
+                 'toy/fpn_poolformer_s12_toy.py'):
+        cfg = Config.fromfile(REPO / 'configs/segmentation' / name)
+        assert cfg.model.decode_head.type == 'LowMemoryFPNHead', name
+        assert 'poolformer_mm.models.decode_heads' in cfg.custom_imports.imports
+
+
 def test_with_cp_config_is_the_plain_model_with_less_memory():
     plain = Config.fromfile(REPO / 'configs/segmentation/fpn_poolformer_s12.py')
     saving = Config.fromfile(REPO / 'configs/segmentation/fpn_poolformer_s12_with_cp.py')
-    assert saving.model.backbone.with_cp and saving.model.decode_head.type == 'LowMemoryFPNHead'
+    assert saving.model.backbone.with_cp and not plain.model.backbone.get('with_cp', False)
     for cfg in (plain, saving):
         cfg.model.backbone.init_cfg = None
     plain_model, saving_model = _build(plain.model), _build(saving.model)
-    # checkpoints of either load into the other
+    # checkpoints of either load into the other, and into mmseg's FPNHead
     saving_model.load_state_dict(plain_model.state_dict())
     assert plain_model.state_dict().keys() == saving_model.state_dict().keys()
+    plain.model.decode_head.type = 'FPNHead'
+    _build(plain.model).load_state_dict(saving_model.state_dict())
 
 
 def test_low_memory_head_accepts_a_one_element_loss_list():
@@ -171,3 +213,50 @@ def test_benchmark_reports_the_whole_model_memory_saving(tmp_path):
     assert set(rows) == {'fast', 'cp'}
     assert float(rows['cp'][7]) < 1e-5  # relative loss difference
     assert 'cp vs fast:' in result.stdout and 'peak memory' in result.stdout
+
+
+@pytest.mark.parametrize('ours, theirs, head_cfg', [
+    ('LowMemoryUPerHead', 'UPerHead', dict(in_channels=[8, 8, 8, 8], in_index=[0, 1, 2, 3],
+                                           pool_scales=(1, 2))),
+    ('LowMemoryFCNHead', 'FCNHead', dict(in_channels=8, in_index=2, num_convs=1,
+                                         loss_decode=dict(type='CrossEntropyLoss',
+                                                          loss_weight=0.4))),
+])
+def test_upernet_heads_give_mmseg_heads_loss_and_gradients(ours, theirs, head_cfg):
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+
+    import poolformer_mm.models.decode_heads  # noqa: F401 (registers the heads)
+    torch.manual_seed(0)
+    cfg = dict(channels=8, num_classes=5, dropout_ratio=0.0, **head_cfg)
+    heads = [_build(dict(type=name, **cfg)) for name in (theirs, ours)]
+    heads[1].load_state_dict(heads[0].state_dict())
+    features = [torch.randn(2, 8, 32 // 2**i, 40 // 2**i) for i in range(4)]
+    samples = []
+    for _ in range(2):
+        labels = torch.randint(0, 5, (1, 128, 160))
+        labels[:, :10] = 255
+        samples.append(SegDataSample(gt_sem_seg=PixelData(data=labels)))
+    results = []
+    for head in heads:
+        head.train()
+        losses = head.loss(features, samples, train_cfg=None)
+        loss = sum(v for k, v in losses.items() if 'loss' in k)
+        loss.backward()
+        results.append((losses, {n: p.grad.clone() for n, p in head.named_parameters()}))
+    (their_losses, their_grads), (our_losses, our_grads) = results
+    assert our_losses.keys() == their_losses.keys()
+    torch.testing.assert_close(our_losses['loss_ce'], their_losses['loss_ce'], rtol=1e-6, atol=0)
+    assert float(our_losses['acc_seg']) == pytest.approx(float(their_losses['acc_seg']), abs=1e-3)
+    for name, expected in their_grads.items():
+        torch.testing.assert_close(our_grads[name], expected, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_upernet_config_trains_with_the_low_memory_heads_and_refuses_other_losses():
+    cfg = Config.fromfile(REPO / 'configs/segmentation/upernet_poolformer_s12.py')
+    assert cfg.model.decode_head.type == 'LowMemoryUPerHead'
+    assert cfg.model.auxiliary_head.type == 'LowMemoryFCNHead'
+    import poolformer_mm.models.decode_heads  # noqa: F401 (registers the heads)
+    head = dict(cfg.model.auxiliary_head, loss_decode=dict(type='DiceLoss'))
+    with pytest.raises(ValueError, match=r"LowMemoryFCNHead .* DiceLoss\. Use type='FCNHead'"):
+        _build(head)

@@ -6,7 +6,8 @@ _base_ = [
     'mmseg::_base_/models/upernet_r50.py', 'mmseg::_base_/datasets/ade20k.py',
     'mmseg::_base_/default_runtime.py', 'mmseg::_base_/schedules/schedule_160k.py'
 ]
-custom_imports = dict(imports=['poolformer_mm'], allow_failed_imports=False)
+custom_imports = dict(
+    imports=['poolformer_mm', 'poolformer_mm.models.decode_heads'], allow_failed_imports=False)
 
 checkpoint_file = 'https://github.com/sail-sg/poolformer/releases/download/v1.0/poolformer_s12.pth.tar'  # noqa: E501
 crop_size = (512, 512)
@@ -19,8 +20,10 @@ model = dict(
         arch='s12',
         init_cfg=dict(type='Pretrained', checkpoint=checkpoint_file)),
     # no neck: the heads read the backbone's stages (the auxiliary head stage 2)
-    decode_head=dict(in_channels=[64, 128, 320, 512], num_classes=150),
-    auxiliary_head=dict(in_channels=320, num_classes=150))
+    # mmseg's UPerHead and FCNHead (same weights, loss and gradients) with the loss computed a
+    # band of rows at a time instead of on the resized 150-class logits
+    decode_head=dict(type='LowMemoryUPerHead', in_channels=[64, 128, 320, 512], num_classes=150),
+    auxiliary_head=dict(type='LowMemoryFCNHead', in_channels=320, num_classes=150))
 
 optim_wrapper = dict(
     _delete_=True,

@@ -289,7 +289,8 @@ def output_differences(variants: Dict[str, nn.Module], inputs: torch.Tensor,
 def model_variants(config: str, names: Sequence[str], seed: int = 0,
                    default_dtype: str = 'fp32', train: bool = False) -> Dict[str, nn.Module]:
     """The config's detector or segmentor with identical random weights, one per variant name:
-    'reference' (the paper's backbone, :class:`ReferencePoolFormer`, in the config's model),
+    'reference' (the paper's model: its backbone, :class:`ReferencePoolFormer`, in the
+    config's model with mmseg's heads in place of this project's, :func:`upstream_model`),
     'plain', 'fast', 'cp' (as :func:`segmentor_variants`), 'channels_last' (fast, with the
     neck and head channels-last: ``tools/train.py --channels-last``) and 'deploy' (inference
     only: what ``tools/test.py --deploy`` runs). A ``:bf16`` suffix in inference runs the model as
@@ -301,7 +302,8 @@ def model_variants(config: str, names: Sequence[str], seed: int = 0,
     variants = {}
     for spec, name in zip(names, plain_names):
         if name == 'reference':
-            model = copy.deepcopy(base)
+            model = upstream_model(config, seed)
+            model.load_state_dict(base.state_dict())
             model.backbone = ReferencePoolFormer.like(base.backbone)
         elif name == 'deploy':
             if train:
@@ -427,6 +429,24 @@ def segmentor_variants(config: str, names: Sequence[str], seed: int = 0) -> Dict
             model.backbone.set_grad_checkpointing(False)
         variants[name] = model
     return variants
+
+
+# this project's heads and the upstream ones they compute the same outputs and loss as
+UPSTREAM_HEADS = {'LowMemoryFPNHead': 'FPNHead', 'LowMemoryUPerHead': 'UPerHead',
+                  'LowMemoryFCNHead': 'FCNHead'}
+
+
+def upstream_model(config: str, seed: int = 0) -> nn.Module:
+    """The config's model with mmseg's heads in place of this project's faster ones
+    (:data:`UPSTREAM_HEADS`): the model the paper's code trains."""
+    from .complexity import build_model_without_pretrained, load_config
+    cfg = load_config(config)
+    for key in ('decode_head', 'auxiliary_head'):
+        heads = cfg.model.get(key)
+        for head in (heads if isinstance(heads, list) else [heads] if heads else []):
+            head.type = UPSTREAM_HEADS.get(head.type.split('.')[-1], head.type)
+    torch.manual_seed(seed)
+    return revert_sync_batchnorm(build_model_without_pretrained(cfg))
 
 
 def memory_saving(cfg):

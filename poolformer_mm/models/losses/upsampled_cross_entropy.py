@@ -1,77 +1,169 @@
-"""Cross-entropy of low-resolution logits against full-resolution labels, without keeping the
-full-resolution logits.
+"""Cross-entropy of low-resolution logits against full-resolution labels, computed a band of
+rows at a time, fast and without keeping the full-resolution logits.
 
 A segmentation head predicts at 1/4 of the image size, and mmseg upsamples the logits to the
 label size before the loss. For ADE20K at 512x512 and batch 2 that is 150 x 512 x 512 x 2 floats,
 315 MB, and autograd keeps several tensors of that size (the upsampled logits, the log-softmax
-it saves, their gradients): about half of a Semantic FPN-S12 training step's peak memory.
+it saves, their gradients). Each of the passes over them (resize, cast, log-softmax, gather,
+top-k, and the same backwards) streams that tensor through memory: on a CPU they took about
+half of a bf16 Semantic FPN-S12 training step.
 
-Here the forward pass upsamples one image at a time and keeps only per-pixel scalars; the
-backward pass upsamples again, turns the logits into their gradient in place
-(``softmax - one_hot``, masked and scaled) and sends it back through the upsampling. At most
-one image's full-resolution logits exist at a time. The loss is the one mmseg's
-``CrossEntropyLoss`` computes (softmax, mean reduction, ``ignore_index``, ``avg_non_ignore``,
-``loss_weight``), summed in a different order.
+Here bilinear resizing is split in two, as it is separable: the logits are first resized along
+the width (a small tensor, ``C x h x W``), then bands of output rows are formed one at a time as
+a small matrix product with the rows of the height-resizing matrix. Everything a band needs (its
+log-sum-exp, the target logit, the arg-max) is computed while it is in cache. The forward pass
+keeps one scalar per pixel, the log-sum-exp; the backward pass forms each band again, turns it
+into its gradient in place (``softmax - one_hot``, masked and scaled) and sends it back through
+the transposed height matrix (another small matrix product) and the width resizing's backward.
+
+The loss is the one mmseg's ``CrossEntropyLoss`` computes on ``F.interpolate``'d logits
+(softmax, mean reduction, ``ignore_index``, ``avg_non_ignore``, ``loss_weight``), summed in a
+different order. It is computed in fp32 (fp64 for fp64 logits) whatever the autocast state.
 """
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+# Output rows per band: 8 rows of 150 classes x 512 pixels in fp32 are 2.4 MB, about one core's
+# L2 cache on current server CPUs, so the passes over a band do not go to memory.
+BAND_ELEMENTS = 8 * 150 * 512
 
-def _upsample(logits: Tensor, size: Tuple[int, int], align_corners: bool) -> Tensor:
-    return F.interpolate(logits, size=size, mode='bilinear', align_corners=align_corners)
+
+def resize_matrix(out_size: int, in_size: int, align_corners: bool,
+                  dtype: torch.dtype = torch.float64) -> Tensor:
+    """The (out_size, in_size) matrix of 1-D linear resizing exactly as ``F.interpolate(...,
+    mode='bilinear', size=...)`` computes it along one axis (source index, clamping, and the
+    edge where both neighbours are the last pixel)."""
+    dst = torch.arange(out_size, dtype=torch.float64)
+    if align_corners:
+        scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
+        src = dst * scale
+    else:
+        src = ((in_size / out_size) * (dst + 0.5) - 0.5).clamp_min(0)
+    low = src.long().clamp_max(in_size - 1)
+    high = (low + 1).clamp_max(in_size - 1)
+    high_weight = (src - low).clamp(0, 1)
+    matrix = torch.zeros(out_size, in_size, dtype=torch.float64)
+    rows = torch.arange(out_size)
+    matrix.index_put_((rows, low), 1 - high_weight, accumulate=True)
+    matrix.index_put_((rows, high), high_weight, accumulate=True)
+    return matrix.to(dtype)
+
+
+def _bands(matrix: Tensor, rows_per_band: int) -> List[Tuple[slice, slice, Tensor]]:
+    """(output rows, input rows, the matrix's block) for each band of output rows."""
+    bands = []
+    for start in range(0, matrix.shape[0], rows_per_band):
+        block = matrix[start:start + rows_per_band]
+        used = block.abs().sum(0).nonzero().flatten()
+        first, last = (int(used[0]), int(used[-1]) + 1) if len(used) else (0, 1)
+        bands.append((slice(start, start + rows_per_band), slice(first, last),
+                      block[:, first:last].contiguous()))
+    return bands
 
 
 class _UpsampledCrossEntropy(torch.autograd.Function):
 
     @staticmethod
+    def _setup(logits: Tensor, labels: Tensor, align_corners: bool, compute: torch.dtype):
+        """The width-resizing matrix in the logits' dtype (bf16 under autocast: that product
+        then runs on bf16 units, and its output is rounded to bf16 as mmseg's resize under
+        autocast rounds it), and the bands of output rows with their blocks of the
+        height-resizing matrix in ``compute`` precision."""
+        (height, width), (low_height, low_width) = labels.shape[-2:], logits.shape[-2:]
+        width_matrix_t = resize_matrix(width, low_width, align_corners).T.contiguous()
+        height_matrix = resize_matrix(height, low_height, align_corners)
+        rows_per_band = max(1, BAND_ELEMENTS // (logits.shape[1] * width))
+        bands = [(out_rows, in_rows, block.to(compute).to(logits.device))
+                 for out_rows, in_rows, block in _bands(height_matrix, rows_per_band)]
+        return width_matrix_t.to(logits.dtype).to(logits.device), bands
+
+    @staticmethod
+    def _width_resized(image_logits: Tensor, width_matrix_t: Tensor) -> Tensor:
+        """(h, C * W): one image's (C, h, w) logits resized along the width, rows outermost so
+        that a band of input rows is one contiguous block."""
+        rows = image_logits.transpose(0, 1).reshape(-1, image_logits.shape[-1])
+        return (rows @ width_matrix_t).view(image_logits.shape[1], -1)
+
+    @staticmethod
+    def _band(rows: Tensor, in_rows: slice, block: Tensor, compute: torch.dtype,
+              num_classes: int) -> Tensor:
+        """(r, C, W): a band of resized logits, in ``compute`` precision (a product with two
+        or three rows is memory-bound: fp32 operands run it faster than bf16 ones)."""
+        return (block @ rows[in_rows].to(compute)).view(len(block), num_classes, -1)
+
+    @staticmethod
     def forward(ctx, logits: Tensor, labels: Tensor, ignore_index: int, align_corners: bool,
                 normalizer: float) -> Tuple[Tensor, Tensor]:
-        size = tuple(labels.shape[-2:])
-        total = logits.new_zeros((), dtype=torch.float64)
-        correct = labels.new_zeros(())
-        for image_logits, image_labels in zip(logits.split(1), labels.split(1)):
-            full = _upsample(image_logits, size, align_corners)  # (1, K, H, W)
-            valid = image_labels != ignore_index
-            targets = image_labels.where(valid, 0).unsqueeze(1)
-            nll = torch.logsumexp(full, dim=1) - full.gather(1, targets).squeeze(1)
-            total += nll[valid].sum(dtype=torch.float64)
-            correct += ((full.argmax(1) == image_labels) & valid).sum()
-            del full
-        ctx.save_for_backward(logits, labels)
+        compute = torch.promote_types(logits.dtype, torch.float32)
+        num_classes = logits.shape[1]
+        with torch.autocast(logits.device.type, enabled=False):
+            width_matrix_t, bands = _UpsampledCrossEntropy._setup(logits, labels, align_corners,
+                                                                  compute)
+            total = logits.new_zeros((), dtype=torch.float64)
+            correct = labels.new_zeros(())
+            log_sum_exp = logits.new_empty(labels.shape, dtype=compute)
+            for index, image_logits in enumerate(logits):
+                rows = _UpsampledCrossEntropy._width_resized(image_logits, width_matrix_t)
+                for out_rows, in_rows, block in bands:
+                    band = _UpsampledCrossEntropy._band(rows, in_rows, block, compute,
+                                                        num_classes)
+                    band_labels = labels[index, out_rows]
+                    valid = band_labels != ignore_index
+                    target_logit = band.gather(1, band_labels.where(valid, 0).unsqueeze(1))
+                    top = band.amax(1, keepdim=True)
+                    # a pixel is right when its label's logit is the largest (arg-max without
+                    # indices, which the max-with-indices kernel makes 10x slower)
+                    correct += ((target_logit >= top).squeeze(1) & valid).sum()
+                    band_lse = band.sub_(top).exp_().sum(1).log_().add_(top.squeeze(1))
+                    log_sum_exp[index, out_rows] = band_lse
+                    nll = (band_lse - target_logit.squeeze(1))[valid]
+                    total += nll.sum(dtype=torch.float64)
+        ctx.save_for_backward(logits, labels, log_sum_exp)
         ctx.options = (ignore_index, align_corners, normalizer)
         # reported in fp32 at least, as mmseg's loss is under autocast
-        out_dtype = torch.promote_types(logits.dtype, torch.float32)
         valid_count = (labels != ignore_index).sum().clamp_min(1)
-        accuracy = (100.0 * correct / valid_count).to(out_dtype)
+        accuracy = (100.0 * correct / valid_count).to(compute)
         ctx.mark_non_differentiable(accuracy)
-        return (total / normalizer).to(out_dtype), accuracy
+        return (total / normalizer).to(compute), accuracy
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss: Tensor, grad_accuracy: Tensor):
-        logits, labels = ctx.saved_tensors
+        logits, labels, log_sum_exp = ctx.saved_tensors
         ignore_index, align_corners, normalizer = ctx.options
-        size = tuple(labels.shape[-2:])
-        grads = []
-        for image_logits, image_labels in zip(logits.split(1), labels.split(1)):
-            with torch.enable_grad():
-                low = image_logits.detach().requires_grad_()
-                full = _upsample(low, size, align_corners)
-            valid = image_labels != ignore_index
-            targets = image_labels.where(valid, 0).unsqueeze(1)
-            # d nll / d logits = softmax - one_hot, written over the recomputed logits; the
-            # upsampling saves no tensor for its backward, so overwriting them is safe
-            grad_full = full.detach()
-            torch.softmax(grad_full, dim=1, out=grad_full)
-            grad_full.scatter_add_(1, targets, grad_full.new_full(targets.shape, -1.0))
-            grad_full.mul_((valid * (grad_loss / normalizer)).unsqueeze(1).to(grad_full.dtype))
-            grads.append(torch.autograd.grad(full, low, grad_full)[0])
-            del full, grad_full
-        return torch.cat(grads), None, None, None, None
+        compute = log_sum_exp.dtype
+        num_classes, low_height, low_width = logits.shape[1:]
+        grad_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        with torch.autocast(logits.device.type, enabled=False):
+            width_matrix_t, bands = _UpsampledCrossEntropy._setup(logits, labels, align_corners,
+                                                                  compute)
+            scale = (grad_loss / normalizer).to(compute)
+            grad_rows = None
+            for index, image_logits in enumerate(logits):
+                rows = _UpsampledCrossEntropy._width_resized(image_logits, width_matrix_t)
+                # one buffer for every image: fresh memory of this size costs page faults
+                grad_rows = (torch.zeros(rows.shape, dtype=compute, device=rows.device)
+                             if grad_rows is None else grad_rows.zero_())
+                for out_rows, in_rows, block in bands:
+                    band = _UpsampledCrossEntropy._band(rows, in_rows, block, compute,
+                                                        num_classes)
+                    band_labels = labels[index, out_rows]
+                    valid = band_labels != ignore_index
+                    targets = band_labels.where(valid, 0).unsqueeze(1)
+                    # d nll / d logits = softmax - one_hot, masked and scaled, in place
+                    band.sub_(log_sum_exp[index, out_rows].unsqueeze(1)).exp_()
+                    band.scatter_add_(1, targets, band.new_full(targets.shape, -1.0))
+                    band.mul_((valid * scale).unsqueeze(1))
+                    grad_rows[in_rows].addmm_(block.T, band.flatten(1))
+                # back through the width resizing, in the logits' precision as autograd would
+                grad_low = (grad_rows.to(logits.dtype).view(-1, width_matrix_t.shape[1])
+                            @ width_matrix_t.T)
+                grad_logits[index] = grad_low.view(low_height, num_classes,
+                                                   low_width).transpose(0, 1)
+        return grad_logits, None, None, None, None
 
 
 def upsampled_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = 255,
