@@ -11,10 +11,10 @@ from .inference_precision import (
 from .optim_wrapper import BF16AutocastOptimWrapper
 from .random_state import RandomStateHook, get_random_state, set_random_state
 from .safe_checkpoints import (
-                               AtomicLocalBackend,
-                               is_remote_checkpoint,
-                               load_from_local_weights_only,
-                               register_safe_checkpoint_io,
+    AtomicLocalBackend,
+    is_remote_checkpoint,
+    load_from_local_weights_only,
+    register_safe_checkpoint_io,
 )
 from .seg_pictures_hook import SegPicturesHook
 from .work_dir import WorkDirLock, find_resumable_checkpoint, lock_work_dir
