@@ -1,6 +1,7 @@
 """The low-memory segmentation loss computes mmseg's cross-entropy exactly, without keeping
 full-resolution tensors for the backward pass. Memory is measured by
 tools/analysis/benchmark.py, not asserted here."""
+import importlib
 import re
 import subprocess
 import sys
@@ -41,6 +42,28 @@ def test_loss_gradient_and_accuracy_equal_mmseg_cross_entropy(avg_non_ignore):
     torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-15)
     assert acc.item() == pytest.approx(expected_accuracy.item(), abs=1e-4)
     assert grad[2].abs().max() == 0  # no label, no gradient
+
+
+@pytest.mark.parametrize('rows_per_band', [1, 3, 8, 1000])
+@pytest.mark.parametrize('align_corners', [False, True])
+@pytest.mark.parametrize('label_size', [(35, 45), (6, 7), (9, 11), (1, 13)])
+def test_every_band_split_gives_mmseg_loss_and_gradient(monkeypatch, rows_per_band,
+                                                        align_corners, label_size):
+    """Bands of one row, of a few rows whose input rows overlap the next band's, and one band
+    for the whole image; upsampling, the same size, downsampling and a one-row image."""
+    module = importlib.import_module('poolformer_mm.models.losses.upsampled_cross_entropy')
+    monkeypatch.setitem(module.BAND_ELEMENTS, 'cpu', rows_per_band * 7 * label_size[1])
+    torch.manual_seed(0)
+    low = torch.randn(2, 7, 9, 11, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 7, (2, *label_size))
+    labels[1, 0] = 255
+    full = F.interpolate(low, size=label_size, mode='bilinear', align_corners=align_corners)
+    expected = CrossEntropyLoss()(full, labels, ignore_index=255)
+    expected_grad, = torch.autograd.grad(expected, low)
+    loss, _ = upsampled_cross_entropy(low, labels, align_corners=align_corners)
+    grad, = torch.autograd.grad(loss, low)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-15)
 
 
 def test_a_batch_without_labels_gives_zero_loss_and_gradient():
