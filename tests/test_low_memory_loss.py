@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
 from mmseg.models.losses import CrossEntropyLoss, accuracy
+from mmseg.registry import MODELS as MODELS_MMSEG
 
 from poolformer_mm.models.losses import upsampled_cross_entropy
 
@@ -283,3 +284,52 @@ def test_upernet_config_trains_with_the_low_memory_heads_and_refuses_other_losse
     head = dict(cfg.model.auxiliary_head, loss_decode=dict(type='DiceLoss'))
     with pytest.raises(ValueError, match=r"LowMemoryFCNHead .* DiceLoss\. Use type='FCNHead'"):
         _build(head)
+
+
+def test_double_backward_is_refused_not_silently_wrong():
+    low = torch.randn(1, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 3, (1, 8, 8))
+    loss, _ = upsampled_cross_entropy(low, labels)
+    with pytest.raises(RuntimeError, match=r"no second derivative.*type='FPNHead'"):
+        torch.autograd.grad(loss, low, create_graph=True)
+    grad, = torch.autograd.grad(upsampled_cross_entropy(low, labels)[0], low)  # once is fine
+    assert grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_bf16_with_a_non_integer_scale_is_as_accurate_as_mmseg(seed):
+    """Weights of a non-integer resize are not exact in bf16; rounding them would bias every
+    logit (rows that do not sum to one), so that product runs in fp32."""
+    torch.manual_seed(seed)
+    low = torch.randn(2, 19, 40, 40) * 5
+    labels = torch.randint(0, 19, (2, 13, 17))
+    exact, _ = _mmseg_loss(low.double(), labels)
+    errors = {}
+    for name in ('mmseg', 'ours'):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            bf16 = low.bfloat16()
+            loss, _ = (_mmseg_loss(bf16, labels) if name == 'mmseg'
+                       else upsampled_cross_entropy(bf16, labels))
+        errors[name] = abs(loss.item() - exact.item()) / exact.item()
+    assert errors['ours'] < max(3 * errors['mmseg'], 2e-4), errors
+
+
+def test_loss_subclasses_and_empty_labels_are_refused():
+    import poolformer_mm.models.decode_heads  # noqa: F401 (registers the heads)
+
+    @MODELS_MMSEG.register_module(force=True)
+    class ScaledCrossEntropy(CrossEntropyLoss):
+
+        def forward(self, *args, **kwargs):
+            return 2 * super().forward(*args, **kwargs)
+
+    cfg = dict(type='LowMemoryFPNHead', in_channels=[8, 8], in_index=[0, 1],
+               feature_strides=[4, 8], channels=8, num_classes=2,
+               loss_decode=dict(type='ScaledCrossEntropy'))
+    with pytest.raises(ValueError, match=r"ScaledCrossEntropy\. Use type='FPNHead'"):
+        _build(cfg)
+    cfg['loss_decode'] = dict(type='CrossEntropyLoss', use_sigmoid=True)
+    with pytest.raises(ValueError, match=r"has use_sigmoid\. Use"):
+        _build(cfg)
+    with pytest.raises(ValueError, match='non-zero sizes'):
+        upsampled_cross_entropy(torch.randn(1, 3, 4, 4), torch.zeros(1, 0, 8).long())

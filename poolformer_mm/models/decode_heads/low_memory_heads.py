@@ -30,11 +30,10 @@ class UpsampledLossMixin:
         problems = []
         if isinstance(loss, nn.ModuleList):
             problems.append(f'{len(loss)} losses')
-        elif not isinstance(loss, CrossEntropyLoss):
+        elif type(loss) is not CrossEntropyLoss:  # a subclass may compute something else
             problems.append(type(loss).__name__)
         else:
-            if loss.use_sigmoid or loss.use_mask:
-                problems.append('use_sigmoid/use_mask')
+            problems += [name for name in ('use_sigmoid', 'use_mask') if getattr(loss, name)]
             if loss.class_weight is not None:
                 problems.append('class_weight')
             if loss.reduction != 'mean':

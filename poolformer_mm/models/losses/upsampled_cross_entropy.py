@@ -24,7 +24,6 @@ from typing import List, Tuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 # Elements per band. On a CPU, 8 rows of 150 classes x 512 pixels in fp32 are 2.4 MB, about one
 # core's L2 cache on current server CPUs, so the passes over a band do not go to memory. A GPU
@@ -71,25 +70,31 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def _setup(logits: Tensor, labels: Tensor, align_corners: bool, compute: torch.dtype):
-        """The width-resizing matrix in the logits' dtype (bf16 under autocast: that product
-        then runs on bf16 units, and its output is rounded to bf16 as mmseg's resize under
-        autocast rounds it), and the bands of output rows with their blocks of the
-        height-resizing matrix in ``compute`` precision."""
+        """The width-resizing matrix and the bands of output rows with their blocks of the
+        height-resizing matrix (in ``compute`` precision).
+
+        The width product runs in the logits' dtype when the matrix is exact in it: bf16 under
+        autocast for integer scale factors (weights such as 1/8, 3/8), so it runs on bf16 units
+        and its output is rounded to bf16 as mmseg's resize under autocast rounds it. Other
+        factors' weights would be rounded too, and rows that do not sum to one bias every
+        logit, so those run in ``compute`` precision."""
         (height, width), (low_height, low_width) = labels.shape[-2:], logits.shape[-2:]
         width_matrix_t = resize_matrix(width, low_width, align_corners).T.contiguous()
+        exact = torch.equal(width_matrix_t.to(logits.dtype).double(), width_matrix_t)
+        width_matrix_t = width_matrix_t.to(logits.dtype if exact else compute)
         height_matrix = resize_matrix(height, low_height, align_corners)
         band_elements = BAND_ELEMENTS.get(logits.device.type, GPU_BAND_ELEMENTS)
         rows_per_band = max(1, band_elements // (logits.shape[1] * width))
         bands = [(out_rows, in_rows, block.to(compute).to(logits.device))
                  for out_rows, in_rows, block in _bands(height_matrix, rows_per_band)]
-        return width_matrix_t.to(logits.dtype).to(logits.device), bands
+        return width_matrix_t.to(logits.device), bands
 
     @staticmethod
     def _width_resized(image_logits: Tensor, width_matrix_t: Tensor) -> Tensor:
         """(h, C * W): one image's (C, h, w) logits resized along the width, rows outermost so
         that a band of input rows is one contiguous block."""
         rows = image_logits.transpose(0, 1).reshape(-1, image_logits.shape[-1])
-        return (rows @ width_matrix_t).view(image_logits.shape[1], -1)
+        return (rows.to(width_matrix_t.dtype) @ width_matrix_t).view(image_logits.shape[1], -1)
 
     @staticmethod
     def _band(rows: Tensor, in_rows: slice, block: Tensor, compute: torch.dtype,
@@ -134,8 +139,12 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
         return (total / normalizer).to(compute), accuracy
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss: Tensor, grad_accuracy: Tensor):
+        if torch.is_grad_enabled():  # only under create_graph=True
+            raise RuntimeError(
+                'upsampled_cross_entropy (the loss of the LowMemory* segmentation heads) has no '
+                'second derivative: for a gradient penalty or other double backward, use '
+                "mmseg's head (type='FPNHead', 'UPerHead' or 'FCNHead').")
         logits, labels, log_sum_exp = ctx.saved_tensors
         ignore_index, align_corners, normalizer = ctx.options
         compute = log_sum_exp.dtype
@@ -163,8 +172,8 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
                     band.mul_((valid * scale).unsqueeze(1))
                     grad_rows[in_rows].addmm_(block.T, band.flatten(1))
                 # back through the width resizing, in the logits' precision as autograd would
-                grad_low = (grad_rows.to(logits.dtype).view(-1, width_matrix_t.shape[1])
-                            @ width_matrix_t.T)
+                grad_low = (grad_rows.to(width_matrix_t.dtype)
+                            .view(-1, width_matrix_t.shape[1]) @ width_matrix_t.T)
                 grad_logits[index] = grad_low.view(low_height, num_classes,
                                                    low_width).transpose(0, 1)
         return grad_logits, None, None, None, None
@@ -185,12 +194,18 @@ def upsampled_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = 
         loss_weight (float): Multiplies the loss. Default: 1.0.
 
     Returns:
-        tuple[Tensor, Tensor]: The loss (differentiable with respect to ``logits``) and the
-        top-1 pixel accuracy in percent over labelled pixels.
+        tuple[Tensor, Tensor]: The loss (differentiable once with respect to ``logits``) and
+        the top-1 pixel accuracy in percent over labelled pixels (0 when there are none). A
+        pixel whose label's logit ties the largest one counts as right; mmseg's ``accuracy``
+        breaks such ties by class order.
+
+    The logits must be finite: the resize is a product with a dense matrix, so one ``-inf``
+    logit makes its row NaN (mmseg's resize reads only the two neighbours).
     """
-    if labels.dim() != 3 or logits.dim() != 4 or labels.shape[0] != logits.shape[0]:
-        raise ValueError(f'expected (N, K, h, w) logits and (N, H, W) labels, got '
-                         f'{tuple(logits.shape)} and {tuple(labels.shape)}')
+    if (labels.dim() != 3 or logits.dim() != 4 or labels.shape[0] != logits.shape[0]
+            or 0 in labels.shape[1:] or 0 in logits.shape[1:]):
+        raise ValueError(f'expected (N, K, h, w) logits and (N, H, W) labels of non-zero sizes, '
+                         f'got {tuple(logits.shape)} and {tuple(labels.shape)}')
     count = int((labels != ignore_index).sum()) if avg_non_ignore else labels.numel()
     # mmseg divides by (count + eps) so that a batch without labels gives 0, not NaN
     normalizer = count + torch.finfo(torch.float32).eps
