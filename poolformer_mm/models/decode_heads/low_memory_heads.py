@@ -23,6 +23,10 @@ class UpsampledLossMixin:
     softmax ``CrossEntropyLoss`` with mean reduction, no class weights and no pixel sampler;
     anything else is refused when the head is built, naming the mmseg head to use instead."""
 
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._check_loss_is_plain_cross_entropy()
+
     def _check_loss_is_plain_cross_entropy(self) -> None:
         loss = self.loss_decode
         if isinstance(loss, nn.ModuleList) and len(loss) == 1:  # a one-element list of configs
@@ -71,10 +75,6 @@ class LowMemoryFPNHead(UpsampledLossMixin, FPNHead):
         **kwargs: ``FPNHead``'s arguments; the loss as :class:`UpsampledLossMixin` requires.
     """
 
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self._check_loss_is_plain_cross_entropy()
-
 
 @MODELS.register_module()
 class LowMemoryUPerHead(UpsampledLossMixin, UPerHead):
@@ -83,10 +83,6 @@ class LowMemoryUPerHead(UpsampledLossMixin, UPerHead):
     Args:
         **kwargs: ``UPerHead``'s arguments; the loss as :class:`UpsampledLossMixin` requires.
     """
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self._check_loss_is_plain_cross_entropy()
 
 
 @MODELS.register_module()
@@ -97,7 +93,3 @@ class LowMemoryFCNHead(UpsampledLossMixin, FCNHead):
     Args:
         **kwargs: ``FCNHead``'s arguments; the loss as :class:`UpsampledLossMixin` requires.
     """
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self._check_loss_is_plain_cross_entropy()
