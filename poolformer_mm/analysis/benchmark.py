@@ -7,13 +7,13 @@ Each variant is the same network with the same weights, run a different way:
 * ``fast``      - :class:`PoolFormer`'s default token-layout path (trains; same gradients);
 * ``deploy``    - after ``switch_to_deploy()``: norms and layer scales folded in (inference only);
 * ``cp``        - the default path after ``set_grad_checkpointing(True)`` (``with_cp=True``); for
-  a whole segmentor also the loss of :class:`LowMemoryFPNHead`;
+  a whole segmentor whose config names mmseg's ``FPNHead``, also :class:`LowMemoryFPNHead`;
 * ``timm``, ``mmpretrain`` - the peers' PoolFormer (:mod:`.peers`), when installed.
 
 Whole detectors and segmentors (:func:`model_variants`) take ``reference`` (the paper's backbone
-in the config's model), ``plain``, ``fast``, ``cp``, ``channels_last`` (``tools/train.py
---channels-last``) and ``deploy``, which is what ``tools/test.py --deploy`` runs
-(:func:`~poolformer_mm.engine.prepare_for_inference`).
+in the config's model with mmseg's heads, :func:`upstream_model`), ``plain``, ``fast``, ``cp``,
+``channels_last`` (``tools/train.py --channels-last``) and ``deploy``, which is what
+``tools/test.py --deploy`` runs (:func:`~poolformer_mm.engine.prepare_for_inference`).
 
 A variant name may carry its precision, ``deploy:bf16``; ``bf16`` is what ``--amp`` runs: for a
 backbone, autocast around it; for a whole model in inference, autocast in the backbone, neck and
@@ -450,7 +450,8 @@ def upstream_model(config: str, seed: int = 0) -> nn.Module:
 
 
 def memory_saving(cfg):
-    """A copy of a segmentation config with ``with_cp`` and the low-memory FPN loss."""
+    """A copy of a segmentation config with ``with_cp`` and, where it names mmseg's ``FPNHead``, the
+    low-memory FPN loss."""
     cfg = copy.deepcopy(cfg)
     cfg.model.backbone.with_cp = True
     if cfg.model.decode_head.type in ('FPNHead', 'mmseg.FPNHead'):

@@ -3,8 +3,9 @@
 Each class here is an mmseg head (same modules, parameters and predictions, so checkpoints load
 into either) whose ``loss_by_feat`` computes the cross-entropy with
 :func:`~poolformer_mm.models.losses.upsampled_cross_entropy` instead of resizing the logits to
-the label size first. Same loss and gradients; at 512x512 with 150 classes the loss runs about
-4x faster on a CPU and the training step's peak memory drops by about 1 GB per two images.
+the label size first. Same loss and gradients; at 512x512 with 150 classes and batch 2 the
+loss runs about 4x faster on a CPU under bf16 autocast, and no tensor of the full-resolution
+logits' size is kept for the backward pass.
 """
 from typing import List
 

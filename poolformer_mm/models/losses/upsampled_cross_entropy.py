@@ -18,7 +18,9 @@ the transposed height matrix (another small matrix product) and the width resizi
 
 The loss is the one mmseg's ``CrossEntropyLoss`` computes on ``F.interpolate``'d logits
 (softmax, mean reduction, ``ignore_index``, ``avg_non_ignore``, ``loss_weight``), summed in a
-different order. It is computed in fp32 (fp64 for fp64 logits) whatever the autocast state.
+different order. The statistics and the height products are computed in fp32 (fp64 for fp64
+logits) whatever the autocast state; the width resize runs in the logits' dtype where its
+weights are exact in it (bf16 under autocast for integer scale factors), else in fp32.
 """
 from typing import List, Tuple
 
@@ -171,7 +173,7 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
                     band.scatter_add_(1, targets, band.new_full(targets.shape, -1.0))
                     band.mul_((valid * scale).unsqueeze(1))
                     grad_rows[in_rows].addmm_(block.T, band.flatten(1))
-                # back through the width resizing, in the logits' precision as autograd would
+                # back through the width resizing, in the width matrix's precision
                 grad_low = (grad_rows.to(width_matrix_t.dtype)
                             .view(-1, width_matrix_t.shape[1]) @ width_matrix_t.T)
                 grad_logits[index] = grad_low.view(low_height, num_classes,
