@@ -35,9 +35,8 @@ BAND_ELEMENTS = {'cpu': 8 * 150 * 512}
 GPU_BAND_ELEMENTS = 2**25
 
 
-def resize_matrix(out_size: int, in_size: int, align_corners: bool,
-                  dtype: torch.dtype = torch.float64) -> Tensor:
-    """The (out_size, in_size) matrix of 1-D linear resizing exactly as ``F.interpolate(...,
+def resize_matrix(out_size: int, in_size: int, align_corners: bool) -> Tensor:
+    """The (out_size, in_size) fp64 matrix of 1-D linear resizing exactly as ``F.interpolate(...,
     mode='bilinear', size=...)`` computes it along one axis (source index, clamping, and the
     edge where both neighbours are the last pixel)."""
     dst = torch.arange(out_size, dtype=torch.float64)
@@ -53,7 +52,7 @@ def resize_matrix(out_size: int, in_size: int, align_corners: bool,
     rows = torch.arange(out_size)
     matrix.index_put_((rows, low), 1 - high_weight, accumulate=True)
     matrix.index_put_((rows, high), high_weight, accumulate=True)
-    return matrix.to(dtype)
+    return matrix
 
 
 def _bands(matrix: Tensor, rows_per_band: int) -> List[Tuple[slice, slice, Tensor]]:
@@ -99,11 +98,17 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
         return (rows.to(width_matrix_t.dtype) @ width_matrix_t).view(image_logits.shape[1], -1)
 
     @staticmethod
-    def _band(rows: Tensor, in_rows: slice, block: Tensor, compute: torch.dtype,
-              num_classes: int) -> Tensor:
-        """(r, C, W): a band of resized logits, in ``compute`` precision (a product with two
-        or three rows is memory-bound: fp32 operands run it faster than bf16 ones)."""
-        return (block @ rows[in_rows].to(compute)).view(len(block), num_classes, -1)
+    def _labelled_bands(rows: Tensor, image_labels: Tensor, bands: list, num_classes: int,
+                        ignore_index: int):
+        """For each band of one image: its rows and block, the (r, C, W) resized logits in the
+        blocks' precision (a product with two or three rows is memory-bound: fp32 operands run
+        it faster than bf16 ones), whether each pixel is labelled, and its target class
+        (0 where unlabelled), (r, 1, W)."""
+        for out_rows, in_rows, block in bands:
+            band = (block @ rows[in_rows].to(block.dtype)).view(len(block), num_classes, -1)
+            band_labels = image_labels[out_rows]
+            valid = band_labels != ignore_index
+            yield out_rows, in_rows, block, band, valid, band_labels.where(valid, 0).unsqueeze(1)
 
     @staticmethod
     def forward(ctx, logits: Tensor, labels: Tensor, ignore_index: int, align_corners: bool,
@@ -113,17 +118,15 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
         with torch.autocast(logits.device.type, enabled=False):
             width_matrix_t, bands = _UpsampledCrossEntropy._setup(logits, labels, align_corners,
                                                                   compute)
+            ctx.resizing = width_matrix_t, bands  # for the backward pass
             total = logits.new_zeros((), dtype=torch.float64)
             correct = labels.new_zeros(())
             log_sum_exp = logits.new_empty(labels.shape, dtype=compute)
             for index, image_logits in enumerate(logits):
                 rows = _UpsampledCrossEntropy._width_resized(image_logits, width_matrix_t)
-                for out_rows, in_rows, block in bands:
-                    band = _UpsampledCrossEntropy._band(rows, in_rows, block, compute,
-                                                        num_classes)
-                    band_labels = labels[index, out_rows]
-                    valid = band_labels != ignore_index
-                    target_logit = band.gather(1, band_labels.where(valid, 0).unsqueeze(1))
+                for out_rows, _, _, band, valid, targets in _UpsampledCrossEntropy._labelled_bands(
+                        rows, labels[index], bands, num_classes, ignore_index):
+                    target_logit = band.gather(1, targets)
                     top = band.amax(1, keepdim=True)
                     # a pixel is right when its label's logit is the largest (arg-max without
                     # indices, which the max-with-indices kernel makes 10x slower)
@@ -133,7 +136,7 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
                     nll = (band_lse - target_logit.squeeze(1))[valid]
                     total += nll.sum(dtype=torch.float64)
         ctx.save_for_backward(logits, labels, log_sum_exp)
-        ctx.options = (ignore_index, align_corners, normalizer)
+        ctx.options = (ignore_index, normalizer)
         # reported in fp32 at least, as mmseg's loss is under autocast
         valid_count = (labels != ignore_index).sum().clamp_min(1)
         accuracy = (100.0 * correct / valid_count).to(compute)
@@ -148,13 +151,12 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
                 'second derivative: for a gradient penalty or other double backward, use '
                 "mmseg's head (type='FPNHead', 'UPerHead' or 'FCNHead').")
         logits, labels, log_sum_exp = ctx.saved_tensors
-        ignore_index, align_corners, normalizer = ctx.options
+        ignore_index, normalizer = ctx.options
         compute = log_sum_exp.dtype
         num_classes, low_height, low_width = logits.shape[1:]
         grad_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        width_matrix_t, bands = ctx.resizing
         with torch.autocast(logits.device.type, enabled=False):
-            width_matrix_t, bands = _UpsampledCrossEntropy._setup(logits, labels, align_corners,
-                                                                  compute)
             scale = (grad_loss / normalizer).to(compute)
             grad_rows = None
             for index, image_logits in enumerate(logits):
@@ -162,12 +164,9 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
                 # one buffer for every image: fresh memory of this size costs page faults
                 grad_rows = (torch.zeros(rows.shape, dtype=compute, device=rows.device)
                              if grad_rows is None else grad_rows.zero_())
-                for out_rows, in_rows, block in bands:
-                    band = _UpsampledCrossEntropy._band(rows, in_rows, block, compute,
-                                                        num_classes)
-                    band_labels = labels[index, out_rows]
-                    valid = band_labels != ignore_index
-                    targets = band_labels.where(valid, 0).unsqueeze(1)
+                for out_rows, in_rows, block, band, valid, targets in (
+                        _UpsampledCrossEntropy._labelled_bands(rows, labels[index], bands,
+                                                               num_classes, ignore_index)):
                     # d nll / d logits = softmax - one_hot, masked and scaled, in place
                     band.sub_(log_sum_exp[index, out_rows].unsqueeze(1)).exp_()
                     band.scatter_add_(1, targets, band.new_full(targets.shape, -1.0))
