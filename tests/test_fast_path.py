@@ -3,9 +3,11 @@
 Speed is measured by tools/analysis/benchmark.py, never asserted here.
 """
 import copy
+import pickle
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,12 @@ import torch
 
 from poolformer_mm.analysis.reference import ReferencePoolFormer
 from poolformer_mm.models import PoolFormer
-from poolformer_mm.models.layers import DeployPoolFormerBlock, blocks, group_norm_1_moments
+from poolformer_mm.models.layers import (
+    DeployPoolFormerBlock,
+    PoolingMixer,
+    blocks,
+    group_norm_1_moments,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 HYBRID = ('pool', 'pool', 'attn', 'attn')
@@ -93,30 +100,117 @@ def test_deploy_folds_every_block_and_keeps_the_outputs():
     assert not any('layer_scale' in n for n, _ in model.named_parameters())
 
 
-def test_deploy_block_fused_and_unfused_mlp_agree(monkeypatch):
+def test_deploy_block_inference_and_autograd_forms_agree():
     block = DeployPoolFormerBlock(_randomised().stages[1].blocks[0]).eval()
     tokens = torch.randn(2, 12, 10, 128)
     with torch.no_grad():
-        if torch.backends.mkldnn.is_available():
-            # on a oneDNN CPU build the fused kernels are found and used
-            assert blocks.fused_linear_available()
-            assert blocks._uses_fused_linear(tokens, block.act)
-        fused = block.forward_tokens(tokens.clone())
-        monkeypatch.setattr(blocks, '_uses_fused_linear', lambda *args: False)
-        unfused = block.forward_tokens(tokens.clone())
-    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
-
-
-def test_deploy_block_uses_unfused_ops_where_the_fused_ones_do_not_apply():
-    block = DeployPoolFormerBlock(_randomised().stages[0].blocks[0])
-    tokens = torch.randn(1, 8, 8, 64)
-    # autograd (the fused kernels have no backward), bf16, the tanh GELU
-    assert not blocks._uses_fused_linear(tokens.requires_grad_(), block.act)
-    assert not blocks._uses_fused_linear(tokens.detach().bfloat16(), block.act)
-    assert not blocks._uses_fused_linear(tokens.detach(), torch.nn.GELU(approximate='tanh'))
+        inference = block.forward_tokens(tokens)  # in place and in scratch
+    with_grad = block.forward_tokens(tokens.clone().requires_grad_())
+    torch.testing.assert_close(inference, with_grad.detach(), rtol=1e-5, atol=1e-5)
     # and with autograd the deploy block still passes gradients to its input
-    block.forward_tokens(tokens).sum().backward()
-    assert tokens.grad is not None and tokens.grad.abs().sum() > 0
+    leaf = tokens.clone().requires_grad_()
+    block.forward_tokens(leaf).sum().backward()
+    assert leaf.grad is not None and leaf.grad.abs().sum() > 0
+
+
+def test_deploy_block_leaves_its_input_alone():
+    block = DeployPoolFormerBlock(_randomised().stages[0].blocks[0]).eval()
+    # 64x64 tokens take the mixer's convolution form, 8x8 the pooling form
+    for tokens in (torch.randn(1, 64, 64, 64), torch.randn(2, 8, 8, 64)):
+        before = tokens.clone()
+        with torch.no_grad():
+            block.forward_tokens(tokens)
+        assert torch.equal(tokens, before)
+
+
+def test_deploy_block_does_not_reuse_memory_a_mixer_subclass_may_share():
+    class ReturnsItsInput(PoolingMixer):  # pool(x) - x replaced by x itself
+        def forward_tokens(self, tokens):
+            return tokens
+
+    block = DeployPoolFormerBlock(_randomised().stages[0].blocks[0]).eval()
+    block.token_mixer = ReturnsItsInput(64)
+    tokens = torch.randn(1, 8, 8, 64)
+    before = tokens.clone()
+    with torch.no_grad():
+        out = block.forward_tokens(tokens)
+    assert torch.equal(tokens, before) and out.data_ptr() != tokens.data_ptr()
+
+
+def _scratch_ranges(scratch):
+    return [(b.data_ptr(), b.data_ptr() + b.numel() * b.element_size())
+            for b in scratch._buffers().values()]
+
+
+@pytest.mark.parametrize('precision', ['fp32', 'bf16'])
+def test_deploy_scratch_is_shared_reused_and_never_returned(precision):
+    model = _randomised().eval()
+    reference = copy.deepcopy(model)
+    model.switch_to_deploy()
+    folded_blocks = [b for s in model.stages for b in s.blocks]
+    assert all(b.scratch is model.scratch for b in folded_blocks)
+    autocast = torch.autocast('cpu', dtype=torch.bfloat16, enabled=precision == 'bf16')
+    tolerance = 1e-5 if precision == 'fp32' else 5e-2
+    inputs = [torch.randn(1, 3, 128, 96), torch.randn(2, 3, 64, 64), torch.randn(1, 3, 160, 128)]
+    with torch.no_grad(), autocast:
+        first = [o.clone() for o in model(inputs[0])]
+        ranges = _scratch_ranges(model.scratch)
+        assert model.scratch.nbytes() > 0
+        model(inputs[0])
+        # the second call of the same size found its buffers and allocated none
+        assert _scratch_ranges(model.scratch) == ranges
+        outputs = [model(x) for x in inputs]  # smaller, then larger than the first
+        again = model(inputs[0])
+    with torch.no_grad():
+        expected = [reference(x) for x in inputs]
+    # earlier outputs are not overwritten by later calls: nothing returned lives in scratch
+    assert all(torch.equal(a, b) for a, b in zip(first, outputs[0]))
+    for out in [*outputs[0], *again]:
+        assert not any(low <= out.data_ptr() < high for low, high in _scratch_ranges(model.scratch))
+    for out, exact in zip(outputs, expected):
+        assert _rel_diff(exact, [o.float() for o in out]) <= tolerance
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    model.scratch.clear()
+    assert model.scratch.nbytes() == 0
+
+
+def test_deploy_scratch_is_per_thread():
+    model = _randomised().eval().switch_to_deploy()
+    inputs = [torch.randn(1, 3, 96 + 32 * i, 96) for i in range(4)]
+    with torch.no_grad():
+        expected = [model(x) for x in inputs]
+    results, errors = {}, []
+
+    def run(index):
+        try:
+            with torch.no_grad():
+                for _ in range(5):
+                    results[index] = model(inputs[index])
+        except Exception as error:  # reported in the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(i, )) for i in range(len(inputs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    for index, exact in enumerate(expected):
+        assert all(torch.equal(a, b) for a, b in zip(exact, results[index]))
+
+
+def test_deployed_model_copies_and_pickles_with_empty_scratch():
+    model = _randomised().eval().switch_to_deploy()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    assert model.scratch.nbytes() > 0
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert clone.scratch is not model.scratch and clone.scratch.nbytes() == 0
+        assert all(b.scratch is clone.scratch for s in clone.stages for b in s.blocks)
+        with torch.no_grad():
+            assert all(torch.equal(a, b) for a, b in zip(expected, clone(x)))
+    assert 'scratch' not in ' '.join(model.state_dict())
 
 
 def test_deploy_runs_under_bf16_autocast():
@@ -129,7 +223,6 @@ def test_deploy_runs_under_bf16_autocast():
         with torch.autocast('cpu', dtype=torch.bfloat16):
             # the probe's answer does not depend on the caller's autocast
             assert blocks.fused_linear_available() == torch.backends.mkldnn.is_available()
-            assert not blocks._uses_fused_linear(torch.zeros(1, 2, 2, 8), torch.nn.GELU())
             folded = model(x)
     assert [o.shape for o in folded] == [o.shape for o in expected]
     assert _rel_diff(expected, [o.float() for o in folded]) <= 5e-2  # bf16 has 8 bits

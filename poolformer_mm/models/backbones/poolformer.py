@@ -12,6 +12,7 @@ from ..layers import (
     MetaFormerBlock,
     MetaFormerStage,
     PositionEmbedding,
+    ScratchBuffers,
     build_norm,
     build_token_mixer,
     channel_norm_cfg,
@@ -244,8 +245,11 @@ class PoolFormer(DenseBackbone):
     def switch_to_deploy(self) -> 'PoolFormer':
         """Fold norms and layer scales into the MLP weights of every PoolFormer block and run
         them in token layout (inference only; same outputs). Also stores the stem's and the
-        downsampling convolutions' weights channels-last, the layout of their inputs there."""
+        downsampling convolutions' weights channels-last, the layout of their inputs there.
+        The folded blocks of all stages share one set of scratch tensors (:attr:`scratch`)."""
+        # one set: the stages run one after another, so the largest stage's buffers serve all
+        self.scratch = getattr(self, 'scratch', None) or ScratchBuffers()
         for stage in self.stages:
-            stage.switch_to_deploy()
+            stage.switch_to_deploy(self.scratch)
         self.stem.store_weights_channels_last()
         return self.set_fast_path(True)

@@ -41,6 +41,7 @@ from .norms import (
     is_group_norm_1,
     normalize_tokens,
 )
+from .scratch import ScratchBuffers
 
 __all__ = [
     'StarReLU', 'DOWNSAMPLING_GEOMETRY', 'STEM_GEOMETRY', 'ChannelScale', 'ConvEmbedding',
@@ -50,5 +51,5 @@ __all__ = [
     'PoolingMixer', 'RandomMixing', 'SepConv', 'SpatialFC', 'build_token_mixer',
     'resize_token_matrix', 'token_mixer_cfg', 'ChannelLayerNorm', 'ModifiedLayerNorm',
     'build_norm', 'channel_norm_cfg', 'group_norm_1_channels_last', 'group_norm_1_moments',
-    'group_norm_1_to_nchw', 'is_group_norm_1', 'normalize_tokens'
+    'group_norm_1_to_nchw', 'is_group_norm_1', 'normalize_tokens', 'ScratchBuffers'
 ]

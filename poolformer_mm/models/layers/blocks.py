@@ -28,11 +28,12 @@ A :class:`MetaFormerStage` runs its blocks in one of two layouts:
 
 :meth:`MetaFormerStage.switch_to_deploy` replaces each PoolFormer block by a
 :class:`DeployPoolFormerBlock`, which folds them once, into buffers, and needs only the norms'
-statistics. Inference only. On a CPU it runs the MLP with oneDNN's fused linear kernels (bias +
-GELU after fc1, bias + residual add after fc2): the kernels ``torch.compile`` emits, the same
-outputs up to rounding, and two fewer passes over the largest activations per block. Elsewhere it
-uses ``F.linear`` and ``addmm``. Fold in fp32 or bf16: fp16 would flush the folded layer scales
-(1e-5, 1e-6) towards zero.
+statistics. Inference only. On a CPU a folded block allocates one tensor per call, its output:
+the mixer's result becomes the residual stream in place, the MLP's output is accumulated into it
+(``addmm_``), and the normalised tokens and hidden activations are scratch tensors kept between
+calls (:class:`~.scratch.ScratchBuffers`), since fresh large tensors cost a page fault per 4 KiB
+there. Under bf16 autocast fc1 and GELU run as oneDNN's fused kernel. Fold in fp32 or bf16:
+fp16 would flush the folded layer scales (1e-5, 1e-6) towards zero.
 """
 import functools
 import warnings
@@ -49,6 +50,7 @@ from torch import Tensor
 
 from .mixers import PoolingMixer
 from .norms import build_norm, group_norm_1_moments, is_group_norm_1, normalize_tokens
+from .scratch import ScratchBuffers
 
 
 # ---------------------------------------------------------------------------------- embeddings
@@ -346,13 +348,11 @@ def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
                 else torch.get_autocast_gpu_dtype())
 
 
-def _uses_fused_linear(tokens: Tensor, act: nn.Module) -> bool:
-    # the fused kernels are fp32 here, have no autograd formula and only know exact GELU
-    return (tokens.device.type == 'cpu' and tokens.dtype == torch.float32
-            and not _autocast_enabled('cpu')
-            and not (torch.is_grad_enabled() and tokens.requires_grad)
-            and type(act) is nn.GELU and act.approximate == 'none'
-            and torch.backends.mkldnn.is_available() and fused_linear_available())
+def _activate_in_place(act: nn.Module, hidden: Tensor) -> Tensor:
+    """``act(hidden)``, written over ``hidden`` where the activation has an in-place form."""
+    if type(act) is nn.GELU:
+        return torch.ops.aten.gelu_(hidden, approximate=act.approximate)
+    return act(hidden)
 
 
 class DeployPoolFormerBlock(nn.Module):
@@ -366,13 +366,19 @@ class DeployPoolFormerBlock(nn.Module):
     Pooling keeps constants, so ``pool(x̂) - x̂ = (pool(x) - x) / std(x)``: the mixer needs
     only the statistics of ``x``, never the normalised tensor.
 
+    Without autograd on a CPU, the block allocates one tensor per call, its output: the mixer's
+    result becomes the residual stream in place, the MLP accumulates into it, and the normalised
+    tokens and hidden activations live in ``scratch`` (see :mod:`.scratch` for why).
+
     Args:
         block (MetaFormerBlock): A block that :attr:`~MetaFormerBlock.supports_token_layout`.
+        scratch (ScratchBuffers, optional): Scratch tensors shared with the other folded blocks
+            of the backbone. Default: None (a set of its own).
     """
 
     supports_token_layout = True
 
-    def __init__(self, block: MetaFormerBlock):
+    def __init__(self, block: MetaFormerBlock, scratch: Optional[ScratchBuffers] = None):
         super().__init__()
         norm1, norm2, mlp = block.norm1, block.norm2, block.mlp
         with torch.no_grad():
@@ -386,6 +392,8 @@ class DeployPoolFormerBlock(nn.Module):
         self.eps1, self.eps2 = norm1.eps, norm2.eps
         self.token_mixer = block.token_mixer
         self.act = mlp.act
+        # a plain attribute: neither a buffer nor in the state dict
+        self.scratch = ScratchBuffers() if scratch is None else scratch
 
     def forward_tokens(self, tokens: Tensor) -> Tensor:
         low_precision = autocast_dtype(tokens.device.type)
@@ -393,27 +401,31 @@ class DeployPoolFormerBlock(nn.Module):
             with torch.autocast(tokens.device.type, enabled=False):
                 # a stage's convolution hands its first block low-precision tokens
                 return self._forward_mixed_precision(tokens.float(), low_precision)
-        tokens, normed = self._mix_and_normalize(tokens)
-        if _uses_fused_linear(tokens, self.act):
-            linear = torch.ops.mkldnn._linear_pointwise
-            hidden = linear(normed, self.fc1_weight, self.fc1_bias, 'gelu', [], 'none')
-            return linear.binary(hidden, tokens, self.fc2_weight, self.fc2_bias, 'add')
-        hidden = self.act(F.linear(normed, self.fc1_weight, self.fc1_bias))
-        # autograd forbids the in-place form
         if torch.is_grad_enabled() and tokens.requires_grad:
+            tokens, normed = self._mix_and_normalize(tokens)
+            hidden = self.act(F.linear(normed, self.fc1_weight, self.fc1_bias))
             return tokens + F.linear(hidden, self.fc2_weight, self.fc2_bias)
+        tokens, normed = self._mix_and_normalize(tokens, in_place=True)
+        hidden = self._fc1_and_activation(normed, self.fc1_weight, self.fc1_bias)
         # tokens is this block's own fresh tensor: accumulate the MLP into it in place
         flat = tokens.view(-1, tokens.shape[-1])
-        flat.add_(self.fc2_bias).addmm_(hidden.view(flat.shape[0], -1), self.fc2_weight.t())
+        flat.add_(self.fc2_bias).addmm_(hidden, self.fc2_weight.t())
         return tokens
 
-    def _mix_and_normalize(self, tokens: Tensor, normed_dtype: Optional[torch.dtype] = None):
+    def _mix_and_normalize(self, tokens: Tensor, normed_dtype: Optional[torch.dtype] = None,
+                           in_place: bool = False):
         """The mixer half of the block, then the MLP's input: ``(tokens, norm2(tokens))``, the
-        latter in ``normed_dtype`` (default: that of ``tokens``)."""
+        latter in ``normed_dtype`` (default: that of ``tokens``). ``in_place`` (no autograd):
+        the new tokens take the mixer output's memory and, on a CPU, the normalised ones are a
+        scratch tensor."""
         n, channels = tokens.shape[0], tokens.shape[-1]
         _, inv_std = group_norm_1_moments(tokens, self.eps1)
         mixer_scale = (inv_std[:, None] * self.mixer_scale).view(n, 1, 1, channels)
-        tokens = torch.addcmul(tokens, self.token_mixer.forward_tokens(tokens), mixer_scale)
+        mixed = self.token_mixer.forward_tokens(tokens)
+        # PoolingMixer's own forward_tokens returns a fresh tensor; a subclass's might not
+        reuse_mixed = (in_place and mixed.is_contiguous()
+                       and type(self.token_mixer).forward_tokens is PoolingMixer.forward_tokens)
+        tokens = torch.addcmul(tokens, mixed, mixer_scale, out=mixed if reuse_mixed else None)
         mean, inv_std = group_norm_1_moments(tokens, self.eps2)
         # (x - mean) * inv_std in one pass. The per-sample factors are repeated along the
         # channels: CPU kernels vectorise a broadcast over the innermost dimension only (one
@@ -421,27 +433,48 @@ class DeployPoolFormerBlock(nn.Module):
         shift, scale = (torch.stack([-mean * inv_std, inv_std], 1)[:, :, None]
                         .expand(n, 2, channels).contiguous().view(n, 2, 1, 1, channels)
                         .unbind(1))
-        normed = torch.addcmul(shift, tokens, scale)
-        return tokens, normed if normed_dtype is None else normed.to(normed_dtype)
+        normed_dtype = tokens.dtype if normed_dtype is None else normed_dtype
+        if in_place and tokens.device.type == 'cpu':
+            # computed in the tokens' precision and rounded once into the scratch tensor
+            normed = self.scratch.get('normed', tokens.shape, normed_dtype, tokens.device)
+            return tokens, torch.addcmul(shift, tokens, scale, out=normed)
+        return tokens, torch.addcmul(shift, tokens, scale).to(normed_dtype)
+
+    def _fc1_and_activation(self, normed: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        """``act(fc1(normed))`` as (tokens, hidden) rows, for inference: on a CPU into a scratch
+        tensor, activated in place."""
+        normed = normed.reshape(-1, normed.shape[-1])
+        if normed.device.type != 'cpu':  # the device's caching allocator reuses memory there
+            return self.act(F.linear(normed, weight, bias))
+        hidden = self.scratch.get('hidden', (normed.shape[0], weight.shape[0]), normed.dtype,
+                                  normed.device)
+        return _activate_in_place(self.act, torch.addmm(bias, normed, weight.t(), out=hidden))
+
+    def _fused_gelu_linear(self, normed: Tensor, dtype: torch.dtype) -> bool:
+        return (normed.device.type == 'cpu' and dtype == torch.bfloat16
+                and type(self.act) is nn.GELU and self.act.approximate == 'none'
+                and torch.backends.mkldnn.is_available() and fused_linear_available(dtype))
 
     def _forward_mixed_precision(self, tokens: Tensor, dtype: torch.dtype) -> Tensor:
         """The block under autocast: the two matrix products (nearly all the MACs) in ``dtype``
         with weights cast once, not at every call; the residual stream, the statistics and the
         mixer in fp32, so the rounding of 12 to 36 residual additions does not pile up."""
-        tokens, normed = self._mix_and_normalize(tokens, dtype)
+        autograd = torch.is_grad_enabled() and tokens.requires_grad
+        tokens, normed = self._mix_and_normalize(tokens, dtype, in_place=not autograd)
         fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc2_row_scale = self._weights_in(dtype)
-        if (tokens.device.type == 'cpu' and type(self.act) is nn.GELU
-                and self.act.approximate == 'none' and dtype == torch.bfloat16
-                and not (torch.is_grad_enabled() and tokens.requires_grad)
-                and torch.backends.mkldnn.is_available() and fused_linear_available(dtype)):
+        if autograd:
+            hidden = self.act(F.linear(normed, fc1_weight, fc1_bias))
+        elif self._fused_gelu_linear(normed, dtype):
+            # in bf16 oneDNN's fused kernel beats a product into scratch and a GELU pass
+            # (1.6 against 2.0 ms for stage 3's fc1 of S12 at 512x512, 2 threads)
             hidden = torch.ops.mkldnn._linear_pointwise(normed, fc1_weight, fc1_bias, 'gelu',
                                                         [], 'none')
         else:
-            hidden = self.act(F.linear(normed, fc1_weight, fc1_bias))
-        out = F.linear(hidden, fc2_weight, fc2_bias)
+            hidden = self._fc1_and_activation(normed, fc1_weight, fc1_bias)
+        out = F.linear(hidden, fc2_weight, fc2_bias).view(tokens.shape)
         if fc2_row_scale is not None:
             out = out.float() * fc2_row_scale
-        if torch.is_grad_enabled() and tokens.requires_grad:
+        if autograd:
             return tokens + out
         return tokens.add_(out)
 
@@ -521,12 +554,14 @@ class MetaFormerStage(nn.Module):
         self._grad_checkpointing = bool(enable)
         return self
 
-    def switch_to_deploy(self) -> 'MetaFormerStage':
+    def switch_to_deploy(self, scratch: Optional[ScratchBuffers] = None) -> 'MetaFormerStage':
         """Fold every PoolFormer block (:class:`DeployPoolFormerBlock`; inference only, same
-        outputs) and run in token layout where possible."""
+        outputs) and run in token layout where possible. The folded blocks share ``scratch``
+        (default: a new set for this stage)."""
+        scratch = ScratchBuffers() if scratch is None else scratch
         for j, block in enumerate(self.blocks):
             if isinstance(block, MetaFormerBlock) and block.supports_token_layout:
-                self.blocks[j] = DeployPoolFormerBlock(block)
+                self.blocks[j] = DeployPoolFormerBlock(block, scratch)
         if isinstance(self.downsample, ConvEmbedding):
             self.downsample.store_weights_channels_last()
         return self.set_token_layout(True)
