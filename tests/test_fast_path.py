@@ -199,6 +199,18 @@ def test_deploy_scratch_is_per_thread():
         assert all(torch.equal(a, b) for a, b in zip(exact, results[index]))
 
 
+def test_deploy_scratch_made_under_inference_mode_serves_no_grad_calls():
+    model = _randomised().eval().switch_to_deploy()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        first = model(x)  # the scratch tensors are made here
+    with torch.no_grad():  # and written here: they must not be inference tensors
+        second = model(x)
+    with torch.inference_mode():
+        third = model(x)
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(first, second, third))
+
+
 def test_deployed_model_copies_and_pickles_with_empty_scratch():
     model = _randomised().eval().switch_to_deploy()
     x = torch.randn(1, 3, 64, 64)

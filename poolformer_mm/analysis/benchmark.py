@@ -102,6 +102,15 @@ def _release_memory() -> None:
         pass
 
 
+def _release_scratch(model: nn.Module) -> None:
+    """Free the scratch tensors that folded blocks keep between calls."""
+    from ..models.layers import ScratchBuffers
+    for module in model.modules():
+        scratch = getattr(module, 'scratch', None)
+        if isinstance(scratch, ScratchBuffers):
+            scratch.clear()
+
+
 def _map_large_blocks_separately() -> None:
     """Make RSS follow the memory in use (glibc only).
 
@@ -228,6 +237,7 @@ def measure(variants: Dict[str, nn.Module],
         # rest of the process, so time nothing after this
         _map_large_blocks_separately()
     for name, model in variants.items():
+        _release_scratch(model)  # counted in the peak: they are memory the step needs
         _release_memory()
         if device.startswith('cuda'):
             torch.cuda.reset_peak_memory_stats()

@@ -102,8 +102,9 @@ def normalize_tokens(tokens: Tensor, eps: float) -> Tensor:
 
 
 # Elements per sample from which several multi-threaded reductions beat GroupNorm's single
-# call (measured on a 2-core CPU: 2.8x faster at 2**20, slower below about 2**18)
-_THREADED_STATISTICS_MIN_SIZE = 1 << 19
+# call (measured on a 2-core CPU with 2 threads: 2.8x faster at 2**20 and at 32x32x320,
+# 1.3x at 16x16x512 = 2**17; with 1 thread as fast or faster from 2**17)
+_THREADED_STATISTICS_MIN_SIZE = 1 << 17
 
 
 def group_norm_1_moments(tokens: Tensor, eps: float) -> tuple:

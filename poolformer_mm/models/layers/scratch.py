@@ -38,7 +38,10 @@ class ScratchBuffers:
         buffer = buffers.get(key)
         if buffer is None or buffer.numel() < numel:
             buffers.pop(key, None)  # free the smaller buffer before allocating its successor
-            buffer = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+            # a normal tensor even under torch.inference_mode(): an inference tensor could not
+            # be written by later calls made under no_grad
+            with torch.inference_mode(False):
+                buffer = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
         return buffer[:numel].view(shape)
 
     def clear(self) -> None:
