@@ -19,6 +19,7 @@ from poolformer_mm.models.layers import (
     DeployPoolFormerBlock,
     PoolingMixer,
     blocks,
+    group_norm_1_channels_last,
     group_norm_1_moments,
 )
 
@@ -209,6 +210,81 @@ def test_deploy_scratch_made_under_inference_mode_serves_no_grad_calls():
     with torch.inference_mode():
         third = model(x)
     assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(first, second, third))
+
+
+def test_deploy_block_takes_strided_and_other_dtype_tokens():
+    plain = _randomised().stages[0].blocks[0].eval()
+    block = DeployPoolFormerBlock(plain).eval()
+
+    def exact(tokens):
+        return plain(tokens.double().permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+    with torch.no_grad():
+        plain.double()
+        # an NHWC view of an NCHW tensor (batch 2: the output follows its strides), and a
+        # large one (the mixer's convolution form)
+        for tokens in (torch.randn(2, 64, 9, 7).permute(0, 2, 3, 1),
+                       torch.randn(1, 64, 64, 64).permute(0, 2, 3, 1)):
+            out = block.forward_tokens(tokens)
+            assert out.is_contiguous() and out.dtype == torch.float32
+            assert _rel_diff([exact(tokens)], [out.double()]) <= 1e-5
+        # bf16 tokens into an fp32 block: fp32 out, as the promotion of the two gives
+        tokens = torch.randn(1, 8, 8, 64).bfloat16()
+        assert block.forward_tokens(tokens).dtype == torch.float32
+    # a float64 model under bf16 autocast keeps float64 outputs
+    model = _randomised().eval().switch_to_deploy().double()
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        outputs = model(torch.randn(1, 3, 64, 64, dtype=torch.float64))
+    assert [o.dtype for o in outputs] == [torch.float64] * 4
+
+
+def test_deploy_block_under_vmap_matches_the_loop():
+    block = DeployPoolFormerBlock(_randomised().stages[0].blocks[0]).eval()
+    tokens = torch.randn(3, 1, 8, 8, 64)
+    with torch.no_grad():
+        mapped = torch.vmap(block.forward_tokens)(tokens)
+        looped = torch.stack([block.forward_tokens(t) for t in tokens])
+    torch.testing.assert_close(mapped, looped, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings('ignore::torch.jit.TracerWarning')
+def test_deploy_trace_after_a_call_keeps_no_scratch_constant():
+    model = _randomised().eval().switch_to_deploy()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        model(x)  # this thread's scratch exists now
+        traced = torch.jit.trace(model, x, check_trace=False)
+        constants = [node for node in traced.inlined_graph.nodes()
+                     if node.kind() == 'prim::Constant'
+                     and node.output().type().kind() == 'TensorType']
+        assert not constants  # a baked-in scratch tensor would be shared by every thread
+        y = torch.randn(1, 3, 64, 64)
+        assert _rel_diff(model(y), traced(y)) <= 1e-6
+
+
+@pytest.mark.parametrize('offset', [0.0, 50.0])  # 50: the statistics' cancellation fallback
+def test_deploy_block_and_channels_last_output_norm_gradients_are_exact(offset):
+    model = _randomised().double()
+    plain = model.stages[1].blocks[0]
+    block = DeployPoolFormerBlock(plain)
+    tokens = torch.randn(1, 8, 8, 128, dtype=torch.float64) + offset
+    gradients = []
+    for forward in (lambda t: plain(t.permute(0, 3, 1, 2)).permute(0, 2, 3, 1),
+                    block.forward_tokens):
+        leaf = tokens.clone().requires_grad_()
+        forward(leaf).square().sum().backward()
+        gradients.append(leaf.grad)
+    assert _rel_diff([gradients[0]], [gradients[1]]) <= 1e-10
+    # the output norms of --channels-last training take the same statistics
+    norm = model.output_norms['1']
+    x = (torch.randn(2, 128, 8, 8, dtype=torch.float64) + offset).contiguous(
+        memory_format=torch.channels_last)
+    gradients = []
+    for forward in (norm, lambda t: group_norm_1_channels_last(norm, t)):
+        leaf = x.clone().requires_grad_()
+        (forward(leaf) * torch.linspace(-1, 1, 8, dtype=torch.float64)).sum().backward()
+        gradients.append(leaf.grad)
+    assert _rel_diff([gradients[0]], [gradients[1]]) <= 1e-10
 
 
 def test_deployed_model_copies_and_pickles_with_empty_scratch():

@@ -348,6 +348,16 @@ def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
                 else torch.get_autocast_gpu_dtype())
 
 
+def _allocating_ops_only(tokens: Tensor) -> bool:
+    """Whether ``tokens`` must go through ops without ``out=`` or in-place forms: under
+    autograd, and inside functorch transforms (``torch.vmap``), which have no rules for them."""
+    if torch.is_grad_enabled() and tokens.requires_grad:
+        return True
+    is_wrapped = getattr(getattr(torch._C, '_functorch', None), 'is_functorch_wrapped_tensor',
+                         None)
+    return bool(is_wrapped is not None and is_wrapped(tokens))
+
+
 def _activate_in_place(act: nn.Module, hidden: Tensor) -> Tensor:
     """``act(hidden)``, written over ``hidden`` where the activation has an in-place form."""
     if type(act) is nn.GELU:
@@ -401,7 +411,7 @@ class DeployPoolFormerBlock(nn.Module):
             with torch.autocast(tokens.device.type, enabled=False):
                 # a stage's convolution hands its first block low-precision tokens
                 return self._forward_mixed_precision(tokens.float(), low_precision)
-        if torch.is_grad_enabled() and tokens.requires_grad:
+        if _allocating_ops_only(tokens):
             tokens, normed = self._mix_and_normalize(tokens)
             hidden = self.act(F.linear(normed, self.fc1_weight, self.fc1_bias))
             return tokens + F.linear(hidden, self.fc2_weight, self.fc2_bias)
@@ -422,10 +432,15 @@ class DeployPoolFormerBlock(nn.Module):
         _, inv_std = group_norm_1_moments(tokens, self.eps1)
         mixer_scale = (inv_std[:, None] * self.mixer_scale).view(n, 1, 1, channels)
         mixed = self.token_mixer.forward_tokens(tokens)
-        # PoolingMixer's own forward_tokens returns a fresh tensor; a subclass's might not
-        reuse_mixed = (in_place and mixed.is_contiguous()
+        # PoolingMixer's own forward_tokens returns a fresh tensor (a subclass's might not), and
+        # it can hold the result if it has the result's dtype
+        result_dtype = torch.promote_types(torch.promote_types(tokens.dtype, mixed.dtype),
+                                           mixer_scale.dtype)
+        reuse_mixed = (in_place and mixed.is_contiguous() and mixed.dtype == result_dtype
                        and type(self.token_mixer).forward_tokens is PoolingMixer.forward_tokens)
         tokens = torch.addcmul(tokens, mixed, mixer_scale, out=mixed if reuse_mixed else None)
+        if in_place and not tokens.is_contiguous():
+            tokens = tokens.contiguous()  # the MLP accumulates into a flat view of it
         mean, inv_std = group_norm_1_moments(tokens, self.eps2)
         # (x - mean) * inv_std in one pass. The per-sample factors are repeated along the
         # channels: CPU kernels vectorise a broadcast over the innermost dimension only (one
@@ -459,7 +474,7 @@ class DeployPoolFormerBlock(nn.Module):
         """The block under autocast: the two matrix products (nearly all the MACs) in ``dtype``
         with weights cast once, not at every call; the residual stream, the statistics and the
         mixer in fp32, so the rounding of 12 to 36 residual additions does not pile up."""
-        autograd = torch.is_grad_enabled() and tokens.requires_grad
+        autograd = _allocating_ops_only(tokens)
         tokens, normed = self._mix_and_normalize(tokens, dtype, in_place=not autograd)
         fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc2_row_scale = self._weights_in(dtype)
         if autograd:

@@ -125,6 +125,11 @@ def group_norm_1_moments(tokens: Tensor, eps: float) -> tuple:
             inv_std = torch.rsqrt(var.clamp_min(0) + eps)
             return mean.to(tokens.dtype), inv_std.to(tokens.dtype)
     flat = tokens.reshape(n, 1, -1)
+    if torch.is_grad_enabled() and tokens.requires_grad:
+        # native_group_norm's mean and rstd outputs carry no gradient; these do
+        precision = torch.promote_types(tokens.dtype, torch.float32)
+        var, mean = torch.var_mean(flat.reshape(n, -1).to(precision), dim=1, correction=0)
+        return mean.to(tokens.dtype), torch.rsqrt(var + eps).to(tokens.dtype)
     _, mean, inv_std = torch.native_group_norm(flat, None, None, n, 1, flat.shape[-1], 1, eps)
     return mean.view(n).to(tokens.dtype), inv_std.view(n).to(tokens.dtype)
 

@@ -32,6 +32,8 @@ class ScratchBuffers:
             device: torch.device) -> Tensor:
         """An uninitialised tensor of ``shape`` for the role ``name``; the same memory as the
         previous call's for that role, dtype and device whenever it is large enough."""
+        if torch.jit.is_tracing():  # a trace would keep this thread's buffer as a constant
+            return torch.empty(shape, dtype=dtype, device=device)
         buffers = self._buffers()
         key = (name, dtype, torch.device(device))
         numel = math.prod(shape)
