@@ -175,6 +175,14 @@ def test_deploy_scratch_is_shared_reused_and_never_returned(precision):
     assert model.scratch.nbytes() == 0
 
 
+def test_deploy_scratch_holds_stage_1s_hidden_and_normalised_tokens():
+    # the README's figure: about 21 MB for S12 at 512x512, batch 1
+    model = _randomised().eval().switch_to_deploy()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 512, 512))
+    assert model.scratch.nbytes() == 128 * 128 * (256 + 64) * 4 == 20_971_520
+
+
 def test_deploy_scratch_is_per_thread():
     model = _randomised().eval().switch_to_deploy()
     inputs = [torch.randn(1, 3, 96 + 32 * i, 96) for i in range(4)]
