@@ -324,6 +324,16 @@ def test_deploy_runs_under_bf16_autocast():
     assert _rel_diff(expected, [o.float() for o in folded]) <= 5e-2  # bf16 has 8 bits
 
 
+def test_deploy_under_bf16_without_the_fused_kernel_gives_the_same_outputs(monkeypatch):
+    model = _randomised().eval().switch_to_deploy()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        fused = model(x)
+        monkeypatch.setattr(blocks, 'fused_linear_available', lambda dtype: False)
+        unfused = model(x)  # fc1 into scratch, GELU in place
+    assert _rel_diff([o.float() for o in fused], [o.float() for o in unfused]) <= 2e-2
+
+
 def test_training_path_keeps_bf16_autocast_error_at_the_plain_formulations_level():
     plain = _randomised().set_fast_path(False)
     fast = copy.deepcopy(plain).set_fast_path(True)
