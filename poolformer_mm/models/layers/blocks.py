@@ -468,10 +468,10 @@ class DeployPoolFormerBlock(nn.Module):
         """The block under autocast: the two matrix products (nearly all the MACs) in ``dtype``
         with weights cast once, not at every call; the residual stream, the statistics and the
         mixer in fp32, so the rounding of 12 to 36 residual additions does not pile up."""
-        autograd = _allocating_ops_only(tokens)
-        tokens, normed = self._mix_and_normalize(tokens, dtype, in_place=not autograd)
+        allocating = _allocating_ops_only(tokens)
+        tokens, normed = self._mix_and_normalize(tokens, dtype, in_place=not allocating)
         fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc2_row_scale = self._weights_in(dtype)
-        if autograd:
+        if allocating:
             hidden = self.act(F.linear(normed, fc1_weight, fc1_bias))
         elif self._fused_gelu_linear(normed, dtype):
             # in bf16 oneDNN's fused kernel beats a product into scratch and a GELU pass
@@ -483,7 +483,7 @@ class DeployPoolFormerBlock(nn.Module):
         out = F.linear(hidden, fc2_weight, fc2_bias).view(tokens.shape)
         if fc2_row_scale is not None:
             out = out.float() * fc2_row_scale
-        if autograd:
+        if allocating:
             return tokens + out
         return tokens.add_(out)
 
