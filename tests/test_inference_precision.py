@@ -29,6 +29,7 @@ from poolformer_mm.engine import (
 from poolformer_mm.errors import InvalidInputError
 from poolformer_mm.models import MetaFormer, PoolFormer
 from poolformer_mm.models.layers import PoolingMixer
+from poolformer_mm.models.necks import FoldedFPN
 
 TOY_FPN = 'configs/segmentation/toy/fpn_poolformer_s12_toy.py'
 TOY_RETINANET = 'configs/detection/toy/retinanet_poolformer_s12_toy.py'
@@ -160,7 +161,14 @@ def test_prepare_for_inference_keeps_the_network_outputs(config):
     task = 'mmdet' if 'detection' in config else 'mmseg'
     inputs, samples = dummy_batch(model, task, 128, 160)
     fast = copy.deepcopy(model)
-    prepare_for_inference(fast)
+    neck_left_because = prepare_for_inference(fast)
+    if config == UPERNET:
+        assert neck_left_because == 'the model has no neck'
+    elif config == TOY_RETINANET:  # a 128-channel FPN on the 128-channel stage 2
+        assert 'too many for the folded form to be cheaper' in neck_left_because
+    else:
+        assert neck_left_because is None and isinstance(fast.neck, FoldedFPN)
+        assert fast.neck.parity_weight.is_contiguous(memory_format=torch.channels_last)
     convs = [m for m in fast.modules() if isinstance(m, torch.nn.Conv2d)]
     assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
     with torch.no_grad():

@@ -9,9 +9,11 @@ logits' size is kept for the backward pass.
 """
 from typing import List
 
+import torch
 import torch.nn as nn
 from mmseg.models.decode_heads import FCNHead, FPNHead, UPerHead
 from mmseg.models.losses import CrossEntropyLoss
+from mmseg.models.utils import resize
 from mmseg.registry import MODELS
 from torch import Tensor
 
@@ -72,9 +74,31 @@ class UpsampledLossMixin:
 class LowMemoryFPNHead(UpsampledLossMixin, FPNHead):
     """mmseg's Semantic FPN head (``FPNHead``) with the loss computed band by band.
 
+    Its forward sums the scale heads as ``FPNHead`` does, minus two costs that change no value:
+    it does not resize a map that already has the output's size (each coarser scale head ends
+    by upsampling to it; ``FPNHead`` copies it again, a 128-channel map at 1/4 of the input
+    resolution per level), and, without autograd, it adds into the sum in place.
+
     Args:
         **kwargs: ``FPNHead``'s arguments; the loss as :class:`UpsampledLossMixin` requires.
     """
+
+    def forward(self, inputs):
+        x = self._transform_inputs(inputs)
+        output = self.scale_heads[0](x[0])
+        for scale_head, feature in zip(self.scale_heads[1:], x[1:]):
+            scaled = scale_head(feature)
+            if scaled.shape[2:] != output.shape[2:]:
+                scaled = resize(scaled, size=output.shape[2:], mode='bilinear',
+                                align_corners=self.align_corners)
+            # under autograd the sum must be a new tensor: the first term is the output of an
+            # in-place ReLU, which its backward reads
+            if (torch.is_grad_enabled() or scaled.shape != output.shape
+                    or torch.promote_types(output.dtype, scaled.dtype) != output.dtype):
+                output = output + scaled
+            else:
+                output += scaled
+        return self.cls_seg(output)
 
 
 @MODELS.register_module()

@@ -1,0 +1,3 @@
+from .folded_fpn import FoldedFPN
+
+__all__ = ['FoldedFPN']

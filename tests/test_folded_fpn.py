@@ -1,0 +1,201 @@
+"""The folded FPN (``--deploy``'s neck) and the Semantic FPN head's forward: the same outputs as
+mmdet's, mmseg's and mmseg's ``FPNHead`` in every configuration they take, and the cases
+that are left as they are, with the reason."""
+import pytest
+import torch
+import torch.nn as nn
+from mmdet.models.necks import FPN as MMDetFPN
+from mmdet.registry import MODELS as DET_MODELS
+from mmengine.config import Config
+from mmseg.models.decode_heads import FPNHead
+from mmseg.models.necks import FPN as MMSegFPN
+from mmseg.registry import MODELS as SEG_MODELS
+
+from poolformer_mm.models.decode_heads import LowMemoryFPNHead
+from poolformer_mm.models.necks import FoldedFPN
+
+S12_CHANNELS = [64, 128, 320, 512]
+
+FPN_SETUPS = {
+    'semantic FPN (mmseg)': (MMSegFPN, dict(num_outs=4)),
+    'Mask R-CNN (max-pooled extra level)': (MMDetFPN, dict(num_outs=5)),
+    'RetinaNet (from stage 2, extra convs on input)': (
+        MMDetFPN, dict(num_outs=5, start_level=1, add_extra_convs='on_input')),
+    'extra convs on output with ReLU': (
+        MMDetFPN, dict(num_outs=6, add_extra_convs='on_output', relu_before_extra_convs=True)),
+    'extra convs on lateral': (MMDetFPN, dict(num_outs=5, add_extra_convs='on_lateral')),
+    'fixed scale factor': (
+        MMSegFPN, dict(num_outs=4, upsample_cfg=dict(mode='nearest', scale_factor=2))),
+    'end level': (MMDetFPN, dict(num_outs=3, end_level=2)),
+}
+
+
+def _fpn(setup, seed=0, channels=S12_CHANNELS, **overrides):
+    cls, kwargs = FPN_SETUPS[setup]
+    torch.manual_seed(seed)
+    fpn = cls(channels, 256, **{**kwargs, **overrides}).eval()
+    with torch.no_grad():  # biases far from zero: the border correction must hold them
+        for module in fpn.modules():
+            if isinstance(module, nn.Conv2d):
+                module.weight.normal_(std=0.05)
+                if module.bias is not None:
+                    module.bias.normal_(std=1.0)
+    return fpn
+
+
+def _features(height, width, batch=2, channels=S12_CHANNELS, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(batch, c, max(height // 2**i, 1), max(width // 2**i, 1), generator=generator)
+        for i, c in enumerate(channels)
+    ]
+
+
+def _assert_same_outputs(expected, actual, rel=1e-5):
+    assert len(actual) == len(expected)
+    for a, b in zip(expected, actual):
+        assert b.shape == a.shape and b.dtype == a.dtype
+        assert (a - b).abs().max().item() <= rel * a.abs().max().item()
+
+
+@pytest.mark.parametrize('setup', FPN_SETUPS)
+@pytest.mark.parametrize('height, width', [(64, 96), (8, 8), (4, 4), (2, 6), (60, 44)])
+def test_folded_fpn_gives_the_fpn_outputs(setup, height, width):
+    fpn = _fpn(setup)
+    folded = FoldedFPN.fold(fpn)
+    assert isinstance(folded, FoldedFPN)
+    features = _features(height, width)
+    with torch.no_grad():
+        try:
+            expected = fpn(features)
+        except RuntimeError:  # a fixed scale factor on sizes that do not halve evenly
+            with pytest.raises(RuntimeError, match='size of tensor'):
+                folded(features)
+            return
+        _assert_same_outputs(expected, folded(features))
+
+
+@pytest.mark.parametrize('setup', ['semantic FPN (mmseg)', 'Mask R-CNN (max-pooled extra level)'])
+def test_folded_fpn_computes_sizes_that_are_not_twice_the_coarser_the_plain_way(setup):
+    fpn = _fpn(setup)
+    folded = FoldedFPN.fold(fpn)
+    features = _features(17, 33)  # 17x33 over 8x16: nearest upsampling repeats unevenly
+    with torch.no_grad():
+        _assert_same_outputs(fpn(features), folded(features), rel=0)
+
+
+def test_folded_fpn_runs_fewer_multiply_adds_on_the_finest_level():
+    fpn = _fpn('semantic FPN (mmseg)')
+    folded = FoldedFPN(fpn)
+    # per fine pixel: 9 taps on 64 channels and 4 coarse taps on 256, against a 1x1 lateral
+    # and 9 taps on 256 channels
+    assert folded.folded_weight.shape == (256, 64, 3, 3)
+    assert folded.parity_weight.shape == (4 * 256, 256, 2, 2)
+    folded_macs = folded.folded_weight.numel() + folded.parity_weight.numel() / 4
+    plain_macs = fpn.lateral_convs[0].conv.weight.numel() + fpn.fpn_convs[0].conv.weight.numel()
+    assert folded_macs / plain_macs == pytest.approx(0.676, abs=1e-3)
+
+
+def test_folded_fpn_keeps_the_fpn_parameters_and_state_dict():
+    fpn = _fpn('semantic FPN (mmseg)')
+    folded = FoldedFPN(fpn)
+    assert list(folded.state_dict()) == list(fpn.state_dict())
+    assert folded.lateral_convs is fpn.lateral_convs and folded.fpn_convs is fpn.fpn_convs
+
+
+def test_folded_fpn_follows_channels_last_and_bf16_autocast():
+    fpn = _fpn('semantic FPN (mmseg)')
+    features = _features(64, 64, batch=1)
+    with torch.no_grad():
+        expected = fpn(features)
+    folded = FoldedFPN(fpn).to(memory_format=torch.channels_last)
+    assert folded.parity_weight.is_contiguous(memory_format=torch.channels_last)
+    channels_last = [f.contiguous(memory_format=torch.channels_last) for f in features]
+    with torch.no_grad():
+        _assert_same_outputs(expected, folded(channels_last))
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            low = folded(channels_last)
+    assert low[0].dtype == torch.bfloat16
+    for a, b in zip(expected, low):
+        assert (a - b.float()).abs().max().item() <= 2e-2 * a.abs().max().item()
+
+
+@pytest.mark.parametrize('change, reason', [
+    (dict(norm_cfg=dict(type='BN')), 'a norm, an activation'),
+    (dict(act_cfg=dict(type='ReLU')), 'a norm, an activation'),
+    (dict(upsample_cfg=dict(mode='bilinear')), 'is not nearest by 2'),
+    (dict(upsample_cfg=dict(mode='nearest', scale_factor=3)), 'is not nearest by 2'),
+    (dict(start_level=3, num_outs=1), 'single backbone level'),
+    (dict(channels=[160, 128, 320, 512]), '160 channels, too many'),
+])
+def test_fpns_that_do_not_fold_say_why(change, reason):
+    channels = change.pop('channels', S12_CHANNELS)
+    fpn = _fpn('semantic FPN (mmseg)', channels=channels, **change)
+    assert reason in FoldedFPN.why_not_foldable(fpn)
+    assert FoldedFPN.fold(fpn) is None
+    with pytest.raises(ValueError, match='FoldedFPN cannot fold this FPN: .*' + reason):
+        FoldedFPN(fpn)
+
+
+def test_a_subclass_of_fpn_is_not_folded():
+
+    class OwnFPN(MMDetFPN):
+
+        def forward(self, inputs):
+            return super().forward(inputs)[::-1]
+
+    fpn = OwnFPN(S12_CHANNELS, 256, num_outs=4)
+    assert 'OwnFPN is not mmdet\'s or mmseg\'s FPN' == FoldedFPN.why_not_foldable(fpn)
+
+
+@pytest.mark.parametrize('config', [
+    'configs/segmentation/fpn_poolformer_s12.py', 'configs/detection/retinanet_poolformer_s12.py',
+    'configs/detection/mask_rcnn_poolformer_s12.py'
+])
+def test_the_paper_configs_necks_fold(config):
+    neck_cfg = Config.fromfile(config).model.neck
+    registry = SEG_MODELS if 'segmentation' in config else DET_MODELS
+    assert FoldedFPN.why_not_foldable(registry.build(neck_cfg)) is None
+
+
+def test_folded_fpn_refuses_a_wrong_number_of_feature_maps():
+    folded = FoldedFPN(_fpn('semantic FPN (mmseg)'))
+    with pytest.raises(ValueError, match=r'takes 4 feature maps .* not 3'):
+        folded(_features(32, 32)[:3])
+
+
+# --------------------------------------------------------------------------- Semantic FPN head
+def _heads(seed=0):
+    kwargs = dict(in_channels=[256] * 4, in_index=[0, 1, 2, 3], feature_strides=[4, 8, 16, 32],
+                  channels=128, num_classes=150, norm_cfg=dict(type='BN'))
+    torch.manual_seed(seed)
+    upstream = FPNHead(**kwargs)
+    ours = LowMemoryFPNHead(**kwargs)
+    with torch.no_grad():
+        for bn in [m for m in upstream.modules() if isinstance(m, nn.BatchNorm2d)]:
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2)
+    ours.load_state_dict(upstream.state_dict())
+    return upstream.eval(), ours.eval()
+
+
+@pytest.mark.parametrize('size', [64, 60])
+def test_semantic_fpn_head_forward_equals_mmseg(size):
+    upstream, ours = _heads()
+    features = [torch.randn(1, 256, size // 2**i, size // 2**i) for i in range(4)]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(features), upstream(features), rtol=0, atol=0)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            torch.testing.assert_close(ours(features), upstream(features), rtol=0, atol=0)
+
+
+def test_semantic_fpn_head_gradients_equal_mmseg():
+    upstream, ours = _heads()
+    features = [torch.randn(1, 256, 32 // 2**i, 32 // 2**i) for i in range(4)]
+    for head in (upstream, ours):
+        head.train()
+        torch.manual_seed(2)  # the same dropout mask
+        head(features).square().mean().backward()
+    grads = {name: p.grad for name, p in upstream.named_parameters()}
+    for name, param in ours.named_parameters():
+        torch.testing.assert_close(param.grad, grads[name], rtol=0, atol=0)
