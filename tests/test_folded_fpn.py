@@ -1,6 +1,7 @@
-"""The folded FPN (``--deploy``'s neck) and the Semantic FPN head's forward: the same outputs as
-mmdet's, mmseg's and mmseg's ``FPNHead`` in every configuration they take, and the cases
-that are left as they are, with the reason."""
+"""``--deploy``'s neck and head changes: the folded FPN, batch norms folded into convolutions,
+and the Semantic FPN head's forward. The same outputs as mmdet's and mmseg's FPN and mmseg's
+``FPNHead`` in every configuration they take, and the cases left as they are, with the
+reason."""
 import pytest
 import torch
 import torch.nn as nn
@@ -199,3 +200,72 @@ def test_semantic_fpn_head_gradients_equal_mmseg():
     grads = {name: p.grad for name, p in upstream.named_parameters()}
     for name, param in ours.named_parameters():
         torch.testing.assert_close(param.grad, grads[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('neck_channels, logged', [
+    (256, 'FPN neck folded (FoldedFPN)'),
+    (64, 'neck not folded (its finest backbone level has 64 channels, too many'),
+])
+def test_deploy_hook_folds_the_fpn_neck_inside_wrappers_and_logs_why_not(neck_channels, logged):
+    from types import SimpleNamespace
+
+    from poolformer_mm.engine import DeployBackboneHook
+    from poolformer_mm.models import PoolFormer
+
+    class Detector(nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.backbone = PoolFormer('s12')
+            self.neck = MMDetFPN(S12_CHANNELS, neck_channels, num_outs=5)
+
+        def forward(self, x):
+            return self.neck(self.backbone(x))
+
+    class TTAWrapper(nn.Module):  # as mmdet's and mmseg's TTA models hold the model
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    torch.manual_seed(0)
+    model = Detector().eval()
+    x = torch.randn(1, 3, 64, 96)
+    messages = []
+    with torch.no_grad():
+        expected = model(x)
+        DeployBackboneHook().before_test(
+            SimpleNamespace(model=TTAWrapper(model), logger=SimpleNamespace(info=messages.append)))
+        _assert_same_outputs(expected, model(x))
+    assert isinstance(model.neck, FoldedFPN) == (neck_channels == 256)
+    assert len(messages) == 1 and logged in messages[0]
+
+
+# ------------------------------------------------------------------------------ batch norms
+def _conv_module(order=('conv', 'norm', 'act'), norm_cfg=dict(type='BN')):
+    from mmcv.cnn import ConvModule
+    torch.manual_seed(0)
+    module = ConvModule(16, 16, 3, padding=1, norm_cfg=norm_cfg, order=order)
+    with torch.no_grad():  # statistics and affine parameters far from their initial values
+        for param in module.norm.parameters():
+            param.normal_()
+        if hasattr(module.norm, 'running_var'):
+            module.norm.running_mean.normal_()
+            module.norm.running_var.uniform_(0.5, 2)
+    return module.eval()
+
+
+@pytest.mark.parametrize('order, norm_cfg, folds', [
+    (('conv', 'norm', 'act'), dict(type='BN'), True),
+    (('conv', 'norm', 'act'), dict(type='SyncBN'), True),
+    (('norm', 'conv', 'act'), dict(type='BN'), False),  # registered conv first, runs norm first
+    (('conv', 'norm', 'act'), dict(type='GN', num_groups=4), False),
+])
+def test_batch_norms_fold_into_the_convolutions_they_follow(order, norm_cfg, folds):
+    from poolformer_mm.engine.deploy_hook import fold_batch_norms
+    module = _conv_module(order, norm_cfg)
+    x = torch.randn(2, 16, 12, 10)
+    with torch.no_grad():
+        expected = module(x)
+        assert fold_batch_norms(module) == int(folds)
+        torch.testing.assert_close(module(x), expected, rtol=1e-5, atol=1e-5)
+    assert isinstance(module.norm, nn.Identity) == folds

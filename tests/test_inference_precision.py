@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from mmengine.config import Config
 from mmengine.logging import MMLogger
 from mmengine.model import revert_sync_batchnorm
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from poolformer_mm.analysis.benchmark import flat_float_outputs
 from poolformer_mm.analysis.complexity import build_model_without_pretrained, dummy_batch
@@ -158,17 +159,26 @@ def test_channels_last_outputs_hold_the_same_values():
 @pytest.mark.parametrize('config', [TOY_FPN, UPERNET, TOY_RETINANET, TOY_MASK_RCNN])
 def test_prepare_for_inference_keeps_the_network_outputs(config):
     model = _model(config)
+    with torch.no_grad():  # statistics a folded batch norm must carry (not 0 and 1)
+        for bn in [m for m in model.modules() if isinstance(m, _BatchNorm)]:
+            bn.running_mean.normal_(std=0.1)
+            bn.running_var.uniform_(0.5, 2)
     task = 'mmdet' if 'detection' in config else 'mmseg'
     inputs, samples = dummy_batch(model, task, 128, 160)
     fast = copy.deepcopy(model)
-    neck_left_because = prepare_for_inference(fast)
+    form = prepare_for_inference(fast)
     if config == UPERNET:
-        assert neck_left_because == 'the model has no neck'
+        assert form.neck_left_because == 'the model has no neck'
     elif config == TOY_RETINANET:  # a 128-channel FPN on the 128-channel stage 2
-        assert 'too many for the folded form to be cheaper' in neck_left_because
+        assert 'too many for the folded form to be cheaper' in form.neck_left_because
     else:
-        assert neck_left_because is None and isinstance(fast.neck, FoldedFPN)
+        assert form.neck_left_because is None and isinstance(fast.neck, FoldedFPN)
         assert fast.neck.parity_weight.is_contiguous(memory_format=torch.channels_last)
+    # the batch norms of the segmentation heads' ConvModules; the detectors have none
+    batch_norms = sum(isinstance(m, _BatchNorm) for m in model.modules())
+    assert form.batch_norms_folded == batch_norms
+    assert batch_norms > 0 if task == 'mmseg' else batch_norms == 0
+    assert not any(isinstance(m, _BatchNorm) for m in fast.modules())
     convs = [m for m in fast.modules() if isinstance(m, torch.nn.Conv2d)]
     assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
     with torch.no_grad():

@@ -1,8 +1,10 @@
 """Fold the backbone and an FPN neck for inference once the checkpoint to test is loaded."""
-from typing import Optional
+from typing import NamedTuple, Optional
 
+import torch.nn as nn
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import InvalidInputError
 from ..models.necks import FoldedFPN
@@ -34,18 +36,54 @@ def fold_fpn_neck(model) -> Optional[str]:
     return reason
 
 
-def prepare_for_inference(model) -> Optional[str]:
+def fold_batch_norms(model) -> int:
+    """Fold each BatchNorm of an mmcv ``ConvModule`` that runs after its convolution into that
+    convolution, with mmcv's ``fuse_conv_bn`` (what mmdet 2.x's ``test.py --fuse-conv-bn``
+    did): the running statistics are used, so this is for inference only, and it saves one
+    pass over each normalised map (Semantic FPN's and UPerNet's heads). Only ConvModules, whose
+    order of operations is known; ``fuse_conv_bn`` on a whole model would pair modules by the
+    order they were registered in, not the order they run in. Returns how many were folded."""
+    from mmcv.cnn import ConvModule, fuse_conv_bn
+    folded = 0
+    for module in list(unwrap_model(model).modules()):
+        if not (isinstance(module, ConvModule) and module.with_norm):
+            continue
+        norm = module.norm
+        if (isinstance(norm, _BatchNorm) and norm.affine and norm.track_running_stats
+                and isinstance(module.conv, nn.Conv2d)
+                and module.order.index('conv') < module.order.index('norm')):
+            fuse_conv_bn(module)
+            folded += 1
+    return folded
+
+
+class InferenceForm(NamedTuple):
+    """What :func:`prepare_for_inference` changed beyond the backbone."""
+    neck_left_because: Optional[str]  # None: the FPN neck was folded
+    batch_norms_folded: int
+
+    def describe(self) -> str:
+        neck = (f'neck not folded ({self.neck_left_because})' if self.neck_left_because else
+                'FPN neck folded (FoldedFPN)')
+        return (f'backbone switched to its deploy (folded) form; {neck}; '
+                f'{self.batch_norms_folded} batch norm(s) folded into their convolutions; neck '
+                'and head convolutions channels-last')
+
+
+def prepare_for_inference(model) -> InferenceForm:
     """The fastest inference form of a detector or segmentor with a PoolFormer backbone: the
     backbone folded (:func:`switch_backbone_to_deploy`), an ``FPN`` neck folded
-    (:func:`fold_fpn_neck`), and every convolution of the neck and head channels-last, fed
+    (:func:`fold_fpn_neck`), BatchNorms folded into their convolutions
+    (:func:`fold_batch_norms`), and every convolution of the neck and head channels-last, fed
     channels-last maps by the backbone, whose token-layout stages make them that way. oneDNN's
     channels-last convolutions need no layout conversion per call: Semantic FPN-S12 at 512x512
     ran 1.2x faster in fp32 and 1.9x in bf16 (CPU, 1 thread). RoI extractors get contiguous
-    maps. Same predictions up to rounding. Returns why the neck was not folded, or None."""
+    maps. Same predictions up to rounding."""
     switch_backbone_to_deploy(model)
     neck_left_because = fold_fpn_neck(model)
+    batch_norms_folded = fold_batch_norms(model)
     to_channels_last(model)
-    return neck_left_because
+    return InferenceForm(neck_left_because, batch_norms_folded)
 
 
 @HOOKS.register_module()
@@ -57,8 +95,4 @@ class DeployBackboneHook(Hook):
     """
 
     def before_test(self, runner) -> None:
-        neck_left_because = prepare_for_inference(runner.model)
-        neck = (f'neck not folded ({neck_left_because})' if neck_left_because else
-                'FPN neck folded (FoldedFPN)')
-        runner.logger.info(f'backbone switched to its deploy (folded) form; {neck}; neck and '
-                           'head convolutions channels-last')
+        runner.logger.info(prepare_for_inference(runner.model).describe())
