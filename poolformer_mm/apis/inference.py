@@ -18,6 +18,7 @@ from typing import List, Optional, Sequence, Union
 import mmcv
 import torch
 from mmengine.config import Config
+from mmengine.logging import print_log
 
 from ..engine import enable_inference_autocast, log_inference_amp, prepare_for_inference
 from ..engine.safe_checkpoints import check_checkpoint_path
@@ -105,7 +106,7 @@ def init_inferencer(config: Union[str, Config], checkpoint: str, device: str = '
     check_neck_in_channels(inferencer.model)
     check_checkpoint_fits(inferencer.model, checkpoint, name)
     if deploy:
-        prepare_for_inference(inferencer.model)
+        print_log(prepare_for_inference(inferencer.model).describe(), logger='current')
     if amp:
         dtype = log_inference_amp(device, amp)
         if dtype is not None:
