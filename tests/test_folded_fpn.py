@@ -104,6 +104,39 @@ def test_folded_fpn_keeps_the_fpn_parameters_and_state_dict():
     assert folded.lateral_convs is fpn.lateral_convs and folded.fpn_convs is fpn.fpn_convs
 
 
+def test_folded_fpn_outputs_keep_the_fpn_layout():
+    """Contiguous in, contiguous out, as the FPN: mmcv's CPU RoIAlign ignores strides."""
+    fpn = _fpn('Mask R-CNN (max-pooled extra level)')
+    folded = FoldedFPN.fold(fpn)
+    with torch.no_grad():
+        outs = folded(_features(32, 48))
+    assert all(out.is_contiguous() for out in outs)
+
+
+def test_folded_fpn_refolds_after_new_weights_are_loaded_or_edited():
+    fpn = _fpn('semantic FPN (mmseg)')
+    folded = FoldedFPN(_fpn('semantic FPN (mmseg)', seed=5)).to(memory_format=torch.channels_last)
+    features = _features(32, 32)
+    folded.load_state_dict(fpn.state_dict())
+    with torch.no_grad():
+        _assert_same_outputs(fpn(features), folded(features))
+        # the refolded kernels keep the layout --deploy gave them
+        assert folded.parity_weight.is_contiguous(memory_format=torch.channels_last)
+        for module in (fpn, folded):  # an in-place edit, as an EMA swap makes
+            module.lateral_convs[0].conv.bias.mul_(-2)
+        _assert_same_outputs(fpn(features), folded(features))
+
+
+def test_folded_fpn_gives_the_finest_convolutions_their_gradients():
+    fpn = _fpn('Mask R-CNN (max-pooled extra level)')
+    folded = FoldedFPN(_fpn('Mask R-CNN (max-pooled extra level)'))
+    features = _features(16, 16)
+    for module in (fpn, folded):
+        sum(out.square().sum() for out in module(features)).backward()
+    for (name, expected), actual in zip(fpn.named_parameters(), folded.parameters()):
+        torch.testing.assert_close(actual.grad, expected.grad, rtol=1e-5, atol=1e-4, msg=name)
+
+
 def test_folded_fpn_follows_channels_last_and_bf16_autocast():
     fpn = _fpn('semantic FPN (mmseg)')
     features = _features(64, 64, batch=1)
@@ -238,13 +271,17 @@ def test_deploy_hook_folds_the_fpn_neck_inside_wrappers_and_logs_why_not(neck_ch
         _assert_same_outputs(expected, model(x))
     assert isinstance(model.neck, FoldedFPN) == (neck_channels == 256)
     assert len(messages) == 1 and logged in messages[0]
+    # folding again changes nothing and says the same
+    from poolformer_mm.engine.deploy_hook import fold_fpn_neck
+    neck = model.neck
+    assert (fold_fpn_neck(model) is None) == (neck_channels == 256) and model.neck is neck
 
 
 # ------------------------------------------------------------------------------ batch norms
-def _conv_module(order=('conv', 'norm', 'act'), norm_cfg=dict(type='BN')):
+def _conv_module(order=('conv', 'norm', 'act'), norm_cfg=dict(type='BN'), **kwargs):
     from mmcv.cnn import ConvModule
     torch.manual_seed(0)
-    module = ConvModule(16, 16, 3, padding=1, norm_cfg=norm_cfg, order=order)
+    module = ConvModule(16, 16, 3, padding=1, norm_cfg=norm_cfg, order=order, **kwargs)
     with torch.no_grad():  # statistics and affine parameters far from their initial values
         for param in module.norm.parameters():
             param.normal_()
@@ -254,18 +291,37 @@ def _conv_module(order=('conv', 'norm', 'act'), norm_cfg=dict(type='BN')):
     return module.eval()
 
 
-@pytest.mark.parametrize('order, norm_cfg, folds', [
-    (('conv', 'norm', 'act'), dict(type='BN'), True),
-    (('conv', 'norm', 'act'), dict(type='SyncBN'), True),
-    (('norm', 'conv', 'act'), dict(type='BN'), False),  # registered conv first, runs norm first
-    (('conv', 'norm', 'act'), dict(type='GN', num_groups=4), False),
+@pytest.mark.parametrize('order, extra, folds', [
+    (('conv', 'norm', 'act'), dict(), True),
+    (('conv', 'norm', 'act'), dict(norm_cfg=dict(type='SyncBN')), True),
+    (('conv', 'norm', 'act'), dict(efficient_conv_bn_eval=True), True),
+    (('act', 'conv', 'norm'), dict(), True),
+    (('norm', 'conv', 'act'), dict(), False),  # registered conv first, runs norm first
+    (('conv', 'act', 'norm'), dict(), False),  # the activation runs in between
+    (('conv', 'norm', 'act'), dict(norm_cfg=dict(type='GN', num_groups=4)), False),
+    (('conv', 'norm', 'act'), dict(conv_cfg=dict(type='ConvWS')), False),  # standardises
+    (('conv', 'norm', 'act'), dict(with_spectral_norm=True), False),
 ])
-def test_batch_norms_fold_into_the_convolutions_they_follow(order, norm_cfg, folds):
+def test_batch_norms_fold_only_into_the_convolutions_they_directly_follow(order, extra, folds):
     from poolformer_mm.engine.deploy_hook import fold_batch_norms
-    module = _conv_module(order, norm_cfg)
+    module = _conv_module(order, **extra)
     x = torch.randn(2, 16, 12, 10)
     with torch.no_grad():
         expected = module(x)
         assert fold_batch_norms(module) == int(folds)
+        module.eval()  # as the test loop does after the deploy hook
         torch.testing.assert_close(module(x), expected, rtol=1e-5, atol=1e-5)
     assert isinstance(module.norm, nn.Identity) == folds
+
+
+def test_a_convolution_shared_by_several_conv_modules_keeps_their_batch_norms():
+    """As RTMDet's head shares one convolution across levels, each with its own norm."""
+    from poolformer_mm.engine.deploy_hook import fold_batch_norms
+    levels = nn.ModuleList(_conv_module() for _ in range(3))
+    for level in levels[1:]:
+        level.conv = levels[0].conv
+    with torch.no_grad():
+        for level in levels:
+            level.norm.running_mean.normal_()
+    assert fold_batch_norms(levels) == 0
+    assert all(isinstance(level.norm, nn.BatchNorm2d) for level in levels)

@@ -1,4 +1,5 @@
 """Fold the backbone and an FPN neck for inference once the checkpoint to test is loaded."""
+from collections import Counter
 from typing import NamedTuple, Optional
 
 import torch.nn as nn
@@ -25,34 +26,56 @@ def switch_backbone_to_deploy(model) -> None:
 def fold_fpn_neck(model) -> Optional[str]:
     """Replace the model's mmdet or mmseg ``FPN`` neck by its :class:`FoldedFPN` (same outputs
     up to rounding, fewer multiply-adds at the finest level). Returns why it was left as it
-    is, or None when it was folded."""
+    is, or None when it was folded (or already was)."""
     detector = unwrap_model(model)
     neck = getattr(detector, 'neck', None)
     if neck is None:
         return 'the model has no neck'
+    if isinstance(neck, FoldedFPN):
+        return None
     reason = FoldedFPN.why_not_foldable(neck)
     if reason is None:
         detector.neck = FoldedFPN(neck)
     return reason
 
 
+def _foldable_batch_norm(module, convs_in_use: Counter) -> bool:
+    """Whether ``module`` is an mmcv ``ConvModule`` whose BatchNorm can be folded into its
+    convolution: a plain ``nn.Conv2d`` (weight-standardised or spectrally normalised ones
+    recompute their weight in forward) used by no other ConvModule (a shared convolution with
+    a norm per level, as RTMDet's head), then the norm straight after it (or no activation
+    anywhere), with running statistics and an affine transform."""
+    norm = module.norm
+    conv = module.conv
+    if not (isinstance(norm, _BatchNorm) and norm.affine and norm.track_running_stats):
+        return False
+    if (type(conv) is not nn.Conv2d or module.with_spectral_norm or conv._forward_pre_hooks
+            or conv._forward_hooks or hasattr(conv, 'parametrizations')
+            or convs_in_use[id(conv)] > 1 or convs_in_use[id(norm)] > 1):
+        return False
+    order = list(module.order)
+    return (order.index('norm') == order.index('conv') + 1
+            or (order.index('conv') < order.index('norm') and not module.with_activation))
+
+
 def fold_batch_norms(model) -> int:
-    """Fold each BatchNorm of an mmcv ``ConvModule`` that runs after its convolution into that
-    convolution, with mmcv's ``fuse_conv_bn`` (what mmdet 2.x's ``test.py --fuse-conv-bn``
+    """Fold each BatchNorm of an mmcv ``ConvModule`` that runs right after its convolution into
+    that convolution, with mmcv's ``fuse_conv_bn`` (what mmdet 2.x's ``test.py --fuse-conv-bn``
     did): the running statistics are used, so this is for inference only, and it saves one
     pass over each normalised map (Semantic FPN's and UPerNet's heads). Only ConvModules, whose
-    order of operations is known; ``fuse_conv_bn`` on a whole model would pair modules by the
-    order they were registered in, not the order they run in. Returns how many were folded."""
+    order of operations is known (``fuse_conv_bn`` on a whole model pairs modules by the order
+    they were registered in, not the order they run in), and only where folding is exact
+    (:func:`_foldable_batch_norm`). Returns how many were folded."""
     from mmcv.cnn import ConvModule, fuse_conv_bn
+    conv_modules = [m for m in unwrap_model(model).modules()
+                    if isinstance(m, ConvModule) and m.with_norm]
+    in_use = Counter(id(part) for m in conv_modules for part in (m.conv, m.norm))
     folded = 0
-    for module in list(unwrap_model(model).modules()):
-        if not (isinstance(module, ConvModule) and module.with_norm):
-            continue
-        norm = module.norm
-        if (isinstance(norm, _BatchNorm) and norm.affine and norm.track_running_stats
-                and isinstance(module.conv, nn.Conv2d)
-                and module.order.index('conv') < module.order.index('norm')):
+    for module in conv_modules:
+        if _foldable_batch_norm(module, in_use):
             fuse_conv_bn(module)
+            # mmcv's eval-time conv+BN path would otherwise read the Identity left in its place
+            module.efficient_conv_bn_eval_forward = None
             folded += 1
     return folded
 

@@ -68,11 +68,12 @@ def _plain_conv(module: nn.Module, kernel_size: int, padding: int) -> Optional[n
 
 class FoldedFPN(nn.Module):
     """The inference form of an mmdet or mmseg ``FPN``: the same outputs up to rounding, with
-    its finest level computed as the module docstring explains. Build it with :meth:`fold`
-    once the trained weights are loaded: the folded kernels are computed then and are not
-    saved (the state dict is the FPN's own). Coarser levels, the top-down path and the extra
-    levels are computed as the FPN computes them. An input whose finest level is not exactly
-    twice the next one's size is computed the plain way.
+    its finest level computed as the module docstring explains. The folded kernels are not
+    saved (the state dict is the FPN's own); they are computed again when the finest level's
+    convolution weights change (a state dict loaded, an in-place edit). Coarser levels, the
+    top-down path and the extra levels are computed as the FPN computes them. The finest level
+    is computed the plain way where it is not exactly twice the next one's size, and under
+    autograd when its convolutions' weights require gradients (so that they get them).
 
     Args:
         fpn (nn.Module): the ``FPN`` to fold; :meth:`why_not_foldable` must have said yes.
@@ -130,6 +131,19 @@ class FoldedFPN(nn.Module):
         """``fpn`` folded, or None when :meth:`why_not_foldable` says it cannot be."""
         return None if cls.why_not_foldable(fpn) else cls(fpn)
 
+    def _finest_level_parameters(self) -> List[Tensor]:
+        lateral, output = self.lateral_convs[0].conv, self.fpn_convs[0].conv
+        return [p for p in (lateral.weight, lateral.bias, output.weight, output.bias)
+                if p is not None]
+
+    def _parameter_versions(self) -> tuple:
+        # _version counts in-place writes (load_state_dict copies in place); the rest catches
+        # a parameter replaced by another tensor
+        return tuple((p._version, p.data_ptr(), p.dtype, p.device)
+                     for p in self._finest_level_parameters())
+
+    # outside inference mode: buffers made in it could not be used where autograd records
+    @torch.inference_mode(False)
     @torch.no_grad()
     def _fold_finest_level(self) -> None:
         lateral = self.lateral_convs[0].conv
@@ -142,11 +156,18 @@ class FoldedFPN(nn.Module):
         output_bias = (output.bias.double() if output.bias is not None else
                        lateral_weight.new_zeros(output.out_channels))
         dtype = output.weight.dtype
+        # refolding keeps the layout the buffers were given (channels-last by --deploy)
+        previous = self._buffers.get('folded_weight')
+        layout = (torch.channels_last if previous is not None and not previous.is_contiguous()
+                  else torch.contiguous_format)
         # what the lateral bias contributes through each of the nine taps
         bias_taps = torch.einsum('omyx,m->oyx', output_weight, lateral_bias)
+        # contiguous unless made channels-last: einsum's strides would make the output
+        # channels-last, which mmcv's CPU RoIAlign misreads
         self.register_buffer(
             'folded_weight',
-            torch.einsum('omyx,mc->ocyx', output_weight, lateral_weight).to(dtype),
+            torch.einsum('omyx,mc->ocyx', output_weight,
+                         lateral_weight).to(dtype, memory_format=layout),
             persistent=False)
         self.register_buffer('folded_bias', (output_bias + bias_taps.sum((1, 2))).to(dtype),
                              persistent=False)
@@ -160,8 +181,9 @@ class FoldedFPN(nn.Module):
             torch.cat([
                 torch.einsum('ay,omyx,bx->omab', merge[row], output_weight, merge[col])
                 for row in (0, 1) for col in (0, 1)
-            ]).to(dtype),
+            ]).to(dtype, memory_format=layout),
             persistent=False)
+        self._folded_from = self._parameter_versions()
 
     # ------------------------------------------------------------------------------- forward
     def _upsample(self, x: Tensor, size: torch.Size) -> Tensor:
@@ -171,9 +193,13 @@ class FoldedFPN(nn.Module):
 
     def _finest_output(self, x: Tensor, coarser: Tensor) -> Tensor:
         (height, width), (coarse_height, coarse_width) = x.shape[-2:], coarser.shape[-2:]
-        if (height, width) != (2 * coarse_height, 2 * coarse_width):
+        if ((height, width) != (2 * coarse_height, 2 * coarse_width)
+                or torch.is_grad_enabled()
+                and any(p.requires_grad for p in self._finest_level_parameters())):
             lateral = self.lateral_convs[0](x)
             return self.fpn_convs[0](lateral + self._upsample(coarser, lateral.shape[2:]))
+        if self._parameter_versions() != self._folded_from:
+            self._fold_finest_level()
         out = F.conv2d(x, self.folded_weight, self.folded_bias, padding=1)
         # coarse output (i + row, j + col) of a parity's 2x2 kernel covers coarse rows
         # i + row - 1 and i + row, which is what fine pixel (2i + row, 2j + col) sees
