@@ -97,6 +97,20 @@ def test_folded_fpn_runs_fewer_multiply_adds_on_the_finest_level():
     assert folded_macs / plain_macs == pytest.approx(0.676, abs=1e-3)
 
 
+def test_semantic_fpn_s12_neck_runs_10_3_instead_of_13_4_gmacs_at_512():
+    fpn = _fpn('semantic FPN (mmseg)')
+    folded = FoldedFPN(fpn)
+    sides = [128 // 2**i for i in range(4)]  # S12's strides 4..32 at 512x512
+    plain = sum((lateral.conv.weight.numel() + output.conv.weight.numel()) * side**2
+                for lateral, output, side in zip(fpn.lateral_convs, fpn.fpn_convs, sides))
+    coarse = sides[1] + 1  # the parity convolution's output, padded by one
+    folded_macs = (plain - (fpn.lateral_convs[0].conv.weight.numel() +
+                            fpn.fpn_convs[0].conv.weight.numel()) * sides[0]**2 +
+                   folded.folded_weight.numel() * sides[0]**2 +
+                   folded.parity_weight.numel() * coarse**2)
+    assert round(plain / 1e9, 1) == 13.4 and round(folded_macs / 1e9, 1) == 10.3
+
+
 def test_folded_fpn_keeps_the_fpn_parameters_and_state_dict():
     fpn = _fpn('semantic FPN (mmseg)')
     folded = FoldedFPN(fpn)

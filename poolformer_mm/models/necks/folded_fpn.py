@@ -15,7 +15,8 @@ term.
   parities run as one convolution with 4x the output channels and are added into the output
   interleaved.
 
-Semantic FPN-S12 at 512x512: 6.9 instead of 9.9 GMACs for this level, 30% of the neck's.
+Semantic FPN-S12 at 512x512: 6.9 instead of 9.9 GMACs for this level, and 10.3 instead of 13.4
+for the whole neck.
 """
 from typing import List, Optional, Sequence, Tuple
 
