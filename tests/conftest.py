@@ -39,6 +39,20 @@ def build_model_of(cfg):
     return MODELS.build(copy.deepcopy(cfg.model))
 
 
+def tta_wrapped(model):
+    """``model`` held as mmdet's and mmseg's test-time-augmentation models hold it
+    (``wrapper.module``), without their registration."""
+    import torch
+
+    class TTAWrapper(torch.nn.Module):
+
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    return TTAWrapper(model)
+
+
 @pytest.fixture(scope='session')
 def build_model():
     """:func:`build_model_of`, for tests: ``build_model(Config.fromfile(...))``."""

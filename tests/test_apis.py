@@ -3,6 +3,7 @@ import os.path as osp
 
 import pytest
 import torch
+from conftest import tta_wrapped
 
 from poolformer_mm.apis import (
     check_data_roots,
@@ -149,17 +150,12 @@ def test_deploy_hook_folds_the_backbone_inside_wrappers_and_keeps_predictions():
             super().__init__()
             self.backbone = PoolFormer('s12')
 
-    class TTAWrapper(torch.nn.Module):  # as mmdet's and mmseg's TTA models hold the model
-        def __init__(self, module):
-            super().__init__()
-            self.module = module
-
     torch.manual_seed(0)
     model = Detector().eval()
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         expected = model.backbone(x)
-        runner = SimpleNamespace(model=TTAWrapper(model), logger=MMLogger.get_current_instance())
+        runner = SimpleNamespace(model=tta_wrapped(model), logger=MMLogger.get_current_instance())
         DeployBackboneHook().before_test(runner)
         folded = model.backbone(x)
     assert all(isinstance(b, DeployPoolFormerBlock) for s in model.backbone.stages

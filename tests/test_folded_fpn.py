@@ -5,6 +5,7 @@ reason."""
 import pytest
 import torch
 import torch.nn as nn
+from conftest import tta_wrapped
 from mmdet.models.necks import FPN as MMDetFPN
 from mmdet.registry import MODELS as DET_MODELS
 from mmengine.config import Config
@@ -269,11 +270,6 @@ def test_deploy_hook_folds_the_fpn_neck_inside_wrappers_and_logs_why_not(neck_ch
         def forward(self, x):
             return self.neck(self.backbone(x))
 
-    class TTAWrapper(nn.Module):  # as mmdet's and mmseg's TTA models hold the model
-        def __init__(self, module):
-            super().__init__()
-            self.module = module
-
     torch.manual_seed(0)
     model = Detector().eval()
     x = torch.randn(1, 3, 64, 96)
@@ -281,7 +277,7 @@ def test_deploy_hook_folds_the_fpn_neck_inside_wrappers_and_logs_why_not(neck_ch
     with torch.no_grad():
         expected = model(x)
         DeployBackboneHook().before_test(
-            SimpleNamespace(model=TTAWrapper(model), logger=SimpleNamespace(info=messages.append)))
+            SimpleNamespace(model=tta_wrapped(model), logger=SimpleNamespace(info=messages.append)))
         _assert_same_outputs(expected, model(x))
     assert isinstance(model.neck, FoldedFPN) == (neck_channels == 256)
     assert len(messages) == 1 and logged in messages[0]
