@@ -2,13 +2,12 @@
 from collections import Counter
 from typing import NamedTuple, Optional
 
-import torch.nn as nn
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import InvalidInputError
-from ..models.necks import FoldedFPN
+from ..models.necks import FoldedFPN, weights_used_as_stored
 from .channels_last import to_channels_last
 from .model_parts import find_backbone, unwrap_model
 
@@ -39,19 +38,17 @@ def fold_fpn_neck(model) -> Optional[str]:
     return reason
 
 
-def _foldable_batch_norm(module, convs_in_use: Counter) -> bool:
+def _foldable_batch_norm(module, parts_in_use: Counter) -> bool:
     """Whether ``module`` is an mmcv ``ConvModule`` whose BatchNorm can be folded into its
-    convolution: a plain ``nn.Conv2d`` (weight-standardised or spectrally normalised ones
-    recompute their weight in forward) used by no other ConvModule (a shared convolution with
-    a norm per level, as RTMDet's head), then the norm straight after it (or no activation
-    anywhere), with running statistics and an affine transform."""
+    convolution: one that uses its weight as stored (:func:`weights_used_as_stored`), shared
+    with no other ConvModule (a shared convolution with a norm per level, as RTMDet's head),
+    then the norm straight after it (or no activation anywhere), with running statistics and
+    an affine transform."""
     norm = module.norm
-    conv = module.conv
+    conv = weights_used_as_stored(module)
     if not (isinstance(norm, _BatchNorm) and norm.affine and norm.track_running_stats):
         return False
-    if (type(conv) is not nn.Conv2d or module.with_spectral_norm or conv._forward_pre_hooks
-            or conv._forward_hooks or hasattr(conv, 'parametrizations')
-            or convs_in_use[id(conv)] > 1 or convs_in_use[id(norm)] > 1):
+    if conv is None or parts_in_use[id(conv)] > 1 or parts_in_use[id(norm)] > 1:
         return False
     order = list(module.order)
     return (order.index('norm') == order.index('conv') + 1

@@ -1,3 +1,3 @@
-from .folded_fpn import FoldedFPN
+from .folded_fpn import FoldedFPN, weights_used_as_stored
 
-__all__ = ['FoldedFPN']
+__all__ = ['FoldedFPN', 'weights_used_as_stored']

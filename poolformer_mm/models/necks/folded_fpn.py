@@ -51,14 +51,26 @@ def _upstream_fpn_classes() -> Tuple[type, ...]:
     return tuple(classes)
 
 
+def weights_used_as_stored(module: nn.Module) -> Optional[nn.Conv2d]:
+    """The convolution of an mmcv ``ConvModule`` if it is a plain ``nn.Conv2d`` that convolves
+    with its ``weight`` as stored, or None: weight-standardised convolutions (``ConvWS``),
+    spectral norm and other hooks or parametrizations recompute the weight in forward, so
+    kernels derived from the stored weight would not match."""
+    conv = getattr(module, 'conv', None)
+    if (type(conv) is not nn.Conv2d or getattr(module, 'with_spectral_norm', False)
+            or conv._forward_pre_hooks or conv._forward_hooks
+            or hasattr(conv, 'parametrizations')):
+        return None
+    return conv
+
+
 def _plain_conv(module: nn.Module, kernel_size: int, padding: int) -> Optional[nn.Conv2d]:
     """The ``nn.Conv2d`` of an mmcv ``ConvModule`` that is only that convolution (stride 1, no
     norm, activation or padding layer), or None."""
-    conv = getattr(module, 'conv', None)
-    if (type(conv) is not nn.Conv2d or getattr(module, 'with_norm', True)
+    conv = weights_used_as_stored(module)
+    if (conv is None or getattr(module, 'with_norm', True)
             or getattr(module, 'with_activation', True)
-            or getattr(module, 'with_explicit_padding', True)
-            or getattr(module, 'with_spectral_norm', False)):
+            or getattr(module, 'with_explicit_padding', True)):
         return None
     if (conv.kernel_size != (kernel_size, ) * 2 or conv.stride != (1, 1)
             or conv.padding != (padding, ) * 2 or conv.dilation != (1, 1) or conv.groups != 1
