@@ -411,3 +411,46 @@ def test_benchmark_refuses_an_unknown_precision_or_variant_in_one_line():
     assert result.returncode == 1
     assert "error: unknown precision 'int4'" in result.stderr
     assert 'Traceback' not in result.stderr
+
+
+def _matmul_taking(gflops_per_s: float, sizes: list):
+    """A stand-in for ``torch.mm`` that takes as long as a machine of that rate would."""
+    def mm(a, b):
+        import time
+        sizes.append(a.shape[0])
+        time.sleep(2 * a.shape[0] * a.shape[1] * b.shape[1] / (gflops_per_s * 1e9))
+        return a
+    return mm
+
+
+def test_matmul_rate_of_an_emulating_cpu_is_measured_in_seconds_not_minutes(monkeypatch):
+    """bf16 on a CPU without bf16 units ran at 1.2-1.4 GFLOP/s (AMD EPYC, AVX2 only): 13
+    products of 2048 took minutes before the benchmark printed anything."""
+    import time
+
+    from poolformer_mm.analysis import benchmark
+    sizes = []
+    monkeypatch.setattr(torch, 'mm', _matmul_taking(1.0, sizes))
+    start = time.perf_counter()
+    rate = benchmark.matmul_gflops(dtype=torch.bfloat16, repeat=3)
+    assert time.perf_counter() - start < 5
+    assert max(sizes) <= 512
+    assert rate == pytest.approx(1.0, rel=0.3)
+    # a fast machine keeps the large size, whose rate is the one the fractions need
+    sizes.clear()
+    monkeypatch.setattr(torch, 'mm', _matmul_taking(1000.0, sizes))
+    assert benchmark.matmul_gflops(repeat=1) == pytest.approx(1000.0, rel=0.3)
+    assert max(sizes) == 2048
+
+
+def test_benchmark_says_bf16_is_emulated_on_a_cpu_without_bf16_units(monkeypatch):
+    from poolformer_mm.analysis import benchmark
+    rates = {'fp32': 180.0, 'bf16': 1.3}
+    monkeypatch.setattr(benchmark, 'cpu_bf16_units', lambda: ())
+    note = benchmark.emulated_bf16_note(rates)
+    assert 'no bf16 units' in note and 'bf16 is emulated' in note
+    assert '1.3 GFLOP/s' in note and '138x slower' in note and '--amp runs fp32' in note
+    assert benchmark.emulated_bf16_note({'fp32': 180.0}) is None
+    assert benchmark.emulated_bf16_note(rates, device='cuda') is None
+    monkeypatch.setattr(benchmark, 'cpu_bf16_units', lambda: ('amx_bf16', ))
+    assert benchmark.emulated_bf16_note(rates) is None

@@ -42,6 +42,7 @@ from poolformer_mm.analysis.benchmark import (
     PRECISIONS,
     backbone_step,
     backbone_variants,
+    emulated_bf16_note,
     float_output_differences,
     format_results,
     inference_step,
@@ -156,6 +157,8 @@ def main():
     print(f'machine: {machine_description()}, torch {torch.__version__}, {args.device}, '
           f'{torch.get_num_threads()} threads, matmul ' +
           ', '.join(f'{k} {v:.0f} GFLOP/s' for k, v in rates.items()))
+    if emulated_bf16_note(rates, args.device):
+        print(emulated_bf16_note(rates, args.device), flush=True)
     kwargs, arch, gmacs, notes = {}, args.arch, None, []
     if args.config:
         cfg = load_config(args.config)
