@@ -18,30 +18,46 @@ import torch.nn as nn
 
 from ..models.checkpoint_layouts import convert_to_poolformer_layout
 
-PEERS = {
-    'timm': 'pip install timm (1.0.31 measured; it needs torchvision)',
-    'mmpretrain': 'pip install mmpretrain (1.2.0 measured)',
-}
+# the versions measured in the README
+PEERS = {'timm': '1.0.31', 'mmpretrain': '1.2.0'}
 
 
-def _build_peer(name: str, arch: str) -> nn.Module:
+def install_hint(name: str) -> str:
+    """The command that installs peer ``name`` beside this environment's torch. Both peers
+    need torchvision; with torch left free, pip takes the newest torchvision and the newer torch
+    it requires, which the installed mmcv was not built against (seen: torch 2.13 replaced by
+    2.14, a CUDA build of several GB)."""
+    torch_version = torch.__version__.split('+')[0]
+    return (f'pip install {name} "torch=={torch_version}" (pins the installed torch; '
+            f'{PEERS[name]} measured)')
+
+
+_PEER_MODULES = {'timm': 'timm', 'mmpretrain': 'mmpretrain.models'}
+
+
+def _build_peer(module, name: str, arch: str) -> nn.Module:
     if name == 'timm':
-        timm = importlib.import_module('timm')
-        return timm.create_model(f'poolformer_{arch}', features_only=True, pretrained=False)
-    mmpretrain_models = importlib.import_module('mmpretrain.models')
+        return module.create_model(f'poolformer_{arch}', features_only=True, pretrained=False)
     # mmpretrain numbers its stages and the downsamplings between them together
-    return mmpretrain_models.PoolFormer(arch, out_indices=(0, 2, 4, 6))
+    return module.PoolFormer(arch, out_indices=(0, 2, 4, 6))
 
 
 def peer_backbone(name: str, backbone: nn.Module) -> Tuple[Optional[nn.Module], str]:
     """``(peer, '')`` with ``backbone``'s weights, or ``(None, reason)`` when the peer is not
-    installed or has no model of this arch."""
+    installed, does not import, or has no model of this arch."""
     if name not in PEERS:
         raise ValueError(f"unknown peer '{name}'; choose from {', '.join(PEERS)}")
     try:
-        peer = _build_peer(name, backbone.arch_name)
+        module = importlib.import_module(_PEER_MODULES[name])
     except ImportError as error:
-        return None, f'{name} is not installed ({error}): {PEERS[name]}'
+        return None, f'{name} is not installed ({error}): {install_hint(name)}'
+    except (OSError, RuntimeError) as error:
+        # e.g. a torchvision built for another torch: "operator torchvision::nms does not exist"
+        return None, (f'{name} does not import beside torch {torch.__version__} '
+                      f'({type(error).__name__}: {error}); a torchvision of another torch '
+                      f'build is the usual cause: {install_hint(name)}')
+    try:
+        peer = _build_peer(module, name, backbone.arch_name)
     except (KeyError, RuntimeError, ValueError) as error:  # no model of that arch
         return None, f'{name} has no PoolFormer {backbone.arch_name}: {error}'
     copy_weights_by_value(peer, backbone)
