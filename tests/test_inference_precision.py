@@ -22,8 +22,8 @@ from poolformer_mm.analysis.peers import copy_weights_by_value, peer_backbone
 from poolformer_mm.analysis.reference import ReferencePoolFormer
 from poolformer_mm.apis.runner_setup import _enable_test_amp
 from poolformer_mm.engine import (
+    amp_dtype,
     enable_inference_autocast,
-    inference_amp_dtype,
     inference_precision,
     prepare_for_inference,
 )
@@ -228,18 +228,18 @@ def test_amp_neck_output_is_bf16_for_single_stage_detectors():
 
 def test_amp_choice_follows_the_cpu_bf16_units(monkeypatch):
     monkeypatch.setattr(inference_precision, 'cpu_bf16_units', lambda: ('amx_bf16', ))
-    dtype, message = inference_amp_dtype('cpu')
+    dtype, message = amp_dtype('cpu')
     assert dtype == torch.bfloat16 and 'amx_bf16' in message
     monkeypatch.setattr(inference_precision, 'cpu_bf16_units', lambda: ())
-    dtype, message = inference_amp_dtype('cpu')
+    dtype, message = amp_dtype('cpu')
     assert dtype is None
     assert 'no bf16 units' in message and 'avx512_bf16' in message and 'fp32' in message
-    dtype, message = inference_amp_dtype('cpu', 'bf16')  # asked for: run, and say so
-    assert dtype == torch.bfloat16 and 'slower than fp32' in message
-    assert inference_amp_dtype('cuda:0')[0] == torch.float16
-    assert inference_amp_dtype('cuda:0', 'bf16')[0] == torch.bfloat16
+    dtype, message = amp_dtype('cpu', 'bf16')  # asked for: run, and say so
+    assert dtype == torch.bfloat16 and 'many times slower than fp32' in message
+    assert amp_dtype('cuda:0')[0] == torch.float16
+    assert amp_dtype('cuda:0', 'bf16')[0] == torch.bfloat16
     with pytest.raises(InvalidInputError, match='--amp fp16 is for GPUs'):
-        inference_amp_dtype('cpu', 'fp16')
+        amp_dtype('cpu', 'fp16')
 
 
 def test_cpu_bf16_units_are_read_from_the_flags(tmp_path):
@@ -310,21 +310,49 @@ def test_peer_that_does_not_import_is_skipped_with_the_reason(monkeypatch):
     assert 'pip install mmpretrain "torch==' in reason and 'has no PoolFormer' not in reason
 
 
-def test_training_amp_on_a_cpu_without_bf16_units_says_it_is_slower(monkeypatch):
+def test_training_amp_follows_the_cpu_bf16_units_as_at_test_time(monkeypatch):
+    """A bare --amp trains in fp32 with a warning on a CPU without bf16 units (bf16 products
+    ran about 140x slower than fp32 on an AVX2-only AMD EPYC); --amp bf16 forces bf16."""
     from poolformer_mm.apis import runner_setup
-    messages = []
-    monkeypatch.setattr(runner_setup, 'print_log', lambda msg, **kw: messages.append(msg))
+    logged = []
+    monkeypatch.setattr(inference_precision, 'print_log',
+                        lambda msg, level=logging.INFO, **kw: logged.append((level, msg)))
     monkeypatch.setattr(runner_setup.torch.cuda, 'is_available', lambda: False)
-    for units, expected in (((), 1), (('amx_bf16', ), 0)):
-        monkeypatch.setattr(runner_setup, 'cpu_bf16_units', lambda units=units: units)
-        messages.clear()
+
+    def wrapper_after(choice, units):
+        monkeypatch.setattr(inference_precision, 'cpu_bf16_units', lambda: units)
+        logged.clear()
         cfg = Config(dict(optim_wrapper=dict(type='OptimWrapper')))
-        runner_setup._enable_amp(cfg)
-        assert cfg.optim_wrapper.type == 'BF16AutocastOptimWrapper'
-        assert len(messages) == expected
-    monkeypatch.setattr(runner_setup, 'cpu_bf16_units', lambda: ())
-    runner_setup._enable_amp(Config(dict(optim_wrapper=dict(type='OptimWrapper'))))
-    assert 'no bf16 units' in messages[-1] and 'slower than in fp32' in messages[-1]
+        runner_setup._enable_amp(cfg, choice)
+        return cfg.optim_wrapper.type
+
+    assert wrapper_after('auto', ('amx_bf16', )) == 'BF16AutocastOptimWrapper'
+    assert logged[-1][0] == logging.INFO and 'amx_bf16' in logged[-1][1]
+    assert wrapper_after('auto', ()) == 'OptimWrapper'  # fp32, and the log says why
+    level, message = logged[-1]
+    assert level == logging.WARNING and 'no bf16 units' in message
+    assert 'running in fp32' in message and '--amp bf16 forces bf16' in message
+    assert wrapper_after('bf16', ()) == 'BF16AutocastOptimWrapper'
+    assert 'as asked' in logged[-1][1] and 'many times slower than fp32' in logged[-1][1]
+    with pytest.raises(InvalidInputError, match='--amp fp16 is for GPUs'):
+        wrapper_after('fp16', ('amx_bf16', ))
+    # on a GPU: mmengine's AmpOptimWrapper, fp16 with loss scaling or bf16 without
+    monkeypatch.setattr(runner_setup.torch.cuda, 'is_available', lambda: True)
+    cfg = Config(dict(optim_wrapper=dict(type='OptimWrapper')))
+    runner_setup._enable_amp(cfg, 'auto')
+    assert (cfg.optim_wrapper.type, cfg.optim_wrapper.dtype,
+            cfg.optim_wrapper.loss_scale) == ('AmpOptimWrapper', 'float16', 'dynamic')
+    cfg = Config(dict(optim_wrapper=dict(type='OptimWrapper')))
+    runner_setup._enable_amp(cfg, 'bf16')
+    assert cfg.optim_wrapper.dtype == 'bfloat16' and 'loss_scale' not in cfg.optim_wrapper
+
+
+def test_train_parser_takes_a_bare_or_named_amp():
+    from poolformer_mm.apis.runner_setup import train_parser
+    parser = train_parser()
+    assert parser.parse_args(['config.py', '--amp']).amp == 'auto'
+    assert parser.parse_args(['config.py', '--amp', 'bf16']).amp == 'bf16'
+    assert parser.parse_args(['config.py']).amp is None
 
 
 @pytest.mark.parametrize('build', [

@@ -20,7 +20,7 @@ import torch
 from mmengine.config import Config
 from mmengine.logging import print_log
 
-from ..engine import enable_inference_autocast, log_inference_amp, prepare_for_inference
+from ..engine import enable_inference_autocast, log_amp_dtype, prepare_for_inference
 from ..engine.safe_checkpoints import check_checkpoint_path
 from ..errors import InputNotFoundError, InvalidInputError
 from ..models import check_neck_in_channels
@@ -82,7 +82,7 @@ def init_inferencer(config: Union[str, Config], checkpoint: str, device: str = '
         deploy (bool): fold the PoolFormer backbone once the weights are loaded and run the
             neck and head channels-last (same predictions, faster).
         amp (str, optional): mixed precision in the backbone, neck and heads: 'auto', 'bf16'
-            or 'fp16' (see :func:`~poolformer_mm.engine.inference_amp_dtype`). Default: None
+            or 'fp16' (see :func:`~poolformer_mm.engine.amp_dtype`). Default: None
             (fp32).
 
     Raises:
@@ -108,7 +108,7 @@ def init_inferencer(config: Union[str, Config], checkpoint: str, device: str = '
     if deploy:
         print_log(prepare_for_inference(inferencer.model).describe(), logger='current')
     if amp:
-        dtype = log_inference_amp(device, amp)
+        dtype = log_amp_dtype(device, amp)
         if dtype is not None:
             enable_inference_autocast(inferencer.model, torch.device(device).type, dtype)
     return inferencer

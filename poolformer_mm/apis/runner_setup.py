@@ -6,7 +6,6 @@ The flags are those of mmdet 3.3's and mmseg 1.2's scripts, plus ``--eval`` (the
 import argparse
 import copy
 import json
-import logging
 import os
 import os.path as osp
 from typing import Dict, Optional, Sequence
@@ -17,7 +16,7 @@ from mmengine.config import Config
 from mmengine.hooks import CheckpointHook
 from mmengine.logging import print_log
 
-from ..engine.inference_precision import NO_BF16_UNITS, cpu_bf16_units, log_inference_amp
+from ..engine.inference_precision import log_amp_dtype
 from ..engine.safe_checkpoints import check_checkpoint_path
 from ..engine.work_dir import find_resumable_checkpoint, lock_work_dir
 from ..errors import InvalidInputError
@@ -44,8 +43,11 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
 def train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description='Train a detector or segmentor')
     parser.add_argument('config', help='config file')
-    parser.add_argument('--amp', action='store_true',
-                        help='mixed precision: fp16 AMP on GPU, bf16 autocast on CPU')
+    parser.add_argument('--amp', nargs='?', const='auto', choices=['auto', 'bf16', 'fp16'],
+                        help='mixed precision. auto (the default of a bare --amp): fp16 AMP on a '
+                        'GPU, bf16 autocast on a CPU with bf16 units, fp32 with a warning on a '
+                        'CPU without them, where bf16 is emulated and many times slower; bf16 '
+                        'or fp16 as named')
     parser.add_argument('--channels-last', action='store_true',
                         help='run the neck and head convolutions channels-last, as the '
                         "backbone's token layout hands them over: same values, faster on a CPU "
@@ -120,29 +122,32 @@ def _use_crash_safe_checkpoint_hook(cfg: Config) -> None:
         hook['type'] = 'CrashSafeCheckpointHook'
 
 
-def _enable_amp(cfg: Config) -> None:
+def _enable_amp(cfg: Config, choice: str = 'auto') -> None:
+    """``--amp CHOICE`` in training: the precision that :func:`amp_dtype` picks, by mmengine's
+    ``AmpOptimWrapper`` on a GPU and by autocast on a CPU, where ``AmpOptimWrapper`` asserts a
+    GPU (see :mod:`poolformer_mm.engine`)."""
     optim_wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
     if optim_wrapper in ('AmpOptimWrapper', 'BF16AutocastOptimWrapper'):
         return
     if optim_wrapper != 'OptimWrapper':
         raise InvalidInputError(f'--amp works on an OptimWrapper, the config uses {optim_wrapper}')
-    if torch.cuda.is_available():
+    on_gpu = torch.cuda.is_available()  # where the Runner puts the model
+    dtype = log_amp_dtype('cuda' if on_gpu else 'cpu', choice)
+    if dtype is None:  # a CPU without bf16 units: fp32, and the log says why
+        return
+    if on_gpu:
         cfg.optim_wrapper.type = 'AmpOptimWrapper'
-        cfg.optim_wrapper.loss_scale = 'dynamic'
+        cfg.optim_wrapper.dtype = str(dtype).replace('torch.', '')
+        if dtype == torch.float16:  # bf16 has fp32's exponent range: no loss scaling
+            cfg.optim_wrapper.loss_scale = 'dynamic'
     else:
-        # mmengine's AmpOptimWrapper asserts a GPU; see poolformer_mm.engine.
         cfg.optim_wrapper.type = 'BF16AutocastOptimWrapper'
-        if not cpu_bf16_units():
-            # training in bf16 changes the numbers, so it runs as asked, but not silently slower
-            print_log(f'--amp: {NO_BF16_UNITS}: bf16 is emulated there, and training runs '
-                      'slower than in fp32; drop --amp for speed', logger='current',
-                      level=logging.WARNING)
 
 
 def config_for_training(args) -> Config:
     cfg = _load_config(args)
     if args.amp:
-        _enable_amp(cfg)
+        _enable_amp(cfg, args.amp)
     if args.channels_last:
         cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [dict(type='ChannelsLastHook')]
     if args.auto_scale_lr:
@@ -208,7 +213,7 @@ def _enable_tta(cfg: Config) -> None:
 
 def _enable_test_amp(cfg: Config, choice: str = 'auto') -> None:
     device = 'cuda' if torch.cuda.is_available() else 'cpu'  # where the Runner puts the model
-    dtype = log_inference_amp(device, choice)
+    dtype = log_amp_dtype(device, choice)
     if dtype is not None:
         cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [
             dict(type='InferenceAutocastHook', dtype=str(dtype).replace('torch.', ''))]

@@ -4,9 +4,9 @@ from .deploy_hook import DeployBackboneHook, prepare_for_inference, switch_backb
 from .hooks import FiniteLossHook
 from .inference_precision import (
     InferenceAutocastHook,
+    amp_dtype,
     enable_inference_autocast,
-    inference_amp_dtype,
-    log_inference_amp,
+    log_amp_dtype,
 )
 from .optim_wrapper import BF16AutocastOptimWrapper
 from .random_state import RandomStateHook, get_random_state, set_random_state
@@ -23,7 +23,7 @@ __all__ = [
     'AtomicLocalBackend', 'BF16AutocastOptimWrapper', 'ChannelsLastHook', 'CrashSafeCheckpointHook',
     'to_channels_last',
     'DeployBackboneHook', 'FiniteLossHook', 'InferenceAutocastHook', 'enable_inference_autocast',
-    'inference_amp_dtype', 'log_inference_amp', 'prepare_for_inference',
+    'amp_dtype', 'log_amp_dtype', 'prepare_for_inference',
     'WorkDirLock', 'find_resumable_checkpoint', 'is_remote_checkpoint', 'lock_work_dir',
     'load_from_local_weights_only', 'register_safe_checkpoint_io', 'switch_backbone_to_deploy',
     'RandomStateHook', 'SegPicturesHook', 'get_random_state', 'set_random_state'
