@@ -310,3 +310,24 @@ def test_int8_quantisation_keeps_metadata_and_most_pixels(segmentor, tmp_path):
     agreement = (fp32.run(['output'], {'input': inputs})[0]
                  == int8.run(['output'], {'input': inputs})[0]).mean()
     assert agreement >= 0.9  # int8 changes a few pixels, no more
+
+
+@pytest.mark.parametrize('flags, choice, expected', [
+    ('fpu avx2 avx512f avx512_vnni', 'auto', False),
+    ('fpu avx2 avx_vnni', 'auto', False),
+    ('fpu avx2 fma', 'auto', True),  # AVX2 only: 8-bit weights saturate (86 % of pixels kept)
+    ('fpu avx2 fma', 'no', False),
+    ('fpu avx2 avx512_vnni', 'yes', True),
+])
+def test_int8_weights_are_7_bit_by_default_where_the_cpu_has_no_vnni(tmp_path, flags, choice,
+                                                                     expected):
+    import runpy
+    tool = runpy.run_path('tools/deployment/quantize_onnx.py')
+    cpuinfo = tmp_path / 'cpuinfo'
+    cpuinfo.write_text(f'processor\t: 0\nflags\t\t: {flags}\n')
+    reduce_range, why = tool['reduce_range_choice'](choice, str(cpuinfo))
+    assert reduce_range is expected
+    assert ('no VNNI' in why) == (choice == 'auto' and expected)
+    # a CPU that does not list its flags keeps 8-bit weights and says how to choose
+    assert tool['reduce_range_choice']('auto', str(tmp_path / 'missing')) == (
+        False, 'this CPU does not list its flags; --reduce-range yes for one without VNNI')
