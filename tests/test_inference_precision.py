@@ -22,9 +22,9 @@ from poolformer_mm.analysis.peers import copy_weights_by_value, peer_backbone
 from poolformer_mm.analysis.reference import ReferencePoolFormer
 from poolformer_mm.apis.runner_setup import _enable_test_amp
 from poolformer_mm.engine import (
+    amp_choice,
     amp_dtype,
     enable_inference_autocast,
-    inference_precision,
     prepare_for_inference,
 )
 from poolformer_mm.errors import InvalidInputError
@@ -227,17 +227,21 @@ def test_amp_neck_output_is_bf16_for_single_stage_detectors():
 
 
 def test_amp_choice_follows_the_cpu_bf16_units(monkeypatch):
-    monkeypatch.setattr(inference_precision, 'cpu_bf16_units', lambda: ('amx_bf16', ))
+    monkeypatch.setattr(amp_choice, 'cpu_bf16_units', lambda: ('amx_bf16', ))
     dtype, message = amp_dtype('cpu')
     assert dtype == torch.bfloat16 and 'amx_bf16' in message
-    monkeypatch.setattr(inference_precision, 'cpu_bf16_units', lambda: ())
+    monkeypatch.setattr(amp_choice, 'cpu_bf16_units', lambda: ())
     dtype, message = amp_dtype('cpu')
     assert dtype is None
     assert 'no bf16 units' in message and 'avx512_bf16' in message and 'fp32' in message
     dtype, message = amp_dtype('cpu', 'bf16')  # asked for: run, and say so
-    assert dtype == torch.bfloat16 and 'many times slower than fp32' in message
+    assert dtype == torch.bfloat16 and 'slower than fp32' in message
     assert amp_dtype('cuda:0')[0] == torch.float16
-    assert amp_dtype('cuda:0', 'bf16')[0] == torch.bfloat16
+    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported(including_emulation=False):
+        with pytest.raises(InvalidInputError, match='this GPU has no bf16 arithmetic'):
+            amp_dtype('cuda:0', 'bf16')
+    else:
+        assert amp_dtype('cuda:0', 'bf16')[0] == torch.bfloat16
     with pytest.raises(InvalidInputError, match='--amp fp16 is for GPUs'):
         amp_dtype('cpu', 'fp16')
 
@@ -245,17 +249,17 @@ def test_amp_choice_follows_the_cpu_bf16_units(monkeypatch):
 def test_cpu_bf16_units_are_read_from_the_flags(tmp_path):
     cpuinfo = tmp_path / 'cpuinfo'
     cpuinfo.write_text('model name\t: Some CPU\nflags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n')
-    assert inference_precision.cpu_bf16_units(str(cpuinfo)) == ('amx_bf16', )
+    assert amp_choice.cpu_bf16_units(str(cpuinfo)) == ('amx_bf16', )
     cpuinfo.write_text('flags\t\t: fpu avx2 fma\n')
-    inference_precision.cpu_bf16_units.cache_clear()
-    assert inference_precision.cpu_bf16_units(str(cpuinfo)) == ()
-    inference_precision.cpu_bf16_units.cache_clear()
-    assert inference_precision.cpu_bf16_units(str(tmp_path / 'missing')) == ()
-    inference_precision.cpu_bf16_units.cache_clear()
+    amp_choice.cpu_bf16_units.cache_clear()
+    assert amp_choice.cpu_bf16_units(str(cpuinfo)) == ()
+    amp_choice.cpu_bf16_units.cache_clear()
+    assert amp_choice.cpu_bf16_units(str(tmp_path / 'missing')) == ()
+    amp_choice.cpu_bf16_units.cache_clear()
 
 
 def test_test_tool_amp_without_bf16_units_warns_and_adds_nothing(monkeypatch, caplog):
-    monkeypatch.setattr(inference_precision, 'cpu_bf16_units', lambda: ())
+    monkeypatch.setattr(amp_choice, 'cpu_bf16_units', lambda: ())
     cfg = Config(dict(custom_hooks=[]))
     logger = MMLogger.get_current_instance()
     messages = []
@@ -264,7 +268,7 @@ def test_test_tool_amp_without_bf16_units_warns_and_adds_nothing(monkeypatch, ca
     assert cfg.custom_hooks == []
     _enable_test_amp(cfg, 'bf16')
     assert cfg.custom_hooks == [dict(type='InferenceAutocastHook', dtype='bfloat16')]
-    monkeypatch.setattr(inference_precision, 'cpu_bf16_units', lambda: ('avx512_bf16', ))
+    monkeypatch.setattr(amp_choice, 'cpu_bf16_units', lambda: ('avx512_bf16', ))
     cfg = Config(dict(custom_hooks=[]))
     _enable_test_amp(cfg, 'auto')
     assert cfg.custom_hooks == [dict(type='InferenceAutocastHook', dtype='bfloat16')]
@@ -287,11 +291,34 @@ def test_missing_peer_is_skipped_with_an_install_command_that_keeps_torch(monkey
     import sys
     monkeypatch.setitem(sys.modules, 'timm', None)  # import timm raises ImportError
     peer, reason = peer_backbone('timm', _randomised())
-    torch_version = torch.__version__.split('+')[0]
     # pip would otherwise take the newest torchvision and the newer torch it requires, which
     # the installed mmcv was not built against
     assert peer is None and 'timm is not installed' in reason
-    assert f'pip install timm "torch=={torch_version}"' in reason
+    assert f'pip install timm "torch=={torch.__version__}"' in reason
+
+
+@pytest.mark.parametrize('version, index', [('2.13.0+cpu', ' --extra-index-url '
+                                             'https://download.pytorch.org/whl/cpu'),
+                                            ('2.13.0', '')])
+def test_install_hint_keeps_the_torch_build(monkeypatch, version, index):
+    """A CPU-only torch (``+cpu``) needs the torchvision of its own index: PyPI's does not
+    import beside it (seen: 'operator torchvision::nms does not exist')."""
+    from poolformer_mm.analysis import peers
+    monkeypatch.setattr(peers.torch, '__version__', version)
+    assert peers.install_hint('mmpretrain') == (
+        f'pip install mmpretrain "torch=={version}"{index} (keeps torch 2.13.0; '
+        'mmpretrain 1.2.0 measured)')
+
+
+def test_peer_missing_a_dependency_says_which(monkeypatch):
+    import importlib
+
+    def no_torchvision(name, *args, **kwargs):
+        raise ModuleNotFoundError("No module named 'torchvision'", name='torchvision')
+
+    monkeypatch.setattr(importlib, 'import_module', no_torchvision)
+    peer, reason = peer_backbone('timm', _randomised())
+    assert peer is None and reason.startswith('timm is installed but needs torchvision')
 
 
 def test_peer_that_does_not_import_is_skipped_with_the_reason(monkeypatch):
@@ -307,7 +334,8 @@ def test_peer_that_does_not_import_is_skipped_with_the_reason(monkeypatch):
     assert peer is None
     assert reason.startswith('mmpretrain does not import beside torch')
     assert 'operator torchvision::nms does not exist' in reason
-    assert 'pip install mmpretrain "torch==' in reason and 'has no PoolFormer' not in reason
+    assert 'pip uninstall torchvision, then pip install mmpretrain "torch==' in reason
+    assert 'has no PoolFormer' not in reason
 
 
 def test_training_amp_follows_the_cpu_bf16_units_as_at_test_time(monkeypatch):
@@ -315,12 +343,12 @@ def test_training_amp_follows_the_cpu_bf16_units_as_at_test_time(monkeypatch):
     ran about 140x slower than fp32 on an AVX2-only AMD EPYC); --amp bf16 forces bf16."""
     from poolformer_mm.apis import runner_setup
     logged = []
-    monkeypatch.setattr(inference_precision, 'print_log',
+    monkeypatch.setattr(amp_choice, 'print_log',
                         lambda msg, level=logging.INFO, **kw: logged.append((level, msg)))
     monkeypatch.setattr(runner_setup.torch.cuda, 'is_available', lambda: False)
 
     def wrapper_after(choice, units):
-        monkeypatch.setattr(inference_precision, 'cpu_bf16_units', lambda: units)
+        monkeypatch.setattr(amp_choice, 'cpu_bf16_units', lambda: units)
         logged.clear()
         cfg = Config(dict(optim_wrapper=dict(type='OptimWrapper')))
         runner_setup._enable_amp(cfg, choice)
@@ -333,18 +361,30 @@ def test_training_amp_follows_the_cpu_bf16_units_as_at_test_time(monkeypatch):
     assert level == logging.WARNING and 'no bf16 units' in message
     assert 'running in fp32' in message and '--amp bf16 forces bf16' in message
     assert wrapper_after('bf16', ()) == 'BF16AutocastOptimWrapper'
-    assert 'as asked' in logged[-1][1] and 'many times slower than fp32' in logged[-1][1]
+    assert 'as asked' in logged[-1][1] and 'slower than fp32 (about 140x' in logged[-1][1]
     with pytest.raises(InvalidInputError, match='--amp fp16 is for GPUs'):
         wrapper_after('fp16', ('amx_bf16', ))
     # on a GPU: mmengine's AmpOptimWrapper, fp16 with loss scaling or bf16 without
     monkeypatch.setattr(runner_setup.torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(runner_setup.torch.cuda, 'is_bf16_supported',
+                        lambda including_emulation=True: True)
     cfg = Config(dict(optim_wrapper=dict(type='OptimWrapper')))
     runner_setup._enable_amp(cfg, 'auto')
     assert (cfg.optim_wrapper.type, cfg.optim_wrapper.dtype,
             cfg.optim_wrapper.loss_scale) == ('AmpOptimWrapper', 'float16', 'dynamic')
     cfg = Config(dict(optim_wrapper=dict(type='OptimWrapper')))
     runner_setup._enable_amp(cfg, 'bf16')
-    assert cfg.optim_wrapper.dtype == 'bfloat16' and 'loss_scale' not in cfg.optim_wrapper
+    assert cfg.optim_wrapper.dtype == 'bfloat16'
+    assert cfg.optim_wrapper.loss_scale == dict(enabled=False)  # mmengine's default scales
+    # a GPU without bf16 arithmetic (before Ampere) is refused before training starts
+    monkeypatch.setattr(runner_setup.torch.cuda, 'is_bf16_supported',
+                        lambda including_emulation=True: including_emulation)
+    with pytest.raises(InvalidInputError, match='this GPU has no bf16 arithmetic'):
+        runner_setup._enable_amp(Config(dict(optim_wrapper=dict(type='OptimWrapper'))), 'bf16')
+    # a config that already trains in mixed precision keeps its wrapper, and the log says so
+    cfg = Config(dict(optim_wrapper=dict(type='AmpOptimWrapper', dtype='float16')))
+    runner_setup._enable_amp(cfg, 'bf16')
+    assert cfg.optim_wrapper.dtype == 'float16'
 
 
 def test_train_parser_takes_a_bare_or_named_amp():
@@ -418,7 +458,8 @@ def test_benchmark_times_whole_models_with_precisions_and_notes_missing_peers(tm
          '--json', str(tmp_path / 'out.json')], cwd=repo, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
-    assert re.search(r'^machine: .+\(.*\), torch .+ matmul fp32 \d+ GFLOP/s, bf16 \d+', out, re.M)
+    assert re.search(r'^machine: .+\(.*\), torch .+ matmul fp32 [\d.]+ GFLOP/s, bf16 [\d.]+', out,
+                     re.M)
     saved = json.loads((tmp_path / 'out.json').read_text())['results']
     assert set(saved) == {'reference', 'deploy', 'deploy:bf16'}
     assert saved['deploy']['max_rel_diff'] <= 1e-5 and saved['deploy:bf16']['max_rel_diff'] < 5e-2

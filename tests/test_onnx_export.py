@@ -292,13 +292,17 @@ def test_pytorch2onnx_exits_1_over_tolerance(segmentor, toy_images, tmp_path, ca
     assert 'OVER TOLERANCE' in capsys.readouterr().out
 
 
-def test_int8_quantisation_keeps_metadata_and_most_pixels(segmentor, tmp_path):
+@pytest.fixture(scope='module')
+def quantize_tool():
     import runpy
+    return runpy.run_path('tools/deployment/quantize_onnx.py')
 
+
+def test_int8_quantisation_keeps_metadata_and_most_pixels(segmentor, quantize_tool, tmp_path):
     import onnx
     make_toy_ade(str(tmp_path / 'calib'), num_train=0, num_val=3)
     images = sorted(glob.glob(str(tmp_path / 'calib/images/validation/*.jpg')))
-    tool = runpy.run_path('tools/deployment/quantize_onnx.py')
+    tool = quantize_tool
     out = str(tmp_path / 'seg_int8.onnx')
     tool['main']([segmentor[2], str(tmp_path / 'calib/images/validation'), '--out', out])
     ops = {node.op_type for node in onnx.load(out).graph.node}
@@ -319,10 +323,9 @@ def test_int8_quantisation_keeps_metadata_and_most_pixels(segmentor, tmp_path):
     ('fpu avx2 fma', 'no', False),
     ('fpu avx2 avx512_vnni', 'yes', True),
 ])
-def test_int8_weights_are_7_bit_by_default_where_the_cpu_has_no_vnni(tmp_path, flags, choice,
-                                                                     expected):
-    import runpy
-    tool = runpy.run_path('tools/deployment/quantize_onnx.py')
+def test_int8_weights_are_7_bit_by_default_where_the_cpu_has_no_vnni(quantize_tool, tmp_path,
+                                                                     flags, choice, expected):
+    tool = quantize_tool
     cpuinfo = tmp_path / 'cpuinfo'
     cpuinfo.write_text(f'processor\t: 0\nflags\t\t: {flags}\n')
     reduce_range, why = tool['reduce_range_choice'](choice, str(cpuinfo))
@@ -330,4 +333,5 @@ def test_int8_weights_are_7_bit_by_default_where_the_cpu_has_no_vnni(tmp_path, f
     assert ('no VNNI' in why) == (choice == 'auto' and expected)
     # a CPU that does not list its flags keeps 8-bit weights and says how to choose
     assert tool['reduce_range_choice']('auto', str(tmp_path / 'missing')) == (
-        False, 'this CPU does not list its flags; --reduce-range yes for one without VNNI')
+        False, 'no x86 CPU flags to read (not Linux, or not x86); --reduce-range yes for an x86 '
+        'CPU without VNNI')

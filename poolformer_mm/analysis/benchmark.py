@@ -43,7 +43,7 @@ import torch.nn as nn
 from mmengine.logging import MMLogger
 from mmengine.model import revert_sync_batchnorm
 
-from ..engine.inference_precision import NO_BF16_UNITS, cpu_bf16_units
+from ..engine.amp_choice import NO_BF16_UNITS, cpu_bf16_units
 from ..models import PoolFormer
 from .reference import ReferencePoolFormer
 
@@ -74,19 +74,20 @@ class Measurement:
 
 
 def matmul_gflops(device: str = 'cpu', size: int = 2048, repeat: int = 10,
-                  dtype: torch.dtype = torch.float32, seconds_per_call: float = 0.25) -> float:
+                  dtype: torch.dtype = torch.float32, seconds_per_call: float = 1.0) -> float:
     """The machine's large matrix-multiply rate in ``dtype`` (best of ``repeat``): the ceiling
     for networks whose MACs sit in 1x1 convolutions. The best run, because a shared machine's
     slow moments would otherwise lower the ceiling and flatter the fraction reached.
 
-    ``size`` is halved (down to 256) while a product of that size would take longer than
-    ``seconds_per_call`` at the rate of a first small product: a CPU without bf16 units
-    emulates bf16 at about 1 GFLOP/s, where the products of 2048 would take minutes."""
+    ``size`` is halved (down to 256) only while a product of that size would take longer than
+    ``seconds_per_call`` at the rate of small products (best of three): a CPU without bf16
+    units emulates bf16 at about 1 GFLOP/s, where the products of 2048 would take minutes.
+    Any fp32 CPU above 17 GFLOP/s keeps 2048."""
     smallest = min(size, 256)
-    rate = 2 * smallest**3 / _best_matmul_seconds(device, smallest, 1, dtype)
+    rate = 2 * smallest**3 / _best_matmul_seconds(device, smallest, 3, dtype)
     while size > smallest and 2 * size**3 / rate > seconds_per_call:
-        size //= 2
-    return 2 * size**3 / _best_matmul_seconds(device, size, repeat, dtype) / 1e9
+        size = max(size // 2, smallest)
+    return 2 * size**3 / _best_matmul_seconds(device, size, max(repeat, 1), dtype) / 1e9
 
 
 def _best_matmul_seconds(device: str, size: int, repeat: int, dtype: torch.dtype) -> float:
@@ -99,7 +100,7 @@ def _best_matmul_seconds(device: str, size: int, repeat: int, dtype: torch.dtype
         torch.mm(a, b)
         _sync(device)
         times.append(time.perf_counter() - start)
-    return min(times[3:])
+    return max(min(times[3:]), 1e-9)
 
 
 def emulated_bf16_note(rates: Dict[str, float], device: str = 'cpu') -> Optional[str]:
@@ -107,10 +108,10 @@ def emulated_bf16_note(rates: Dict[str, float], device: str = 'cpu') -> Optional
     matmul rate measured on a CPU without bf16 units; None otherwise."""
     if 'bf16' not in rates or str(device).startswith('cuda') or cpu_bf16_units():
         return None
-    return (f"note: {NO_BF16_UNITS}: bf16 is emulated here, its matmul {rates['bf16']:.1f} "
+    return (f"note: {NO_BF16_UNITS}: bf16 is emulated here, its matmul {rates['bf16']:.3g} "
             f"GFLOP/s against fp32's {rates['fp32']:.0f} ({rates['fp32'] / rates['bf16']:.0f}x "
-            'slower), so the bf16 variants are slow; --amp runs fp32 on such a CPU, so the fp32 '
-            'rows are what tools/test.py --amp gives here')
+            'slower), so the bf16 variants are slow; a bare --amp runs fp32 on such a CPU (in '
+            'tools/train.py, test.py and infer.py), so the fp32 rows are what it gives here')
 
 
 def _sync(device: str) -> None:

@@ -5,9 +5,9 @@
 * ``mmpretrain``: ``mmpretrain.models.PoolFormer`` with the output norms of the four stages.
 
 Neither is a dependency: :func:`peer_backbone` returns None and the reason when one is not
-installed. The weights are copied from this project's backbone by matching tensors, after
-reading the peer's own random weights through this project's checkpoint conversion, so no
-layout table is written twice.
+installed or does not import. The weights are copied from this project's backbone by matching
+tensors, after reading the peer's own random weights through this project's checkpoint
+conversion, so no layout table is written twice.
 """
 import importlib
 import re
@@ -18,21 +18,22 @@ import torch.nn as nn
 
 from ..models.checkpoint_layouts import convert_to_poolformer_layout
 
-# the versions measured in the README
-PEERS = {'timm': '1.0.31', 'mmpretrain': '1.2.0'}
+# each peer's module and the version the README measured
+PEERS = {'timm': ('timm', '1.0.31'), 'mmpretrain': ('mmpretrain.models', '1.2.0')}
 
 
 def install_hint(name: str) -> str:
     """The command that installs peer ``name`` beside this environment's torch. Both peers
     need torchvision; with torch left free, pip takes the newest torchvision and the newer torch
     it requires, which the installed mmcv was not built against (seen: torch 2.13 replaced by
-    2.14, a CUDA build of several GB)."""
-    torch_version = torch.__version__.split('+')[0]
-    return (f'pip install {name} "torch=={torch_version}" (pins the installed torch; '
-            f'{PEERS[name]} measured)')
-
-
-_PEER_MODULES = {'timm': 'timm', 'mmpretrain': 'mmpretrain.models'}
+    2.14, a CUDA build of several GB). A torch with a local build tag (``2.13.0+cpu``) comes
+    from PyTorch's own index, where the torchvision of that build is too; PyPI's is built for
+    PyPI's torch and does not import beside it."""
+    version, _, build = torch.__version__.partition('+')
+    command = f'pip install {name} "torch=={torch.__version__}"'
+    if build:
+        command += f' --extra-index-url https://download.pytorch.org/whl/{build}'
+    return f'{command} (keeps torch {version}; {name} {PEERS[name][1]} measured)'
 
 
 def _build_peer(module, name: str, arch: str) -> nn.Module:
@@ -48,14 +49,19 @@ def peer_backbone(name: str, backbone: nn.Module) -> Tuple[Optional[nn.Module], 
     if name not in PEERS:
         raise ValueError(f"unknown peer '{name}'; choose from {', '.join(PEERS)}")
     try:
-        module = importlib.import_module(_PEER_MODULES[name])
+        module = importlib.import_module(PEERS[name][0])
     except ImportError as error:
-        return None, f'{name} is not installed ({error}): {install_hint(name)}'
+        missing = (error.name or name).split('.')[0]
+        if missing == name:
+            return None, f'{name} is not installed ({error}): {install_hint(name)}'
+        return None, (f'{name} is installed but needs {missing} ({error}): '
+                      f'{install_hint(name)}')
     except (OSError, RuntimeError) as error:
         # e.g. a torchvision built for another torch: "operator torchvision::nms does not exist"
         return None, (f'{name} does not import beside torch {torch.__version__} '
-                      f'({type(error).__name__}: {error}); a torchvision of another torch '
-                      f'build is the usual cause: {install_hint(name)}')
+                      f'({type(error).__name__}: {error}); the usual cause is a torchvision '
+                      f'built for another torch: pip uninstall torchvision, then '
+                      f'{install_hint(name)}')
     try:
         peer = _build_peer(module, name, backbone.arch_name)
     except (KeyError, RuntimeError, ValueError) as error:  # no model of that arch

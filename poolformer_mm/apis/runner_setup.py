@@ -6,6 +6,7 @@ The flags are those of mmdet 3.3's and mmseg 1.2's scripts, plus ``--eval`` (the
 import argparse
 import copy
 import json
+import logging
 import os
 import os.path as osp
 from typing import Dict, Optional, Sequence
@@ -16,7 +17,7 @@ from mmengine.config import Config
 from mmengine.hooks import CheckpointHook
 from mmengine.logging import print_log
 
-from ..engine.inference_precision import log_amp_dtype
+from ..engine.amp_choice import log_amp_dtype
 from ..engine.safe_checkpoints import check_checkpoint_path
 from ..engine.work_dir import find_resumable_checkpoint, lock_work_dir
 from ..errors import InvalidInputError
@@ -46,7 +47,7 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument('--amp', nargs='?', const='auto', choices=['auto', 'bf16', 'fp16'],
                         help='mixed precision. auto (the default of a bare --amp): fp16 AMP on a '
                         'GPU, bf16 autocast on a CPU with bf16 units, fp32 with a warning on a '
-                        'CPU without them, where bf16 is emulated and many times slower; bf16 '
+                        'CPU without them, where bf16 is emulated and slower; bf16 '
                         'or fp16 as named')
     parser.add_argument('--channels-last', action='store_true',
                         help='run the neck and head convolutions channels-last, as the '
@@ -124,10 +125,13 @@ def _use_crash_safe_checkpoint_hook(cfg: Config) -> None:
 
 def _enable_amp(cfg: Config, choice: str = 'auto') -> None:
     """``--amp CHOICE`` in training: the precision that :func:`amp_dtype` picks, by mmengine's
-    ``AmpOptimWrapper`` on a GPU and by autocast on a CPU, where ``AmpOptimWrapper`` asserts a
-    GPU (see :mod:`poolformer_mm.engine`)."""
+    ``AmpOptimWrapper`` on a GPU and on a CPU by
+    :class:`~poolformer_mm.engine.BF16AutocastOptimWrapper` (``AmpOptimWrapper`` asserts a
+    GPU). A config whose wrapper already runs mixed precision keeps it, and the log says so."""
     optim_wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
     if optim_wrapper in ('AmpOptimWrapper', 'BF16AutocastOptimWrapper'):
+        print_log(f'--amp: the config already trains with {optim_wrapper}; it is kept as the '
+                  'config sets it', logger='current', level=logging.WARNING)
         return
     if optim_wrapper != 'OptimWrapper':
         raise InvalidInputError(f'--amp works on an OptimWrapper, the config uses {optim_wrapper}')
@@ -138,8 +142,9 @@ def _enable_amp(cfg: Config, choice: str = 'auto') -> None:
     if on_gpu:
         cfg.optim_wrapper.type = 'AmpOptimWrapper'
         cfg.optim_wrapper.dtype = str(dtype).replace('torch.', '')
-        if dtype == torch.float16:  # bf16 has fp32's exponent range: no loss scaling
-            cfg.optim_wrapper.loss_scale = 'dynamic'
+        # fp16 needs loss scaling; bf16 has fp32's exponent range (mmengine scales by default)
+        cfg.optim_wrapper.loss_scale = 'dynamic' if dtype == torch.float16 else dict(
+            enabled=False)
     else:
         cfg.optim_wrapper.type = 'BF16AutocastOptimWrapper'
 

@@ -1,13 +1,9 @@
+from .amp_choice import amp_dtype, log_amp_dtype
 from .channels_last import ChannelsLastHook, to_channels_last
 from .checkpoint_hook import CrashSafeCheckpointHook
 from .deploy_hook import DeployBackboneHook, prepare_for_inference, switch_backbone_to_deploy
 from .hooks import FiniteLossHook
-from .inference_precision import (
-    InferenceAutocastHook,
-    amp_dtype,
-    enable_inference_autocast,
-    log_amp_dtype,
-)
+from .inference_precision import InferenceAutocastHook, enable_inference_autocast
 from .optim_wrapper import BF16AutocastOptimWrapper
 from .random_state import RandomStateHook, get_random_state, set_random_state
 from .safe_checkpoints import (

@@ -1,75 +1,15 @@
-"""Mixed precision at test time (``tools/test.py --amp``, ``tools/infer.py --amp``), and the
-choice of precision that ``--amp`` makes in every tool (``tools/train.py`` too).
-
-On a GPU this is fp16 autocast, as mmengine's test loop does it. On a CPU it is bf16 autocast,
-which pays only where the CPU has bf16 units (AVX-512 BF16 or AMX): there the matrix products
-run several times faster than in fp32. A CPU without them emulates bf16, many times slower
-than fp32 (a large bf16 product ran at 1.2 GFLOP/s against fp32's 180 on an AVX2-only AMD EPYC),
-so there a bare ``--amp`` says so and runs fp32 instead: it is never silently slower.
+"""Mixed precision at test time (``tools/test.py --amp``, ``tools/infer.py --amp``): autocast
+in the backbone, neck and heads, post-processing in fp32. Which precision ``--amp`` runs is
+:mod:`.amp_choice`'s decision.
 """
-import functools
-import logging
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from mmengine.hooks import Hook
-from mmengine.logging import print_log
 from mmengine.registry import HOOKS
 
-from ..errors import InvalidInputError
+from .amp_choice import amp_dtype
 from .model_parts import unwrap_model
-
-# the CPU flags (Linux /proc/cpuinfo names) of native bf16 arithmetic
-BF16_CPU_FLAGS = ('avx512_bf16', 'amx_bf16')
-NO_BF16_UNITS = (f"this CPU has no bf16 units (neither {' nor '.join(BF16_CPU_FLAGS)} in "
-                 '/proc/cpuinfo)')
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_bf16_units(cpuinfo: str = '/proc/cpuinfo') -> Tuple[str, ...]:
-    """The bf16 flags this CPU reports, or () if it has none or does not say (not Linux)."""
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                if line.startswith('flags'):
-                    flags = set(line.split(':', 1)[1].split())
-                    return tuple(flag for flag in BF16_CPU_FLAGS if flag in flags)
-    except OSError:
-        pass
-    return ()
-
-
-def amp_dtype(device: str, choice: str = 'auto') -> Tuple[Optional[torch.dtype], str]:
-    """The autocast dtype of ``--amp CHOICE`` (training or inference) on ``device`` and a line
-    saying what runs, or ``None`` and the reason it runs fp32.
-
-    ``choice`` is 'auto' (fp16 on a GPU; bf16 on a CPU with bf16 units, fp32 on one without),
-    'bf16' or 'fp16' (as asked; bf16 on a CPU without bf16 units is emulated, and slower than
-    fp32, which the line says)."""
-    if choice not in ('auto', 'bf16', 'fp16'):
-        raise InvalidInputError(f"--amp takes auto, bf16 or fp16, not '{choice}'")
-    on_gpu = str(device).startswith('cuda')
-    if choice == 'fp16' and not on_gpu:
-        raise InvalidInputError('--amp fp16 is for GPUs: CPU autocast runs bf16; use --amp or '
-                                '--amp bf16')
-    if on_gpu:
-        name = 'bf16' if choice == 'bf16' else 'fp16'
-        return getattr(torch, 'bfloat16' if name == 'bf16' else 'float16'), (
-            f'mixed precision: {name} autocast on the GPU')
-    units = cpu_bf16_units()
-    if units:
-        return torch.bfloat16, f"mixed precision: bf16 autocast (this CPU has {', '.join(units)})"
-    missing = f'{NO_BF16_UNITS}: bf16 is emulated there, many times slower than fp32'
-    if choice == 'bf16':
-        return torch.bfloat16, f'mixed precision: bf16 autocast as asked, but {missing}'
-    return None, f'--amp: {missing}; running in fp32 (--amp bf16 forces bf16)'
-
-
-def log_amp_dtype(device: str, choice: str = 'auto') -> Optional[torch.dtype]:
-    """:func:`amp_dtype`, with its line logged (a warning when it runs fp32)."""
-    dtype, message = amp_dtype(device, choice)
-    print_log(message, logger='current', level=logging.INFO if dtype else logging.WARNING)
-    return dtype
 
 
 def _to_float(outputs):

@@ -5,7 +5,8 @@
     # installed), this project's fast and folded forms, all with the same weights
     python tools/analysis/benchmark.py --arch s12 --shape 512 \
         --variants reference timm mmpretrain fast deploy
-    # the same in bf16 (autocast, as --amp runs it): ':bf16' after a variant name
+    # the same in bf16 (autocast, as --amp runs it on a CPU with bf16 units or --amp bf16
+    # anywhere): ':bf16' after a variant name
     python tools/analysis/benchmark.py --arch s12 --variants reference deploy deploy:bf16
     # a whole segmentor or detector in inference (backbone, neck and head; --postprocess adds
     # NMS / resizing), as tools/test.py runs it: the paper's backbone in fp32 against --deploy
@@ -156,9 +157,11 @@ def main():
         rates['bf16'] = matmul_gflops(args.device, dtype=torch.bfloat16)
     print(f'machine: {machine_description()}, torch {torch.__version__}, {args.device}, '
           f'{torch.get_num_threads()} threads, matmul ' +
-          ', '.join(f'{k} {v:.0f} GFLOP/s' for k, v in rates.items()))
-    if emulated_bf16_note(rates, args.device):
-        print(emulated_bf16_note(rates, args.device), flush=True)
+          ', '.join(f'{k} {v:.0f} GFLOP/s' if v >= 10 else f'{k} {v:.2g} GFLOP/s'
+                    for k, v in rates.items()))
+    note = emulated_bf16_note(rates, args.device)
+    if note:
+        print(note, flush=True)
     kwargs, arch, gmacs, notes = {}, args.arch, None, []
     if args.config:
         cfg = load_config(args.config)

@@ -30,7 +30,9 @@ VNNI_CPU_FLAGS = ('avx512_vnni', 'avx_vnni', 'amx_int8')
 
 
 def cpu_vnni_flags(cpuinfo='/proc/cpuinfo'):
-    """The VNNI flags this CPU reports, or None where the CPU does not say (not Linux)."""
+    """The VNNI flags this CPU reports, or None where it lists no x86 flags (not Linux, or not
+    x86). Read here rather than through poolformer_mm, which imports torch: this tool needs
+    onnxruntime only."""
     try:
         with open(cpuinfo) as f:
             for line in f:
@@ -48,7 +50,8 @@ def reduce_range_choice(choice, cpuinfo='/proc/cpuinfo'):
         return choice == 'yes', f'--reduce-range {choice}'
     flags = cpu_vnni_flags(cpuinfo)
     if flags is None:
-        return False, 'this CPU does not list its flags; --reduce-range yes for one without VNNI'
+        return False, ('no x86 CPU flags to read (not Linux, or not x86); --reduce-range yes '
+                       'for an x86 CPU without VNNI')
     if flags:
         return False, f"this CPU has {', '.join(flags)}"
     return True, (f"this CPU has no VNNI (none of {', '.join(VNNI_CPU_FLAGS)}), where 8-bit "
