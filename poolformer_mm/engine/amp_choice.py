@@ -15,6 +15,7 @@ from typing import Optional, Tuple
 import torch
 from mmengine.logging import print_log
 
+from ..cpu_flags import cpu_flags
 from ..errors import InvalidInputError
 
 # the CPU flags (Linux /proc/cpuinfo names) of native bf16 arithmetic
@@ -28,15 +29,8 @@ EMULATED_BF16_COST = 'slower than fp32 (about 140x in matrix products on an AVX2
 @functools.lru_cache(maxsize=None)
 def cpu_bf16_units(cpuinfo: str = '/proc/cpuinfo') -> Tuple[str, ...]:
     """The bf16 flags this CPU reports, or () if it has none or does not say (not Linux)."""
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                if line.startswith('flags'):
-                    flags = set(line.split(':', 1)[1].split())
-                    return tuple(flag for flag in BF16_CPU_FLAGS if flag in flags)
-    except OSError:
-        pass
-    return ()
+    flags = cpu_flags(cpuinfo) or frozenset()
+    return tuple(flag for flag in BF16_CPU_FLAGS if flag in flags)
 
 
 def amp_dtype(device: str, choice: str = 'auto') -> Tuple[Optional[torch.dtype], str]:

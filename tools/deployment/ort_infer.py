@@ -17,17 +17,23 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
-_POSTPROCESS = osp.join(osp.dirname(osp.abspath(__file__)), '..', '..', 'poolformer_mm',
-                        'deployment', 'postprocess.py')
+_PACKAGE = osp.join(osp.dirname(osp.abspath(__file__)), '..', '..', 'poolformer_mm')
 
 
-def load_postprocess():
-    """poolformer_mm/deployment/postprocess.py, loaded by path: importing the package would
-    import torch and the OpenMMLab stack, which running an ONNX model does not need."""
-    spec = importlib.util.spec_from_file_location('onnx_postprocess', _POSTPROCESS)
+def load_torch_free_module(*path: str):
+    """A module of poolformer_mm that needs only the standard library, NumPy and OpenCV, loaded
+    by its path: importing the package would import torch and the OpenMMLab stack, which
+    running an ONNX model does not need."""
+    spec = importlib.util.spec_from_file_location(
+        'poolformer_mm_' + osp.splitext(path[-1])[0], osp.join(_PACKAGE, *path))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_postprocess():
+    """poolformer_mm/deployment/postprocess.py (see :func:`load_torch_free_module`)."""
+    return load_torch_free_module('deployment', 'postprocess.py')
 
 
 def parse_args(argv=None):

@@ -21,7 +21,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from ort_infer import load_postprocess  # noqa: E402
+from ort_infer import load_postprocess, load_torch_free_module  # noqa: E402
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp')
 # CPU flags (Linux /proc/cpuinfo names) of instructions that multiply uint8 by int8 into 32 bits;
@@ -31,17 +31,9 @@ VNNI_CPU_FLAGS = ('avx512_vnni', 'avx_vnni', 'amx_int8')
 
 def cpu_vnni_flags(cpuinfo='/proc/cpuinfo'):
     """The VNNI flags this CPU reports, or None where it lists no x86 flags (not Linux, or not
-    x86). Read here rather than through poolformer_mm, which imports torch: this tool needs
-    onnxruntime only."""
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                if line.startswith('flags'):
-                    flags = set(line.split(':', 1)[1].split())
-                    return tuple(flag for flag in VNNI_CPU_FLAGS if flag in flags)
-    except OSError:
-        pass
-    return None
+    x86)."""
+    flags = load_torch_free_module('cpu_flags.py').cpu_flags(cpuinfo)
+    return None if flags is None else tuple(flag for flag in VNNI_CPU_FLAGS if flag in flags)
 
 
 def reduce_range_choice(choice, cpuinfo='/proc/cpuinfo'):

@@ -1,0 +1,19 @@
+"""The x86 CPU flags Linux lists in /proc/cpuinfo (``lscpu``'s Flags), which tell what units a
+CPU has: bf16 (``avx512_bf16``, ``amx_bf16``) for ``--amp``, VNNI for int8 ONNX models.
+
+Standard library only: tools that need neither torch nor the OpenMMLab stack load this file by
+its path (``tools/deployment/quantize_onnx.py``).
+"""
+from typing import FrozenSet, Optional
+
+
+def cpu_flags(cpuinfo: str = '/proc/cpuinfo') -> Optional[FrozenSet[str]]:
+    """The first CPU's flags, or None where there are none to read (not Linux, or not x86)."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith('flags'):
+                    return frozenset(line.split(':', 1)[1].split())
+    except OSError:
+        pass
+    return None
