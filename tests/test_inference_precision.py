@@ -236,6 +236,11 @@ def test_amp_choice_follows_the_cpu_bf16_units(monkeypatch):
     assert 'no bf16 units' in message and 'avx512_bf16' in message and 'fp32' in message
     dtype, message = amp_dtype('cpu', 'bf16')  # asked for: run, and say so
     assert dtype == torch.bfloat16 and 'slower than fp32' in message
+    # flags that cannot be read (macOS, Windows, ARM): fp32, saying it cannot tell
+    monkeypatch.setattr(amp_choice, 'cpu_bf16_units', lambda: None)
+    dtype, message = amp_dtype('cpu')
+    assert dtype is None and message.startswith('--amp: cannot tell whether this CPU has bf16')
+    assert 'no bf16 units' not in message and 'running in fp32' in message
     assert amp_dtype('cuda:0')[0] == torch.float16
     if torch.cuda.is_available() and not torch.cuda.is_bf16_supported(including_emulation=False):
         with pytest.raises(InvalidInputError, match='this GPU has no bf16 arithmetic'):
@@ -254,24 +259,31 @@ def test_cpu_bf16_units_are_read_from_the_flags(tmp_path):
     amp_choice.cpu_bf16_units.cache_clear()
     assert amp_choice.cpu_bf16_units(str(cpuinfo)) == ()
     amp_choice.cpu_bf16_units.cache_clear()
-    assert amp_choice.cpu_bf16_units(str(tmp_path / 'missing')) == ()
+    assert amp_choice.cpu_bf16_units(str(tmp_path / 'missing')) is None  # cannot tell
+    cpuinfo.write_text('processor\t: 0\nFeatures\t: fp asimd bf16\n')  # ARM lists no x86 flags
+    amp_choice.cpu_bf16_units.cache_clear()
+    assert amp_choice.cpu_bf16_units(str(cpuinfo)) is None
     amp_choice.cpu_bf16_units.cache_clear()
 
 
-def test_test_tool_amp_without_bf16_units_warns_and_adds_nothing(monkeypatch, caplog):
+def test_test_tool_amp_without_bf16_units_warns_and_adds_nothing(monkeypatch):
+    logged = []
+    monkeypatch.setattr(amp_choice, 'print_log',
+                        lambda msg, level=logging.INFO, **kw: logged.append((level, msg)))
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     monkeypatch.setattr(amp_choice, 'cpu_bf16_units', lambda: ())
     cfg = Config(dict(custom_hooks=[]))
-    logger = MMLogger.get_current_instance()
-    messages = []
-    monkeypatch.setattr(logger, 'warning', lambda msg, *a, **k: messages.append(msg))
     _enable_test_amp(cfg, 'auto')
     assert cfg.custom_hooks == []
-    _enable_test_amp(cfg, 'bf16')
+    assert logged[-1][0] == logging.WARNING and 'no bf16 units' in logged[-1][1]
+    _enable_test_amp(cfg, 'bf16')  # forced: runs, and still warns
     assert cfg.custom_hooks == [dict(type='InferenceAutocastHook', dtype='bfloat16')]
+    assert logged[-1][0] == logging.WARNING and 'as asked' in logged[-1][1]
     monkeypatch.setattr(amp_choice, 'cpu_bf16_units', lambda: ('avx512_bf16', ))
     cfg = Config(dict(custom_hooks=[]))
     _enable_test_amp(cfg, 'auto')
     assert cfg.custom_hooks == [dict(type='InferenceAutocastHook', dtype='bfloat16')]
+    assert logged[-1][0] == logging.INFO
 
 
 # ---------------------------------------------------------------------------------- peers
@@ -308,6 +320,11 @@ def test_install_hint_keeps_the_torch_build(monkeypatch, version, index):
     assert peers.install_hint('mmpretrain') == (
         f'pip install mmpretrain "torch=={version}"{index} (keeps torch 2.13.0; '
         'mmpretrain 1.2.0 measured)')
+    # a torch built from source has no index to take torchvision from
+    monkeypatch.setattr(peers.torch, '__version__', '2.13.0a0+git1234')
+    assert peers.install_hint('timm') == (
+        'build torchvision against this torch 2.13.0a0+git1234 (a local build, which pip would '
+        'replace), then pip install timm (1.0.31 measured)')
 
 
 def test_peer_missing_a_dependency_says_which(monkeypatch):
@@ -357,11 +374,15 @@ def test_training_amp_follows_the_cpu_bf16_units_as_at_test_time(monkeypatch):
     assert wrapper_after('auto', ('amx_bf16', )) == 'BF16AutocastOptimWrapper'
     assert logged[-1][0] == logging.INFO and 'amx_bf16' in logged[-1][1]
     assert wrapper_after('auto', ()) == 'OptimWrapper'  # fp32, and the log says why
+    cfg = Config(dict(optim_wrapper=dict(type='OptimWrapper')))
+    runner_setup._enable_amp(cfg, 'auto')
+    assert cfg.amp == dict(asked='auto', runs='float32')  # kept in the work dir's config
     level, message = logged[-1]
     assert level == logging.WARNING and 'no bf16 units' in message
     assert 'running in fp32' in message and '--amp bf16 forces bf16' in message
     assert wrapper_after('bf16', ()) == 'BF16AutocastOptimWrapper'
     assert 'as asked' in logged[-1][1] and 'slower than fp32 (about 140x' in logged[-1][1]
+    assert logged[-1][0] == logging.WARNING
     with pytest.raises(InvalidInputError, match='--amp fp16 is for GPUs'):
         wrapper_after('fp16', ('amx_bf16', ))
     # on a GPU: mmengine's AmpOptimWrapper, fp16 with loss scaling or bf16 without
@@ -382,9 +403,17 @@ def test_training_amp_follows_the_cpu_bf16_units_as_at_test_time(monkeypatch):
     with pytest.raises(InvalidInputError, match='this GPU has no bf16 arithmetic'):
         runner_setup._enable_amp(Config(dict(optim_wrapper=dict(type='OptimWrapper'))), 'bf16')
     # a config that already trains in mixed precision keeps its wrapper, and the log says so
+    kept = []
+    monkeypatch.setattr(runner_setup, 'print_log', lambda msg, **kw: kept.append(msg))
     cfg = Config(dict(optim_wrapper=dict(type='AmpOptimWrapper', dtype='float16')))
     runner_setup._enable_amp(cfg, 'bf16')
     assert cfg.optim_wrapper.dtype == 'float16'
+    assert kept == ['--amp: the config already trains with AmpOptimWrapper; it is kept as the '
+                    'config sets it']
+    # ... but mmengine's AmpOptimWrapper on a CPU is refused before anything is built
+    monkeypatch.setattr(runner_setup.torch.cuda, 'is_available', lambda: False)
+    with pytest.raises(InvalidInputError, match="AmpOptimWrapper, which needs a GPU"):
+        runner_setup._enable_amp(Config(dict(optim_wrapper=dict(type='AmpOptimWrapper'))))
 
 
 def test_train_parser_takes_a_bare_or_named_amp():
@@ -393,6 +422,15 @@ def test_train_parser_takes_a_bare_or_named_amp():
     assert parser.parse_args(['config.py', '--amp']).amp == 'auto'
     assert parser.parse_args(['config.py', '--amp', 'bf16']).amp == 'bf16'
     assert parser.parse_args(['config.py']).amp is None
+    # mmdet's own --amp takes no value: a config after it gets a message saying where it goes
+    with pytest.raises(SystemExit):
+        parser.parse_args(['--amp', 'configs/x.py'])
+    from poolformer_mm.engine.amp_choice import amp_argument
+    with pytest.raises(Exception, match='a config[?] --amp takes an optional value, so write it '
+                       'after the config'):
+        amp_argument('configs/x.py')
+    with pytest.raises(Exception, match="takes auto, bf16, fp16, not 'fp8'"):
+        amp_argument('fp8')
 
 
 @pytest.mark.parametrize('build', [
@@ -537,4 +575,6 @@ def test_benchmark_says_bf16_is_emulated_on_a_cpu_without_bf16_units(monkeypatch
     assert benchmark.emulated_bf16_note({'fp32': 180.0}) is None
     assert benchmark.emulated_bf16_note(rates, device='cuda') is None
     monkeypatch.setattr(benchmark, 'cpu_bf16_units', lambda: ('amx_bf16', ))
+    assert benchmark.emulated_bf16_note(rates) is None
+    monkeypatch.setattr(benchmark, 'cpu_bf16_units', lambda: None)  # flags unknown: no claim
     assert benchmark.emulated_bf16_note(rates) is None

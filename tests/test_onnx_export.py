@@ -298,13 +298,19 @@ def quantize_tool():
     return runpy.run_path('tools/deployment/quantize_onnx.py')
 
 
-def test_int8_quantisation_keeps_metadata_and_most_pixels(segmentor, quantize_tool, tmp_path):
+def test_int8_quantisation_keeps_metadata_and_most_pixels(segmentor, quantize_tool, tmp_path,
+                                                          capsys):
     import onnx
     make_toy_ade(str(tmp_path / 'calib'), num_train=0, num_val=3)
     images = sorted(glob.glob(str(tmp_path / 'calib/images/validation/*.jpg')))
     tool = quantize_tool
     out = str(tmp_path / 'seg_int8.onnx')
     tool['main']([segmentor[2], str(tmp_path / 'calib/images/validation'), '--out', out])
+    # this CPU's choice of weight width, said in the line written
+    reduce_range, why = tool['reduce_range_choice']('auto')
+    bits = '7-bit' if reduce_range else '8-bit'
+    assert f'wrote {out}: int8 ({bits} weights: {why}), calibrated on 3 images' in (
+        capsys.readouterr().out)
     ops = {node.op_type for node in onnx.load(out).graph.node}
     assert {'QuantizeLinear', 'DequantizeLinear'} <= ops
     fp32, int8 = ort_session(segmentor[2]), ort_session(out)

@@ -82,7 +82,7 @@ def matmul_gflops(device: str = 'cpu', size: int = 2048, repeat: int = 10,
     ``size`` is halved (down to 256) only while a product of that size would take longer than
     ``seconds_per_call`` at the rate of small products (best of three): a CPU without bf16
     units emulates bf16 at about 1 GFLOP/s, where the products of 2048 would take minutes.
-    Any fp32 CPU above 17 GFLOP/s keeps 2048."""
+    A CPU whose 256-sized products run above about 17 GFLOP/s keeps 2048."""
     smallest = min(size, 256)
     rate = 2 * smallest**3 / _best_matmul_seconds(device, smallest, 3, dtype)
     while size > smallest and 2 * size**3 / rate > seconds_per_call:
@@ -106,7 +106,8 @@ def _best_matmul_seconds(device: str, size: int, repeat: int, dtype: torch.dtype
 def emulated_bf16_note(rates: Dict[str, float], device: str = 'cpu') -> Optional[str]:
     """A line saying that bf16 is emulated, with how much slower, when ``rates`` has a bf16
     matmul rate measured on a CPU without bf16 units; None otherwise."""
-    if 'bf16' not in rates or str(device).startswith('cuda') or cpu_bf16_units():
+    # () is a CPU known to have none; None (flags unknown) or a unit: nothing to say
+    if 'bf16' not in rates or str(device).startswith('cuda') or cpu_bf16_units() != ():
         return None
     return (f"note: {NO_BF16_UNITS}: bf16 is emulated here, its matmul {rates['bf16']:.3g} "
             f"GFLOP/s against fp32's {rates['fp32']:.0f} ({rates['fp32'] / rates['bf16']:.0f}x "

@@ -30,6 +30,9 @@ def install_hint(name: str) -> str:
     from PyTorch's own index, where the torchvision of that build is too; PyPI's is built for
     PyPI's torch and does not import beside it."""
     version, _, build = torch.__version__.partition('+')
+    if build and not re.fullmatch(r'cpu|cu\d+|rocm[\d.]+|xpu', build):
+        return (f'build torchvision against this torch {torch.__version__} (a local build, '
+                f'which pip would replace), then pip install {name} ({PEERS[name][1]} measured)')
     command = f'pip install {name} "torch=={torch.__version__}"'
     if build:
         command += f' --extra-index-url https://download.pytorch.org/whl/{build}'

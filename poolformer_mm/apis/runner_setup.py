@@ -17,7 +17,7 @@ from mmengine.config import Config
 from mmengine.hooks import CheckpointHook
 from mmengine.logging import print_log
 
-from ..engine.amp_choice import log_amp_dtype
+from ..engine.amp_choice import amp_argument, log_amp_dtype
 from ..engine.safe_checkpoints import check_checkpoint_path
 from ..engine.work_dir import find_resumable_checkpoint, lock_work_dir
 from ..errors import InvalidInputError
@@ -44,15 +44,16 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
 def train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description='Train a detector or segmentor')
     parser.add_argument('config', help='config file')
-    parser.add_argument('--amp', nargs='?', const='auto', choices=['auto', 'bf16', 'fp16'],
+    parser.add_argument('--amp', nargs='?', const='auto', type=amp_argument,
+                        metavar='{auto,bf16,fp16}',
                         help='mixed precision. auto (the default of a bare --amp): fp16 AMP on a '
                         'GPU, bf16 autocast on a CPU with bf16 units, fp32 with a warning on a '
-                        'CPU without them, where bf16 is emulated and slower; bf16 '
-                        'or fp16 as named')
+                        'CPU without them, where bf16 is emulated and slower; bf16 or fp16 as '
+                        'named (fp16: GPUs only)')
     parser.add_argument('--channels-last', action='store_true',
                         help='run the neck and head convolutions channels-last, as the '
                         "backbone's token layout hands them over: same values, faster on a CPU "
-                        '(1.2x a bf16 Semantic FPN step)')
+                        'under bf16 (1.2x a bf16 Semantic FPN step; no gain in fp32)')
     parser.add_argument('--auto-scale-lr', action='store_true',
                         help='scale the learning rate by '
                         '(total batch / auto_scale_lr.base_batch_size)')
@@ -82,7 +83,8 @@ def test_parser() -> argparse.ArgumentParser:
                         help="fold the PoolFormer backbone's norms and layer scales into its "
                         'weights after loading the checkpoint and run the neck and head '
                         'channels-last: same results, faster')
-    parser.add_argument('--amp', nargs='?', const='auto', choices=['auto', 'bf16', 'fp16'],
+    parser.add_argument('--amp', nargs='?', const='auto', type=amp_argument,
+                        metavar='{auto,bf16,fp16}',
                         help='mixed precision in the backbone, neck and heads (post-processing '
                         'stays fp32). auto (the default of a bare --amp): fp16 on a GPU, bf16 on '
                         'a CPU with bf16 units, fp32 with a warning on a CPU without them, where '
@@ -129,14 +131,20 @@ def _enable_amp(cfg: Config, choice: str = 'auto') -> None:
     :class:`~poolformer_mm.engine.BF16AutocastOptimWrapper` (``AmpOptimWrapper`` asserts a
     GPU). A config whose wrapper already runs mixed precision keeps it, and the log says so."""
     optim_wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
+    on_gpu = torch.cuda.is_available()  # where the Runner puts the model
+    if optim_wrapper == 'AmpOptimWrapper' and not on_gpu:
+        raise InvalidInputError("the config's optim_wrapper is mmengine's AmpOptimWrapper, which "
+                                "needs a GPU; on a CPU set optim_wrapper=dict(type='OptimWrapper', "
+                                '...) and pass --amp')
     if optim_wrapper in ('AmpOptimWrapper', 'BF16AutocastOptimWrapper'):
         print_log(f'--amp: the config already trains with {optim_wrapper}; it is kept as the '
                   'config sets it', logger='current', level=logging.WARNING)
         return
     if optim_wrapper != 'OptimWrapper':
         raise InvalidInputError(f'--amp works on an OptimWrapper, the config uses {optim_wrapper}')
-    on_gpu = torch.cuda.is_available()  # where the Runner puts the model
     dtype = log_amp_dtype('cuda' if on_gpu else 'cpu', choice)
+    # kept in the config the work dir saves: this choice is logged before the Runner's log file
+    cfg.amp = dict(asked=choice, runs=str(dtype or torch.float32).replace('torch.', ''))
     if dtype is None:  # a CPU without bf16 units: fp32, and the log says why
         return
     if on_gpu:

@@ -3,10 +3,11 @@
 
 On a GPU it is fp16 (mmengine's AMP). On a CPU it is bf16 autocast, which pays only where the
 CPU has bf16 units (AVX-512 BF16 or AMX): there the matrix products run several times faster
-than in fp32. A CPU without them emulates bf16, slower than fp32 (a large bf16 product ran at
-1.2 GFLOP/s against fp32's 180 on an AVX2-only AMD EPYC, about 140x slower), so there a bare
-``--amp`` says so and runs fp32 instead: it is never silently slower. ``--amp bf16`` forces
-bf16.
+than in fp32. A CPU without them emulates bf16, slower than fp32 (large bf16 products ran at
+1.2-1.4 GFLOP/s against fp32's 176-188 on an AVX2-only AMD EPYC, about 140x slower), so there
+a bare ``--amp`` says so and runs fp32 instead: it is never silently slower. Where the CPU's
+flags cannot be read (not Linux, or not x86) it runs fp32 too, and says why. ``--amp bf16``
+forces bf16.
 """
 import functools
 import logging
@@ -22,15 +23,33 @@ from ..errors import InvalidInputError
 BF16_CPU_FLAGS = ('avx512_bf16', 'amx_bf16')
 NO_BF16_UNITS = (f"this CPU has no bf16 units (neither {' nor '.join(BF16_CPU_FLAGS)} in "
                  '/proc/cpuinfo)')
+UNKNOWN_BF16_UNITS = ('cannot tell whether this CPU has bf16 units (no x86 flags in '
+                      '/proc/cpuinfo: not Linux, or not x86)')
 # what emulation costs, as measured (the large products of tools/analysis/benchmark.py)
 EMULATED_BF16_COST = 'slower than fp32 (about 140x in matrix products on an AVX2-only CPU)'
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_bf16_units(cpuinfo: str = '/proc/cpuinfo') -> Tuple[str, ...]:
-    """The bf16 flags this CPU reports, or () if it has none or does not say (not Linux)."""
-    flags = cpu_flags(cpuinfo) or frozenset()
-    return tuple(flag for flag in BF16_CPU_FLAGS if flag in flags)
+def cpu_bf16_units(cpuinfo: str = '/proc/cpuinfo') -> Optional[Tuple[str, ...]]:
+    """The bf16 flags this CPU reports: () if it has none, None if it lists no x86 flags (not
+    Linux, or not x86: then nobody here can tell)."""
+    flags = cpu_flags(cpuinfo)
+    return None if flags is None else tuple(flag for flag in BF16_CPU_FLAGS if flag in flags)
+
+
+AMP_CHOICES = ('auto', 'bf16', 'fp16')
+
+
+def amp_argument(value: str) -> str:
+    """The ``type`` of an ``--amp [auto|bf16|fp16]`` command-line option: a value that is not
+    a choice, such as a config given after ``--amp``, is refused saying how to write it."""
+    if value not in AMP_CHOICES:
+        import argparse
+        raise argparse.ArgumentTypeError(
+            f"takes {', '.join(AMP_CHOICES)}, not '{value}'"
+            + (' (a config? --amp takes an optional value, so write it after the config)'
+               if value.endswith('.py') else ''))
+    return value
 
 
 def amp_dtype(device: str, choice: str = 'auto') -> Tuple[Optional[torch.dtype], str]:
@@ -40,7 +59,7 @@ def amp_dtype(device: str, choice: str = 'auto') -> Tuple[Optional[torch.dtype],
     ``choice`` is 'auto' (fp16 on a GPU; bf16 on a CPU with bf16 units, fp32 on one without),
     'bf16' or 'fp16' (as asked; bf16 on a CPU without bf16 units is emulated, and slower than
     fp32, which the line says; bf16 on a GPU without bf16 support is refused)."""
-    if choice not in ('auto', 'bf16', 'fp16'):
+    if choice not in AMP_CHOICES:
         raise InvalidInputError(f"--amp takes auto, bf16 or fp16, not '{choice}'")
     on_gpu = str(device).startswith('cuda')
     if choice == 'fp16' and not on_gpu:
@@ -57,14 +76,17 @@ def amp_dtype(device: str, choice: str = 'auto') -> Tuple[Optional[torch.dtype],
     units = cpu_bf16_units()
     if units:
         return torch.bfloat16, f"mixed precision: bf16 autocast (this CPU has {', '.join(units)})"
-    missing = f'{NO_BF16_UNITS}: bf16 is emulated there, {EMULATED_BF16_COST}'
+    missing = (UNKNOWN_BF16_UNITS if units is None else
+               f'{NO_BF16_UNITS}: bf16 is emulated here, {EMULATED_BF16_COST}')
     if choice == 'bf16':
         return torch.bfloat16, f'mixed precision: bf16 autocast as asked, but {missing}'
     return None, f'--amp: {missing}; running in fp32 (--amp bf16 forces bf16)'
 
 
 def log_amp_dtype(device: str, choice: str = 'auto') -> Optional[torch.dtype]:
-    """:func:`amp_dtype`, with its line logged (a warning when it runs fp32)."""
+    """:func:`amp_dtype`, with its line logged: a warning when it runs fp32 or bf16 on a CPU
+    that may not have the units."""
     dtype, message = amp_dtype(device, choice)
-    print_log(message, logger='current', level=logging.INFO if dtype else logging.WARNING)
+    doubtful = dtype is None or NO_BF16_UNITS in message or UNKNOWN_BF16_UNITS in message
+    print_log(message, logger='current', level=logging.WARNING if doubtful else logging.INFO)
     return dtype

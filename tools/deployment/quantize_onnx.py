@@ -3,10 +3,10 @@
 
     python tools/deployment/quantize_onnx.py FILE.onnx CALIB_IMAGES_OR_FOLDER --out FILE_int8.onnx
 
-Weights int8 per output channel (7-bit with ``--reduce-range``, by default on a CPU without
-VNNI), activations uint8 with ranges calibrated (min-max) on the images, in ONNX's QDQ format;
-the normalisation and post-processing metadata are kept, so tools/deployment/ort_infer.py runs
-the result as it runs the float model. Measured on the toy Semantic FPN only; check a
+Weights int8 per output channel (7-bit with ``--reduce-range``, by default on an x86 CPU
+without VNNI), activations uint8 with ranges calibrated (min-max) on the images, in ONNX's QDQ
+format; the normalisation and post-processing metadata are kept, so tools/deployment/ort_infer.py
+runs the result as it runs the float model. Measured on the toy Semantic FPN only; check a
 detector's accuracy before using it. Needs onnxruntime (no torch).
 """
 import argparse
