@@ -12,7 +12,7 @@ import logging
 import re
 
 from poolformer_mm.apis.inference import draw_predictions
-from poolformer_mm.engine.amp_choice import amp_argument
+from poolformer_mm.engine.amp_choice import add_amp_option
 from poolformer_mm.errors import report_user_errors
 from poolformer_mm.known_warnings import ignore_known_warnings
 
@@ -42,10 +42,7 @@ def parse_args(argv=None):
                         help="fold the PoolFormer backbone's norms and layer scales into its "
                         'weights after loading and run the neck and head channels-last: same '
                         'predictions, faster')
-    parser.add_argument('--amp', nargs='?', const='auto', type=amp_argument,
-                        metavar='{auto,bf16,fp16}',
-                        help='mixed precision, as in tools/test.py: bf16 on a CPU with bf16 '
-                        'units (fp32 with a warning on one without), fp16 on a GPU')
+    add_amp_option(parser, 'mixed precision, as in tools/test.py')
     return parser.parse_args(argv)
 
 

@@ -17,7 +17,7 @@ from mmengine.config import Config
 from mmengine.hooks import CheckpointHook
 from mmengine.logging import print_log
 
-from ..engine.amp_choice import amp_argument, log_amp_dtype
+from ..engine.amp_choice import add_amp_option, log_amp_dtype
 from ..engine.safe_checkpoints import check_checkpoint_path
 from ..engine.work_dir import find_resumable_checkpoint, lock_work_dir
 from ..errors import InvalidInputError
@@ -44,12 +44,7 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
 def train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description='Train a detector or segmentor')
     parser.add_argument('config', help='config file')
-    parser.add_argument('--amp', nargs='?', const='auto', type=amp_argument,
-                        metavar='{auto,bf16,fp16}',
-                        help='mixed precision. auto (the default of a bare --amp): fp16 AMP on a '
-                        'GPU, bf16 autocast on a CPU with bf16 units, fp32 with a warning on a '
-                        'CPU without them, where bf16 is emulated and slower; bf16 or fp16 as '
-                        'named (fp16: GPUs only)')
+    add_amp_option(parser, 'mixed precision in training (fp16 with loss scaling on a GPU)')
     parser.add_argument('--channels-last', action='store_true',
                         help='run the neck and head convolutions channels-last, as the '
                         "backbone's token layout hands them over: same values, faster on a CPU "
@@ -83,12 +78,8 @@ def test_parser() -> argparse.ArgumentParser:
                         help="fold the PoolFormer backbone's norms and layer scales into its "
                         'weights after loading the checkpoint and run the neck and head '
                         'channels-last: same results, faster')
-    parser.add_argument('--amp', nargs='?', const='auto', type=amp_argument,
-                        metavar='{auto,bf16,fp16}',
-                        help='mixed precision in the backbone, neck and heads (post-processing '
-                        'stays fp32). auto (the default of a bare --amp): fp16 on a GPU, bf16 on '
-                        'a CPU with bf16 units, fp32 with a warning on a CPU without them, where '
-                        'bf16 is emulated and slower. With --deploy the fastest inference')
+    add_amp_option(parser, 'mixed precision in the backbone, neck and heads (post-processing '
+                   'stays fp32; with --deploy the fastest inference)')
     _common_arguments(parser)
     return parser
 

@@ -9,6 +9,7 @@ a bare ``--amp`` says so and runs fp32 instead: it is never silently slower. Whe
 flags cannot be read (not Linux, or not x86) it runs fp32 too, and says why. ``--amp bf16``
 forces bf16.
 """
+import argparse
 import functools
 import logging
 from typing import Optional, Tuple
@@ -44,12 +45,20 @@ def amp_argument(value: str) -> str:
     """The ``type`` of an ``--amp [auto|bf16|fp16]`` command-line option: a value that is not
     a choice, such as a config given after ``--amp``, is refused saying how to write it."""
     if value not in AMP_CHOICES:
-        import argparse
         raise argparse.ArgumentTypeError(
             f"takes {', '.join(AMP_CHOICES)}, not '{value}'"
             + (' (a config? --amp takes an optional value, so write it after the config)'
                if value.endswith('.py') else ''))
     return value
+
+
+def add_amp_option(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--amp [auto|bf16|fp16]`` on ``parser``, its help starting with ``what``."""
+    parser.add_argument(
+        '--amp', nargs='?', const='auto', type=amp_argument, metavar='{auto,bf16,fp16}',
+        help=f'{what}. auto (the default of a bare --amp): fp16 on a GPU, bf16 autocast on a CPU '
+        'with bf16 units, fp32 with a warning on a CPU without them, where bf16 is emulated and '
+        'slower; bf16 or fp16 as named (fp16: GPUs only)')
 
 
 def amp_dtype(device: str, choice: str = 'auto') -> Tuple[Optional[torch.dtype], str]:
