@@ -135,12 +135,13 @@ def _enable_amp(cfg: Config, choice: str = 'auto') -> None:
         raise InvalidInputError(f'--amp works on an OptimWrapper, the config uses {optim_wrapper}')
     dtype = log_amp_dtype('cuda' if on_gpu else 'cpu', choice)
     # kept in the config the work dir saves: this choice is logged before the Runner's log file
-    cfg.amp = dict(asked=choice, runs=str(dtype or torch.float32).replace('torch.', ''))
+    runs = str(dtype or torch.float32).replace('torch.', '')
+    cfg.amp = dict(asked=choice, runs=runs)
     if dtype is None:  # a CPU without bf16 units: fp32, and the log says why
         return
     if on_gpu:
         cfg.optim_wrapper.type = 'AmpOptimWrapper'
-        cfg.optim_wrapper.dtype = str(dtype).replace('torch.', '')
+        cfg.optim_wrapper.dtype = runs
         # fp16 needs loss scaling; bf16 has fp32's exponent range (mmengine scales by default)
         cfg.optim_wrapper.loss_scale = 'dynamic' if dtype == torch.float16 else dict(
             enabled=False)

@@ -96,6 +96,6 @@ def log_amp_dtype(device: str, choice: str = 'auto') -> Optional[torch.dtype]:
     """:func:`amp_dtype`, with its line logged: a warning when it runs fp32 or bf16 on a CPU
     that may not have the units."""
     dtype, message = amp_dtype(device, choice)
-    doubtful = dtype is None or NO_BF16_UNITS in message or UNKNOWN_BF16_UNITS in message
+    doubtful = dtype is None or (not str(device).startswith('cuda') and not cpu_bf16_units())
     print_log(message, logger='current', level=logging.WARNING if doubtful else logging.INFO)
     return dtype
