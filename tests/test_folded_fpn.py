@@ -2,6 +2,8 @@
 and the Semantic FPN head's forward. The same outputs as mmdet's and mmseg's FPN and mmseg's
 ``FPNHead`` in every configuration they take, and the cases left as they are, with the
 reason."""
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -14,7 +16,7 @@ from mmseg.models.necks import FPN as MMSegFPN
 from mmseg.registry import MODELS as SEG_MODELS
 
 from poolformer_mm.models.decode_heads import LowMemoryFPNHead
-from poolformer_mm.models.necks import FoldedFPN
+from poolformer_mm.models.necks import ConvAppliedByNeck, FoldedFPN, FoldedFPNWithHeadConv
 
 S12_CHANNELS = [64, 128, 320, 512]
 
@@ -335,3 +337,166 @@ def test_a_convolution_shared_by_several_conv_modules_keeps_their_batch_norms():
             level.norm.running_mean.normal_()
     assert fold_batch_norms(levels) == 0
     assert all(isinstance(level.norm, nn.BatchNorm2d) for level in levels)
+
+
+# ------------------------------------------------------ the head's first convolution, merged
+class _Segmentor(nn.Module):
+    """The neck and decode head of a Semantic FPN (what ``--deploy`` merges), with its batch
+    norms' statistics and affine maps far from their initial values."""
+
+    def __init__(self, head_cls=LowMemoryFPNHead, channels=S12_CHANNELS, head_channels=128,
+                 seed=0, **head_kwargs):
+        super().__init__()
+        self.neck = _fpn('semantic FPN (mmseg)', seed=seed, channels=channels)
+        kwargs = dict(in_channels=[256] * 4, in_index=[0, 1, 2, 3],
+                      feature_strides=[4, 8, 16, 32], channels=head_channels, num_classes=19,
+                      norm_cfg=dict(type='BN'))
+        torch.manual_seed(seed)
+        self.decode_head = head_cls(**{**kwargs, **head_kwargs})
+        with torch.no_grad():
+            for module in self.decode_head.modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    module.running_mean.normal_()
+                    module.running_var.uniform_(0.5, 2)
+                    module.weight.normal_()
+                    module.bias.normal_()
+        self.eval()
+
+    def forward(self, features):
+        return self.decode_head(self.neck(features))
+
+
+def _merged(segmentor):
+    from poolformer_mm.engine.deploy_hook import (
+        fold_batch_norms,
+        fold_fpn_neck,
+        merge_head_conv_into_neck,
+    )
+    assert fold_fpn_neck(segmentor) is None
+    fold_batch_norms(segmentor)
+    return merge_head_conv_into_neck(segmentor)
+
+
+@pytest.mark.parametrize('head_cls', [FPNHead, LowMemoryFPNHead])
+@pytest.mark.parametrize('height, width', [(64, 96), (8, 8), (4, 4), (2, 6), (60, 44), (2, 2),
+                                           (17, 33)])
+def test_merged_head_convolution_gives_the_segmentors_outputs(head_cls, height, width):
+    segmentor = _Segmentor(head_cls)
+    features = _features(height, width)
+    with torch.no_grad():
+        expected = segmentor(features)
+        assert _merged(segmentor) is None
+        assert isinstance(segmentor.neck, FoldedFPNWithHeadConv)
+        assert type(segmentor.decode_head.scale_heads[0][0].conv) is ConvAppliedByNeck
+        _assert_same_outputs([expected], [segmentor(features)])
+
+
+def test_merged_head_convolution_runs_8_2_instead_of_11_7_gmacs_at_512():
+    """Semantic FPN-S12 at 512x512: the finest level (128x128) and the head's first convolution
+    as the folded FPN computes them and merged: 25 taps on 64 channels plus 3x3 coarse taps for
+    each of four parities, against 9 taps on 64, 2x2 coarse taps and the head's 9 on 256."""
+    segmentor = _Segmentor()
+    folded = FoldedFPN(segmentor.neck)
+    head_conv = segmentor.decode_head.scale_heads[0][0].conv
+    fine, coarse = 128, 64
+    before = (folded.folded_weight.numel() * fine**2
+              + folded.parity_weight.numel() * (coarse + 1)**2
+              + head_conv.weight.numel() * fine**2)
+    _merged(segmentor)
+    merged = segmentor.neck
+    assert merged.folded_weight.shape == (128, 64, 5, 5)
+    assert merged.parity_weight.shape == (4 * 128, 256, 3, 3)
+    after = merged.folded_weight.numel() * fine**2 + merged.parity_weight.numel() * coarse**2
+    assert round(before / 1e9, 1) == 11.7 and round(after / 1e9, 1) == 8.2
+
+
+def test_merged_head_convolution_keeps_the_state_dict_and_follows_new_weights():
+    from poolformer_mm.engine.deploy_hook import fold_batch_norms
+    segmentor, other = _Segmentor(), _Segmentor(seed=3)
+    batch_norms_folded = copy.deepcopy(segmentor)
+    fold_batch_norms(batch_norms_folded)
+    features = _features(32, 48)
+    _merged(segmentor)
+    _merged(other)
+    for (key, expected), (name, actual) in zip(batch_norms_folded.state_dict().items(),
+                                               segmentor.state_dict().items()):
+        assert name == key and torch.equal(actual, expected)
+    assert len(segmentor.state_dict()) == len(batch_norms_folded.state_dict())
+    with torch.no_grad():
+        other.load_state_dict(segmentor.state_dict())  # the batch norms are folded in both
+        _assert_same_outputs([segmentor(features)], [other(features)])
+        for model in (segmentor, other):  # an in-place edit of the head's convolution
+            model.decode_head.scale_heads[0][0].conv.bias.mul_(-2)
+        _assert_same_outputs([segmentor(features)], [other(features)])
+
+
+def test_a_copy_of_a_merged_model_uses_its_own_head_convolution():
+    segmentor = _Segmentor()
+    _merged(segmentor)
+    features = _features(32, 32)
+    clone = copy.deepcopy(segmentor)
+    with torch.no_grad():
+        expected = segmentor(features)
+        clone.decode_head.scale_heads[0][0].conv.weight.mul_(0.5)
+        _assert_same_outputs([expected], [segmentor(features)], rel=0)
+        assert (clone(features) - expected).abs().max() > 1e-3 * expected.abs().max()
+
+
+def test_merged_head_convolution_gets_its_gradients():
+    """Under autograd with trainable weights the neck computes the finest level the plain way
+    and applies the head's convolution to it, so every parameter gets its gradient."""
+    from poolformer_mm.engine.deploy_hook import fold_batch_norms
+    segmentor, merged = _Segmentor(), _Segmentor()
+    fold_batch_norms(segmentor)
+    _merged(merged)
+    features = _features(16, 16)
+    for model in (segmentor, merged):
+        model(features).square().mean().backward()
+    for (name, expected), actual in zip(segmentor.named_parameters(), merged.parameters()):
+        torch.testing.assert_close(actual.grad, expected.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_merged_head_convolution_follows_channels_last_and_bf16_autocast():
+    segmentor = _Segmentor()
+    features = _features(64, 64, batch=1)
+    with torch.no_grad():
+        expected = segmentor(features)
+    _merged(segmentor)
+    segmentor.to(memory_format=torch.channels_last)
+    assert segmentor.neck.parity_weight.is_contiguous(memory_format=torch.channels_last)
+    channels_last = [f.contiguous(memory_format=torch.channels_last) for f in features]
+    with torch.no_grad():
+        _assert_same_outputs([expected], [segmentor(channels_last)])
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            low = segmentor(channels_last)
+    assert low.dtype == torch.bfloat16
+    assert (expected - low.float()).abs().max().item() <= 2e-2 * expected.abs().max().item()
+
+
+class _OwnHead(FPNHead):
+
+    def forward(self, inputs):
+        return super().forward(inputs) * 2
+
+
+@pytest.mark.parametrize('change, reason', [
+    (dict(head_cls=_OwnHead), 'the decode head is _OwnHead, not FPNHead'),
+    (dict(in_index=[0, 1, 2, 0]), "does not read the FPN's finest level once"),
+    (dict(in_index=[1, 0, 2, 3]), "does not read the FPN's finest level once"),
+    (dict(norm_cfg=dict(type='GN', num_groups=8)), 'is not one 3x3 convolution'),
+    (dict(head_channels=256), 'would not save multiply-adds'),
+    (dict(auxiliary=True), 'an auxiliary head reads'),
+])
+def test_head_convolutions_that_are_not_merged_say_why(change, reason):
+    auxiliary = change.pop('auxiliary', False)
+    segmentor = _Segmentor(**change)
+    if auxiliary:
+        segmentor.auxiliary_head = FPNHead(
+            in_channels=[256, 256], in_index=[-4, 2], feature_strides=[4, 8], channels=32,
+            num_classes=19)
+    features = _features(32, 32)
+    with torch.no_grad():
+        expected = segmentor(features)
+        assert reason in _merged(segmentor)
+        assert type(segmentor.neck) is FoldedFPN
+        _assert_same_outputs([expected], [segmentor(features)])

@@ -30,7 +30,7 @@ from poolformer_mm.engine import (
 from poolformer_mm.errors import InvalidInputError
 from poolformer_mm.models import MetaFormer, PoolFormer
 from poolformer_mm.models.layers import PoolingMixer
-from poolformer_mm.models.necks import FoldedFPN
+from poolformer_mm.models.necks import FoldedFPN, FoldedFPNWithHeadConv
 
 TOY_FPN = 'configs/segmentation/toy/fpn_poolformer_s12_toy.py'
 TOY_RETINANET = 'configs/detection/toy/retinanet_poolformer_s12_toy.py'
@@ -174,6 +174,12 @@ def test_prepare_for_inference_keeps_the_network_outputs(config):
     else:
         assert form.neck_left_because is None and isinstance(fast.neck, FoldedFPN)
         assert fast.neck.parity_weight.is_contiguous(memory_format=torch.channels_last)
+    # Semantic FPN's head reads the finest level through one convolution, merged into the neck
+    assert isinstance(getattr(fast, 'neck', None), FoldedFPNWithHeadConv) == (config == TOY_FPN)
+    assert form.head_conv_left_because == {
+        TOY_FPN: None, UPERNET: 'the neck is not a folded FPN',
+        TOY_RETINANET: 'the neck is not a folded FPN',
+        TOY_MASK_RCNN: 'the model has no decode head'}[config]
     # the batch norms of the segmentation heads' ConvModules; the detectors have none
     batch_norms = sum(isinstance(m, _BatchNorm) for m in model.modules())
     assert form.batch_norms_folded == batch_norms

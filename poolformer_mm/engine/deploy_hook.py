@@ -4,10 +4,16 @@ from typing import NamedTuple, Optional
 
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
+from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import InvalidInputError
-from ..models.necks import FoldedFPN, weights_used_as_stored
+from ..models.necks import (
+    FoldedFPN,
+    FoldedFPNWithHeadConv,
+    weights_used_as_stored,
+    why_head_conv_not_mergeable,
+)
 from .channels_last import to_channels_last
 from .model_parts import find_backbone, unwrap_model
 
@@ -35,6 +41,34 @@ def fold_fpn_neck(model) -> Optional[str]:
     reason = FoldedFPN.why_not_foldable(neck)
     if reason is None:
         detector.neck = FoldedFPN(neck)
+    return reason
+
+
+def _levels_read(head, num_outs: int) -> set:
+    in_index = head.in_index if isinstance(head.in_index, (list, tuple)) else [head.in_index]
+    return {index % num_outs for index in in_index}
+
+
+def merge_head_conv_into_neck(model) -> Optional[str]:
+    """Replace a folded FPN neck by :class:`FoldedFPNWithHeadConv` when a Semantic FPN head
+    reads its finest level only through one 3x3 convolution (run after
+    :func:`fold_fpn_neck` and :func:`fold_batch_norms`): the same predictions up to rounding,
+    fewer multiply-adds. Returns why it was left as it is, or None when it was merged (or
+    already was)."""
+    segmentor = unwrap_model(model)
+    neck, head = getattr(segmentor, 'neck', None), getattr(segmentor, 'decode_head', None)
+    if isinstance(neck, FoldedFPNWithHeadConv):
+        return None
+    if head is None:
+        return 'the model has no decode head'
+    reason = why_head_conv_not_mergeable(neck, head)
+    auxiliary = getattr(segmentor, 'auxiliary_head', None)
+    auxiliary = [] if auxiliary is None else (
+        list(auxiliary) if isinstance(auxiliary, nn.ModuleList) else [auxiliary])
+    if reason is None and any(0 in _levels_read(aux, neck.num_outs) for aux in auxiliary):
+        reason = "an auxiliary head reads the FPN's finest level too"
+    if reason is None:
+        segmentor.neck = FoldedFPNWithHeadConv(neck, head.scale_heads[0][0].conv)
     return reason
 
 
@@ -81,10 +115,16 @@ class InferenceForm(NamedTuple):
     """What :func:`prepare_for_inference` changed beyond the backbone."""
     neck_left_because: Optional[str]  # None: the FPN neck was folded
     batch_norms_folded: int
+    head_conv_left_because: Optional[str] = None  # None: merged into the folded neck
 
     def describe(self) -> str:
         neck = (f'neck not folded ({self.neck_left_because})' if self.neck_left_because else
                 'FPN neck folded (FoldedFPN)')
+        if self.head_conv_left_because is None:
+            neck += ", with the decode head's first 3x3 convolution of its finest level"
+        elif not self.neck_left_because and self.head_conv_left_because != (
+                'the model has no decode head'):
+            neck += f" (the head's first convolution not merged: {self.head_conv_left_because})"
         return (f'backbone switched to its deploy (folded) form; {neck}; '
                 f'{self.batch_norms_folded} batch norm(s) folded into their convolutions; neck '
                 'and head convolutions channels-last')
@@ -102,8 +142,10 @@ def prepare_for_inference(model) -> InferenceForm:
     switch_backbone_to_deploy(model)
     neck_left_because = fold_fpn_neck(model)
     batch_norms_folded = fold_batch_norms(model)
+    head_conv_left_because = (merge_head_conv_into_neck(model) if neck_left_because is None
+                              else 'the neck is not a folded FPN')
     to_channels_last(model)
-    return InferenceForm(neck_left_because, batch_norms_folded)
+    return InferenceForm(neck_left_because, batch_norms_folded, head_conv_left_because)
 
 
 @HOOKS.register_module()

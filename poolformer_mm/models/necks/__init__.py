@@ -1,3 +1,5 @@
 from .folded_fpn import FoldedFPN, weights_used_as_stored
+from .folded_fpn_head import ConvAppliedByNeck, FoldedFPNWithHeadConv, why_head_conv_not_mergeable
 
-__all__ = ['FoldedFPN', 'weights_used_as_stored']
+__all__ = ['FoldedFPN', 'weights_used_as_stored', 'ConvAppliedByNeck', 'FoldedFPNWithHeadConv',
+           'why_head_conv_not_mergeable']
