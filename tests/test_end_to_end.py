@@ -138,9 +138,9 @@ def test_semantic_fpn_trains_on_one_cpu_process_and_learns(tmp_path):
     # the folded backbone predicts the same (outputs agree to ~1e-6, so at most a pixel flips)
     out = run_tool('tools/test.py', TOY_FPN, work_dir / 'iter_120.pth', '--work-dir', work_dir,
                    '--data-root', data, '--eval', 'mIoU', '--deploy')
-    assert ('backbone switched to its deploy (folded) form; FPN neck folded (FoldedFPN), with '
-            "the decode head's first 3x3 convolution of its finest level; 7 batch norm(s) folded "
-            'into their convolutions') in out
+    assert ('backbone switched to its deploy (folded) form; FPN neck folded '
+            "(FoldedFPNWithHeadConv: the decode head's first 3x3 convolution merged into its "
+            'finest level); 7 batch norm(s) folded into their convolutions') in out
     folded = parse_test_metrics(out)
     for metric in ('aAcc', 'mIoU', 'mAcc'):
         assert folded[metric] == pytest.approx(results[metric], abs=0.02), metric

@@ -486,17 +486,39 @@ class _OwnHead(FPNHead):
     (dict(norm_cfg=dict(type='GN', num_groups=8)), 'is not one 3x3 convolution'),
     (dict(head_channels=256), 'would not save multiply-adds'),
     (dict(auxiliary=True), 'an auxiliary head reads'),
+    (dict(norm_cfg=None, share='conv'), "the head's first convolution is shared"),
+    (dict(norm_cfg=None, share='conv_module'), "the head's first convolution is shared"),
 ])
 def test_head_convolutions_that_are_not_merged_say_why(change, reason):
-    auxiliary = change.pop('auxiliary', False)
+    auxiliary, share = change.pop('auxiliary', False), change.pop('share', None)
     segmentor = _Segmentor(**change)
     if auxiliary:
         segmentor.auxiliary_head = FPNHead(
             in_channels=[256, 256], in_index=[-4, 2], feature_strides=[4, 8], channels=32,
             num_classes=19)
+    if share:  # the second scale head's first convolution is the first one's
+        first, second = (head[0] for head in segmentor.decode_head.scale_heads[:2])
+        if share == 'conv':
+            second.conv = first.conv
+        else:
+            segmentor.decode_head.scale_heads[1][0] = first
     features = _features(32, 32)
     with torch.no_grad():
         expected = segmentor(features)
         assert reason in _merged(segmentor)
         assert type(segmentor.neck) is FoldedFPN
         _assert_same_outputs([expected], [segmentor(features)])
+
+
+def test_the_log_line_says_what_was_merged_and_why_not():
+    from poolformer_mm.engine.deploy_hook import InferenceForm
+    merged = InferenceForm(None, 7, None).describe()
+    assert ("FPN neck folded (FoldedFPNWithHeadConv: the decode head's first 3x3 convolution "
+            'merged into its finest level); 7 batch norm(s)') in merged
+    left = InferenceForm(None, 2, 'the decode head is UPerHead, not FPNHead').describe()
+    assert ("FPN neck folded (FoldedFPN) (the head's first convolution not merged: the decode "
+            'head is UPerHead, not FPNHead)') in left
+    detector = InferenceForm(None, 0, 'the model has no decode head').describe()
+    assert 'FPN neck folded (FoldedFPN); 0 batch' in detector and 'merged' not in detector
+    assert 'merged' not in InferenceForm('the model has no neck', 4,
+                                         'the neck is not a folded FPN').describe()

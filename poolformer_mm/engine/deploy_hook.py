@@ -11,6 +11,7 @@ from ..errors import InvalidInputError
 from ..models.necks import (
     FoldedFPN,
     FoldedFPNWithHeadConv,
+    levels_read,
     weights_used_as_stored,
     why_head_conv_not_mergeable,
 )
@@ -44,11 +45,6 @@ def fold_fpn_neck(model) -> Optional[str]:
     return reason
 
 
-def _levels_read(head, num_outs: int) -> set:
-    in_index = head.in_index if isinstance(head.in_index, (list, tuple)) else [head.in_index]
-    return {index % num_outs for index in in_index}
-
-
 def merge_head_conv_into_neck(model) -> Optional[str]:
     """Replace a folded FPN neck by :class:`FoldedFPNWithHeadConv` when a Semantic FPN head
     reads its finest level only through one 3x3 convolution (run after
@@ -62,14 +58,21 @@ def merge_head_conv_into_neck(model) -> Optional[str]:
     if head is None:
         return 'the model has no decode head'
     reason = why_head_conv_not_mergeable(neck, head)
+    if reason is not None:
+        return reason
+    # the neck's finest output becomes the head's convolution of it, and that convolution a
+    # pass-through: both must have no other user
     auxiliary = getattr(segmentor, 'auxiliary_head', None)
     auxiliary = [] if auxiliary is None else (
         list(auxiliary) if isinstance(auxiliary, nn.ModuleList) else [auxiliary])
-    if reason is None and any(0 in _levels_read(aux, neck.num_outs) for aux in auxiliary):
-        reason = "an auxiliary head reads the FPN's finest level too"
-    if reason is None:
-        segmentor.neck = FoldedFPNWithHeadConv(neck, head.scale_heads[0][0].conv)
-    return reason
+    if any(0 in levels_read(aux, neck.num_outs) for aux in auxiliary):
+        return "an auxiliary head reads the FPN's finest level too"
+    conv_module = head.scale_heads[0][0]
+    uses = Counter(id(child) for module in segmentor.modules() for child in module.children())
+    if uses[id(conv_module)] > 1 or uses[id(conv_module.conv)] > 1:
+        return "the head's first convolution is shared with another module"
+    segmentor.neck = FoldedFPNWithHeadConv(neck, conv_module.conv)
+    return None
 
 
 def _foldable_batch_norm(module, parts_in_use: Counter) -> bool:
@@ -115,13 +118,14 @@ class InferenceForm(NamedTuple):
     """What :func:`prepare_for_inference` changed beyond the backbone."""
     neck_left_because: Optional[str]  # None: the FPN neck was folded
     batch_norms_folded: int
-    head_conv_left_because: Optional[str] = None  # None: merged into the folded neck
+    head_conv_left_because: Optional[str]  # None: merged into the folded neck
 
     def describe(self) -> str:
         neck = (f'neck not folded ({self.neck_left_because})' if self.neck_left_because else
                 'FPN neck folded (FoldedFPN)')
         if self.head_conv_left_because is None:
-            neck += ", with the decode head's first 3x3 convolution of its finest level"
+            neck = ('FPN neck folded (FoldedFPNWithHeadConv: the decode head\'s first 3x3 '
+                    'convolution merged into its finest level)')
         elif not self.neck_left_because and self.head_conv_left_because != (
                 'the model has no decode head'):
             neck += f" (the head's first convolution not merged: {self.head_conv_left_because})"
@@ -134,11 +138,14 @@ def prepare_for_inference(model) -> InferenceForm:
     """The fastest inference form of a detector or segmentor with a PoolFormer backbone: the
     backbone folded (:func:`switch_backbone_to_deploy`), an ``FPN`` neck folded
     (:func:`fold_fpn_neck`), BatchNorms folded into their convolutions
-    (:func:`fold_batch_norms`), and every convolution of the neck and head channels-last, fed
-    channels-last maps by the backbone, whose token-layout stages make them that way. oneDNN's
-    channels-last convolutions need no layout conversion per call: Semantic FPN-S12 at 512x512
-    ran 1.2x faster in fp32 and 1.9x in bf16 (CPU, 1 thread). RoI extractors get contiguous
-    maps. Same predictions up to rounding."""
+    (:func:`fold_batch_norms`), a Semantic FPN head's first convolution merged into that neck
+    (:func:`merge_head_conv_into_neck`), and every convolution of the neck and head
+    channels-last, fed channels-last maps by the backbone, whose token-layout stages make them
+    that way. oneDNN's channels-last convolutions need no layout conversion per call: Semantic
+    FPN-S12 at 512x512 ran 1.2x faster in fp32 and 1.9x in bf16 (CPU, 1 thread). RoI
+    extractors get contiguous maps. Same predictions up to rounding; after the merge, the
+    neck's finest output (``extract_feat()``, hooks on the neck) is the head's convolution of
+    the FPN's, not the FPN's own."""
     switch_backbone_to_deploy(model)
     neck_left_because = fold_fpn_neck(model)
     batch_norms_folded = fold_batch_norms(model)
