@@ -57,6 +57,21 @@ def drop_padded_taps(out: Tensor, bias_taps: Tensor) -> None:
                 out[:, :, rows, cols] -= share.view(1, -1, 1, 1).to(out.dtype)
 
 
+def add_parities(out: Tensor, parities: Tensor, shifted: bool) -> None:
+    """Add in place to each of the four row and column parities of ``out`` (N, C, 2h, 2w) its
+    block of C channels of ``parities`` (N, 4C, h, w), in the order (0, 0), (0, 1), (1, 0),
+    (1, 1); ``shifted``: ``parities`` is (h + 1, w + 1) and parity (row, col) starts at coarse
+    pixel (row, col)."""
+    n, channels, height, width = out.shape
+    coarse_height, coarse_width = height // 2, width // 2
+    interleaved = out.view(n, channels, coarse_height, 2, coarse_width, 2)
+    for index, (row, col) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+        block = parities[:, index * channels:(index + 1) * channels]
+        if shifted:
+            block = block[:, :, row:row + coarse_height, col:col + coarse_width]
+        interleaved[:, :, :, row, :, col] += block
+
+
 def _upstream_fpn_classes() -> Tuple[type, ...]:
     classes = []
     try:
@@ -225,25 +240,31 @@ class FoldedFPN(nn.Module):
             return F.interpolate(x, **self.upsample_cfg)
         return F.interpolate(x, size=size, **self.upsample_cfg)
 
-    def _finest_output(self, x: Tensor, coarser: Tensor) -> Tensor:
+    def _computes_folded(self, x: Tensor, coarser: Tensor) -> bool:
+        """Whether the finest level is computed from the folded kernels (refolded first if the
+        weights changed): when it is exactly twice the coarser level's size, and not under
+        autograd with weights that need gradients."""
         (height, width), (coarse_height, coarse_width) = x.shape[-2:], coarser.shape[-2:]
         if ((height, width) != (2 * coarse_height, 2 * coarse_width)
                 or torch.is_grad_enabled()
                 and any(p.requires_grad for p in self._finest_level_parameters())):
-            lateral = self.lateral_convs[0](x)
-            return self.fpn_convs[0](lateral + self._upsample(coarser, lateral.shape[2:]))
+            return False
         if self._parameter_versions() != self._folded_from:
             self._fold_finest_level()
+        return True
+
+    def _plain_finest_output(self, x: Tensor, coarser: Tensor) -> Tensor:
+        lateral = self.lateral_convs[0](x)
+        return self.fpn_convs[0](lateral + self._upsample(coarser, lateral.shape[2:]))
+
+    def _finest_output(self, x: Tensor, coarser: Tensor) -> Tensor:
+        if not self._computes_folded(x, coarser):
+            return self._plain_finest_output(x, coarser)
         out = F.conv2d(x, self.folded_weight, self.folded_bias, padding=1)
         # coarse output (i + row, j + col) of a parity's 2x2 kernel covers coarse rows
         # i + row - 1 and i + row, which is what fine pixel (2i + row, 2j + col) sees
-        parities = F.conv2d(F.pad(coarser, (1, 1, 1, 1)), self.parity_weight)
-        channels = out.shape[1]
-        interleaved = out.view(out.shape[0], channels, coarse_height, 2, coarse_width, 2)
-        for index, (row, col) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
-            interleaved[:, :, :, row, :, col] += parities[:, index * channels:(index + 1) *
-                                                          channels, row:row + coarse_height,
-                                                          col:col + coarse_width]
+        add_parities(out, F.conv2d(F.pad(coarser, (1, 1, 1, 1)), self.parity_weight),
+                     shifted=True)
         # the lateral bias is counted under all nine taps; on the border some read padding
         drop_padded_taps(out, self.bias_taps)
         return out

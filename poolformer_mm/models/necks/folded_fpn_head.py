@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .folded_fpn import FoldedFPN, drop_padded_taps, weights_used_as_stored
+from .folded_fpn import FoldedFPN, add_parities, drop_padded_taps, weights_used_as_stored
 
 # Row parity 0 of a nearest-upsampled map sees coarse rows (i-1, i-1, i, i, i+1) under a 5-tap
 # kernel's taps (-2 ... +2), parity 1 sees (i-1, i, i, i+1, i+1): taps on the same coarse row add
@@ -173,29 +173,18 @@ class FoldedFPNWithHeadConv(FoldedFPN):
             ]).to(dtype, memory_format=layout), persistent=False)
         self._folded_from = self._parameter_versions()
 
-    def _head_conv_of(self, finest: Tensor) -> Tensor:
+    def _plain_finest_output(self, x: Tensor, coarser: Tensor) -> Tensor:
         head = self._head_conv
-        return F.conv2d(finest, head.weight, head.bias, padding=1)
+        return F.conv2d(super()._plain_finest_output(x, coarser), head.weight, head.bias,
+                        padding=1)
 
     def _finest_output(self, x: Tensor, coarser: Tensor) -> Tensor:
-        (height, width), (coarse_height, coarse_width) = x.shape[-2:], coarser.shape[-2:]
-        if ((height, width) != (2 * coarse_height, 2 * coarse_width)
-                or torch.is_grad_enabled()
-                and any(p.requires_grad for p in self._finest_level_parameters())):
-            lateral = self.lateral_convs[0](x)
-            finest = self.fpn_convs[0](lateral + self._upsample(coarser, lateral.shape[2:]))
-            return self._head_conv_of(finest)
-        if self._parameter_versions() != self._folded_from:
-            self._fold_finest_level()
+        if not self._computes_folded(x, coarser):
+            return self._plain_finest_output(x, coarser)
         out = F.conv2d(x, self.folded_weight, self.folded_bias, padding=2)
         # coarse output (i, j) of a parity's 3x3 kernel covers coarse rows i-1 ... i+1, which is
         # what fine pixel (2i + row, 2j + col) sees under the 5x5 kernel
-        parities = F.conv2d(coarser, self.parity_weight, padding=1)
-        channels = out.shape[1]
-        interleaved = out.view(out.shape[0], channels, coarse_height, 2, coarse_width, 2)
-        for index, (row, col) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
-            interleaved[:, :, :, row, :, col] += parities[:, index * channels:(index + 1) *
-                                                          channels]
+        add_parities(out, F.conv2d(coarser, self.parity_weight, padding=1), shifted=False)
         drop_padded_taps(out, self.bias_taps)
         self._drop_ring_outside(out, x, coarser)
         return out
