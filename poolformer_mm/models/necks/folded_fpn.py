@@ -30,6 +30,10 @@ from torch import Tensor
 # +radius) fall inside it: (pixels, 1 for each tap inside and 0 for each outside).
 _Region = Tuple[slice, Tuple[int, ...]]
 
+# The attributes of an FPN that its folded forms keep (besides its modules)
+FPN_SETTINGS = ('in_channels', 'out_channels', 'num_outs', 'start_level', 'backbone_end_level',
+                'add_extra_convs', 'relu_before_extra_convs', 'upsample_cfg')
+
 
 @functools.lru_cache(maxsize=256)
 def _tap_regions(n: int, radius: int = 1) -> Tuple[_Region, ...]:
@@ -142,8 +146,7 @@ class FoldedFPN(nn.Module):
         reason = self.why_not_foldable(fpn)
         if reason:
             raise ValueError(f'FoldedFPN cannot fold this {type(fpn).__name__}: {reason}')
-        for name in ('in_channels', 'out_channels', 'num_outs', 'start_level',
-                     'backbone_end_level', 'add_extra_convs', 'relu_before_extra_convs'):
+        for name in FPN_SETTINGS:
             setattr(self, name, getattr(fpn, name))
         self.upsample_cfg = dict(fpn.upsample_cfg)
         # the FPN's own modules under their own names: the state dict keys stay the FPN's

@@ -27,7 +27,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .folded_fpn import FoldedFPN, add_parities, drop_padded_taps, weights_used_as_stored
+from .folded_fpn import (
+    FPN_SETTINGS,
+    FoldedFPN,
+    add_parities,
+    drop_padded_taps,
+    weights_used_as_stored,
+)
 
 # Row parity 0 of a nearest-upsampled map sees coarse rows (i-1, i-1, i, i, i+1) under a 5-tap
 # kernel's taps (-2 ... +2), parity 1 sees (i-1, i, i, i+1, i+1): taps on the same coarse row add
@@ -113,13 +119,9 @@ class FoldedFPNWithHeadConv(FoldedFPN):
             :class:`ConvAppliedByNeck`.
     """
 
-    _head_conv = None
-
     def __init__(self, folded_fpn: FoldedFPN, head_conv: nn.Conv2d):
-        nn.Module.__init__(self)
-        for name in ('in_channels', 'out_channels', 'num_outs', 'start_level',
-                     'backbone_end_level', 'add_extra_convs', 'relu_before_extra_convs',
-                     'upsample_cfg'):
+        nn.Module.__init__(self)  # FoldedFPN's own checks an FPN, which this one already was
+        for name in FPN_SETTINGS:
             setattr(self, name, getattr(folded_fpn, name))
         self.lateral_convs = folded_fpn.lateral_convs
         self.fpn_convs = folded_fpn.fpn_convs
