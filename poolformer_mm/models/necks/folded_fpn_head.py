@@ -120,7 +120,8 @@ class FoldedFPNWithHeadConv(FoldedFPN):
     """
 
     def __init__(self, folded_fpn: FoldedFPN, head_conv: nn.Conv2d):
-        nn.Module.__init__(self)  # FoldedFPN's own checks an FPN, which this one already was
+        # not FoldedFPN.__init__: it checks and folds an upstream FPN, which folded_fpn has been
+        nn.Module.__init__(self)
         for name in FPN_SETTINGS:
             setattr(self, name, getattr(folded_fpn, name))
         self.lateral_convs = folded_fpn.lateral_convs
