@@ -7,6 +7,7 @@ measured by tools/analysis/benchmark.py, never asserted here.
 """
 import copy
 import logging
+import pickle
 
 import pytest
 import torch
@@ -193,6 +194,51 @@ def test_prepare_for_inference_keeps_the_network_outputs(config):
     assert len(outputs) == len(expected)
     scale = max(o.abs().max().item() for o in expected)
     assert max((a - b).abs().max().item() for a, b in zip(expected, outputs)) <= 1e-4 * scale
+
+
+@pytest.mark.parametrize('config', [TOY_FPN, TOY_RETINANET])
+def test_a_prepared_model_refuses_the_weights_of_its_unfolded_form(config, tmp_path):
+    from mmengine.runner import load_checkpoint, save_checkpoint
+    trained = _model(config, seed=1)
+    path = str(tmp_path / 'trained.pth')
+    save_checkpoint(trained.state_dict(), path)
+    model = _model(config)
+    prepare_for_inference(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # mmengine's load_checkpoint is not strict: without the check it only logged the keys and
+    # the model kept computing with the weights it had been folded from
+    for load in (lambda: load_checkpoint(model, path, logger='silent'),
+                 lambda: model.load_state_dict(trained.state_dict()),
+                 lambda: model.load_state_dict(trained.state_dict(), strict=False),
+                 lambda: model.backbone.load_state_dict(trained.backbone.state_dict(), False)):
+        with pytest.raises(InvalidInputError, match=r'was folded for inference.*unfolded form.*'
+                           r'Load the checkpoint first and fold afterwards'):
+            load()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # the folded form's own weights still load, and so does a copy or a pickle of it
+    clone = pickle.loads(pickle.dumps(copy.deepcopy(model)))
+    clone.load_state_dict(model.state_dict())
+    # the right order: load, then prepare
+    load_checkpoint(model := _model(config), path, logger='silent')
+    prepare_for_inference(model)
+    inputs, samples = dummy_batch(model, 'mmdet' if 'detection' in config else 'mmseg', 64, 96)
+    with torch.no_grad():
+        expected = flat_float_outputs(trained(inputs, samples, mode='tensor'))
+        outputs = flat_float_outputs(model(inputs, samples, mode='tensor'))
+    assert _rel_diff(expected, outputs) <= 1e-5
+
+
+def test_a_folded_backbone_refuses_unfolded_weights_in_every_layout():
+    trained, model = _randomised(seed=1), _randomised().switch_to_deploy()
+    with pytest.raises(InvalidInputError, match="e.g. 'stages.0.blocks.0"):
+        model.load_state_dict(trained.state_dict(), strict=False)
+    # checkpoints with the names from before they were unified are renamed first, then refused
+    legacy = {k.replace('layer_scale1.', 'layer_scale_1.'): v
+              for k, v in trained.state_dict().items() if 'layer_scale1.' in k}
+    with pytest.raises(InvalidInputError, match=r"12 key\(s\).*e.g. 'stages.0.blocks.0.layer_"
+                       r"scale1.scale'"):
+        model.load_state_dict(legacy, strict=False)
+    assert len(model.switch_to_deploy()._load_state_dict_pre_hooks) == 2  # no second check
 
 
 # ---------------------------------------------------------------------------------- --amp

@@ -7,6 +7,7 @@ from mmengine.model.weight_init import trunc_normal_init
 from mmengine.registry import MODELS
 
 from ..checkpoint_layouts import load_backbone_weights
+from ..folded_weights import refuse_unfolded_weights
 from ..layers import (
     ConvMlp,
     MetaFormerBlock,
@@ -247,9 +248,11 @@ class PoolFormer(DenseBackbone):
         them in token layout (inference only; same outputs). Also stores the stem's and the
         downsampling convolutions' weights channels-last, the layout of their inputs there.
         The folded blocks of all stages share one set of scratch tensors (:attr:`scratch`)."""
+        keys_before = list(self.state_dict())
         # one set: the stages run one after another, so the largest stage's buffers serve all
         self.scratch = getattr(self, 'scratch', None) or ScratchBuffers()
         for stage in self.stages:
             stage.switch_to_deploy(self.scratch)
         self.stem.store_weights_channels_last()
+        refuse_unfolded_weights(self, keys_before, f'This {type(self).__name__} backbone')
         return self.set_fast_path(True)
