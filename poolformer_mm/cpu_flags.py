@@ -6,6 +6,9 @@ its path (``tools/deployment/quantize_onnx.py``).
 """
 from typing import FrozenSet, Optional
 
+# the flags of native bf16 arithmetic
+BF16_CPU_FLAGS = ('avx512_bf16', 'amx_bf16')
+
 
 def cpu_flags(cpuinfo: str = '/proc/cpuinfo') -> Optional[FrozenSet[str]]:
     """The first CPU's flags, or None where there are none to read (not Linux, or not x86)."""

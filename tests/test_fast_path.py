@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -322,6 +323,30 @@ def test_deploy_runs_under_bf16_autocast():
             folded = model(x)
     assert [o.shape for o in folded] == [o.shape for o in expected]
     assert _rel_diff(expected, [o.float() for o in folded]) <= 5e-2  # bf16 has 8 bits
+
+
+@pytest.mark.parametrize('flags, warns', [({'avx2'}, False), ({'avx2', 'amx_bf16'}, True),
+                                           (None, True)])
+def test_fused_kernel_missing_for_bf16_warns_only_where_the_cpu_has_bf16_units(
+        monkeypatch, flags, warns):
+    def no_primitive(*args):
+        raise RuntimeError('could not create a primitive descriptor')
+
+    monkeypatch.setattr(torch.ops.mkldnn, '_linear_pointwise', no_primitive)
+    monkeypatch.setattr(blocks, 'cpu_flags', lambda: None if flags is None else frozenset(flags))
+    blocks.fused_linear_available.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            assert not blocks.fused_linear_available(torch.bfloat16)
+    finally:
+        blocks.fused_linear_available.cache_clear()
+    # without bf16 units the tools already say bf16 is emulated; "missing" would mislead
+    messages = [str(w.message) for w in caught if 'fused linear + GELU' in str(w.message)]
+    assert messages == (["oneDNN's fused linear + GELU kernel (torch.bfloat16) is not used: it "
+                         'is missing (could not create a primitive descriptor). Deployed '
+                         'PoolFormer blocks run it unfused: same outputs, slower on a CPU.']
+                        if warns else [])
 
 
 def test_deploy_under_bf16_without_the_fused_kernel_gives_the_same_outputs(monkeypatch):

@@ -17,11 +17,9 @@ from typing import Optional, Tuple
 import torch
 from mmengine.logging import print_log
 
-from ..cpu_flags import cpu_flags
+from ..cpu_flags import BF16_CPU_FLAGS, cpu_flags
 from ..errors import InvalidInputError
 
-# the CPU flags (Linux /proc/cpuinfo names) of native bf16 arithmetic
-BF16_CPU_FLAGS = ('avx512_bf16', 'amx_bf16')
 NO_BF16_UNITS = (f"this CPU has no bf16 units (neither {' nor '.join(BF16_CPU_FLAGS)} in "
                  '/proc/cpuinfo)')
 UNKNOWN_BF16_UNITS = ('cannot tell whether this CPU has bf16 units (no x86 flags in '

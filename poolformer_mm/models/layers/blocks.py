@@ -48,6 +48,7 @@ from mmcv.cnn.bricks import DropPath
 from mmengine.model.weight_init import trunc_normal_init
 from torch import Tensor
 
+from ...cpu_flags import BF16_CPU_FLAGS, cpu_flags
 from .mixers import PoolingMixer
 from .norms import build_norm, group_norm_1_moments, is_group_norm_1, normalize_tokens
 from .scratch import ScratchBuffers
@@ -304,6 +305,12 @@ class MetaFormerBlock(nn.Module):
 
 
 # ---------------------------------------------------------------------------------- deploy form
+def cpu_lacks_bf16_units() -> bool:
+    """Whether this CPU's flags are known and list no bf16 units."""
+    flags = cpu_flags()
+    return flags is not None and not flags.intersection(BF16_CPU_FLAGS)
+
+
 @functools.lru_cache(maxsize=None)
 def fused_linear_available(dtype: torch.dtype = torch.float32) -> bool:
     """Whether this torch has oneDNN's fused linear + GELU kernel for ``dtype`` and it agrees
@@ -323,6 +330,10 @@ def fused_linear_available(dtype: torch.dtype = torch.float32) -> bool:
             agree = torch.allclose(hidden.float(), expected, rtol=tolerance, atol=tolerance)
         reason = 'it disagrees with the unfused ops'
     except (AttributeError, RuntimeError, NotImplementedError) as error:
+        if dtype != torch.float32 and cpu_lacks_bf16_units():
+            # oneDNN has no low-precision kernels to fuse on such a CPU; the tools already say
+            # that bf16 is emulated there, and the unfused path gives the same outputs
+            return False
         agree, reason = False, f'it is missing ({error})'
     if not agree:
         warnings.warn(f"oneDNN's fused linear + GELU kernel ({dtype}) is not used: {reason}. "
