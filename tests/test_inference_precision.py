@@ -587,6 +587,103 @@ def test_benchmark_refuses_an_unknown_precision_or_variant_in_one_line():
     assert 'Traceback' not in result.stderr
 
 
+def _benchmark_tool():
+    import runpy
+    from pathlib import Path
+    return runpy.run_path(str(Path(__file__).resolve().parents[1] / 'tools' / 'analysis' /
+                              'benchmark.py'))
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--model', 'configs/nope.py'], "--model: no such file 'configs/nope.py'"),
+    (['--arch', 's12', '--shape', '0'], '--shape 0: every side must be at least 32 pixels'),
+    (['--arch', 's12', '--shape', '64', '64', '64'], '--shape takes H or H W, got 3 values'),
+    (['--arch', 's12', '--sizes', '224', '16'], '--sizes 224 16: every side must be at least'),
+    (['--arch', 's12', '--batch', '0'], '--batch must be at least 1, got 0'),
+    (['--arch', 's12', '--repeat', '0'], '--repeat must be at least 1, got 0'),
+    (['--arch', 's12', '--warmup', '-1'], '--warmup must be at least 0, got -1'),
+    (['--arch', 's12', '--threads', '0'], '--threads must be a positive number of threads'),
+    (['--arch', 's12', '--device', 'tpu'], '--device tpu: not a device torch knows'),
+    (['--arch', 's12', '--json', '/nonexistent_folder/out.json'],
+     "--json /nonexistent_folder/out.json: cannot write into '/nonexistent_folder'"),
+    (['--model', TOY_FPN, '--plot', 'speed.png'], '--plot times backbones'),
+])
+def test_benchmark_refuses_settings_it_cannot_run_before_anything_runs(
+        argv, message, monkeypatch, capsys):
+    tool = _benchmark_tool()
+    monkeypatch.setattr('sys.argv', ['benchmark.py'] + argv)
+    with pytest.raises(SystemExit) as exit_info:
+        tool['parse_args']()
+    assert exit_info.value.code == 2
+    assert f'error: {message}' in capsys.readouterr().err
+
+
+def test_benchmark_refuses_what_it_cannot_time_with_the_reason():
+    from poolformer_mm.analysis import benchmark
+    resnet = Config(dict(model=dict(type='EncoderDecoder', backbone=dict(
+        type='mmseg.ResNetV1c', depth=50))))  # as the stock mmseg bases
+    with pytest.raises(ValueError, match='its backbone is ResNetV1c; this benchmark times '
+                       'PoolFormer backbones'):
+        benchmark.backbone_settings(resnet)
+    with pytest.raises(ValueError, match='its backbone is MetaFormer'):
+        benchmark.model_variants('configs/segmentation/fpn_convformer_s18.py', ['fast'])
+    # a config's backbone comes with all its settings, and the paper's formulation is refused
+    # where it computes something else
+    arch, settings = benchmark.backbone_settings('configs/segmentation/fpn_poolformer_s12_ppaa.py')
+    assert arch == 's12' and settings['token_mixers'] == ('pool', 'pool', 'attn', 'attn')
+    assert not set(settings) & set(benchmark.VARIANT_SETTINGS)
+    with pytest.raises(ValueError, match=r"'reference' is the paper's PoolFormer, which this "
+                       r'backbone is not: not every block is a PoolFormer block \(token mixers '
+                       r"Attention, PoolingMixer.*leave 'reference' out of --variants"):
+        benchmark.backbone_variants(arch, ['reference', 'deploy'], **settings)
+    variants = benchmark.backbone_variants(arch, ['plain', 'deploy'], **settings)
+    assert [type(b.token_mixer).__name__ for b in variants['plain'].stages[3].blocks] == [
+        'Attention'] * 2
+    assert benchmark.why_no_reference(PoolFormer('s12')) is None
+    assert 'GELU' in benchmark.why_no_reference(PoolFormer('s12', act_cfg=dict(type='ReLU')))
+    for arch_variants in (lambda: benchmark.backbone_variants('s12', ['fast', 'deploy'],
+                                                              train=True),
+                          lambda: benchmark.model_variants(TOY_FPN, ['fast', 'deploy'],
+                                                           train=True)):
+        with pytest.raises(ValueError, match="'deploy' is an inference form; it does not train"):
+            arch_variants()
+
+
+def test_benchmark_training_batch_has_the_asked_size_not_the_configs_crop():
+    from poolformer_mm.analysis.benchmark import segmentation_batch
+    model = _model('configs/segmentation/fpn_poolformer_s12.py')
+    assert tuple(model.data_preprocessor.size) == (512, 512)  # the ADE20K crop
+    data = segmentation_batch(model, 64, 96, 2, model.decode_head.num_classes)
+    assert data['inputs'].shape == (2, 3, 64, 96)
+    assert [s.gt_sem_seg.data.shape for s in data['data_samples']] == [(1, 64, 96)] * 2
+    assert tuple(model.data_preprocessor.size) == (512, 512)  # given back
+
+
+def test_benchmark_differences_are_against_the_baseline_in_fp32_and_rows_name_precisions():
+    from poolformer_mm.analysis import benchmark
+    x = torch.randn(1, 3, 64, 64)
+    names = ['reference:bf16', 'deploy:fp32']
+    variants = benchmark.backbone_variants('s12', names)
+    results = {name: benchmark.Measurement(name, [1.0]) for name in names}
+    benchmark.output_differences(variants, x, results, 'bf16')
+    # the fp32 form is exact; the bf16 one is not, and is not the ground truth
+    assert results['deploy:fp32'].max_rel_diff <= 1e-5
+    assert 1e-4 < results['reference:bf16'].max_rel_diff < 5e-2
+    # whole models: the baseline in fp32 is a model of its own
+    variants = benchmark.model_variants(TOY_FPN, ['deploy:bf16', 'deploy'])
+    results = {name: benchmark.Measurement(name, [1.0]) for name in variants}
+    step = benchmark.model_inference_step(variants['deploy'], 64, 64, 1, 'tensor')
+    benchmark.model_output_differences(variants, step, results,
+                                       benchmark.model_variants(TOY_FPN, ['deploy'])['deploy'])
+    assert results['deploy'].max_rel_diff <= 1e-5
+    assert 0 < results['deploy:bf16'].max_rel_diff < 5e-2
+    # a row without a rate (bf16 emulated) shows '-' under '% matmul'
+    table = benchmark.format_results(results, 1, 'deploy:bf16', 1.0,
+                                     {'deploy:bf16': None, 'deploy': 100.0})
+    rows = {line.split()[0]: line.split() for line in table.splitlines()[1:]}
+    assert rows['deploy:bf16'][-1] == '-' and rows['deploy'][-1].endswith('%')
+
+
 def _matmul_taking(gflops_per_s: float, sizes: list):
     """A stand-in for ``torch.mm`` that takes as long as a machine of that rate would."""
     def mm(a, b):

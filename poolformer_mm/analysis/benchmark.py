@@ -111,8 +111,9 @@ def emulated_bf16_note(rates: Dict[str, float], device: str = 'cpu') -> Optional
         return None
     return (f"note: {NO_BF16_UNITS}: bf16 is emulated here, its matmul {rates['bf16']:.3g} "
             f"GFLOP/s against fp32's {rates['fp32']:.0f} ({rates['fp32'] / rates['bf16']:.0f}x "
-            'slower), so the bf16 variants are slow; a bare --amp runs fp32 on such a CPU (in '
-            'tools/train.py, test.py and infer.py), so the fp32 rows are what it gives here')
+            "slower), so the bf16 variants are slow and their '% matmul' (of an emulated rate) is "
+            'not shown; a bare --amp runs fp32 on such a CPU (in tools/train.py, test.py and '
+            'infer.py), so the fp32 rows are what it gives here')
 
 
 def _sync(device: str) -> None:
@@ -195,12 +196,71 @@ def parse_variant(spec: str, default_dtype: str = 'fp32') -> tuple:
     return name, dtype
 
 
-def backbone_variants(arch: str, names: Sequence[str], seed: int = 0,
-                      notes: Optional[List[str]] = None,
+def why_no_reference(backbone: nn.Module) -> Optional[str]:
+    """Why :class:`ReferencePoolFormer` (and the peers' PoolFormer) cannot compute what
+    ``backbone`` computes, or None when it can: the paper's PoolFormer has pooling, GroupNorm
+    with one group, layer scales and a GELU MLP of one width ratio in every block."""
+    if not isinstance(backbone, PoolFormer):
+        return f'the backbone is a {type(backbone).__name__}, not a PoolFormer'
+    blocks = [block for stage in backbone.stages for block in stage.blocks]
+    if not all(getattr(block, 'supports_token_layout', False) for block in blocks):
+        mixers = sorted({type(block.token_mixer).__name__ for block in blocks})
+        return (f"not every block is a PoolFormer block (token mixers {', '.join(mixers)}; "
+                'norms and layer scales as the paper has them)')
+    if any(type(block.mlp.act) is not nn.GELU or block.mlp.act.approximate != 'none'
+           for block in blocks):
+        return 'its MLPs do not use (exact) GELU'
+    if len({block.mlp.fc1.out_channels / block.mlp.fc1.in_channels for block in blocks}) > 1:
+        return 'its stages have different MLP ratios'
+    if len({block.token_mixer.pool_size for block in blocks}) > 1:
+        return 'its stages pool with different window sizes'
+    if backbone.stem.conv.in_channels != 3 or any(stage.pos_embed is not None
+                                                  for stage in backbone.stages):
+        return 'it has other input channels or a position embedding'
+    return None
+
+
+# settings of a config's backbone that the variants set themselves, or that load weights
+VARIANT_SETTINGS = ('type', 'init_cfg', 'pretrained', 'with_cp', 'fast_path')
+
+
+def backbone_settings(config) -> tuple:
+    """``(arch, kwargs)`` of the PoolFormer backbone of a detector or segmentor config (a path
+    or a loaded ``Config``): all its settings except :data:`VARIANT_SETTINGS`. Other backbones
+    are refused."""
+    from .complexity import load_config
+    backbone = dict(load_config(config).model.backbone)
+    kind = backbone.get('type')
+    kind = getattr(kind, '__name__', str(kind)).split('.')[-1]
+    if kind != PoolFormer.__name__:
+        name = config if isinstance(config, str) else 'the config'
+        raise ValueError(f"{name}: its backbone is {kind}; this benchmark times PoolFormer "
+                         'backbones and models with one (its variants are forms of PoolFormer)')
+    arch = backbone.pop('arch', 's12')
+    return arch, {k: v for k, v in backbone.items() if k not in VARIANT_SETTINGS}
+
+
+def refuse_training_an_inference_form(name: str, train: bool) -> None:
+    if train and name == 'deploy':
+        raise ValueError("'deploy' is an inference form; it does not train (leave it out of "
+                         '--variants with --mode train)')
+
+
+def refuse_reference_unlike(name: str, backbone: nn.Module) -> None:
+    """A 'reference' (or peer) variant of a backbone the paper's formulation is not."""
+    reason = why_no_reference(backbone)
+    if reason is not None:
+        raise ValueError(f"'{name}' is the paper's PoolFormer, which this backbone is "
+                         f"not: {reason}; leave '{name}' out of --variants (e.g. --variants "
+                         'plain fast deploy)')
+
+
+def backbone_variants(arch: Union[str, dict], names: Sequence[str], seed: int = 0,
+                      notes: Optional[List[str]] = None, train: bool = False,
                       **backbone_kwargs) -> Dict[str, nn.Module]:
     """PoolFormer backbones of ``arch`` with identical random weights, one per variant name
     (a precision suffix, ``deploy:bf16``, is ignored here). A peer that is not installed is
-    left out, and the reason appended to ``notes``."""
+    left out, and the reason appended to ``notes``. 'deploy' is refused in ``train``ing."""
     from .peers import PEERS, peer_backbone
     torch.manual_seed(seed)
     base = PoolFormer(arch, **backbone_kwargs)
@@ -215,6 +275,9 @@ def backbone_variants(arch: str, names: Sequence[str], seed: int = 0,
         if name not in VARIANTS + tuple(PEERS):
             raise ValueError(f"unknown variant '{name}'; choose from "
                              f"{', '.join(VARIANTS + tuple(PEERS))}")
+        refuse_training_an_inference_form(name, train)
+        if name == 'reference' or name in PEERS:
+            refuse_reference_unlike(name, base)
         if name in PEERS:
             peer, reason = peer_backbone(name, base)
             if peer is None:
@@ -294,10 +357,13 @@ def backbone_step(inputs: torch.Tensor, train: bool, dtype: torch.dtype) -> Call
 
 
 def record_differences(outputs: Dict[str, List[torch.Tensor]],
-                       results: Dict[str, Measurement]) -> None:
-    """Each variant's largest absolute output difference from the first variant's outputs, and
-    that over the largest of them (nan when those are all zero); nothing without outputs."""
-    expected = next(iter(outputs.values()), [])
+                       results: Dict[str, Measurement],
+                       expected: Optional[List[torch.Tensor]] = None) -> None:
+    """Each variant's largest absolute output difference from ``expected`` (default: the first
+    variant's outputs), and that over the largest of them (nan when those are all zero);
+    nothing without outputs."""
+    if expected is None:
+        expected = next(iter(outputs.values()), [])
     if not expected:
         return
     scale = max(o.abs().max().item() for o in expected)
@@ -310,15 +376,18 @@ def record_differences(outputs: Dict[str, List[torch.Tensor]],
 def output_differences(variants: Dict[str, nn.Module], inputs: torch.Tensor,
                        results: Dict[str, Measurement], default_dtype: str = 'fp32') -> None:
     """Largest absolute and relative output difference of each variant (in its precision)
-    against the first. timm's features come before the output norms, so they are left out."""
-    outputs = {}
+    from the first one's outputs in fp32. timm's features come before the output norms, so they
+    are left out."""
+    outputs, expected = {}, None
     for name, model in variants.items():
         if parse_variant(name)[0] == 'timm':
             continue
         dtype = PRECISIONS[parse_variant(name, default_dtype)[1]]
         model.eval()  # not chained: mmpretrain's train() returns None
         outputs[name] = [o.float() for o in backbone_step(inputs, False, dtype)(model)]
-    record_differences(outputs, results)
+        if expected is None:
+            expected = [o.float() for o in backbone_step(inputs, False, torch.float32)(model)]
+    record_differences(outputs, results, expected)
 
 
 # ---------------------------------------------------------------------------------- whole models
@@ -334,16 +403,18 @@ def model_variants(config: str, names: Sequence[str], seed: int = 0,
     step applies it (:func:`model_training_step`)."""
     from ..engine import enable_inference_autocast, prepare_for_inference, to_channels_last
     plain_names = [parse_variant(n)[0] for n in names]
+    backbone_settings(config)  # a PoolFormer backbone, or a message saying it is not
+    for name in plain_names:
+        refuse_training_an_inference_form(name, train)
     base = segmentor_variants(config, ['fast'], seed)['fast']  # any mmdet or mmseg model
     variants = {}
     for spec, name in zip(names, plain_names):
         if name == 'reference':
+            refuse_reference_unlike(name, base.backbone)
             model = upstream_model(config, seed)
             model.load_state_dict(base.state_dict())
             model.backbone = ReferencePoolFormer.like(base.backbone)
         elif name == 'deploy':
-            if train:
-                raise ValueError("'deploy' is an inference form; it does not train")
             model = copy.deepcopy(base)
             prepare_for_inference(model)
         elif name == 'cp':
@@ -512,20 +583,35 @@ def segmentation_batch(model: nn.Module, height: int, width: int, batch: int,
         samples.append(sample)
     images = [torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator)
               for _ in range(batch)]
-    return model.data_preprocessor(dict(inputs=images, data_samples=samples), True)
+    # mmseg's preprocessor pads training batches to the config's crop size (512x512 in the
+    # ADE20K configs): the batch of this size is that crop
+    preprocessor = model.data_preprocessor
+    crop_size = getattr(preprocessor, 'size', None)
+    if crop_size is not None:
+        preprocessor.size = (height, width)
+    try:
+        return preprocessor(dict(inputs=images, data_samples=samples), True)
+    finally:
+        if crop_size is not None:
+            preprocessor.size = crop_size
 
 
 def loss_differences(variants: Dict[str, nn.Module],
                      step: Union[Callable[[nn.Module], float], Dict[str, Callable]],
-                     results: Dict[str, Measurement]) -> None:
+                     results: Dict[str, Measurement],
+                     baseline_step: Optional[Callable[[nn.Module], float]] = None) -> None:
     """Loss difference of each variant's training step (``step``, or its own of a dict)
-    against the first's (same weights and random seed, so the head's dropout masks agree)."""
+    from the first variant's loss computed by ``baseline_step`` (default: its own step; same
+    weights and random seed, so the head's dropout masks agree)."""
     steps = step if isinstance(step, dict) else {name: step for name in variants}
     losses = {}
     for name, model in variants.items():
         torch.manual_seed(0)
         losses[name] = steps[name](model)
     expected = next(iter(losses.values()))
+    if baseline_step is not None:
+        torch.manual_seed(0)
+        expected = baseline_step(next(iter(variants.values())))
     for name, loss in losses.items():
         results[name].max_abs_diff = abs(loss - expected)
         results[name].max_rel_diff = abs(loss - expected) / max(abs(expected), 1e-12)
@@ -554,6 +640,8 @@ def format_results(results: Dict[str, Measurement], batch: int, baseline: str,
         if show_rate and rates.get(name):
             achieved = 2 * gmacs * batch / (m.median_ms / 1000)
             line += f" {100 * achieved / rates[name]:8.0f}%"
+        elif show_rate:
+            line += f' {"-":>9}'
         lines.append(line)
     return '\n'.join(lines)
 
@@ -588,14 +676,18 @@ def flat_float_outputs(outputs) -> List[torch.Tensor]:
 
 
 def model_output_differences(variants: Dict[str, nn.Module], tensor_step: Callable,
-                             results: Dict[str, Measurement]) -> None:
+                             results: Dict[str, Measurement],
+                             baseline_fp32: Optional[nn.Module] = None) -> None:
     """Largest difference of each whole-model variant's network outputs (``mode='tensor'``:
-    logits, head maps) from the first's, relative to the largest."""
+    logits, head maps) from those of ``baseline_fp32`` (default: the first variant), relative to
+    the largest."""
     outputs = {}
     for name, model in variants.items():
         model.eval()
         outputs[name] = flat_float_outputs(tensor_step(model))
-    record_differences(outputs, results)
+    expected = (None if baseline_fp32 is None
+                else flat_float_outputs(tensor_step(baseline_fp32.eval())))
+    record_differences(outputs, results, expected)
 
 
 # ---------------------------------------------------------------------------------- ONNX Runtime

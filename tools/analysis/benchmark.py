@@ -29,18 +29,22 @@
 
 The variants run interleaved (A B C A B C ...), so a machine whose speed drifts treats them
 alike. The first variant is the baseline: the speed-up column is its median time over each
-variant's (the ratio of the printed medians), and the differences are against its outputs (of
-the network outputs, for a whole model; of the loss, in training). '% matmul' is the rate
+variant's (the ratio of the printed medians), and the differences are against its outputs in
+fp32 (of the network outputs, for a whole model; of the loss, in training). A row not in fp32
+names its precision (``--dtype bf16`` makes ``deploy`` ``deploy:bf16``). '% matmul' is the rate
 reached as a share of the machine's matrix-multiply rate in the variant's precision, measured at
-the start. The first line names the CPU and its AVX-512 / AMX flags.
+the start (not shown for bf16 where the CPU emulates it). ``--config`` times the config's
+backbone with all its settings. The first line names the CPU and its AVX-512 / AMX flags.
 """
 import argparse
 import json
+import os
 
 import torch
 
 from poolformer_mm.analysis.benchmark import (
     PRECISIONS,
+    backbone_settings,
     backbone_step,
     backbone_variants,
     emulated_bf16_note,
@@ -58,8 +62,10 @@ from poolformer_mm.analysis.benchmark import (
     onnx_variants,
     output_differences,
     parse_variant,
+    refuse_training_an_inference_form,
 )
-from poolformer_mm.analysis.complexity import backbone_complexity, load_config, model_complexity
+from poolformer_mm.analysis.complexity import backbone_complexity, model_complexity
+from poolformer_mm.apis.data_checks import MIN_MODEL_INPUT_SIDE
 
 
 def parse_args():
@@ -97,12 +103,54 @@ def parse_args():
     parser.add_argument('--json', help='also write the results to this JSON file')
     parser.add_argument('--plot', help='write images/s against input size (--sizes) to this PNG')
     parser.add_argument('--sizes', type=int, nargs='+', default=[224, 320, 448, 512])
-    return parser.parse_args()
+    args = parser.parse_args()
+    check_args(parser, args)
+    return args
+
+
+def check_args(parser, args):
+    """Refuse settings that cannot run, before anything is built or timed."""
+    for option in ('config', 'model', 'onnx', 'checkpoint'):
+        path = getattr(args, option)
+        if path and not os.path.isfile(path):
+            parser.error(f"--{option}: no such file '{path}'")
+    if len(args.shape) > 2:
+        parser.error(f'--shape takes H or H W, got {len(args.shape)} values')
+    for option, sides in (('--shape', args.shape), ('--sizes', args.sizes)):
+        if min(sides) < MIN_MODEL_INPUT_SIDE:
+            parser.error(f'{option} {" ".join(map(str, sides))}: every side must be at least '
+                         f'{MIN_MODEL_INPUT_SIDE} pixels (the backbone reduces its input '
+                         f'{MIN_MODEL_INPUT_SIDE} times)')
+    for option, value, least in (('--batch', args.batch, 1), ('--repeat', args.repeat, 1),
+                                 ('--warmup', args.warmup, 0)):
+        if value < least:
+            parser.error(f'{option} must be at least {least}, got {value}')
+    if args.threads is not None and args.threads < 1:
+        parser.error(f'--threads must be a positive number of threads, got {args.threads} '
+                     f'(leave it out for torch\'s default, {torch.get_num_threads()} here)')
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f'--device {args.device}: not a device torch knows; use cpu or cuda')
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        parser.error(f'--device {args.device}: this torch ({torch.__version__}) sees no CUDA '
+                     'GPU; use --device cpu')
+    if device.type not in ('cpu', 'cuda'):
+        parser.error(f'--device {args.device}: the benchmark runs on cpu or cuda')
+    if args.plot and args.model:
+        parser.error('--plot times backbones (--arch or --config), not whole models (--model)')
+    for option in ('json', 'plot'):
+        path = getattr(args, option)
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+            parser.error(f"--{option} {path}: cannot write into '{folder}' (it does not exist "
+                         'or is not writable); the results are written after the whole run, '
+                         'so name a writable folder')
 
 
 def run_backbone(args, arch, height, width, names, kwargs, memory=True, notes=None):
     train = args.mode == 'train'
-    variants = backbone_variants(arch, names, notes=notes, **kwargs)
+    variants = backbone_variants(arch, names, notes=notes, train=train, **kwargs)
     for model in variants.values():
         model.to(args.device)
     inputs = torch.randn(args.batch, 3, height, width, device=args.device)
@@ -129,11 +177,16 @@ def run_model(args, height, width, names):
                                      'predict' if args.postprocess else 'tensor')
     results = measure(variants, steps, train=train, warmup=args.warmup, repeat=args.repeat,
                       device=args.device)
+    # differences from the first variant in fp32, however that one runs
+    first_name, first_dtype = parse_variant(next(iter(variants)), args.dtype)
+    in_fp32 = first_dtype == 'fp32'
     if train:
-        loss_differences(variants, steps, results)
+        loss_differences(variants, steps, results, None if in_fp32 else model_training_step(
+            first, height, width, args.batch, torch.float32))
     else:
         model_output_differences(
-            variants, model_inference_step(first, height, width, args.batch, 'tensor'), results)
+            variants, model_inference_step(first, height, width, args.batch, 'tensor'), results,
+            None if in_fp32 else model_variants(args.model, [first_name])[first_name])
     return results
 
 
@@ -151,6 +204,17 @@ def main():
                               ['reference', 'fast', 'deploy'])
     if args.model and train and not args.variants:
         names = ['reference', 'fast', 'cp']
+    # every row names its precision where it is not fp32
+    names = [f'{name}:{args.dtype}' if ':' not in name and args.dtype != 'fp32' else name
+             for name in names]
+    # a config without a PoolFormer backbone stops here, before anything is timed
+    kwargs, arch = {}, args.arch
+    if args.config:
+        arch, kwargs = backbone_settings(args.config)  # all of the config's backbone settings
+    if args.model:
+        backbone_settings(args.model)
+    for name in names:
+        refuse_training_an_inference_form(parse_variant(name)[0], train)
 
     rates = {'fp32': matmul_gflops(args.device)}
     if any(parse_variant(n, args.dtype)[1] == 'bf16' for n in names):
@@ -162,12 +226,7 @@ def main():
     note = emulated_bf16_note(rates, args.device)
     if note:
         print(note, flush=True)
-    kwargs, arch, gmacs, notes = {}, args.arch, None, []
-    if args.config:
-        cfg = load_config(args.config)
-        backbone = dict(cfg.model.backbone)
-        arch = backbone.get('arch', 's12')
-        kwargs = {k: backbone[k] for k in ('out_indices', 'pool_size') if k in backbone}
+    gmacs, notes = None, []
     if args.plot:  # timings only, before any memory measurement changes the allocator
         plot_sizes(args, arch, names, kwargs)
     if args.onnx:
@@ -193,15 +252,20 @@ def main():
             gmacs = model_complexity(args.model, (height, width)).macs / 1e9
     else:
         results = run_backbone(args, arch, height, width, names, kwargs, notes=notes)
-        what = f'PoolFormer-{arch.upper()} backbone {args.mode}'
+        arch_name = arch.upper() if isinstance(arch, str) else 'custom'
+        what = f'PoolFormer-{arch_name} backbone {args.mode}' + (
+            f' (of {args.config})' if args.config else '')
         if not train:
-            gmacs = backbone_complexity(arch, (height, width)).macs / 1e9
+            gmacs = backbone_complexity(dict(type='PoolFormer', arch=arch, **kwargs),
+                                        (height, width)).macs / 1e9
     names = list(results)
     print(f'{what}, {height}x{width}, batch {args.batch}, median of {args.repeat}'
           + (f', {gmacs:.2f} GMACs per image' if gmacs else ''))
     for note in notes:
         print(note)
-    variant_rates = {n: rates.get(parse_variant(n, args.dtype)[1]) for n in names}
+    # an emulated rate (bf16 without bf16 units) is no ceiling worth a percentage
+    variant_rates = {n: rates.get(parse_variant(n, args.dtype)[1]) for n in names
+                     if not (note and parse_variant(n, args.dtype)[1] == 'bf16')}
     print(format_results(results, args.batch, names[0], gmacs, None if train else variant_rates))
     base = results[names[0]]
     for name in names[1:]:
@@ -240,7 +304,8 @@ def plot_sizes(args, arch, names, kwargs):
     ax.set_xlabel('input size (square, pixels)')
     ax.set_ylabel('images / s')
     ax.set_yscale('log')
-    ax.set_title(f'PoolFormer-{arch.upper()} backbone {args.mode}, batch {args.batch}, '
+    arch_name = arch.upper() if isinstance(arch, str) else 'custom'
+    ax.set_title(f'PoolFormer-{arch_name} backbone {args.mode}, batch {args.batch}, '
                  f'{torch.get_num_threads()} threads')
     ax.grid(True, alpha=0.3)
     ax.legend()
