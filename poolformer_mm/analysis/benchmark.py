@@ -241,6 +241,7 @@ def backbone_settings(config) -> tuple:
 
 
 def refuse_training_an_inference_form(name: str, train: bool) -> None:
+    """'deploy' holds folded buffers, not parameters: it has no training step to time."""
     if train and name == 'deploy':
         raise ValueError("'deploy' is an inference form; it does not train (leave it out of "
                          '--variants with --mode train)')
