@@ -128,3 +128,21 @@ def test_checkpoint_with_the_old_parameter_names_still_fits(tmp_path):
                                if not k.startswith('stem.')}}, tmp_path / 'no_stem.pth')
     with pytest.raises(ValueError, match=r'backbone: 2 missing, e.g. backbone\.stem\.conv\.'):
         check_checkpoint_fits(model, str(tmp_path / 'no_stem.pth'))
+
+
+def test_a_folded_checkpoint_is_named_as_such(tmp_path):
+    from poolformer_mm.apis.checkpoint_fit import check_checkpoint_fits
+
+    class Detector(torch.nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.backbone = PoolFormer('s12')
+
+    folded = Detector().eval()
+    folded.backbone.switch_to_deploy()
+    torch.save({'state_dict': folded.state_dict()}, tmp_path / 'folded.pth')
+    with pytest.raises(ValueError, match=r"holds a model folded for inference \(keys such as "
+                       r"'backbone\.stages\.0\.blocks\.0\.fc1_weight'.*test the checkpoint "
+                       r'written by training instead'):
+        check_checkpoint_fits(Detector(), str(tmp_path / 'folded.pth'))

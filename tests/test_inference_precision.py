@@ -582,7 +582,7 @@ def test_benchmark_refuses_an_unknown_precision_or_variant_in_one_line():
         [sys.executable, 'tools/analysis/benchmark.py', '--arch', 's12', '--shape', '32',
          '--variants', 'reference', 'deploy:int4'], cwd=Path(__file__).resolve().parents[1],
         capture_output=True, text=True)
-    assert result.returncode == 1
+    assert result.returncode == 2  # a usage error, refused before anything is timed
     assert "error: unknown precision 'int4'" in result.stderr
     assert 'Traceback' not in result.stderr
 
@@ -607,6 +607,27 @@ def _benchmark_tool():
     (['--arch', 's12', '--json', '/nonexistent_folder/out.json'],
      "--json /nonexistent_folder/out.json: cannot write into '/nonexistent_folder'"),
     (['--model', TOY_FPN, '--plot', 'speed.png'], '--plot times backbones'),
+    (['--config', TOY_FPN, '--whole-model', '--plot', 'speed.png'], '--plot times backbones'),
+    (['--config', TOY_FPN, '--whole-model', '--mode', 'inference'],
+     '--whole-model times training steps; for inference use --model CONFIG'),
+    (['--arch', 's12', '--json', '.'], '--json .: a folder; name the file to write in it'),
+    (['--arch', 's12', '--plot', 'speed'], '--plot speed: name the image with one of the '
+     'extensions'),
+    (['--arch', 's12', '--checkpoint', 'README.md'], '--checkpoint goes with --onnx'),
+    (['--arch', 's12', '--postprocess'], '--postprocess goes with --model in inference'),
+    (['--model', TOY_FPN, '--mode', 'train', '--postprocess'], '--postprocess goes with'),
+    (['--arch', 's12', '--variants', 'deploy', 'deploy:fp32'],
+     '--variants names deploy:fp32 more than once'),
+    (['--arch', 's12', '--variants', 'fast:'], "variant 'fast:' names no precision"),
+    (['--arch', 's12', '--variants', 'channels_last'],
+     "--variants: unknown variant 'channels_last' for backbones"),
+    (['--arch', 's12', '--mode', 'train', '--variants', 'fast', 'deploy:bf16'],
+     "'deploy' is an inference form; it does not train"),
+    (['--arch', 's99'], '--arch s99: choose one of s12, s24, s36, m36, m48'),
+    (['--arch', 's12', '--onnx', 'README.md'], '--onnx needs the --config it was exported from'),
+    (['--config', TOY_FPN, '--onnx', 'README.md', '--dtype', 'bf16'],
+     '--onnx times the exported model in fp32 inference against PyTorch eager and deploy; drop '
+     '--dtype bf16'),
 ])
 def test_benchmark_refuses_settings_it_cannot_run_before_anything_runs(
         argv, message, monkeypatch, capsys):
@@ -647,6 +668,16 @@ def test_benchmark_refuses_what_it_cannot_time_with_the_reason():
                                                            train=True)):
         with pytest.raises(ValueError, match="'deploy' is an inference form; it does not train"):
             arch_variants()
+
+
+def test_benchmark_times_detector_training_with_checkpointing_and_leaves_out_what_cannot_run():
+    from poolformer_mm.analysis import benchmark
+    variants = benchmark.model_variants(TOY_RETINANET, ['fast', 'cp'], train=True)
+    assert variants['cp'].backbone.stages[0].grad_checkpointing
+    assert not variants['fast'].backbone.stages[0].grad_checkpointing
+    assert benchmark.has_roi_heads(TOY_MASK_RCNN) and not benchmark.has_roi_heads(TOY_RETINANET)
+    with pytest.raises(ValueError, match='ONNX Runtime cannot load it'):
+        benchmark.onnx_variants(TOY_FPN, 'README.md')
 
 
 def test_benchmark_training_batch_has_the_asked_size_not_the_configs_crop():

@@ -48,6 +48,7 @@ from ..models import PoolFormer
 from .reference import ReferencePoolFormer
 
 VARIANTS = ('reference', 'plain', 'fast', 'deploy', 'cp')
+MODEL_VARIANTS = ('reference', 'plain', 'fast', 'channels_last', 'deploy', 'cp')
 
 
 @dataclass
@@ -188,7 +189,10 @@ PRECISIONS = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float
 
 def parse_variant(spec: str, default_dtype: str = 'fp32') -> tuple:
     """``'deploy:bf16'`` -> ``('deploy', 'bf16')``; without a precision, ``default_dtype``."""
-    name, _, dtype = spec.partition(':')
+    name, colon, dtype = spec.partition(':')
+    if colon and not dtype:
+        raise ValueError(f"variant '{spec}' names no precision after the ':'; write "
+                         f"{name}:bf16, or {name} for --dtype's precision")
     dtype = dtype or default_dtype
     if dtype not in PRECISIONS:
         raise ValueError(f"unknown precision '{dtype}' in variant '{spec}'; choose from "
@@ -238,6 +242,12 @@ def backbone_settings(config) -> tuple:
                          'backbones and models with one (its variants are forms of PoolFormer)')
     arch = backbone.pop('arch', 's12')
     return arch, {k: v for k, v in backbone.items() if k not in VARIANT_SETTINGS}
+
+
+def has_roi_heads(config) -> bool:
+    """Whether a config's model is a two-stage detector (an ``roi_head``)."""
+    from .complexity import load_config
+    return load_config(config).model.get('roi_head') is not None
 
 
 def refuse_training_an_inference_form(name: str, train: bool) -> None:
@@ -428,8 +438,8 @@ def model_variants(config: str, names: Sequence[str], seed: int = 0,
             model = copy.deepcopy(base)
             to_channels_last(model)
         else:
-            raise ValueError(f"whole models take the variants reference, plain, fast, cp, "
-                             f"channels_last and deploy, not '{name}'")
+            raise ValueError(f"whole models take the variants {', '.join(MODEL_VARIANTS)}, "
+                             f"not '{name}'")
         dtype = parse_variant(spec, default_dtype)[1]
         if not train and dtype != 'fp32':
             enable_inference_autocast(model, 'cpu', PRECISIONS[dtype])
@@ -510,7 +520,8 @@ def segmentor_variants(config: str, names: Sequence[str], seed: int = 0) -> Dict
     """The config's segmentor with identical weights: 'plain', 'fast' or 'cp'.
 
     'cp' is the memory-saving setup of ``fpn_poolformer_s12_with_cp.py``: ``with_cp=True`` in
-    the backbone and, where the config has mmseg's ``FPNHead``, :class:`LowMemoryFPNHead`.
+    the backbone and, where the config has mmseg's ``FPNHead``, :class:`LowMemoryFPNHead` (a
+    detector: ``with_cp`` alone).
     """
     from .complexity import build_model_without_pretrained, load_config
     cfg = load_config(config)
@@ -558,11 +569,12 @@ def upstream_model(config: str, seed: int = 0) -> nn.Module:
 
 
 def memory_saving(cfg):
-    """A copy of a segmentation config with ``with_cp`` and, where it names mmseg's ``FPNHead``, the
-    low-memory FPN loss."""
+    """A copy of a detection or segmentation config with ``with_cp`` and, where it names mmseg's
+    ``FPNHead``, the low-memory FPN loss."""
     cfg = copy.deepcopy(cfg)
     cfg.model.backbone.with_cp = True
-    if cfg.model.decode_head.type in ('FPNHead', 'mmseg.FPNHead'):
+    head = cfg.model.get('decode_head')  # detectors have none
+    if head is not None and head.type in ('FPNHead', 'mmseg.FPNHead'):
         from ..models.decode_heads import LowMemoryFPNHead  # registers it
         cfg.model.decode_head.type = LowMemoryFPNHead.__name__
     return cfg
@@ -722,9 +734,18 @@ def onnx_variants(config: str, onnx_path: str, checkpoint: Optional[str] = None,
     from ..deployment.postprocess import read_deploy_info
     from ..engine.deploy_hook import switch_backbone_to_deploy
 
-    runtime = OnnxRuntimeModel(onnx_path, threads)
+    try:
+        runtime = OnnxRuntimeModel(onnx_path, threads)
+    except Exception as error:  # onnxruntime's own classes: InvalidProtobuf, Fail, ...
+        raise ValueError(f"--onnx {onnx_path}: ONNX Runtime cannot load it ({error}); give a "
+                         'file written by tools/deployment/pytorch2onnx.py') from error
     info = read_deploy_info(runtime.session.get_modelmeta().custom_metadata_map)
     model = build_model(config, checkpoint)[0]
+    builds = 'segmentation' if hasattr(model, 'decode_head') else 'detection'
+    if info['task'] != builds:
+        raise ValueError(f'--onnx {onnx_path} was exported from a {info["task"]} model, and '
+                         f'{config} builds a {builds} model ({type(model).__name__}); give the '
+                         'config it was exported from')
     deploy = copy.deepcopy(model)
     switch_backbone_to_deploy(deploy)
     if info['task'] == 'segmentation':

@@ -23,6 +23,8 @@ from ..models.checkpoint_layouts import upgrade_legacy_keys
 
 TOLERATED = re.compile(r'(^|\.)num_batches_tracked$')
 _BLOCK_KEY = re.compile(r'^backbone\.stages\.(\d+)\.blocks\.(\d+)\.')
+# buffers of a folded block (DeployPoolFormerBlock), which no trained model has
+FOLDED_BLOCK_KEY = re.compile(r'\.blocks\.\d+\.(mixer_scale|fc1_weight)$')
 
 
 def _bare_model(model: nn.Module) -> nn.Module:
@@ -95,6 +97,13 @@ def check_checkpoint_fits(model: nn.Module, checkpoint: str, config: str = 'the 
     # checkpoints written before the parameter rename load through a state-dict hook; compare
     # them under today's names
     state = upgrade_legacy_keys(state)
+    folded = sorted(key for key in state if FOLDED_BLOCK_KEY.search(key))
+    if folded:
+        raise InvalidInputError(
+            f"checkpoint '{checkpoint}' holds a model folded for inference (keys such as "
+            f"'{folded[0]}', saved after --deploy or prepare_for_inference), which cannot be "
+            'unfolded; test the checkpoint written by training instead (--deploy folds it '
+            'again after loading)')
     problems = checkpoint_mismatches(_bare_model(model).state_dict(), state)
     if problems:
         raise InvalidInputError(

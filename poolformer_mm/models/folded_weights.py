@@ -8,6 +8,11 @@ under other names: ``blocks.{j}.norm1.weight``, ``mlp.fc1.weight`` and the layer
 (``strict=False``) only logs them, and the model keeps computing with the weights it was folded
 from, silently wrong; torch's strict ``load_state_dict`` lists a few hundred keys. So the folded
 module checks first and says what to do.
+
+What is checked: loads into the module that was folded (the whole model, the backbone) with
+keys that folding removed. Not checked: loads into a part of it (a stage, a head), and keys that
+folding kept but changed (a convolution with a batch norm folded in): a folded model is for
+running, and weights belong in the model before it is folded.
 """
 from typing import Iterable
 

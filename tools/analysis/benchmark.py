@@ -43,13 +43,16 @@ import os
 import torch
 
 from poolformer_mm.analysis.benchmark import (
+    MODEL_VARIANTS,
     PRECISIONS,
+    VARIANTS,
     backbone_settings,
     backbone_step,
     backbone_variants,
     emulated_bf16_note,
     float_output_differences,
     format_results,
+    has_roi_heads,
     inference_step,
     loss_differences,
     machine_description,
@@ -63,9 +66,12 @@ from poolformer_mm.analysis.benchmark import (
     output_differences,
     parse_variant,
     refuse_training_an_inference_form,
+    why_no_reference,
 )
 from poolformer_mm.analysis.complexity import backbone_complexity, model_complexity
+from poolformer_mm.analysis.peers import PEERS
 from poolformer_mm.apis.data_checks import MIN_MODEL_INPUT_SIDE
+from poolformer_mm.models import PoolFormer
 
 
 def parse_args():
@@ -88,7 +94,8 @@ def parse_args():
                         help='with --config: the same as --model CONFIG --mode train')
     parser.add_argument('--shape', type=int, nargs='+', default=[512], help='H [W]')
     parser.add_argument('--batch', type=int, default=1)
-    parser.add_argument('--mode', choices=['inference', 'train'], default='inference')
+    parser.add_argument('--mode', choices=['inference', 'train'], default=None,
+                        help='default: inference (train with --whole-model)')
     parser.add_argument('--variants', nargs='+', default=None,
                         help='backbones: reference, plain, fast, deploy, cp, timm, mmpretrain; '
                         'whole models: reference, plain, fast, channels_last, deploy, cp; each '
@@ -109,7 +116,34 @@ def parse_args():
 
 
 def check_args(parser, args):
-    """Refuse settings that cannot run, before anything is built or timed."""
+    """Refuse settings that cannot run or would be ignored, before anything is built or
+    timed; resolve --whole-model and the default --mode."""
+    if args.whole_model:
+        if not args.config:
+            parser.error('--whole-model goes with --config; or use --model CONFIG')
+        if args.mode == 'inference':
+            parser.error('--whole-model times training steps; for inference use --model CONFIG')
+        args.model, args.config, args.mode = args.config, None, 'train'
+    args.mode = args.mode or 'inference'
+    train = args.mode == 'train'
+    if args.onnx:
+        if not args.config:
+            parser.error('--onnx needs the --config it was exported from')
+        ignored = [option for option, given in (('--mode train', train),
+                                                ('--variants', args.variants),
+                                                ('--dtype bf16', args.dtype != 'fp32'),
+                                                ('--plot', args.plot)) if given]
+        if ignored:
+            parser.error(f'--onnx times the exported model in fp32 inference against PyTorch '
+                         f'eager and deploy; drop {", ".join(ignored)}')
+    elif args.checkpoint:
+        parser.error('--checkpoint goes with --onnx (the other variants use random weights)')
+    if args.postprocess and (not args.model or train):
+        parser.error('--postprocess goes with --model in inference (backbones and training '
+                     'steps have no post-processing)')
+    if args.arch and args.arch.lower() not in PoolFormer.arch_settings:
+        parser.error(f"--arch {args.arch}: choose one of {', '.join(PoolFormer.arch_settings)}")
+    check_variants(parser, args)
     for option in ('config', 'model', 'onnx', 'checkpoint'):
         path = getattr(args, option)
         if path and not os.path.isfile(path):
@@ -137,15 +171,52 @@ def check_args(parser, args):
                      'GPU; use --device cpu')
     if device.type not in ('cpu', 'cuda'):
         parser.error(f'--device {args.device}: the benchmark runs on cpu or cuda')
+    if device.type == 'cuda' and (args.model or args.onnx):
+        parser.error(f'--device {args.device}: whole models are timed on the CPU here; '
+                     '--device cuda times backbones (--arch, --config)')
     if args.plot and args.model:
         parser.error('--plot times backbones (--arch or --config), not whole models (--model)')
     for option in ('json', 'plot'):
         path = getattr(args, option)
-        folder = os.path.dirname(os.path.abspath(path)) if path else None
-        if folder and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+        if not path:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path):
+            parser.error(f"--{option} {path}: a folder; name the file to write in it")
+        if not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
             parser.error(f"--{option} {path}: cannot write into '{folder}' (it does not exist "
                          'or is not writable); the results are written after the whole run, '
                          'so name a writable folder')
+    if args.plot:
+        from matplotlib.figure import Figure
+        formats = Figure().canvas.get_supported_filetypes()
+        extension = os.path.splitext(args.plot)[1].lstrip('.').lower()
+        if extension not in formats:
+            parser.error(f'--plot {args.plot}: name the image with one of the extensions '
+                         f"{', '.join(sorted(formats))} (e.g. speed.png)")
+
+
+def check_variants(parser, args):
+    """The variant names: known for what is timed, each with a precision after a ':' if it has
+    one, 'deploy' not in training, and no row twice."""
+    if not args.variants or args.onnx:
+        return
+    known = MODEL_VARIANTS if args.model else VARIANTS + tuple(PEERS)
+    rows = []
+    for spec in args.variants:
+        try:
+            name, dtype = parse_variant(spec, args.dtype)
+            if name not in known:
+                raise ValueError(f"--variants: unknown variant '{name}' for "
+                                 f"{'whole models' if args.model else 'backbones'}; choose "
+                                 f"from {', '.join(known)}")
+            refuse_training_an_inference_form(name, args.mode == 'train')
+        except ValueError as error:
+            parser.error(str(error))
+        rows.append(f'{name}:{dtype}')
+    repeated = sorted({row for row in rows if rows.count(row) > 1})
+    if repeated:
+        parser.error(f"--variants names {', '.join(repeated)} more than once")
 
 
 def run_backbone(args, arch, height, width, names, kwargs, memory=True, notes=None):
@@ -194,10 +265,6 @@ def main():
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.whole_model:
-        if not args.config:
-            raise SystemExit('error: --whole-model goes with --config; or use --model CONFIG')
-        args.model, args.config, args.mode = args.config, None, 'train'
     height, width = (args.shape * 2)[:2]
     train = args.mode == 'train'
     names = args.variants or (['reference', 'fast', 'cp'] if train else
@@ -208,13 +275,15 @@ def main():
     names = [f'{name}:{args.dtype}' if ':' not in name and args.dtype != 'fp32' else name
              for name in names]
     # a config without a PoolFormer backbone stops here, before anything is timed
-    kwargs, arch = {}, args.arch
-    if args.config:
-        arch, kwargs = backbone_settings(args.config)  # all of the config's backbone settings
-    if args.model:
-        backbone_settings(args.model)
-    for name in names:
-        refuse_training_an_inference_form(parse_variant(name)[0], train)
+    kwargs, arch, notes = {}, args.arch, []
+    if args.config or args.model:
+        # all of the config's backbone settings
+        arch, kwargs = backbone_settings(args.config or args.model)
+    reason = why_no_reference(PoolFormer(arch, **kwargs))
+    if not args.variants and reason and not args.onnx:
+        names = [name for name in names if parse_variant(name)[0] != 'reference']
+        notes.append(f"'reference' (the paper's PoolFormer) left out of the default variants: "
+                     f'{reason}')
 
     rates = {'fp32': matmul_gflops(args.device)}
     if any(parse_variant(n, args.dtype)[1] == 'bf16' for n in names):
@@ -223,19 +292,20 @@ def main():
           f'{torch.get_num_threads()} threads, matmul ' +
           ', '.join(f'{k} {v:.0f} GFLOP/s' if v >= 10 else f'{k} {v:.2g} GFLOP/s'
                     for k, v in rates.items()))
-    note = emulated_bf16_note(rates, args.device)
-    if note:
-        print(note, flush=True)
-    gmacs, notes = None, []
+    emulated = emulated_bf16_note(rates, args.device)
+    if emulated:
+        print(emulated, flush=True)
+    gmacs = None
     if args.plot:  # timings only, before any memory measurement changes the allocator
         plot_sizes(args, arch, names, kwargs)
     if args.onnx:
-        if not args.config:
-            raise SystemExit('error: --onnx needs the --config it was exported from')
         variants = onnx_variants(args.config, args.onnx, args.checkpoint,
                                  torch.get_num_threads())
         names = list(variants)
-        height, width = variants['onnxruntime'].session.get_inputs()[0].shape[2:]
+        exported_batch, _, height, width = variants['onnxruntime'].session.get_inputs()[0].shape
+        if isinstance(exported_batch, int) and exported_batch != args.batch:
+            raise ValueError(f'--onnx {args.onnx} takes batches of {exported_batch} (exported '
+                             f'without a dynamic batch axis); use --batch {exported_batch}')
         if not all(isinstance(side, int) for side in (height, width)):  # dynamic axes
             height, width = (args.shape * 2)[:2]
         inputs = torch.randn(args.batch, 3, height, width)
@@ -259,14 +329,19 @@ def main():
             gmacs = backbone_complexity(dict(type='PoolFormer', arch=arch, **kwargs),
                                         (height, width)).macs / 1e9
     names = list(results)
+    if not names:  # every variant was a peer that is not installed
+        raise ValueError('no variant left to time: ' + '; '.join(notes))
     print(f'{what}, {height}x{width}, batch {args.batch}, median of {args.repeat}'
           + (f', {gmacs:.2f} GMACs per image' if gmacs else ''))
-    for note in notes:
-        print(note)
+    for line in notes:
+        print(line)
     # an emulated rate (bf16 without bf16 units) is no ceiling worth a percentage
     variant_rates = {n: rates.get(parse_variant(n, args.dtype)[1]) for n in names
-                     if not (note and parse_variant(n, args.dtype)[1] == 'bf16')}
-    print(format_results(results, args.batch, names[0], gmacs, None if train else variant_rates))
+                     if not (emulated and parse_variant(n, args.dtype)[1] == 'bf16')}
+    if train or (args.model and has_roi_heads(args.model)):
+        # a two-stage detector's work follows its proposal count, which the MAC count fixes
+        variant_rates = None
+    print(format_results(results, args.batch, names[0], gmacs, variant_rates))
     base = results[names[0]]
     for name in names[1:]:
         m = results[name]
