@@ -269,8 +269,6 @@ def main():
     train = args.mode == 'train'
     names = args.variants or (['reference', 'fast', 'cp'] if train else
                               ['reference', 'fast', 'deploy'])
-    if args.model and train and not args.variants:
-        names = ['reference', 'fast', 'cp']
     # every row names its precision where it is not fp32
     names = [f'{name}:{args.dtype}' if ':' not in name and args.dtype != 'fp32' else name
              for name in names]
@@ -279,8 +277,9 @@ def main():
     if args.config or args.model:
         # all of the config's backbone settings
         arch, kwargs = backbone_settings(args.config or args.model)
-    reason = why_no_reference(PoolFormer(arch, **kwargs))
-    if not args.variants and reason and not args.onnx:
+    reason = (why_no_reference(PoolFormer(arch, **kwargs))
+              if not (args.variants or args.onnx) else None)
+    if reason:
         names = [name for name in names if parse_variant(name)[0] != 'reference']
         notes.append(f"'reference' (the paper's PoolFormer) left out of the default variants: "
                      f'{reason}')
