@@ -232,6 +232,11 @@ def run_backbone(args, arch, height, width, names, kwargs, memory=True, notes=No
     return results
 
 
+def arch_title(arch):
+    """'S12' for an arch name, 'custom' for an arch dict."""
+    return arch.upper() if isinstance(arch, str) else 'custom'
+
+
 def dtype_of(name, args):
     return PRECISIONS[parse_variant(name, args.dtype)[1]]
 
@@ -321,8 +326,7 @@ def main():
             gmacs = model_complexity(args.model, (height, width)).macs / 1e9
     else:
         results = run_backbone(args, arch, height, width, names, kwargs, notes=notes)
-        arch_name = arch.upper() if isinstance(arch, str) else 'custom'
-        what = f'PoolFormer-{arch_name} backbone {args.mode}' + (
+        what = f'PoolFormer-{arch_title(arch)} backbone {args.mode}' + (
             f' (of {args.config})' if args.config else '')
         if not train:
             gmacs = backbone_complexity(dict(type='PoolFormer', arch=arch, **kwargs),
@@ -378,8 +382,7 @@ def plot_sizes(args, arch, names, kwargs):
     ax.set_xlabel('input size (square, pixels)')
     ax.set_ylabel('images / s')
     ax.set_yscale('log')
-    arch_name = arch.upper() if isinstance(arch, str) else 'custom'
-    ax.set_title(f'PoolFormer-{arch_name} backbone {args.mode}, batch {args.batch}, '
+    ax.set_title(f'PoolFormer-{arch_title(arch)} backbone {args.mode}, batch {args.batch}, '
                  f'{torch.get_num_threads()} threads')
     ax.grid(True, alpha=0.3)
     ax.legend()
