@@ -383,3 +383,19 @@ def test_kill_9_then_resume_gives_the_uninterrupted_weights(
     where = f'epoch {epoch}' if _by_epoch(case) else f'iteration {resume_at}'
     assert (f'restored the random state (torch, numpy, python random) of 1 process(es) as it '
             f'was after {where}') in out
+
+
+def test_a_finished_run_destroys_its_process_group(tmp_path):
+    """Left to interpreter exit, gloo's threads can abort a process whose run succeeded."""
+    import torch.distributed as dist
+
+    from poolformer_mm.apis.distributed import close_process_group
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path / "store"}', rank=0,
+                            world_size=1)
+    try:
+        close_process_group()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    close_process_group()  # nothing to close: a no-op, as after a run without a launcher

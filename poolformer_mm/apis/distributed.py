@@ -126,3 +126,17 @@ def prepare_cpu_distributed(cfg: Config) -> None:
     cfg.model_wrapper_cfg = wrapper
     if not dist.is_initialized():
         dist.init_process_group(backend='gloo', init_method='env://')
+
+
+def close_process_group() -> None:
+    """End a finished distributed run: wait for every rank, then destroy the process group.
+
+    Left to interpreter exit, gloo's worker threads can still hold work whose tensors need the
+    GIL during finalisation; the process then aborts ("terminate called without an active
+    exception", SIGABRT) after a run that succeeded, and torchrun reports the run as failed.
+    Only for a run that ended normally: after an error the other ranks may never reach the
+    barrier.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -24,7 +24,7 @@ from ..errors import InvalidInputError
 from ..models import check_neck_in_channels
 from .checkpoint_fit import check_checkpoint_fits
 from .data_checks import CheckedDictAction, add_data_checks, check_data_roots, override_data_root
-from .distributed import prepare_cpu_distributed
+from .distributed import close_process_group, prepare_cpu_distributed
 from .eval_metrics import DETECTION_METRICS, SEGMENTATION_METRICS, set_eval_metrics, task_of
 
 
@@ -307,6 +307,7 @@ def run_training(argv: Optional[Sequence[str]] = None):
             _resume_latest(cfg)
         runner = build_runner(cfg)
         runner.train()
+        close_process_group()
     finally:
         if work_dir_lock is not None:
             work_dir_lock.release()
@@ -324,6 +325,7 @@ def run_testing(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
             raise InvalidInputError('--out for detection must be a .pkl or .pickle file')
         runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
     metrics = runner.test()
+    close_process_group()
     scalars = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
     print('Results: ' + format_metrics(scalars, task_of(cfg)))
     # One machine-readable line, last, for scripts that drive this one (make demo, CI).
