@@ -268,6 +268,30 @@ def test_benchmark_times_onnx_runtime_against_pytorch(segmentor):
     assert 0 < results['onnxruntime'].max_rel_diff < 1e-4  # the logits of another runtime
 
 
+
+def test_benchmark_refuses_an_export_of_the_other_task(segmentor):
+    from poolformer_mm.analysis.benchmark import onnx_variants
+    path = segmentor[2]
+    with pytest.raises(ValueError) as error:
+        onnx_variants(DET_CONFIG, path, threads=1)
+    assert str(error.value) == (
+        f'--onnx {path} was exported from a segmentation model, and {DET_CONFIG} builds a '
+        'detection model (RetinaNet); give the config it was exported from')
+
+
+def test_benchmark_refuses_a_batch_that_a_static_export_cannot_take(segmentor, tmp_path):
+    """A static export takes batches of the size it was exported with, and nothing is timed."""
+    static = str(tmp_path / 'seg_static.onnx')
+    export_onnx(build_model(SEG_CONFIG, segmentor[3])[0], segmentor[1], static, SHAPE)
+    result = subprocess.run([sys.executable, 'tools/analysis/benchmark.py', '--config',
+                             SEG_CONFIG, '--onnx', static, '--batch', '2', '--repeat', '1',
+                             '--warmup', '0'], capture_output=True, text=True)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f'error: --onnx {static} takes batches of 1 (exported without a dynamic batch axis); '
+        'use --batch 1')
+    assert 'median' not in result.stdout
+
 @pytest.mark.parametrize('bins', [2, 3, 6, (4, 5)])
 def test_static_adaptive_pool_has_adaptive_pooling_bins(bins):
     from poolformer_mm.deployment.export import StaticAdaptiveAvgPool2d
