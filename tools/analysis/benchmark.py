@@ -71,6 +71,7 @@ from poolformer_mm.analysis.benchmark import (
 from poolformer_mm.analysis.complexity import backbone_complexity, model_complexity
 from poolformer_mm.analysis.peers import PEERS
 from poolformer_mm.apis.data_checks import MIN_MODEL_INPUT_SIDE
+from poolformer_mm.known_warnings import ignore_known_warnings
 from poolformer_mm.models import PoolFormer
 
 
@@ -392,6 +393,7 @@ def plot_sizes(args, arch, names, kwargs):
 
 
 if __name__ == '__main__':
+    ignore_known_warnings()
     try:
         main()
     except ValueError as error:  # an unknown variant, peer or precision: one line, no traceback

@@ -24,6 +24,7 @@ from poolformer_mm.analysis import (
     model_complexity,
     uncounted_summary,
 )
+from poolformer_mm.known_warnings import ignore_known_warnings
 
 
 def parse_args():
@@ -68,4 +69,5 @@ def main():
 
 
 if __name__ == '__main__':
+    ignore_known_warnings()
     main()
