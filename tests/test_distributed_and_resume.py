@@ -385,17 +385,34 @@ def test_kill_9_then_resume_gives_the_uninterrupted_weights(
             f'was after {where}') in out
 
 
-def test_a_finished_run_destroys_its_process_group(tmp_path):
+
+def test_a_run_destroys_the_process_group_it_started_and_only_that(tmp_path):
     """Left to interpreter exit, gloo's threads can abort a process whose run succeeded."""
     import torch.distributed as dist
 
-    from poolformer_mm.apis.distributed import close_process_group
-    dist.init_process_group('gloo', init_method=f'file://{tmp_path / "store"}', rank=0,
-                            world_size=1)
+    from poolformer_mm.apis.distributed import closing_process_group
+
+    def start(name):
+        dist.init_process_group('gloo', init_method=f'file://{tmp_path / name}', rank=0,
+                                world_size=1)
     try:
-        close_process_group()
+        with closing_process_group():  # as a launched run: the Runner starts the group
+            start('store1')
         assert not dist.is_initialized()
+
+        start('store2')  # the caller's own group outlives the run
+        with closing_process_group():
+            pass
+        assert dist.is_initialized()
+        dist.destroy_process_group()
+
+        with pytest.raises(RuntimeError):  # after an error, no barrier other ranks may miss
+            with closing_process_group():
+                start('store3')
+                raise RuntimeError('the run failed')
+        assert dist.is_initialized()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    close_process_group()  # nothing to close: a no-op, as after a run without a launcher
+    with closing_process_group():  # no group at all: nothing to do
+        pass

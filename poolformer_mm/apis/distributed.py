@@ -17,6 +17,7 @@ With a GPU nothing here runs and behaviour is upstream's.
 """
 import os
 from collections import Counter
+from contextlib import contextmanager
 from typing import List
 
 import torch
@@ -128,15 +129,20 @@ def prepare_cpu_distributed(cfg: Config) -> None:
         dist.init_process_group(backend='gloo', init_method='env://')
 
 
-def close_process_group() -> None:
-    """End a finished distributed run: wait for every rank, then destroy the process group.
+
+@contextmanager
+def closing_process_group():
+    """Around a whole run: if the run starts a process group, wait for every rank and destroy
+    the group when the run has finished.
 
     Left to interpreter exit, gloo's worker threads can still hold work whose tensors need the
     GIL during finalisation; the process then aborts ("terminate called without an active
     exception", SIGABRT) after a run that succeeded, and torchrun reports the run as failed.
-    Only for a run that ended normally: after an error the other ranks may never reach the
-    barrier.
+    A group that existed before (the caller's own) is left as it is, and so is everything
+    after an error: the other ranks may never reach the barrier.
     """
-    if dist.is_available() and dist.is_initialized():
+    started_before = dist.is_available() and dist.is_initialized()
+    yield
+    if not started_before and dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

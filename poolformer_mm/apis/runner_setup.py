@@ -24,7 +24,7 @@ from ..errors import InvalidInputError
 from ..models import check_neck_in_channels
 from .checkpoint_fit import check_checkpoint_fits
 from .data_checks import CheckedDictAction, add_data_checks, check_data_roots, override_data_root
-from .distributed import close_process_group, prepare_cpu_distributed
+from .distributed import closing_process_group, prepare_cpu_distributed
 from .eval_metrics import DETECTION_METRICS, SEGMENTATION_METRICS, set_eval_metrics, task_of
 
 
@@ -305,9 +305,9 @@ def run_training(argv: Optional[Sequence[str]] = None):
     try:
         if args.resume == 'auto':
             _resume_latest(cfg)
-        runner = build_runner(cfg)
-        runner.train()
-        close_process_group()
+        with closing_process_group():
+            runner = build_runner(cfg)
+            runner.train()
     finally:
         if work_dir_lock is not None:
             work_dir_lock.release()
@@ -317,15 +317,15 @@ def run_training(argv: Optional[Sequence[str]] = None):
 def run_testing(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     args = test_parser().parse_args(argv)
     cfg = config_for_testing(args)
-    runner = build_runner(cfg)
-    check_checkpoint_fits(runner.model, args.checkpoint, f"'{args.config}'")
-    if args.out and task_of(cfg) == 'mmdet':
-        from mmdet.evaluation import DumpDetResults
-        if not args.out.endswith(('.pkl', '.pickle')):
-            raise InvalidInputError('--out for detection must be a .pkl or .pickle file')
-        runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
-    metrics = runner.test()
-    close_process_group()
+    with closing_process_group():
+        runner = build_runner(cfg)
+        check_checkpoint_fits(runner.model, args.checkpoint, f"'{args.config}'")
+        if args.out and task_of(cfg) == 'mmdet':
+            from mmdet.evaluation import DumpDetResults
+            if not args.out.endswith(('.pkl', '.pickle')):
+                raise InvalidInputError('--out for detection must be a .pkl or .pickle file')
+            runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
+        metrics = runner.test()
     scalars = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
     print('Results: ' + format_metrics(scalars, task_of(cfg)))
     # One machine-readable line, last, for scripts that drive this one (make demo, CI).
