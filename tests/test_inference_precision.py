@@ -598,6 +598,7 @@ def _benchmark_tool():
 
 @pytest.mark.parametrize('argv, message', [
     (['--model', 'configs/nope.py'], "--model: no such file 'configs/nope.py'"),
+    (['--config', TOY_FPN, '--onnx', 'configs'], '--onnx configs is a folder; give a file'),
     (['--arch', 's12', '--shape', '0'], '--shape 0: every side must be at least 32 pixels'),
     (['--arch', 's12', '--shape', '64', '64', '64'], '--shape takes H or H W, got 3 values'),
     (['--arch', 's12', '--sizes', '224', '16'], '--sizes 224 16: every side must be at least'),

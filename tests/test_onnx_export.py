@@ -279,18 +279,66 @@ def test_benchmark_refuses_an_export_of_the_other_task(segmentor):
         'detection model (RetinaNet); give the config it was exported from')
 
 
-def test_benchmark_refuses_a_batch_that_a_static_export_cannot_take(segmentor, tmp_path):
-    """A static export takes batches of the size it was exported with, and nothing is timed."""
+def test_benchmark_refuses_an_export_of_another_model_of_the_same_task(segmentor):
+    from poolformer_mm.analysis.benchmark import onnx_variants
+    path, other = segmentor[2], 'configs/segmentation/fpn_poolformer_s24.py'
+    with pytest.raises(ValueError) as error:
+        onnx_variants(other, path, threads=1)
+    assert str(error.value) == (
+        f'--onnx {path} was exported from fpn_poolformer_s12_toy.py, not from {other}; give '
+        'that config (and --checkpoint, the weights it was exported with)')
+
+
+@pytest.mark.parametrize('metadata, problem', [
+    ('{task: 1}', 'is not valid JSON (Expecting property name'),
+    ('[1, 2]', 'has no task'), ('{"format": 1}', 'has no task')])
+def test_changed_deploy_metadata_is_named_as_such(metadata, problem):
+    with pytest.raises(ValueError) as error:
+        read_deploy_info({'poolformer_mm.deploy': metadata})
+    assert f"the ONNX model's 'poolformer_mm.deploy' metadata {problem}" in str(error.value)
+    assert str(error.value).endswith('it was changed after export; export the model again '
+                                     'with tools/deployment/pytorch2onnx.py')
+
+
+def _benchmark(*argv):
+    return subprocess.run([sys.executable, 'tools/analysis/benchmark.py', '--repeat', '1',
+                           '--warmup', '0', *argv], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--batch', '2'], 'takes batches of 1 (exported without a dynamic batch axis); use '
+                       '--batch 1'),
+    (['--shape', '96'], 'was exported for 64x64 inputs only; leave out --shape, or export '
+                        'with --dynamic')])
+def test_benchmark_refuses_what_a_static_export_cannot_take(segmentor, tmp_path, argv, message):
+    """A static export takes the batch and size it was exported with, and nothing is timed."""
     static = str(tmp_path / 'seg_static.onnx')
     export_onnx(build_model(SEG_CONFIG, segmentor[3])[0], segmentor[1], static, SHAPE)
-    result = subprocess.run([sys.executable, 'tools/analysis/benchmark.py', '--config',
-                             SEG_CONFIG, '--onnx', static, '--batch', '2', '--repeat', '1',
-                             '--warmup', '0'], capture_output=True, text=True)
+    result = _benchmark('--config', SEG_CONFIG, '--onnx', static, *argv)
     assert result.returncode == 1, result.stderr
-    assert result.stderr.strip().splitlines()[-1] == (
-        f'error: --onnx {static} takes batches of 1 (exported without a dynamic batch axis); '
-        'use --batch 1')
+    assert result.stderr.strip().splitlines()[-1] == f'error: --onnx {static} {message}'
     assert 'median' not in result.stdout
+
+
+def test_benchmark_times_a_dynamic_export_at_its_size_and_compares_only_the_same_weights(
+        segmentor):
+    _, _, path, checkpoint = segmentor
+    same = _benchmark('--config', SEG_CONFIG, '--onnx', path, '--checkpoint', checkpoint)
+    assert same.returncode == 0, same.stderr
+    assert (f'{SEG_CONFIG} as exported (outputs: output, logits), ONNX Runtime vs PyTorch, '
+            '64x64, batch 1') in same.stdout
+    row = next(line for line in same.stdout.splitlines() if line.startswith('onnxruntime '))
+    assert 0 < float(row.split()[-1]) < 1e-4  # rel diff of the logits
+    assert 'not compared' not in same.stdout
+
+    random_weights = _benchmark('--config', SEG_CONFIG, '--onnx', path, '--shape', '96')
+    assert random_weights.returncode == 0, random_weights.stderr
+    assert '96x96, batch 1' in random_weights.stdout
+    row = next(line for line in random_weights.stdout.splitlines()
+               if line.startswith('onnxruntime '))
+    assert row.split()[-2:] == ['-', '-']
+    assert ('onnxruntime: outputs not compared: without --checkpoint (the weights it was '
+            'exported with) the PyTorch variants have random weights') in random_weights.stdout
 
 @pytest.mark.parametrize('bins', [2, 3, 6, (4, 5)])
 def test_static_adaptive_pool_has_adaptive_pooling_bins(bins):

@@ -31,6 +31,8 @@ import copy
 import ctypes
 import gc
 import logging
+import math
+import os.path as osp
 import statistics
 import threading
 import time
@@ -649,7 +651,8 @@ def format_results(results: Dict[str, Measurement], batch: int, baseline: str,
         speedup = f'{m.speedup_over(base):8.2f}x' if base else '        -'
         line = (f'{name:18} {m.median_ms:10.1f} {min(m.latency_ms):7.1f}-'
                 f'{max(m.latency_ms):<8.1f} {batch * 1000 / m.median_ms:8.2f} {speedup} '
-                f'{m.peak_memory_mb:9.0f} {m.max_abs_diff:11.2e} {m.max_rel_diff:9.2e}')
+                f'{m.peak_memory_mb:9.0f} {_difference(m.max_abs_diff, 11)} '
+                f'{_difference(m.max_rel_diff, 9)}')
         if show_rate and rates.get(name):
             achieved = 2 * gmacs * batch / (m.median_ms / 1000)
             line += f" {100 * achieved / rates[name]:8.0f}%"
@@ -657,6 +660,11 @@ def format_results(results: Dict[str, Measurement], batch: int, baseline: str,
             line += f' {"-":>9}'
         lines.append(line)
     return '\n'.join(lines)
+
+
+def _difference(value: float, width: int) -> str:
+    """A difference for the table; '-' where none was computed (or it is undefined)."""
+    return f'{"-":>{width}}' if math.isnan(value) else f'{value:{width}.2e}'
 
 
 def machine_description(cpuinfo: str = '/proc/cpuinfo') -> str:
@@ -739,13 +747,23 @@ def onnx_variants(config: str, onnx_path: str, checkpoint: Optional[str] = None,
     except Exception as error:  # onnxruntime's own classes: InvalidProtobuf, Fail, ...
         raise ValueError(f"--onnx {onnx_path}: ONNX Runtime cannot load it ({error}); give a "
                          'file written by tools/deployment/pytorch2onnx.py') from error
-    info = read_deploy_info(runtime.session.get_modelmeta().custom_metadata_map)
+    try:
+        runtime.info = info = read_deploy_info(
+            runtime.session.get_modelmeta().custom_metadata_map)
+    except ValueError as error:
+        raise ValueError(f'--onnx {onnx_path}: {error}') from error
     model = build_model(config, checkpoint)[0]
     builds = 'segmentation' if hasattr(model, 'decode_head') else 'detection'
     if info['task'] != builds:
         raise ValueError(f'--onnx {onnx_path} was exported from a {info["task"]} model, and '
                          f'{config} builds a {builds} model ({type(model).__name__}); give the '
                          'config it was exported from')
+    # another model of the same task would run, and be compared with a different network
+    exported_from = info.get('config')
+    if exported_from and exported_from != osp.basename(config):
+        raise ValueError(f'--onnx {onnx_path} was exported from {exported_from}, not from '
+                         f'{config}; give that config (and --checkpoint, the weights it was '
+                         'exported with)')
     deploy = copy.deepcopy(model)
     switch_backbone_to_deploy(deploy)
     if info['task'] == 'segmentation':

@@ -27,7 +27,17 @@ def read_deploy_info(metadata: dict) -> dict:
     if METADATA_KEY not in metadata:
         raise ValueError(f'the ONNX model has no {METADATA_KEY!r} metadata: export it with '
                          'tools/deployment/pytorch2onnx.py')
-    return json.loads(metadata[METADATA_KEY])
+    try:
+        info = json.loads(metadata[METADATA_KEY])
+    except ValueError as error:
+        info, problem = None, f'is not valid JSON ({error})'
+    else:
+        problem = 'has no task'
+    if not isinstance(info, dict) or 'task' not in info:
+        raise ValueError(f'the ONNX model\'s {METADATA_KEY!r} metadata {problem}: it was '
+                         'changed after export; export the model again with '
+                         'tools/deployment/pytorch2onnx.py')
+    return info
 
 
 def resize_for_model(image: np.ndarray, info: dict, shape=None):

@@ -38,7 +38,9 @@ backbone with all its settings. The first line names the CPU and its AVX-512 / A
 """
 import argparse
 import json
+import math
 import os
+from math import nan
 
 import torch
 
@@ -93,7 +95,8 @@ def parse_args():
                         'network (backbone, neck, head) alone')
     parser.add_argument('--whole-model', action='store_true',
                         help='with --config: the same as --model CONFIG --mode train')
-    parser.add_argument('--shape', type=int, nargs='+', default=[512], help='H [W]')
+    parser.add_argument('--shape', type=int, nargs='+', default=None,
+                        help='H [W] (default: 512; with --onnx, the export size)')
     parser.add_argument('--batch', type=int, default=1)
     parser.add_argument('--mode', choices=['inference', 'train'], default=None,
                         help='default: inference (train with --whole-model)')
@@ -116,6 +119,11 @@ def parse_args():
     return args
 
 
+# The relative output difference above which ONNX Runtime and PyTorch disagree for more
+# reasons than float rounding (they agree to about 1e-6 with the weights of the export).
+ONNX_AGREEMENT = 1e-3
+
+
 def check_args(parser, args):
     """Refuse settings that cannot run or would be ignored, before anything is built or
     timed; resolve --whole-model and the default --mode."""
@@ -127,6 +135,8 @@ def check_args(parser, args):
         args.model, args.config, args.mode = args.config, None, 'train'
     args.mode = args.mode or 'inference'
     train = args.mode == 'train'
+    args.shape_given = args.shape is not None
+    args.shape = args.shape or [512]
     if args.onnx:
         if not args.config:
             parser.error('--onnx needs the --config it was exported from')
@@ -147,6 +157,8 @@ def check_args(parser, args):
     check_variants(parser, args)
     for option in ('config', 'model', 'onnx', 'checkpoint'):
         path = getattr(args, option)
+        if path and os.path.isdir(path):
+            parser.error(f"--{option} {path} is a folder; give a file")
         if path and not os.path.isfile(path):
             parser.error(f"--{option}: no such file '{path}'")
     if len(args.shape) > 2:
@@ -307,17 +319,43 @@ def main():
         variants = onnx_variants(args.config, args.onnx, args.checkpoint,
                                  torch.get_num_threads())
         names = list(variants)
+        info = variants['onnxruntime'].info
         exported_batch, _, height, width = variants['onnxruntime'].session.get_inputs()[0].shape
         if isinstance(exported_batch, int) and exported_batch != args.batch:
-            raise ValueError(f'--onnx {args.onnx} takes batches of {exported_batch} (exported '
-                             f'without a dynamic batch axis); use --batch {exported_batch}')
+            why = ('its export takes one image at a time, also with --dynamic'
+                   if info.get('dynamic') else 'exported without a dynamic batch axis')
+            raise ValueError(f'--onnx {args.onnx} takes batches of {exported_batch} ({why}); '
+                             f'use --batch {exported_batch}')
         if not all(isinstance(side, int) for side in (height, width)):  # dynamic axes
-            height, width = (args.shape * 2)[:2]
+            height, width = ((args.shape * 2)[:2] if args.shape_given
+                             else info.get('input_size', (512, 512)))
+        elif args.shape_given and [height, width] != (args.shape * 2)[:2]:
+            raise ValueError(f'--onnx {args.onnx} was exported for {height}x{width} inputs '
+                             f'only; leave out --shape, or export with --dynamic')
         inputs = torch.randn(args.batch, 3, height, width)
         step = inference_step(inputs)
         results = measure(variants, step, warmup=args.warmup, repeat=args.repeat)
         float_output_differences(variants, inputs, results)
-        what = f'{args.config} whole model (no post-processing), ONNX Runtime vs PyTorch'
+        runtime = results['onnxruntime']
+        if all(math.isnan(m.max_abs_diff) for m in results.values()):
+            notes.append('no differences: the export outputs class indices only (export with '
+                         '--logits to compare logits)')
+        elif not args.checkpoint:
+            runtime.max_abs_diff = runtime.max_rel_diff = nan
+            notes.append('onnxruntime: outputs not compared: without --checkpoint (the weights '
+                         'it was exported with) the PyTorch variants have random weights')
+        elif runtime.max_rel_diff > ONNX_AGREEMENT:
+            notes.append(f'onnxruntime: outputs differ by {runtime.max_rel_diff:.2g} of the '
+                         f'largest; was {args.onnx} exported with the weights of '
+                         f'{args.checkpoint}?')
+        if info['task'] == 'detection' and not math.isnan(runtime.max_abs_diff):
+            notes.append('detections are compared in the order NMS keeps them: where scores '
+                         'are near-equal (as with random weights) that order can change '
+                         'between variants, and the differences say little')
+        outputs = ', '.join(info.get('outputs', []))
+        what = (f'{args.config} as exported (outputs: {outputs}'
+                + ('; NMS included' if info['task'] == 'detection' else '')
+                + '), ONNX Runtime vs PyTorch')
     elif args.model:
         results = run_model(args, height, width, names)
         what = f'{args.model} whole model ' + (
