@@ -15,6 +15,7 @@ as it is, so the same config (and its copy in the work dir) still gives SyncBN o
 
 With a GPU nothing here runs and behaviour is upstream's.
 """
+import inspect
 import os
 from collections import Counter
 from contextlib import contextmanager
@@ -27,6 +28,14 @@ from mmengine.logging import print_log
 from mmengine.model import MMDistributedDataParallel, revert_sync_batchnorm
 from mmengine.registry import MODEL_WRAPPERS
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+# Unlike the old name, forward_sync_buffers=False still broadcasts rank 0's buffers once, when
+# DDP wraps the model (before a resume loads its checkpoint); the models here have no buffers
+# that must differ between ranks.
+_NO_FORWARD_BUFFER_SYNC = ('forward_sync_buffers' if 'forward_sync_buffers' in
+                           inspect.signature(DistributedDataParallel.__init__).parameters
+                           else 'broadcast_buffers')
 
 
 def _sync_bn_types() -> tuple:
@@ -121,7 +130,10 @@ def prepare_cpu_distributed(cfg: Config) -> None:
                                                             MMDistributedDataParallel):
         wrapper['type'] = 'CPUDistributedDataParallel'
     wrapper['device_ids'] = None
-    wrapper.setdefault('broadcast_buffers', False)  # as mmengine's default GPU wrapping
+    if not {'broadcast_buffers', 'forward_sync_buffers'} & set(wrapper):
+        # no buffer broadcast before each forward pass, as mmengine's default GPU wrapping;
+        # newer torch renamed the setting and warns at every start under the old name
+        wrapper[_NO_FORWARD_BUFFER_SYNC] = False
     # mmengine reads a top-level find_unused_parameters only when it builds the wrapper itself
     wrapper.setdefault('find_unused_parameters', cfg.get('find_unused_parameters', False))
     cfg.model_wrapper_cfg = wrapper

@@ -14,6 +14,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 from mmengine.config import Config
+from mmengine.dist import is_main_process
 from mmengine.hooks import CheckpointHook
 from mmengine.logging import print_log
 
@@ -326,10 +327,12 @@ def run_testing(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
                 raise InvalidInputError('--out for detection must be a .pkl or .pickle file')
             runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
         metrics = runner.test()
-    scalars = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
-    print('Results: ' + format_metrics(scalars, task_of(cfg)))
-    # One machine-readable line, last, for scripts that drive this one (make demo, CI).
-    print('Test metrics: ' + json.dumps(scalars, sort_keys=True))
+        main_process = is_main_process()  # every rank has the metrics; one prints them
+    if main_process:
+        scalars = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
+        print('Results: ' + format_metrics(scalars, task_of(cfg)))
+        # One machine-readable line, last, for scripts that drive this one (make demo, CI).
+        print('Test metrics: ' + json.dumps(scalars, sort_keys=True))
     return metrics
 
 
