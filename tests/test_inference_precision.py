@@ -761,3 +761,19 @@ def test_benchmark_says_bf16_is_emulated_on_a_cpu_without_bf16_units(monkeypatch
     assert benchmark.emulated_bf16_note(rates) is None
     monkeypatch.setattr(benchmark, 'cpu_bf16_units', lambda: None)  # flags unknown: no claim
     assert benchmark.emulated_bf16_note(rates) is None
+
+
+def test_benchmark_says_to_train_upernet_with_a_batch_of_two():
+    import subprocess
+    import sys
+    from pathlib import Path
+    config = 'configs/segmentation/upernet_poolformer_s12.py'
+    result = subprocess.run(
+        [sys.executable, 'tools/analysis/benchmark.py', '--model', config, '--mode', 'train',
+         '--shape', '64', '--repeat', '1', '--warmup', '0', '--variants', 'fast'],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f'error: {config}: a training step at --batch 1 has a batch norm '
+                           'with one value per channel (Expected more than 1 value'), last
+    assert last.endswith('; use --batch 2')

@@ -357,7 +357,14 @@ def main():
                 + ('; NMS included' if info['task'] == 'detection' else '')
                 + '), ONNX Runtime vs PyTorch')
     elif args.model:
-        results = run_model(args, height, width, names)
+        try:
+            results = run_model(args, height, width, names)
+        except ValueError as error:
+            if train and args.batch == 1 and 'more than 1 value per channel' in str(error):
+                # e.g. UPerNet's pyramid pooling: batch norm after pooling to 1x1
+                raise ValueError(f'{args.model}: a training step at --batch 1 has a batch norm '
+                                 f'with one value per channel ({error}); use --batch 2') from error
+            raise
         what = f'{args.model} whole model ' + (
             'training step' if train else 'inference, post-processing included'
             if args.postprocess else 'inference (backbone, neck, head)')
