@@ -41,3 +41,8 @@ class InputNotFoundError(UserInputError, FileNotFoundError):
 
 class WorkDirInUseError(UserInputError, RuntimeError):
     """A second training started in a work dir that another one is using."""
+
+
+class UnknownSettingError(UserInputError, TypeError):
+    """A setting that a config passes to a class that does not take it (a typo such as
+    ``out_indice``); a ``TypeError``, as Python's own for an unexpected keyword argument."""

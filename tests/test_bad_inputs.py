@@ -72,9 +72,13 @@ def test_file_that_is_not_an_image_names_the_file(tmp_path, coco):
 
 
 def test_misspelt_backbone_argument_in_a_config_suggests_the_right_one(tmp_path, coco):
-    with pytest.raises(Exception, match=r"'out_indice' \(did you mean 'out_indices'\?\)"):
+    from poolformer_mm.errors import UserInputError
+    # a user error (the tools print its message alone) that is still the TypeError of Python
+    with pytest.raises(UserInputError, match=r"'out_indice' \(did you mean 'out_indices'\?\)") \
+            as error:
         run_training([TOY_RETINANET, '--data-root', coco, '--work-dir', str(tmp_path / 'w'),
                       '--cfg-options', 'model.backbone.out_indice=[1,2,3]'])
+    assert isinstance(error.value, TypeError)
 
 
 def _checkpoint_of_untrained(config, path):

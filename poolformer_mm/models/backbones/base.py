@@ -21,7 +21,7 @@ from mmengine.model import BaseModule
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ...errors import InvalidInputError
+from ...errors import InvalidInputError, UnknownSettingError
 from ..checkpoint_layouts import upgrade_legacy_keys_on_load
 from ..layers import (
     MetaFormerStage,
@@ -108,7 +108,7 @@ class DenseBackbone(BaseModule):
         if resnet:
             message += (f'. {", ".join(resnet)}: settings of the base config\'s ResNet; add '
                         '_delete_=True to the backbone dict so that it replaces the base\'s')
-        raise TypeError(message)
+        raise UnknownSettingError(message)
 
     @classmethod
     def _init_cfg_with_pretrained(cls, init_cfg: Optional[dict], pretrained: Optional[str],
