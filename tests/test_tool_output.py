@@ -119,3 +119,38 @@ def test_a_tool_error_is_one_message_without_traceback_or_startup_warnings(tmp_p
     assert result.stderr.startswith(f"error: data root '{tmp_path / 'missing'}/' not found")
     assert 'Traceback' not in result.stderr
     assert 'pkg_resources' not in result.stdout + result.stderr
+
+
+TOY_RETINANET = 'configs/detection/toy/retinanet_poolformer_s12_toy.py'
+
+
+@pytest.mark.parametrize('config, out, message', [
+    (TOY_RETINANET, 'dets.txt', '--out for detection must be a .pkl or .pickle file'),
+    (TOY_RETINANET, '{tmp}/dets.pkl', '--out {tmp}/dets.pkl is a folder; detection writes '
+                                      'one .pkl file'),
+    (TOY_RETINANET, '/proc/nope/dets.pkl', '--out /proc/nope/dets.pkl: cannot write in '
+                                           '/proc/nope ('),
+    (TOY_FPN, '{tmp}/model.pth', '--out {tmp}/model.pth is a file; segmentation writes a '
+                                 'folder of class maps there'),
+    (TOY_FPN, '/proc/nope/maps', '--out /proc/nope/maps: cannot write in /proc/nope/maps (')])
+def test_an_out_that_cannot_be_written_is_refused_before_the_test_runs(tmp_path, config, out,
+                                                                       message):
+    from poolformer_mm.errors import InvalidInputError
+    checkpoint = tmp_path / 'model.pth'
+    checkpoint.write_bytes(b'')  # only the path is checked when building the config
+    out, message = out.format(tmp=tmp_path), message.format(tmp=tmp_path)
+    (tmp_path / 'dets.pkl').mkdir()
+    args = test_parser().parse_args([config, str(checkpoint), '--out', out])
+    with pytest.raises(InvalidInputError) as error:
+        config_for_testing(args)
+    assert str(error.value).startswith(message), str(error.value)
+
+
+def test_an_out_folder_is_created_as_the_writers_would(tmp_path, toy_ade):
+    checkpoint = tmp_path / 'model.pth'
+    checkpoint.write_bytes(b'')
+    maps = tmp_path / 'new' / 'maps'
+    cfg = config_for_testing(test_parser().parse_args(
+        [TOY_FPN, str(checkpoint), '--data-root', toy_ade, '--out', str(maps)]))
+    assert cfg.test_evaluator['output_dir'] == str(maps) and maps.is_dir()
+    assert list(maps.iterdir()) == []  # the probe leaves nothing behind

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import os.path as osp
+import tempfile
 from typing import Dict, Optional, Sequence
 
 import numpy as np
@@ -239,12 +240,39 @@ def config_for_testing(args) -> Config:
         cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [dict(type='DeployBackboneHook')]
     if args.amp:
         _enable_test_amp(cfg, args.amp)
+    if args.out:
+        _check_out(args.out, task_of(cfg))
     if args.out and task_of(cfg) == 'mmseg':
         cfg.test_evaluator['output_dir'] = args.out
         cfg.test_evaluator['keep_results'] = True
     check_data_roots(cfg, loaders=('test_dataloader', ))
     add_data_checks(cfg)
     return cfg
+
+
+def _check_out(out: str, task: str) -> None:
+    """Refuse an ``--out`` that cannot be written before the test runs, not after it.
+
+    Detection dumps one .pkl file, segmentation writes a folder of class maps; the folder is
+    created here, as the writers would, and a file created and removed in it.
+    """
+    if task == 'mmdet':
+        if not out.endswith(('.pkl', '.pickle')):
+            raise InvalidInputError('--out for detection must be a .pkl or .pickle file')
+        if osp.isdir(out):
+            raise InvalidInputError(f'--out {out} is a folder; detection writes one .pkl file')
+    elif osp.exists(out) and not osp.isdir(out):
+        raise InvalidInputError(f'--out {out} is a file; segmentation writes a folder of class '
+                                'maps there')
+    folder = osp.dirname(osp.abspath(out)) if task == 'mmdet' else out
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise InvalidInputError(f'--out {out}: cannot write in {folder} ({reason}); give '
+                                'another path') from error
 
 
 def _refuse_empty_datasets(runner) -> None:
@@ -323,8 +351,6 @@ def run_testing(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
         check_checkpoint_fits(runner.model, args.checkpoint, f"'{args.config}'")
         if args.out and task_of(cfg) == 'mmdet':
             from mmdet.evaluation import DumpDetResults
-            if not args.out.endswith(('.pkl', '.pickle')):
-                raise InvalidInputError('--out for detection must be a .pkl or .pickle file')
             runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
         metrics = runner.test()
         main_process = is_main_process()  # every rank has the metrics; one prints them
