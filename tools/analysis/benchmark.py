@@ -40,7 +40,6 @@ import argparse
 import json
 import math
 import os
-from math import nan
 
 import torch
 
@@ -279,6 +278,48 @@ def run_model(args, height, width, names):
     return results
 
 
+def run_onnx(args, notes):
+    """Time the exported model of --onnx against PyTorch eager and deploy: at the export size
+    (a dynamic export at --shape if given), with the outputs compared where that means
+    something. Returns the results, the input size and a title."""
+    variants = onnx_variants(args.config, args.onnx, args.checkpoint, torch.get_num_threads())
+    info = variants['onnxruntime'].info
+    exported_batch, _, height, width = variants['onnxruntime'].session.get_inputs()[0].shape
+    if isinstance(exported_batch, int) and exported_batch != args.batch:
+        why = ('its export takes one image at a time, also with --dynamic'
+               if info.get('dynamic') else 'exported without a dynamic batch axis')
+        raise ValueError(f'--onnx {args.onnx} takes batches of {exported_batch} ({why}); '
+                         f'use --batch {exported_batch}')
+    if not all(isinstance(side, int) for side in (height, width)):  # dynamic axes
+        height, width = ((args.shape * 2)[:2] if args.shape_given
+                         else info.get('input_size', (512, 512)))
+    elif args.shape_given and [height, width] != (args.shape * 2)[:2]:
+        raise ValueError(f'--onnx {args.onnx} was exported for {height}x{width} inputs only; '
+                         'leave out --shape, or export with --dynamic')
+    inputs = torch.randn(args.batch, 3, height, width)
+    results = measure(variants, inference_step(inputs), warmup=args.warmup, repeat=args.repeat)
+    float_output_differences(variants, inputs, results)
+    runtime = results['onnxruntime']
+    if all(math.isnan(m.max_abs_diff) for m in results.values()):
+        notes.append('no differences: the export outputs class indices only (export with '
+                     '--logits to compare logits)')
+    elif not args.checkpoint:
+        runtime.max_abs_diff = runtime.max_rel_diff = math.nan
+        notes.append('onnxruntime: outputs not compared: without --checkpoint (the weights it '
+                     'was exported with) the PyTorch variants have random weights')
+    elif runtime.max_rel_diff > ONNX_AGREEMENT:
+        notes.append(f'onnxruntime: outputs differ by {runtime.max_rel_diff:.2g} of the '
+                     f'largest; was {args.onnx} exported with the weights of {args.checkpoint}?')
+    detection = info['task'] == 'detection'
+    if detection and not math.isnan(runtime.max_abs_diff):
+        notes.append('detections are compared in the order NMS keeps them: where scores are '
+                     'near-equal (as with random weights) that order can change between '
+                     'variants, and the differences say little')
+    what = (f'{args.config} as exported (outputs: {", ".join(info.get("outputs", []))}'
+            + ('; NMS included' if detection else '') + '), ONNX Runtime vs PyTorch')
+    return results, height, width, what
+
+
 def main():
     args = parse_args()
     if args.threads:
@@ -316,46 +357,7 @@ def main():
     if args.plot:  # timings only, before any memory measurement changes the allocator
         plot_sizes(args, arch, names, kwargs)
     if args.onnx:
-        variants = onnx_variants(args.config, args.onnx, args.checkpoint,
-                                 torch.get_num_threads())
-        names = list(variants)
-        info = variants['onnxruntime'].info
-        exported_batch, _, height, width = variants['onnxruntime'].session.get_inputs()[0].shape
-        if isinstance(exported_batch, int) and exported_batch != args.batch:
-            why = ('its export takes one image at a time, also with --dynamic'
-                   if info.get('dynamic') else 'exported without a dynamic batch axis')
-            raise ValueError(f'--onnx {args.onnx} takes batches of {exported_batch} ({why}); '
-                             f'use --batch {exported_batch}')
-        if not all(isinstance(side, int) for side in (height, width)):  # dynamic axes
-            height, width = ((args.shape * 2)[:2] if args.shape_given
-                             else info.get('input_size', (512, 512)))
-        elif args.shape_given and [height, width] != (args.shape * 2)[:2]:
-            raise ValueError(f'--onnx {args.onnx} was exported for {height}x{width} inputs '
-                             f'only; leave out --shape, or export with --dynamic')
-        inputs = torch.randn(args.batch, 3, height, width)
-        step = inference_step(inputs)
-        results = measure(variants, step, warmup=args.warmup, repeat=args.repeat)
-        float_output_differences(variants, inputs, results)
-        runtime = results['onnxruntime']
-        if all(math.isnan(m.max_abs_diff) for m in results.values()):
-            notes.append('no differences: the export outputs class indices only (export with '
-                         '--logits to compare logits)')
-        elif not args.checkpoint:
-            runtime.max_abs_diff = runtime.max_rel_diff = nan
-            notes.append('onnxruntime: outputs not compared: without --checkpoint (the weights '
-                         'it was exported with) the PyTorch variants have random weights')
-        elif runtime.max_rel_diff > ONNX_AGREEMENT:
-            notes.append(f'onnxruntime: outputs differ by {runtime.max_rel_diff:.2g} of the '
-                         f'largest; was {args.onnx} exported with the weights of '
-                         f'{args.checkpoint}?')
-        if info['task'] == 'detection' and not math.isnan(runtime.max_abs_diff):
-            notes.append('detections are compared in the order NMS keeps them: where scores '
-                         'are near-equal (as with random weights) that order can change '
-                         'between variants, and the differences say little')
-        outputs = ', '.join(info.get('outputs', []))
-        what = (f'{args.config} as exported (outputs: {outputs}'
-                + ('; NMS included' if info['task'] == 'detection' else '')
-                + '), ONNX Runtime vs PyTorch')
+        results, height, width, what = run_onnx(args, notes)
     elif args.model:
         try:
             results = run_model(args, height, width, names)
