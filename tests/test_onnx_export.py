@@ -7,6 +7,7 @@ import glob
 import subprocess
 import sys
 from importlib.util import find_spec
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -279,14 +280,25 @@ def test_benchmark_refuses_an_export_of_the_other_task(segmentor):
         'detection model (RetinaNet); give the config it was exported from')
 
 
-def test_benchmark_refuses_an_export_of_another_model_of_the_same_task(segmentor):
+def test_benchmark_takes_the_exported_model_under_any_config_name_and_no_other(segmentor,
+                                                                               tmp_path):
+    """The export stores a digest of its layers' names and shapes: a renamed copy of the config
+    is accepted, a config of the same name with another arch is not."""
     from poolformer_mm.analysis.benchmark import onnx_variants
-    path, other = segmentor[2], 'configs/segmentation/fpn_poolformer_s24.py'
+    path, toy = segmentor[2], str(Path(SEG_CONFIG).resolve())
+    renamed = tmp_path / 'my_segmentor.py'
+    renamed.write_text(f'_base_ = [{toy!r}]\n')
+    assert list(onnx_variants(str(renamed), path, threads=1)) == ['eager', 'deploy',
+                                                                   'onnxruntime']
+    same_name = tmp_path / 'other' / Path(SEG_CONFIG).name
+    same_name.parent.mkdir()
+    same_name.write_text(f"_base_ = [{toy!r}]\nmodel = dict(backbone=dict(arch='s24'))\n")
     with pytest.raises(ValueError) as error:
-        onnx_variants(other, path, threads=1)
+        onnx_variants(str(same_name), path, threads=1)
     assert str(error.value) == (
-        f'--onnx {path} was exported from fpn_poolformer_s12_toy.py, not from {other}; give '
-        'that config (and --checkpoint, the weights it was exported with)')
+        f'--onnx {path} was exported from fpn_poolformer_s12_toy.py, and {same_name} builds a '
+        'model with other layers (arch, classes or heads); give the config it was exported '
+        'from (and --checkpoint, the weights it was exported with)')
 
 
 @pytest.mark.parametrize('metadata, problem', [
@@ -339,6 +351,14 @@ def test_benchmark_times_a_dynamic_export_at_its_size_and_compares_only_the_same
     assert row.split()[-2:] == ['-', '-']
     assert ('onnxruntime: outputs not compared: without --checkpoint (the weights it was '
             'exported with) the PyTorch variants have random weights') in random_weights.stdout
+    # ONNX Runtime's arena keeps its memory: no peak of its own to show
+    assert row.split()[5] == '-' and 'peak memory not measured' in random_weights.stdout
+
+    odd = _benchmark('--config', SEG_CONFIG, '--onnx', path, '--shape', '100', '70')
+    assert odd.returncode == 1
+    assert odd.stderr.strip().splitlines()[-1] == (
+        f'error: --shape 100 70: --onnx {path} takes sides that are multiples of 32 (the size '
+        'divisor of its config)')
 
 @pytest.mark.parametrize('bins', [2, 3, 6, (4, 5)])
 def test_static_adaptive_pool_has_adaptive_pooling_bins(bins):
@@ -392,6 +412,9 @@ def test_int8_quantisation_keeps_metadata_and_most_pixels(segmentor, quantize_to
     agreement = (fp32.run(['output'], {'input': inputs})[0]
                  == int8.run(['output'], {'input': inputs})[0]).mean()
     assert agreement >= 0.9  # int8 changes a few pixels, no more
+    # the benchmark says that its differences from fp32 are those of quantisation
+    from poolformer_mm.analysis.benchmark import _is_quantized
+    assert _is_quantized(out) and not _is_quantized(segmentor[2])
 
 
 @pytest.mark.parametrize('flags, choice, expected', [

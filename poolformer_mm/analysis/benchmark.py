@@ -651,7 +651,7 @@ def format_results(results: Dict[str, Measurement], batch: int, baseline: str,
         speedup = f'{m.speedup_over(base):8.2f}x' if base else '        -'
         line = (f'{name:18} {m.median_ms:10.1f} {min(m.latency_ms):7.1f}-'
                 f'{max(m.latency_ms):<8.1f} {batch * 1000 / m.median_ms:8.2f} {speedup} '
-                f'{m.peak_memory_mb:9.0f} {_difference(m.max_abs_diff, 11)} '
+                f'{_megabytes(m.peak_memory_mb)} {_difference(m.max_abs_diff, 11)} '
                 f'{_difference(m.max_rel_diff, 9)}')
         if show_rate and rates.get(name):
             achieved = 2 * gmacs * batch / (m.median_ms / 1000)
@@ -660,6 +660,10 @@ def format_results(results: Dict[str, Measurement], batch: int, baseline: str,
             line += f' {"-":>9}'
         lines.append(line)
     return '\n'.join(lines)
+
+
+def _megabytes(value: float) -> str:
+    return f'{"-":>9}' if math.isnan(value) else f'{value:9.0f}'
 
 
 def _difference(value: float, width: int) -> str:
@@ -738,6 +742,7 @@ def onnx_variants(config: str, onnx_path: str, checkpoint: Optional[str] = None,
         SegmentorExport,
         SingleStageDetectorExport,
         build_model,
+        model_digest,
     )
     from ..deployment.postprocess import read_deploy_info
     from ..engine.deploy_hook import switch_backbone_to_deploy
@@ -759,11 +764,18 @@ def onnx_variants(config: str, onnx_path: str, checkpoint: Optional[str] = None,
                          f'{config} builds a {builds} model ({type(model).__name__}); give the '
                          'config it was exported from')
     # another model of the same task would run, and be compared with a different network
-    exported_from = info.get('config')
-    if exported_from and exported_from != osp.basename(config):
-        raise ValueError(f'--onnx {onnx_path} was exported from {exported_from}, not from '
-                         f'{config}; give that config (and --checkpoint, the weights it was '
-                         'exported with)')
+    exported_from = info.get('config', '?')
+    if 'model_digest' in info:
+        other = info['model_digest'] != model_digest(model)
+        why = f'and {config} builds a model with other layers (arch, classes or heads)'
+    else:  # exported before the digest was stored: its config's file name must match
+        other = exported_from != osp.basename(config)
+        why = f'not from {config}'
+    if other:
+        raise ValueError(f'--onnx {onnx_path} was exported from {exported_from}, {why}; give '
+                         'the config it was exported from (and --checkpoint, the weights it '
+                         'was exported with)')
+    runtime.quantized = _is_quantized(onnx_path)
     deploy = copy.deepcopy(model)
     switch_backbone_to_deploy(deploy)
     if info['task'] == 'segmentation':
@@ -773,6 +785,15 @@ def onnx_variants(config: str, onnx_path: str, checkpoint: Optional[str] = None,
     else:
         wrap = SingleStageDetectorExport
     return dict(eager=wrap(model).eval(), deploy=wrap(deploy).eval(), onnxruntime=runtime)
+
+
+def _is_quantized(onnx_path: str) -> bool:
+    """Whether the graph computes in int8 (tools/deployment/quantize_onnx.py's QDQ form, or
+    ONNX Runtime's other quantised operators)."""
+    import onnx
+    graph = onnx.load(onnx_path, load_external_data=False).graph
+    return any(node.op_type in ('QuantizeLinear', 'QLinearConv', 'QLinearMatMul',
+                                'ConvInteger', 'MatMulInteger') for node in graph.node)
 
 
 def inference_step(inputs: torch.Tensor) -> Callable:

@@ -20,6 +20,7 @@ file needs no config.
 ``onnx`` is imported here only inside functions: the deploy extra is optional.
 """
 import copy
+import hashlib
 import json
 import os.path as osp
 import warnings
@@ -327,7 +328,17 @@ def deploy_info(model: nn.Module, cfg: Config, shape: Sequence[int], dynamic: bo
         classes=classes, palette=palette)
     if task == 'detection':
         info['detection'] = detection
+    info['model_digest'] = model_digest(model)
     return info
+
+
+def model_digest(model: nn.Module) -> str:
+    """A short hash of the names and shapes of the (unfolded) model's weights: the same for
+    every checkpoint of one config, or of a renamed copy of it; another arch, class count or
+    head gives another."""
+    layout = '\n'.join(f'{name}:{tuple(value.shape)}'
+                       for name, value in sorted(model.state_dict().items()))
+    return hashlib.sha256(layout.encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------- export

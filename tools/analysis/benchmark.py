@@ -293,6 +293,10 @@ def run_onnx(args, notes):
     if not all(isinstance(side, int) for side in (height, width)):  # dynamic axes
         height, width = ((args.shape * 2)[:2] if args.shape_given
                          else info.get('input_size', (512, 512)))
+        divisor = info.get('size_divisor', 1)
+        if height % divisor or width % divisor:
+            raise ValueError(f'--shape {height} {width}: --onnx {args.onnx} takes sides that '
+                             f'are multiples of {divisor} (the size divisor of its config)')
     elif args.shape_given and [height, width] != (args.shape * 2)[:2]:
         raise ValueError(f'--onnx {args.onnx} was exported for {height}x{width} inputs only; '
                          'leave out --shape, or export with --dynamic')
@@ -300,6 +304,11 @@ def run_onnx(args, notes):
     results = measure(variants, inference_step(inputs), warmup=args.warmup, repeat=args.repeat)
     float_output_differences(variants, inputs, results)
     runtime = results['onnxruntime']
+    # its arena keeps the memory of the warm-up runs: the process's peak does not grow
+    runtime.peak_memory_mb = math.nan
+    notes.append('onnxruntime: peak memory not measured (ONNX Runtime keeps its memory '
+                 'between runs)')
+    quantized = variants['onnxruntime'].quantized
     if all(math.isnan(m.max_abs_diff) for m in results.values()):
         notes.append('no differences: the export outputs class indices only (export with '
                      '--logits to compare logits)')
@@ -307,16 +316,20 @@ def run_onnx(args, notes):
         runtime.max_abs_diff = runtime.max_rel_diff = math.nan
         notes.append('onnxruntime: outputs not compared: without --checkpoint (the weights it '
                      'was exported with) the PyTorch variants have random weights')
+    elif quantized:
+        notes.append('onnxruntime: an int8 model; its differences from the fp32 variants are '
+                     'those of quantisation')
     elif runtime.max_rel_diff > ONNX_AGREEMENT:
         notes.append(f'onnxruntime: outputs differ by {runtime.max_rel_diff:.2g} of the '
                      f'largest; was {args.onnx} exported with the weights of {args.checkpoint}?')
     detection = info['task'] == 'detection'
-    if detection and not math.isnan(runtime.max_abs_diff):
+    if detection and not all(math.isnan(m.max_abs_diff) for m in results.values()):
         notes.append('detections are compared in the order NMS keeps them: where scores are '
-                     'near-equal (as with random weights) that order can change between '
-                     'variants, and the differences say little')
-    what = (f'{args.config} as exported (outputs: {", ".join(info.get("outputs", []))}'
-            + ('; NMS included' if detection else '') + '), ONNX Runtime vs PyTorch')
+                     'near-equal that order can change between variants, and the differences '
+                     'say little')
+    what = (f'{args.config} as exported ({"int8; " if quantized else ""}outputs: '
+            f'{", ".join(info.get("outputs", []))}' + ('; NMS included' if detection else '')
+            + '), ONNX Runtime vs PyTorch')
     return results, height, width, what
 
 
@@ -399,7 +412,7 @@ def main():
         print(f'{name} vs {names[0]}: {m.speedup_over(base):.2f}x speed '
               f'({base.median_ms:.1f} / {m.median_ms:.1f} ms)' +
               (f', {m.peak_memory_mb / base.peak_memory_mb:.2f}x peak memory'
-               if base.peak_memory_mb > 0 else ''))
+               if base.peak_memory_mb > 0 and not math.isnan(m.peak_memory_mb) else ''))
 
     if args.json:
         with open(args.json, 'w') as f:
