@@ -125,7 +125,12 @@ TOY_RETINANET = 'configs/detection/toy/retinanet_poolformer_s12_toy.py'
 
 
 @pytest.mark.parametrize('config, out, message', [
-    (TOY_RETINANET, 'dets.txt', '--out for detection must be a .pkl or .pickle file'),
+    (TOY_RETINANET, 'dets.txt', '--out dets.txt: detection writes a .pkl or .pickle file'),
+    (TOY_RETINANET, '{tmp}/model.pth/dets.pkl', '--out {tmp}/model.pth/dets.pkl: '
+                                                '{tmp}/model.pth is a file, not a folder'),
+    (TOY_RETINANET, '', "--out '': give a path, or leave --out out"),
+    (TOY_FPN, '{tmp}/maps.pkl', '--out {tmp}/maps.pkl: segmentation writes a folder of class '
+                                'maps (PNG), not a .pkl file; give a folder'),
     (TOY_RETINANET, '{tmp}/dets.pkl', '--out {tmp}/dets.pkl is a folder; detection writes '
                                       'one .pkl file'),
     (TOY_RETINANET, '/proc/nope/dets.pkl', '--out /proc/nope/dets.pkl: cannot write in '
@@ -146,11 +151,13 @@ def test_an_out_that_cannot_be_written_is_refused_before_the_test_runs(tmp_path,
     assert str(error.value).startswith(message), str(error.value)
 
 
-def test_an_out_folder_is_created_as_the_writers_would(tmp_path, toy_ade):
+@pytest.mark.parametrize('config, out', [(TOY_FPN, 'new/maps'), (TOY_RETINANET, 'new/d.pkl')])
+def test_the_out_check_leaves_nothing_behind(tmp_path, config, out):
     checkpoint = tmp_path / 'model.pth'
     checkpoint.write_bytes(b'')
-    maps = tmp_path / 'new' / 'maps'
-    cfg = config_for_testing(test_parser().parse_args(
-        [TOY_FPN, str(checkpoint), '--data-root', toy_ade, '--out', str(maps)]))
-    assert cfg.test_evaluator['output_dir'] == str(maps) and maps.is_dir()
-    assert list(maps.iterdir()) == []  # the probe leaves nothing behind
+    args = test_parser().parse_args([config, str(checkpoint), '--out', str(tmp_path / out),
+                                     '--data-root', str(tmp_path / 'no_data')])
+    with pytest.raises(FileNotFoundError, match='data root'):  # checked after --out
+        config_for_testing(args)
+    # the folders made to probe --out are gone again; the writers make them when they write
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['model.pth']

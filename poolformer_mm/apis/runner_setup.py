@@ -240,7 +240,7 @@ def config_for_testing(args) -> Config:
         cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [dict(type='DeployBackboneHook')]
     if args.amp:
         _enable_test_amp(cfg, args.amp)
-    if args.out:
+    if args.out is not None:
         _check_out(args.out, task_of(cfg))
     if args.out and task_of(cfg) == 'mmseg':
         cfg.test_evaluator['output_dir'] = args.out
@@ -253,18 +253,30 @@ def config_for_testing(args) -> Config:
 def _check_out(out: str, task: str) -> None:
     """Refuse an ``--out`` that cannot be written before the test runs, not after it.
 
-    Detection dumps one .pkl file, segmentation writes a folder of class maps; the folder is
-    created here, as the writers would, and a file created and removed in it.
+    Detection dumps one .pkl file, segmentation writes a folder of class maps. A file is created
+    and removed where they will write, in folders created for the probe and removed again.
     """
+    if not out.strip():
+        raise InvalidInputError("--out '': give a path, or leave --out out")
+    pickle = out.endswith(('.pkl', '.pickle'))
     if task == 'mmdet':
-        if not out.endswith(('.pkl', '.pickle')):
-            raise InvalidInputError('--out for detection must be a .pkl or .pickle file')
+        if not pickle:
+            raise InvalidInputError(f'--out {out}: detection writes a .pkl or .pickle file')
         if osp.isdir(out):
             raise InvalidInputError(f'--out {out} is a folder; detection writes one .pkl file')
-    elif osp.exists(out) and not osp.isdir(out):
+    elif pickle:
+        raise InvalidInputError(f'--out {out}: segmentation writes a folder of class maps '
+                                '(PNG), not a .pkl file; give a folder')
+    elif osp.lexists(out) and not osp.isdir(out):
         raise InvalidInputError(f'--out {out} is a file; segmentation writes a folder of class '
                                 'maps there')
-    folder = osp.dirname(osp.abspath(out)) if task == 'mmdet' else out
+    folder = osp.dirname(osp.abspath(out)) if task == 'mmdet' else osp.abspath(out)
+    existing = folder
+    while not osp.lexists(existing):
+        existing = osp.dirname(existing)
+    if not osp.isdir(existing):
+        raise InvalidInputError(f'--out {out}: {existing} is a file, not a folder; give '
+                                'another path')
     try:
         os.makedirs(folder, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
@@ -273,6 +285,11 @@ def _check_out(out: str, task: str) -> None:
         reason = error.strerror or str(error)
         raise InvalidInputError(f'--out {out}: cannot write in {folder} ({reason}); give '
                                 'another path') from error
+    finally:
+        # the folders made for the probe: the writers make them again when they write
+        while folder != existing and osp.isdir(folder):
+            os.rmdir(folder)
+            folder = osp.dirname(folder)
 
 
 def _refuse_empty_datasets(runner) -> None:
