@@ -79,6 +79,8 @@ def test_misspelt_backbone_argument_in_a_config_suggests_the_right_one(tmp_path,
         run_training([TOY_RETINANET, '--data-root', coco, '--work-dir', str(tmp_path / 'w'),
                       '--cfg-options', 'model.backbone.out_indice=[1,2,3]'])
     assert isinstance(error.value, TypeError)
+    # refused before the runner starts (and logs its environment and the whole config)
+    assert not [p for p in (tmp_path / 'w').iterdir() if p.is_dir()]
 
 
 def _checkpoint_of_untrained(config, path):

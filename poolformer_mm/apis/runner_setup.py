@@ -319,10 +319,26 @@ def _refuse_empty_datasets(runner) -> None:
     runner.build_dataloader = build_checked
 
 
+def _check_backbone_arguments(cfg: Config) -> None:
+    """A mistyped argument of a PoolFormer / MetaFormer backbone, refused before the runner
+    logs its environment and the whole config (hundreds of lines before the message)."""
+    from mmengine.registry import MODELS
+    backbone = cfg.get('model', {}).get('backbone')
+    if not isinstance(backbone, dict) or not isinstance(backbone.get('type'), str):
+        return
+    try:
+        backbone_class = MODELS.get(backbone['type'])
+    except Exception:  # e.g. a scope whose package does not import: the runner says so
+        return
+    if hasattr(backbone_class, 'check_config_arguments'):
+        backbone_class.check_config_arguments(backbone)
+
+
 def build_runner(cfg: Config):
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
     prepare_cpu_distributed(cfg)
+    _check_backbone_arguments(cfg)
     runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
     # a stock base's ResNet in_channels would otherwise fail in the first forward pass
     check_neck_in_channels(runner.model)

@@ -91,6 +91,14 @@ class DenseBackbone(BaseModule):
         return tuple(sorted(set(out_indices)))
 
     @classmethod
+    def check_config_arguments(cls, backbone_cfg: dict) -> None:
+        """Refuse a config's backbone dict with arguments this class does not take, before
+        anything is built (the same message as the constructor's)."""
+        valid = inspect.signature(cls.__init__).parameters
+        cls._reject_unknown_arguments([name for name in backbone_cfg if name not in valid
+                                       and name not in ('type', '_scope_')])
+
+    @classmethod
     def _reject_unknown_arguments(cls, unknown: dict) -> None:
         # A typo in a config (``out_indice=...``) would otherwise surface as a bare TypeError
         # from deep inside the registry.
