@@ -161,3 +161,16 @@ def test_the_out_check_leaves_nothing_behind(tmp_path, config, out):
         config_for_testing(args)
     # the folders made to probe --out are gone again; the writers make them when they write
     assert sorted(p.name for p in tmp_path.iterdir()) == ['model.pth']
+
+
+def test_only_the_first_process_probes_where_out_is_written(tmp_path, monkeypatch):
+    """In a distributed run the probe's folders would race between processes; rank 0 probes,
+    and it is the one that writes the detection dump."""
+    from poolformer_mm.apis.runner_setup import _check_out
+    monkeypatch.setenv('RANK', '1')
+    _check_out('/proc/nope/dets.pkl', 'mmdet')  # rank 0 reports it
+    with pytest.raises(Exception, match='detection writes a .pkl'):  # checks of the name stay
+        _check_out(str(tmp_path / 'dets.txt'), 'mmdet')
+    monkeypatch.setenv('RANK', '0')
+    with pytest.raises(Exception, match='cannot write in /proc/nope'):
+        _check_out('/proc/nope/dets.pkl', 'mmdet')

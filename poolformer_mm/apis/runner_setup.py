@@ -4,6 +4,7 @@ The flags are those of mmdet 3.3's and mmseg 1.2's scripts, plus ``--eval`` (the
 ``--data-root``. Which upstream behaviour applies is read from the config's ``default_scope``.
 """
 import argparse
+import contextlib
 import copy
 import json
 import logging
@@ -270,6 +271,8 @@ def _check_out(out: str, task: str) -> None:
     elif osp.lexists(out) and not osp.isdir(out):
         raise InvalidInputError(f'--out {out} is a file; segmentation writes a folder of class '
                                 'maps there')
+    if int(os.environ.get('RANK', 0)) != 0:
+        return  # the write probe below on one process of a distributed run: no races
     folder = osp.dirname(osp.abspath(out)) if task == 'mmdet' else osp.abspath(out)
     existing = folder
     while not osp.lexists(existing):
@@ -287,9 +290,10 @@ def _check_out(out: str, task: str) -> None:
                                 'another path') from error
     finally:
         # the folders made for the probe: the writers make them again when they write
-        while folder != existing and osp.isdir(folder):
-            os.rmdir(folder)
-            folder = osp.dirname(folder)
+        with contextlib.suppress(OSError):  # a folder someone else has just written into
+            while folder != existing and osp.isdir(folder):
+                os.rmdir(folder)
+                folder = osp.dirname(folder)
 
 
 def _refuse_empty_datasets(runner) -> None:
