@@ -141,7 +141,6 @@ def prepare_cpu_distributed(cfg: Config) -> None:
         dist.init_process_group(backend='gloo', init_method='env://')
 
 
-
 @contextmanager
 def closing_process_group():
     """Around a whole run: if the run starts a process group, wait for every rank and destroy
