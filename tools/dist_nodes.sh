@@ -16,3 +16,12 @@ NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 PORT=${PORT:-29500}
 PYTHON=${PYTHON:-python}
+# torchrun's own message for a taken port is a traceback ending in EADDRINUSE
+if [ "$NODE_RANK" = 0 ] && ! "$PYTHON" -c 'import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torchrun: TIME_WAIT is no obstacle
+s.bind(("", int(sys.argv[1])))' "$PORT" 2>/dev/null; then
+    echo "$(basename "$0"): port $PORT is in use on this machine (another distributed job?):" \
+         "choose a free one, e.g. PORT=$((PORT + 1)) $(basename "$0") ..." >&2
+    exit 2
+fi

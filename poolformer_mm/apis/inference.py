@@ -22,6 +22,7 @@ from mmengine.logging import print_log
 
 from ..engine import enable_inference_autocast, log_amp_dtype, prepare_for_inference
 from ..engine.safe_checkpoints import check_checkpoint_path
+from ..engine.work_dir import refuse_output_over_inputs, refuse_symlinks
 from ..errors import InputNotFoundError, InvalidInputError
 from ..models import check_neck_in_channels
 from .checkpoint_fit import check_checkpoint_fits
@@ -136,10 +137,12 @@ def draw_predictions(config: str, checkpoint: str, inputs: Sequence[str], out_di
     Raises:
         InputNotFoundError: for an input that is neither an image nor a folder of images.
         InvalidInputError: naming the file, for an image that is damaged or that the config's
-            test resize makes too thin for the model, or two images of the same name; naming
-            the parts, for a checkpoint that does not fit the config's model. Nothing is
-            written then.
+            test resize makes too thin for the model, two images of the same name, or an
+            ``out_dir`` that is or holds an input; naming the parts, for a checkpoint that
+            does not fit the config's model. Nothing is written then.
     """
+    if not osp.isfile(config):
+        raise InputNotFoundError(f"config file '{config}' not found: check the path")
     cfg = Config.fromfile(config)
     images = collect_images(inputs)
     out_files = [osp.join(out_dir, osp.splitext(osp.basename(path))[0] + '.png')
@@ -152,6 +155,8 @@ def draw_predictions(config: str, checkpoint: str, inputs: Sequence[str], out_di
                 f"'{out_file}': give them different names, or run them in separate calls with "
                 'different --out-dir')
         drawn_by[out_file] = path
+    refuse_output_over_inputs(out_dir, inputs, '--out-dir')
+    refuse_symlinks(out_files, '--out-dir')
     check_checkpoint_path(checkpoint)
     # Every image is decoded and checked before the model is built, so a damaged file or one too
     # thin for the test resize stops with its name at once, instead of an OpenCV assertion after

@@ -19,14 +19,30 @@ from mmengine.config import Config
 from mmengine.dist import is_main_process
 from mmengine.hooks import CheckpointHook
 from mmengine.logging import print_log
+from mmengine.runner.checkpoint import CheckpointLoader
 
 from ..engine.amp_choice import add_amp_option, log_amp_dtype
 from ..engine.safe_checkpoints import check_checkpoint_path
-from ..engine.work_dir import find_resumable_checkpoint, lock_work_dir
-from ..errors import InvalidInputError
+from ..engine.work_dir import (
+    check_writable,
+    find_resumable_checkpoint,
+    lock_work_dir,
+    process_rank,
+    refuse_output_over_inputs,
+    refuse_symlinks,
+    refuse_symlinks_in,
+)
+from ..errors import InputNotFoundError, InvalidInputError
 from ..models import check_neck_in_channels
 from .checkpoint_fit import check_checkpoint_fits
-from .data_checks import CheckedDictAction, add_data_checks, check_data_roots, override_data_root
+from .data_checks import (
+    CheckedDictAction,
+    _datasets,
+    _expected_paths,
+    add_data_checks,
+    check_data_roots,
+    override_data_root,
+)
 from .distributed import closing_process_group, prepare_cpu_distributed
 from .eval_metrics import DETECTION_METRICS, SEGMENTATION_METRICS, set_eval_metrics, task_of
 
@@ -88,12 +104,16 @@ def test_parser() -> argparse.ArgumentParser:
 
 
 def _load_config(args) -> Config:
+    if not osp.isfile(args.config):
+        raise InputNotFoundError(f"config file '{args.config}' not found: check the path")
     cfg = Config.fromfile(args.config)
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)
     task_of(cfg)
     cfg.launcher = args.launcher
-    if 'LOCAL_RANK' not in os.environ:
+    if args.launcher == 'none':
+        os.environ['LOCAL_RANK'] = '0'  # one process, whatever a job's shell left in the variable
+    elif 'LOCAL_RANK' not in os.environ:
         os.environ['LOCAL_RANK'] = str(args.local_rank)
     if args.work_dir is not None:
         cfg.work_dir = args.work_dir
@@ -167,13 +187,26 @@ def config_for_training(args) -> Config:
         # run_training picks the newest readable checkpoint once it holds the work dir
         cfg.resume = True
     elif args.resume is not None:
-        check_checkpoint_path(args.resume, '--resume checkpoint')
+        _check_training_state(args.resume)
         cfg.resume, cfg.load_from = True, args.resume
     check_data_roots(cfg, loaders=('train_dataloader', 'val_dataloader'))
     add_data_checks(cfg)
     _add_guard_hooks(cfg, ['FiniteLossHook', 'RandomStateHook'])
     _use_crash_safe_checkpoint_hook(cfg)
     return cfg
+
+
+def _check_training_state(checkpoint: str) -> None:
+    """Refuse a ``--resume`` checkpoint that holds weights only (mmengine: ``KeyError: 'meta'``
+    after the whole model is built)."""
+    check_checkpoint_path(checkpoint, '--resume checkpoint')
+    state = CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu', logger='silent')
+    meta = state.get('meta') if isinstance(state, dict) else None
+    if not (isinstance(meta, dict) and {'epoch', 'iter'} <= set(meta) and 'message_hub' in state):
+        raise InvalidInputError(
+            f"--resume '{checkpoint}' holds no training state (the 'meta' and 'message_hub' of a "
+            'checkpoint that tools/train.py wrote): it cannot be resumed. To start a training '
+            f'from its weights, pass --cfg-options load_from={checkpoint} without --resume.')
 
 
 def _enable_visualization(cfg: Config, args) -> None:
@@ -241,8 +274,16 @@ def config_for_testing(args) -> Config:
         cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [dict(type='DeployBackboneHook')]
     if args.amp:
         _enable_test_amp(cfg, args.amp)
+    inputs = [path for dataset in _datasets(cfg, ('test_dataloader', ))
+              for path in _expected_paths(dataset)]
+    for flag, output in (('--out', args.out), ('--show-dir', args.show_dir)):
+        if output:
+            refuse_output_over_inputs(output, inputs, flag)
+            refuse_symlinks_in(output, flag)
+    if args.out and task_of(cfg) == 'mmdet':
+        refuse_symlinks([args.out], '--out')
     if args.out is not None:
-        _check_out(args.out, task_of(cfg))
+        _check_out(args.out, task_of(cfg), args.launcher)
     if args.out and task_of(cfg) == 'mmseg':
         cfg.test_evaluator['output_dir'] = args.out
         cfg.test_evaluator['keep_results'] = True
@@ -251,7 +292,7 @@ def config_for_testing(args) -> Config:
     return cfg
 
 
-def _check_out(out: str, task: str) -> None:
+def _check_out(out: str, task: str, launcher: str = 'none') -> None:
     """Refuse an ``--out`` that cannot be written before the test runs, not after it.
 
     Detection dumps one .pkl file, segmentation writes a folder of class maps. A file is created
@@ -271,7 +312,7 @@ def _check_out(out: str, task: str) -> None:
     elif osp.lexists(out) and not osp.isdir(out):
         raise InvalidInputError(f'--out {out} is a file; segmentation writes a folder of class '
                                 'maps there')
-    if int(os.environ.get('RANK', 0)) != 0:
+    if process_rank(launcher) != 0:
         return  # the write probe below on one process of a distributed run: no races
     folder = osp.dirname(osp.abspath(out)) if task == 'mmdet' else osp.abspath(out)
     existing = folder
@@ -341,6 +382,12 @@ def _check_backbone_arguments(cfg: Config) -> None:
 def build_runner(cfg: Config):
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
+    # the runner writes its config, logs and checkpoints in place there (a link is followed)
+    refuse_symlinks_in(cfg.work_dir, '--work-dir')
+    check_writable(cfg.work_dir, '--work-dir')
+    checkpoint_dir = _checkpoint_dir(cfg)
+    if checkpoint_dir:
+        refuse_symlinks_in(checkpoint_dir, 'checkpoint out_dir')
     prepare_cpu_distributed(cfg)
     _check_backbone_arguments(cfg)
     runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
@@ -366,8 +413,10 @@ def _resume_latest(cfg: Config) -> None:
 def run_training(argv: Optional[Sequence[str]] = None):
     args = train_parser().parse_args(argv)
     cfg = config_for_training(args)
-    # Held while training: a second training on this work dir stops here.
-    work_dir_lock = lock_work_dir(cfg.work_dir)
+    # Held while training: a second training on this work dir, or writing into the same
+    # checkpoint folder, stops here.
+    check_writable(cfg.work_dir, '--work-dir')
+    locks = lock_work_dir(cfg.work_dir, args.launcher, _checkpoint_dir(cfg))
     try:
         if args.resume == 'auto':
             _resume_latest(cfg)
@@ -375,9 +424,18 @@ def run_training(argv: Optional[Sequence[str]] = None):
             runner = build_runner(cfg)
             runner.train()
     finally:
-        if work_dir_lock is not None:
-            work_dir_lock.release()
+        for lock in locks:
+            lock.release()
     return runner
+
+
+def _checkpoint_dir(cfg: Config) -> Optional[str]:
+    """Where the checkpoint hook writes when its ``out_dir`` is a local folder:
+    ``<out_dir>/<work dir name>`` (mmengine's rule); None for the work dir itself."""
+    out_dir = (cfg.get('default_hooks', {}).get('checkpoint') or {}).get('out_dir')
+    if not out_dir or '://' in str(out_dir):
+        return None
+    return osp.join(out_dir, osp.basename(osp.abspath(cfg.work_dir)))
 
 
 def run_testing(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:

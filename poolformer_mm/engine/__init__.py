@@ -13,7 +13,7 @@ from .safe_checkpoints import (
     register_safe_checkpoint_io,
 )
 from .seg_pictures_hook import SegPicturesHook
-from .work_dir import WorkDirLock, find_resumable_checkpoint, lock_work_dir
+from .work_dir import WorkDirLock, find_resumable_checkpoint, lock_work_dir, process_rank
 
 __all__ = [
     'AtomicLocalBackend', 'BF16AutocastOptimWrapper', 'ChannelsLastHook', 'CrashSafeCheckpointHook',
@@ -21,6 +21,7 @@ __all__ = [
     'DeployBackboneHook', 'FiniteLossHook', 'InferenceAutocastHook', 'enable_inference_autocast',
     'amp_dtype', 'log_amp_dtype', 'prepare_for_inference',
     'WorkDirLock', 'find_resumable_checkpoint', 'is_remote_checkpoint', 'lock_work_dir',
+    'process_rank',
     'load_from_local_weights_only', 'register_safe_checkpoint_io', 'switch_backbone_to_deploy',
     'RandomStateHook', 'SegPicturesHook', 'get_random_state', 'set_random_state'
 ]

@@ -30,6 +30,8 @@ per call:
    file or the complete new one. The temporary file gets the mode the umask gives.
 """
 import argparse
+import hashlib
+import http.client
 import io
 import os
 import os.path as osp
@@ -177,8 +179,7 @@ def load_from_local_weights_only(filename: str, map_location=None):
     # (mmengine logs "Loads checkpoint by <name minus 'load_from_'> backend")
     """A local checkpoint, read with ``weights_only=True`` (or as safetensors)."""
     filename = osp.expanduser(filename)
-    if not osp.isfile(filename):
-        raise CheckpointUnavailableError(f"checkpoint '{filename}' not found")
+    check_checkpoint_path(filename)
     return load_weights_only(filename, filename, map_location)
 
 
@@ -190,8 +191,12 @@ def is_remote_checkpoint(path: str) -> bool:
 def check_checkpoint_path(path: str, what: str = 'checkpoint') -> None:
     """Raise :class:`~poolformer_mm.errors.CheckpointUnavailableError` (a FileNotFoundError)
     naming ``what`` when ``path`` is neither a file nor a scheme."""
-    if not is_remote_checkpoint(path) and not osp.isfile(osp.expanduser(path)):
-        raise CheckpointUnavailableError(f"{what} '{path}' not found")
+    if is_remote_checkpoint(path) or osp.isfile(osp.expanduser(path)):
+        return
+    if osp.isdir(osp.expanduser(path)):
+        raise CheckpointUnavailableError(f"{what} '{path}' is a folder: give the checkpoint "
+                                         'file in it (e.g. its latest iter_N.pth or epoch_N.pth)')
+    raise CheckpointUnavailableError(f"{what} '{path}' not found")
 
 
 # ------------------------------------------------------------------- URLs: where they are kept
@@ -204,7 +209,8 @@ LOCAL_CHECKPOINT_DIR = 'checkpoints'
 DOWNLOAD_TIMEOUT_S = 20
 # Hugging Face Hub file URLs: <host>/<owner>/<repo>/resolve/<revision>/<file>; their file names
 # (model.safetensors, pytorch_model.bin) are the same for every model.
-_HF_RESOLVE_URL = re.compile(r'^/[^/]+/(?P<repo>[^/]+)/resolve/[^/]+/(?:.+/)?(?P<file>[^/]+)$')
+_HF_RESOLVE_URL = re.compile(r'^/(?P<owner>[^/]+)/(?P<repo>[^/]+)/resolve/(?P<revision>[^/]+)/'
+                             r'(?:.+/)?(?P<file>[^/]+)$')
 _HF_GENERIC_NAME = re.compile(r'^(?:pytorch_)?model(?P<ext>\.[A-Za-z]+)$')
 
 
@@ -213,8 +219,9 @@ def checkpoint_file_name(url: str) -> str:
 
     That is the URL's own file name (as ``torch.hub`` and mmengine name it), except for the
     Hugging Face Hub's per-model files: ``.../timm/convformer_s18.sail_in1k/resolve/main/
-    model.safetensors`` is kept as ``convformer_s18.sail_in1k.safetensors``, so that the weights
-    of two models do not take each other's place.
+    model.safetensors`` is kept as ``convformer_s18.sail_in1k.safetensors`` and the same file of
+    another owner or revision as ``<owner>--<repo>--<revision>.safetensors``, so that the
+    weights of two models do not take each other's place.
     """
     path = urlparse(url).path
     name = osp.basename(path)
@@ -223,7 +230,9 @@ def checkpoint_file_name(url: str) -> str:
     hub = _HF_RESOLVE_URL.match(path)
     generic = _HF_GENERIC_NAME.match(name)
     if hub and generic:
-        return hub['repo'] + generic['ext']
+        if (hub['owner'], hub['revision']) == ('timm', 'main'):  # the name earlier versions gave
+            return hub['repo'] + generic['ext']
+        return f"{hub['owner']}--{hub['repo']}--{hub['revision']}{generic['ext']}"
     return name
 
 
@@ -234,8 +243,33 @@ def local_checkpoint_path(url: str) -> str:
 
 
 def cached_checkpoint_path(url: str) -> str:
-    """Where :func:`download_checkpoint` keeps ``url``: the torch hub cache, as ``torch.hub``."""
-    return osp.join(torch.hub.get_dir(), 'checkpoints', checkpoint_file_name(url))
+    """Where :func:`download_checkpoint` keeps ``url``: the torch hub cache, as ``torch.hub``,
+    under :func:`checkpoint_file_name`; when a download of another URL already holds that name
+    (its URL is recorded beside it, in ``<name>.url``), under ``<stem>-<hash of url><ext>``."""
+    path = osp.join(torch.hub.get_dir(), 'checkpoints', checkpoint_file_name(url))
+    source = _recorded_source(path)
+    if source is None or source == url:  # this URL's file, or one kept before records existed
+        return path
+    stem, ext = _split_extension(path)
+    return f'{stem}-{hashlib.sha256(url.encode()).hexdigest()[:8]}{ext}'
+
+
+def _recorded_source(path: str) -> Optional[str]:
+    """The URL recorded for the downloaded file ``path``, or None."""
+    try:
+        with open(path + '.url', encoding='utf-8') as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _split_extension(path: str):
+    """``('x/poolformer_s12', '.pth.tar')``: a two-part extension kept whole."""
+    stem, ext = osp.splitext(path)
+    if ext in ('.tar', '.gz') and osp.splitext(stem)[1]:
+        stem, first = osp.splitext(stem)
+        ext = first + ext
+    return stem, ext
 
 
 def _unavailable(url: str, reason: str) -> CheckpointUnavailableError:
@@ -248,7 +282,8 @@ def _unavailable(url: str, reason: str) -> CheckpointUnavailableError:
 
 def _download(url: str, dst: str, timeout: float) -> None:
     """Stream ``url`` to ``dst`` through a temporary file in the same folder, renamed into place
-    when complete; an error, a timeout or a short body leaves no file behind."""
+    (and ``url`` recorded in ``<dst>.url``) only once it is complete and opens as a checkpoint:
+    an error, a timeout or a short body leaves no file behind."""
     folder = osp.dirname(dst)
     os.makedirs(folder, exist_ok=True)
     tmp_path = osp.join(folder, f'.{osp.basename(dst)}{INCOMPLETE_MARK}{secrets.token_hex(4)}.tmp')
@@ -270,6 +305,10 @@ def _download(url: str, dst: str, timeout: float) -> None:
             # http.client returns a short body without an error when the connection drops
             if expected is not None and received != expected:
                 raise OSError(f'connection closed after {received} of {expected} bytes')
+        # A server that sends no length, or too small a one, ends a cut body without a sign:
+        # only a file that opens as a checkpoint is kept.
+        load_weights_only(tmp_path, url)
+        AtomicLocalBackend._replace(dst + '.url', url.encode())
         os.replace(tmp_path, dst)
     finally:
         if osp.exists(tmp_path):
@@ -298,11 +337,17 @@ def download_checkpoint(url: str) -> str:
         print_log(f'Downloading {url} to {cached}', logger='current')
         try:
             _download(url, cached, DOWNLOAD_TIMEOUT_S)
-        except (urllib.error.URLError, OSError, ValueError) as err:
+        except InvalidInputError as err:
+            raise InvalidInputError(f'{err} (downloaded from the URL; nothing was kept)') from None
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as err:
             # URLError wraps DNS and connection errors (its reason says which); socket timeouts
-            # are OSErrors; an HTTPError's own text has the status code
+            # are OSErrors; an HTTPError's own text has the status code; HTTPExceptions are a
+            # chunked body cut off (IncompleteRead) or a reply that is not HTTP (BadStatusLine)
             reason = err if isinstance(err, urllib.error.HTTPError) else (
                 getattr(err, 'reason', None) or err)
+            if isinstance(err, http.client.HTTPException):
+                reason = f'the connection broke, or the reply is not HTTP: {err!r}'
+
             raise _unavailable(url, f'could not download it ({reason})') from None
     if world_size > 1:
         barrier()

@@ -1,4 +1,5 @@
-"""A training's work dir: one job at a time, and the checkpoint to resume from."""
+"""Where runs write: one training at a time in a work dir, never through a symbolic link,
+never over an input; and the checkpoint to resume from."""
 import errno
 import fcntl
 import glob
@@ -6,7 +7,9 @@ import logging
 import os
 import os.path as osp
 import re
-from typing import List, Optional, Sequence
+import stat
+import tempfile
+from typing import Iterable, List, Optional, Sequence
 
 from mmengine.logging import print_log
 from mmengine.runner.checkpoint import CheckpointLoader
@@ -27,30 +30,44 @@ class WorkDirLock:
     """
 
     def __init__(self, work_dir: str):
-        os.makedirs(work_dir, exist_ok=True)
+        self._fd = None
         self.path = osp.join(work_dir, LOCK_NAME)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        refuse_symlinks([self.path], "the work dir's lock")
         try:
-            fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.makedirs(work_dir, exist_ok=True)
+            # O_NOFOLLOW: a link put there after the check above fails here instead of being
+            # followed and its target truncated
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
+        except OSError as err:
+            raise InvalidInputError(f"cannot write in the work dir '{work_dir}' ({err.strerror}): "
+                                    'pass a writable --work-dir') from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
+            os.close(fd)
+            raise InvalidInputError(
+                f"'{self.path}' is not a plain file of its own (another kind of file, or a hard "
+                "link to another file): training would overwrite it. Remove it and start again.")
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
             if err.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
                 # some network file systems (NFS without lockd, Lustre without flock) have none
-                os.close(self._fd)
-                self._fd = None
+                os.close(fd)
                 print_log(f"cannot lock the work dir '{work_dir}' ({err.strerror}): nothing "
                           'stops a second training from writing into it at the same time',
                           logger='current', level=logging.WARNING)
                 return
             if err.errno not in (errno.EACCES, errno.EAGAIN):
                 raise
-            holder = os.pread(self._fd, 64, 0).decode(errors='replace').strip() or 'unknown'
-            os.close(self._fd)
+            holder = os.pread(fd, 64, 0).decode(errors='replace').strip() or 'unknown'
+            os.close(fd)
             raise WorkDirInUseError(
                 f"work dir '{work_dir}' is in use by another training (process {holder}); two "
                 'jobs there would overwrite each other\'s checkpoints. Wait for it to finish or '
                 'stop it, or pass another --work-dir.') from None
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+        os.ftruncate(fd, 0)  # a file of our own (checked above), holding the last holder's PID
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
 
     def release(self) -> None:
         if self._fd is not None:
@@ -58,16 +75,76 @@ class WorkDirLock:
             self._fd = None
 
 
-def _global_rank() -> int:
-    for name in ('RANK', 'SLURM_PROCID', 'OMPI_COMM_WORLD_RANK'):
-        if name in os.environ:
-            return int(os.environ[name])
-    return 0
+# The variable each launcher sets to a process's global rank.
+_RANK_VARIABLES = {'pytorch': 'RANK', 'slurm': 'SLURM_PROCID', 'mpi': 'OMPI_COMM_WORLD_RANK'}
 
 
-def lock_work_dir(work_dir: str) -> Optional[WorkDirLock]:
-    """Lock ``work_dir`` for this training; in a distributed job only the first process does."""
-    return WorkDirLock(work_dir) if _global_rank() == 0 else None
+def process_rank(launcher: str = 'none') -> int:
+    """This process's global rank under ``launcher`` (the tools' ``--launcher``). Without a
+    launcher a process is rank 0 of 1, whatever ``RANK`` or ``SLURM_PROCID`` say: those may be
+    left over from a shell inside a job."""
+    name = _RANK_VARIABLES.get(launcher)
+    return int(os.environ.get(name, 0)) if name else 0
+
+
+def lock_work_dir(work_dir: str, launcher: str = 'none',
+                  checkpoint_dir: Optional[str] = None) -> List[WorkDirLock]:
+    """Lock ``work_dir`` for this training, and ``checkpoint_dir`` (the checkpoint hook's
+    ``<out_dir>/<work dir name>``) too when it is another folder: two trainings that would
+    write the same checkpoints stop at the second. In a distributed job only rank 0 locks."""
+    if process_rank(launcher) != 0:
+        return []
+    folders = [work_dir] + ([checkpoint_dir] if checkpoint_dir else [])
+    locks = []
+    try:
+        for folder in {osp.realpath(f): f for f in folders}.values():
+            locks.append(WorkDirLock(folder))
+    except BaseException:
+        for lock in locks:
+            lock.release()
+        raise
+    return locks
+
+
+def refuse_symlinks(paths: Iterable[str], what: str) -> None:
+    """Refuse to write at ``paths`` when one is a symbolic link: a folder received from someone
+    else could point it at any file of the user's, which the write would replace."""
+    for path in paths:
+        if osp.islink(path):
+            raise InvalidInputError(
+                f"{what} '{path}' is a symbolic link (to '{os.readlink(path)}'): writing there "
+                'would overwrite the file it points to. Remove the link, or write elsewhere.')
+
+
+def refuse_symlinks_in(folder: str, what: str) -> None:
+    """:func:`refuse_symlinks` for every entry of ``folder`` (the files a run may write there)."""
+    if osp.isdir(folder):
+        refuse_symlinks(sorted(osp.join(folder, n) for n in os.listdir(folder)), f'{what}:')
+
+
+def check_writable(folder: str, flag: str) -> None:
+    """Create ``folder`` if needed and write a temporary file in it, or say why it cannot be."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise InvalidInputError(f"{flag} '{folder}': cannot write there ({err.strerror}); give "
+                                'a folder you can write in') from None
+
+
+def refuse_output_over_inputs(output: str, inputs: Iterable[str], flag: str) -> None:
+    """Refuse an output path that is, or contains, one of ``inputs`` (files or folders): the
+    tool would write its pictures or predictions over them."""
+    out = osp.realpath(output)
+    for path in inputs:
+        if not path:
+            continue
+        inp = osp.realpath(path)
+        if inp == out or inp.startswith(out.rstrip(os.sep) + os.sep):
+            raise InvalidInputError(
+                f"{flag} '{output}' is or contains the input '{path}': what is written there "
+                f'could replace it. Give {flag} a folder of its own.')
 
 
 def _periodic_name(filename_tmpl: Optional[str]) -> re.Pattern:
