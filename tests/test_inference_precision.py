@@ -718,34 +718,43 @@ def test_benchmark_differences_are_against_the_baseline_in_fp32_and_rows_name_pr
     assert rows['deploy:bf16'][-1] == '-' and rows['deploy'][-1].endswith('%')
 
 
-def _matmul_taking(gflops_per_s: float, sizes: list):
-    """A stand-in for ``torch.mm`` that takes as long as a machine of that rate would."""
-    def mm(a, b):
-        import time
-        sizes.append(a.shape[0])
-        time.sleep(2 * a.shape[0] * a.shape[1] * b.shape[1] / (gflops_per_s * 1e9))
+class _MachineOfRate:
+    """A stand-in for ``torch.mm`` and the benchmark's clock: each product moves the clock on by
+    the time a machine of ``gflops_per_s`` would take. No real time passes, so the result does
+    not depend on how fast or busy the machine running the test is."""
+
+    def __init__(self, gflops_per_s: float):
+        self.gflops_per_s = gflops_per_s
+        self.now = 0.0
+        self.sizes = []
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def mm(self, a, b):
+        self.sizes.append(a.shape[0])
+        self.now += 2 * a.shape[0] * a.shape[1] * b.shape[1] / (self.gflops_per_s * 1e9)
         return a
-    return mm
 
 
 def test_matmul_rate_of_an_emulating_cpu_is_measured_in_seconds_not_minutes(monkeypatch):
     """bf16 on a CPU without bf16 units ran at 1.2-1.4 GFLOP/s (AMD EPYC, AVX2 only): 13
     products of 2048 took minutes before the benchmark printed anything."""
-    import time
+    import types
 
     from poolformer_mm.analysis import benchmark
-    sizes = []
-    monkeypatch.setattr(torch, 'mm', _matmul_taking(1.0, sizes))
-    start = time.perf_counter()
-    rate = benchmark.matmul_gflops(dtype=torch.bfloat16, repeat=3)
-    assert time.perf_counter() - start < 5
-    assert max(sizes) <= 512
-    assert rate == pytest.approx(1.0, rel=0.3)
+    slow = _MachineOfRate(1.0)
+    monkeypatch.setattr(torch, 'mm', slow.mm)
+    monkeypatch.setattr(benchmark, 'time', types.SimpleNamespace(perf_counter=slow.perf_counter))
+    assert benchmark.matmul_gflops(dtype=torch.bfloat16, repeat=3) == pytest.approx(1.0)
+    assert slow.now < 5  # seconds such a machine spends
+    assert max(slow.sizes) <= 512
     # a fast machine keeps the large size, whose rate is the one the fractions need
-    sizes.clear()
-    monkeypatch.setattr(torch, 'mm', _matmul_taking(1000.0, sizes))
-    assert benchmark.matmul_gflops(repeat=1) == pytest.approx(1000.0, rel=0.3)
-    assert max(sizes) == 2048
+    fast = _MachineOfRate(1000.0)
+    monkeypatch.setattr(torch, 'mm', fast.mm)
+    monkeypatch.setattr(benchmark, 'time', types.SimpleNamespace(perf_counter=fast.perf_counter))
+    assert benchmark.matmul_gflops(repeat=1) == pytest.approx(1000.0)
+    assert max(fast.sizes) == 2048
 
 
 def test_benchmark_says_bf16_is_emulated_on_a_cpu_without_bf16_units(monkeypatch):

@@ -11,7 +11,6 @@ import http.server
 import os
 import socket
 import threading
-import time
 import urllib.request
 from urllib.parse import urlparse
 
@@ -223,10 +222,8 @@ def test_a_server_that_never_answers_fails_after_the_timeout_and_leaves_no_file(
     monkeypatch.setattr(safe_checkpoints, 'DOWNLOAD_TIMEOUT_S', 0.5)
     with silent_server() as port:
         url = f'http://127.0.0.1:{port}/poolformer_s12.pth.tar'
-        start = time.monotonic()
         with pytest.raises(CheckpointUnavailableError, match='timed out'):
             CheckpointLoader.load_checkpoint(url)
-        assert time.monotonic() - start < 5
     assert os.listdir(_hub_cache(tmp_path)) == []
 
 
