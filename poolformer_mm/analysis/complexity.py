@@ -39,7 +39,7 @@ from mmengine.analysis import FlopAnalyzer, parameter_count
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
 
-from ..apis.eval_metrics import task_of
+from ..apis.eval_metrics import read_config, task_of
 from ..models import PoolFormer
 from ..models.backbones.base import DenseBackbone
 
@@ -183,7 +183,7 @@ def backbone_complexity(backbone: Union[str, dict, nn.Module],
 
 def load_config(config: Union[str, Path, Config]) -> Config:
     """Read a config file (its custom_imports register PoolFormer) or pass a Config through."""
-    return config if isinstance(config, Config) else Config.fromfile(config)
+    return config if isinstance(config, Config) else read_config(str(config))
 
 
 def build_model_without_pretrained(cfg: Config) -> nn.Module:

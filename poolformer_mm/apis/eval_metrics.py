@@ -1,12 +1,21 @@
-"""The old ``--eval bbox segm`` / ``--eval mIoU`` flags of mmdet 2.x / mmseg 0.x test scripts."""
+"""A config file read, its task, and the old ``--eval bbox segm`` / ``--eval mIoU`` flags of
+mmdet 2.x / mmseg 0.x test scripts."""
+import os.path as osp
 from typing import Sequence
 
 from mmengine.config import Config
 
-from ..errors import InvalidInputError
+from ..errors import InputNotFoundError, InvalidInputError
 
 DETECTION_METRICS = ('bbox', 'segm', 'proposal')
 SEGMENTATION_METRICS = ('mIoU', 'mDice', 'mFscore')
+
+
+def read_config(path: str) -> Config:
+    """``Config.fromfile(path)``, with one line for a path that is not a file."""
+    if not osp.isfile(path):
+        raise InputNotFoundError(f"config file '{path}' not found: check the path")
+    return Config.fromfile(path)
 
 
 def task_of(cfg: Config) -> str:

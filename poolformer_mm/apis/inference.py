@@ -27,7 +27,7 @@ from ..errors import InputNotFoundError, InvalidInputError
 from ..models import check_neck_in_channels
 from .checkpoint_fit import check_checkpoint_fits
 from .data_checks import check_image_fits_model, read_image_for_inference
-from .eval_metrics import task_of
+from .eval_metrics import read_config, task_of
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
@@ -90,7 +90,7 @@ def init_inferencer(config: Union[str, Config], checkpoint: str, device: str = '
         ValueError: if the checkpoint does not fit the config's model (another arch or task),
             naming each part that does not fit.
     """
-    cfg = Config.fromfile(config) if isinstance(config, str) else copy.deepcopy(config)
+    cfg = read_config(config) if isinstance(config, str) else copy.deepcopy(config)
     name = f"'{cfg.filename}'" if cfg.filename else 'the config'
     check_checkpoint_path(checkpoint)
     # The inferencers return the pictures they draw; a visualiser backend without a save_dir
@@ -141,9 +141,7 @@ def draw_predictions(config: str, checkpoint: str, inputs: Sequence[str], out_di
             ``out_dir`` that is or holds an input; naming the parts, for a checkpoint that
             does not fit the config's model. Nothing is written then.
     """
-    if not osp.isfile(config):
-        raise InputNotFoundError(f"config file '{config}' not found: check the path")
-    cfg = Config.fromfile(config)
+    cfg = read_config(config)
     images = collect_images(inputs)
     out_files = [osp.join(out_dir, osp.splitext(osp.basename(path))[0] + '.png')
                  for path in images]

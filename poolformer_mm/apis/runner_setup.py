@@ -32,7 +32,7 @@ from ..engine.work_dir import (
     refuse_symlinks,
     refuse_symlinks_in,
 )
-from ..errors import InputNotFoundError, InvalidInputError
+from ..errors import InvalidInputError
 from ..models import check_neck_in_channels
 from .checkpoint_fit import check_checkpoint_fits
 from .data_checks import (
@@ -44,7 +44,13 @@ from .data_checks import (
     override_data_root,
 )
 from .distributed import closing_process_group, prepare_cpu_distributed
-from .eval_metrics import DETECTION_METRICS, SEGMENTATION_METRICS, set_eval_metrics, task_of
+from .eval_metrics import (
+    DETECTION_METRICS,
+    SEGMENTATION_METRICS,
+    read_config,
+    set_eval_metrics,
+    task_of,
+)
 
 
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -104,9 +110,7 @@ def test_parser() -> argparse.ArgumentParser:
 
 
 def _load_config(args) -> Config:
-    if not osp.isfile(args.config):
-        raise InputNotFoundError(f"config file '{args.config}' not found: check the path")
-    cfg = Config.fromfile(args.config)
+    cfg = read_config(args.config)
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)
     task_of(cfg)
