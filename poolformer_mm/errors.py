@@ -25,7 +25,12 @@ def report_user_errors(main):
         try:
             return main(*args, **kwargs)
         except UserInputError as err:
-            sys.exit(f'error: {err}')
+            message = str(err)
+            # torch re-raises a data loader worker's error as its type, with a text that holds
+            # the worker's traceback and ends in '<module>.<class>: <the message>'
+            if '\nOriginal Traceback' in message:
+                message = message.rstrip().splitlines()[-1].partition(': ')[2]
+            sys.exit(f'error: {message}')
 
     return wrapper
 

@@ -168,9 +168,12 @@ def test_only_the_first_process_probes_where_out_is_written(tmp_path, monkeypatc
     and it is the one that writes the detection dump."""
     from poolformer_mm.apis.runner_setup import _check_out
     monkeypatch.setenv('RANK', '1')
-    _check_out('/proc/nope/dets.pkl', 'mmdet')  # rank 0 reports it
+    _check_out('/proc/nope/dets.pkl', 'mmdet', 'pytorch')  # rank 0 reports it
     with pytest.raises(Exception, match='detection writes a .pkl'):  # checks of the name stay
-        _check_out(str(tmp_path / 'dets.txt'), 'mmdet')
-    monkeypatch.setenv('RANK', '0')
+        _check_out(str(tmp_path / 'dets.txt'), 'mmdet', 'pytorch')
+    # without a launcher the process is rank 0 of 1, whatever RANK says
     with pytest.raises(Exception, match='cannot write in /proc/nope'):
         _check_out('/proc/nope/dets.pkl', 'mmdet')
+    monkeypatch.setenv('RANK', '0')
+    with pytest.raises(Exception, match='cannot write in /proc/nope'):
+        _check_out('/proc/nope/dets.pkl', 'mmdet', 'pytorch')

@@ -1,14 +1,14 @@
 """Catch bad data before it fails obscurely or trains silently, with messages that say what to do.
 
 * :func:`check_data_roots`: a missing data set, before the Runner looks for it;
-* :func:`add_data_checks`: label checks in every segmentation pipeline and data set reports
-  (labels ignored everywhere, COCO annotations mmdet drops) for a config's runs;
+* :func:`add_data_checks`: image checks in every pipeline, label checks in every segmentation
+  pipeline and data set reports (labels ignored everywhere, COCO annotations mmdet drops) for a
+  config's runs;
 * :class:`CheckedDictAction`: ``--cfg-options`` tokens that are not KEY=VALUE;
 * :func:`read_image_for_inference` and :func:`check_image_fits_model`: images given to
   ``tools/infer.py`` that are damaged, or that the model cannot run on.
 """
 import argparse
-import io
 import os.path as osp
 from typing import Iterator, List, Sequence, Tuple
 
@@ -179,11 +179,13 @@ def add_data_checks(cfg: Config) -> None:
     label with class ids >= 256 raise a ValueError naming the file), and
     ``IgnoredLabelBatchHook`` warns about training batches whose labels are all ignore_index.
     Detection: ``CocoAnnotationCheckHook`` logs one line per COCO annotation file with the
-    annotations mmdet drops silently. The modules are added to ``custom_imports``, so the
-    config dumped to the work dir runs with the same checks.
+    annotations mmdet drops silently. Both: ``LoadImageFromFile`` becomes mmcv's loader with
+    checks (a missing, empty, truncated or undecodable image raises an error naming the file;
+    registered under the upstream name, so the config is unchanged). The modules are added to
+    ``custom_imports``, so the config dumped to the work dir runs with the same checks.
     """
-    from ..datasets import checks  # noqa: F401 (registers the hooks)
-    modules = ['poolformer_mm.datasets.checks']
+    from ..datasets import checks, loading  # noqa: F401 (register the hooks, image loader)
+    modules = ['poolformer_mm.datasets.checks', 'poolformer_mm.datasets.loading']
     if task_of(cfg) == 'mmseg':
         from ..datasets import transforms  # noqa: F401 (registers LoadCheckedAnnotations)
         modules.append('poolformer_mm.datasets.transforms')
@@ -207,30 +209,13 @@ def add_data_checks(cfg: Config) -> None:
 MIN_MODEL_INPUT_SIDE = 32
 
 
-def _truncated(data: bytes) -> bool:
-    """Whether a JPEG or PNG file ends before its image data does."""
-    if data[:8] == b'\x89PNG\r\n\x1a\n':
-        return b'IEND' not in data[-16:]
-    if data[:2] != b'\xff\xd8' or data.rstrip(b'\x00').endswith(b'\xff\xd9'):
-        return False
-    # A JPEG without its end-of-image marker at the end: cut short, or some camera appended data
-    # after the image. Only a full decode tells; Pillow's raises on the first, where OpenCV 4
-    # returns the image with grey rows (and a warning on stderr).
-    from PIL import Image
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-    except OSError:
-        return True
-    return False
-
-
 def read_image_for_inference(path: str) -> np.ndarray:
     """Decode an image file as the test pipeline does (OpenCV, 3 channels) and return it as RGB.
 
     Raises:
         ValueError: naming the file, if it is empty, truncated or cannot be decoded.
     """
+    from ..datasets.loading import truncated
     data = fileio.get(path)
     if not data:
         raise InvalidInputError(
@@ -238,7 +223,7 @@ def read_image_for_inference(path: str) -> np.ndarray:
             'it out of the inputs.')
     image = mmcv.imfrombytes(data, flag='color', backend='cv2')
     # a JPEG is checked even when decoded: OpenCV 4 decodes a truncated one without an error
-    if (image is None or data[:2] == b'\xff\xd8') and _truncated(data):
+    if (image is None or data[:2] == b'\xff\xd8') and truncated(data):
         raise InvalidInputError(
             f"image '{path}' is truncated: the file ends before its image data does "
             '(an interrupted download or copy?). Fetch or export it again, or leave '

@@ -7,7 +7,9 @@ so bad labels either pass silently or fail far away from their file:
   spatial targets supported" or "stack expects each tensor to be equal size";
 * a label of another size than its image is cropped and flipped along with it, and a later
   batch fails with "stack expects each tensor to be equal size" (or, worse, trains);
-* a 16-bit label with class ids of 256 or more wraps around (300 becomes 44) silently.
+* a 16-bit label with class ids of 256 or more wraps around (300 becomes 44) silently;
+* a missing, empty or truncated label fails with a raw ``FileNotFoundError``, an OpenCV
+  assertion or Pillow's "image file is truncated".
 
 :class:`LoadCheckedAnnotations` is mmseg's loader with these checks on the array it has just
 decoded. The checks only read shapes and, for labels that are not 8-bit, the value range, so they
@@ -20,7 +22,8 @@ import numpy as np
 from mmseg.datasets.transforms import LoadAnnotations
 from mmseg.registry import TRANSFORMS
 
-from ..errors import InvalidInputError
+from ..errors import InputNotFoundError, InvalidInputError
+from .loading import check_file_bytes
 
 
 def _size(shape) -> str:
@@ -34,14 +37,23 @@ class LoadCheckedAnnotations(LoadAnnotations):
     A label must be a single-channel image of the size of its image (``ori_shape``, as read by
     ``LoadImageFromFile``, so a ``Resize`` placed before this step in a test pipeline does not
     matter), with values 0..255 (255 being ``ignore_index``). Anything else raises a
-    ``ValueError`` that names the label file and says how to fix it.
+    ``ValueError`` that names the label file and says how to fix it (a missing label, a
+    ``FileNotFoundError``); with data loader workers too, the message stays one line.
 
     Args: as mmseg's ``LoadAnnotations``.
     """
 
     def _load_seg_map(self, results: dict) -> None:
         path = results['seg_map_path']
-        data = fileio.get(path, backend_args=self.backend_args)
+        try:
+            data = fileio.get(path, backend_args=self.backend_args)
+        except FileNotFoundError:
+            raise InputNotFoundError(
+                f"segmentation label '{path}' of image '{results.get('img_path', '?')}' not "
+                'found: every image of the data set needs its label. Add it, or move the image '
+                'out of the data set.') from None
+        check_file_bytes(data, path, 'segmentation label',
+                         'Regenerate it, or move it and its image out of the data set.')
         try:
             label = mmcv.imfrombytes(data, flag='unchanged', backend=self.imdecode_backend)
         except OSError:  # Pillow's answer to a file that is not an image, or is truncated
