@@ -744,7 +744,7 @@ def onnx_variants(config: str, onnx_path: str, checkpoint: Optional[str] = None,
         build_model,
         model_digest,
     )
-    from ..deployment.postprocess import read_deploy_info
+    from ..deployment.postprocess import session_deploy_info
     from ..engine.deploy_hook import switch_backbone_to_deploy
 
     try:
@@ -753,8 +753,8 @@ def onnx_variants(config: str, onnx_path: str, checkpoint: Optional[str] = None,
         raise ValueError(f"--onnx {onnx_path}: ONNX Runtime cannot load it ({error}); give a "
                          'file written by tools/deployment/pytorch2onnx.py') from error
     try:
-        runtime.info = info = read_deploy_info(
-            runtime.session.get_modelmeta().custom_metadata_map)
+        # checked against the graph: the timings below rely on its task, outputs and sizes
+        runtime.info = info = session_deploy_info(runtime.session)
     except ValueError as error:
         raise ValueError(f'--onnx {onnx_path}: {error}') from error
     model = build_model(config, checkpoint)[0]

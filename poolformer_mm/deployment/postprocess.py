@@ -21,9 +21,15 @@ import numpy as np
 METADATA_KEY = 'poolformer_mm.deploy'
 
 
-def read_deploy_info(metadata: dict) -> dict:
+def read_deploy_info(metadata: dict, input_shape=None, outputs=None) -> dict:
     """The deploy information from an ONNX model's custom metadata (a str -> str mapping, e.g.
-    ``InferenceSession.get_modelmeta().custom_metadata_map``)."""
+    ``InferenceSession.get_modelmeta().custom_metadata_map``), checked: a ``ValueError`` names
+    the first key that is missing or does not fit (:func:`deploy_info_problem`).
+
+    ``input_shape`` (N, C, H, W, a name for each dynamic axis) and ``outputs`` (the output
+    names), when given, are the model's own (:func:`session_deploy_info`); the metadata must
+    describe them.
+    """
     if METADATA_KEY not in metadata:
         raise ValueError(f'the ONNX model has no {METADATA_KEY!r} metadata: export it with '
                          'tools/deployment/pytorch2onnx.py')
@@ -32,12 +38,89 @@ def read_deploy_info(metadata: dict) -> dict:
     except ValueError as error:
         info, problem = None, f'is not valid JSON ({error})'
     else:
-        problem = 'has no task'
-    if not isinstance(info, dict) or 'task' not in info:
+        problem = deploy_info_problem(info, input_shape, outputs)
+    if problem:
         raise ValueError(f'the ONNX model\'s {METADATA_KEY!r} metadata {problem}: it was '
                          'changed after export; export the model again with '
                          'tools/deployment/pytorch2onnx.py')
     return info
+
+
+def session_deploy_info(session) -> dict:
+    """:func:`read_deploy_info` of an ONNX Runtime session, checked against its graph."""
+    return read_deploy_info(session.get_modelmeta().custom_metadata_map,
+                            session.get_inputs()[0].shape, [o.name for o in session.get_outputs()])
+
+
+# the outputs an export of each task has (export.py), without and with the optional last one
+TASK_OUTPUTS = dict(segmentation=(['output'], ['output', 'logits']),
+                    detection=(['dets', 'labels'], ['dets', 'labels', 'masks']))
+
+
+def _numbers(value, count: int, least=None) -> bool:
+    """Whether ``value`` is a list of ``count`` numbers (integers >= ``least`` if given)."""
+    kinds = int if least is not None else (int, float)
+    return (isinstance(value, list) and len(value) == count
+            and all(isinstance(v, kinds) and not isinstance(v, bool) for v in value)
+            and (least is None or all(v >= least for v in value)))
+
+
+def deploy_info_problem(info, input_shape=None, outputs=None):
+    """What is wrong with parsed deploy information, as "has ..." (None if nothing): the first
+    key the runtime side reads that is missing, holds what an export never writes, or disagrees
+    with another key or with the model's graph (``input_shape``, ``outputs``)."""
+    if not isinstance(info, dict) or 'task' not in info:
+        return 'has no task'
+    task = info['task']
+    if task not in TASK_OUTPUTS:
+        return f"has task {json.dumps(task)}, neither 'segmentation' nor 'detection'"
+    if info.get('outputs', TASK_OUTPUTS[task][0]) not in TASK_OUTPUTS[task]:
+        expected = ' or '.join(map(json.dumps, TASK_OUTPUTS[task]))
+        return (f"has task {json.dumps(task)} and outputs {json.dumps(info['outputs'])}, "
+                f'which do not go together (a {task} model outputs {expected})')
+    required = ['input_size', 'dynamic', 'mean', 'std', 'to_rgb', 'classes', 'outputs']
+    missing = [key for key in required + ['detection'] * (task == 'detection')
+               if key not in info]
+    if missing:
+        return f"has no {', '.join(missing)} entry"
+    has = lambda key, what: f'has {key} {json.dumps(info[key])}, {what}'  # noqa: E731
+    if not _numbers(info['input_size'], 2, least=1):
+        return has('input_size', 'not two positive integers (height, width)')
+    if not _numbers([info.get('size_divisor', 1)], 1, least=1):
+        return has('size_divisor', 'not a positive integer')
+    for key in ('dynamic', 'to_rgb'):
+        if not isinstance(info[key], bool):
+            return has(key, 'not true or false')
+    if not (_numbers(info['mean'], 3) and _numbers(info['std'], 3) and all(info['std'])):
+        return f"has mean {info['mean']} and std {info['std']}, not three numbers each"
+    classes, palette = info['classes'], info.get('palette')
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        return 'has classes that are not a list of names'
+    if palette is not None and not (isinstance(palette, list)
+                                    and all(_numbers(c, 3, least=0) for c in palette)):
+        return 'has a palette that is not a list of RGB colours'
+    if palette is not None and len(palette) != len(classes):
+        return (f'has {len(classes)} class names and {len(palette)} palette colours (one for '
+                'each class)')
+    if outputs is not None and list(outputs) != info['outputs']:
+        return has('outputs', f'and the model outputs {json.dumps(list(outputs))}')
+    if task == 'detection':
+        detection = info['detection']
+        if not isinstance(detection, dict) or detection.get('num_classes') != len(classes):
+            number = detection.get('num_classes') if isinstance(detection, dict) else None
+            return (f"has {len(classes)} class names, and the model's detection.num_classes "
+                    f'is {number}')
+        if 'masks' in info['outputs'] and not _numbers([detection.get('mask_thr_binary')], 1):
+            return 'has no number for detection.mask_thr_binary'
+    if input_shape is not None:
+        size = list(input_shape[2:])
+        graph_dynamic = not all(isinstance(side, int) for side in size)
+        if info['dynamic'] != graph_dynamic:
+            return has('dynamic', 'and the model takes ' + (
+                'any input size' if graph_dynamic else f'{size[0]}x{size[1]} inputs only'))
+        if not graph_dynamic and info['input_size'] != size:
+            return has('input_size', f'and the model takes {size[0]}x{size[1]} inputs')
+    return None
 
 
 def resize_for_model(image: np.ndarray, info: dict, shape=None):

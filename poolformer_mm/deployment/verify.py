@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import InputNotFoundError
-from .postprocess import detections_of, normalize, read_deploy_info, resize_for_model
+from .postprocess import detections_of, normalize, resize_for_model, session_deploy_info
 
 TOLERANCES = dict(pixel_agreement=0.999, logits_rel=1e-4, box_rel=1e-3, score_abs=1e-4,
                   mask_iou=0.99)
@@ -143,7 +143,7 @@ def verify_onnx(onnx_path: str, model: nn.Module, image_path: str,
         dict: the figures of :func:`compare` and the input ``shape``.
     """
     session = ort_session(onnx_path)
-    info = read_deploy_info(session.get_modelmeta().custom_metadata_map)
+    info = session_deploy_info(session)
     inputs = load_input(image_path, info, shape)
     result = compare(run_onnx(session, inputs, info), run_torch(model, inputs, info['task']),
                      info['task'])

@@ -11,7 +11,6 @@ metadata (written by tools/deployment/pytorch2onnx.py). Needs onnxruntime, numpy
 import argparse
 import importlib.util
 import os.path as osp
-import sys
 
 import cv2
 import numpy as np
@@ -36,6 +35,55 @@ def load_postprocess():
     return load_torch_free_module('deployment', 'postprocess.py')
 
 
+errors = load_torch_free_module('errors.py')  # the package's error classes, torch-free
+
+
+def check_file(path: str, what: str, give: str) -> None:
+    """An InputNotFoundError for a ``path`` that is missing or a folder."""
+    if not osp.isfile(path):
+        why = f'is a folder; give {give}' if osp.isdir(path) else 'not found; check the path'
+        raise errors.InputNotFoundError(f"{what} '{path}' {why}")
+
+
+def open_export(path: str, threads=None):
+    """An ONNX Runtime CPU session for an exported model and its checked deploy information
+    (:func:`postprocess.session_deploy_info`); a missing, damaged or foreign file, or one whose
+    metadata was changed, raises a UserInputError that names it and says what to do."""
+    check_file(path, 'ONNX model', 'the .onnx file')
+    if not osp.getsize(path):
+        raise errors.InvalidInputError(f"ONNX model '{path}' is empty; export it again with "
+                                       'tools/deployment/pytorch2onnx.py')
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        session = ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+    except Exception as err:  # onnxruntime raises its own types for damaged or foreign files
+        reason = str(err).splitlines()[0].split('failed:')[-1].strip()
+        raise errors.InvalidInputError(
+            f"ONNX Runtime cannot load '{path}' ({reason}): it is truncated or not an ONNX "
+            'model; export it again with tools/deployment/pytorch2onnx.py') from None
+    try:
+        return session, load_postprocess().session_deploy_info(session)
+    except ValueError as err:
+        raise errors.InvalidInputError(f'{path}: {err}') from None
+
+
+def read_image(path: str) -> np.ndarray:
+    """A BGR image; a UserInputError for a missing file or one OpenCV cannot decode."""
+    check_file(path, 'image', 'an image file')
+    logging, level = cv2.utils.logging, cv2.utils.logging.getLogLevel()
+    logging.setLogLevel(logging.LOG_LEVEL_SILENT)  # its lines about a damaged file: ours says it
+    try:
+        image = cv2.imread(path, cv2.IMREAD_COLOR)
+    finally:
+        logging.setLogLevel(level)
+    if image is None:
+        raise errors.InvalidInputError(f"image '{path}' cannot be read (damaged, or not an "
+                                       'image); give a .jpg, .png or .bmp')
+    return image
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('model', help='the .onnx file')
@@ -47,25 +95,12 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+@errors.report_user_errors
 def main(argv=None):
     args = parse_args(argv)
     post = load_postprocess()
-    options = ort.SessionOptions()
-    if args.threads:
-        options.intra_op_num_threads = args.threads
-    if not osp.isfile(args.model):
-        sys.exit(f"error: ONNX model '{args.model}' not found")
-    try:
-        session = ort.InferenceSession(args.model, options, providers=['CPUExecutionProvider'])
-    except Exception as err:  # onnxruntime raises its own types for damaged or foreign files
-        sys.exit(f"error: ONNX Runtime cannot load '{args.model}': {err}")
-    try:
-        info = post.read_deploy_info(session.get_modelmeta().custom_metadata_map)
-    except ValueError as err:
-        sys.exit(f'error: {args.model}: {err}')
-    image = cv2.imread(args.image, cv2.IMREAD_COLOR)
-    if image is None:
-        sys.exit(f"error: image '{args.image}' cannot be read")
+    session, info = open_export(args.model, args.threads)
+    image = read_image(args.image)
     resized, (scale_h, scale_w) = post.resize_for_model(image, info)
     inputs = post.normalize(resized, info)
     outputs = session.run(None, {'input': inputs})
@@ -73,6 +108,12 @@ def main(argv=None):
         classes = outputs[0][0, 0]
         classes = cv2.resize(classes.astype(np.int32), image.shape[1::-1],
                              interpolation=cv2.INTER_NEAREST)
+        if classes.max() >= len(info['classes']):  # the names were shortened after export
+            raise errors.InvalidInputError(
+                f'{args.model}: the model outputs class {classes.max()}, and its '
+                f"{post.METADATA_KEY!r} metadata has {len(info['classes'])} class names: it was "
+                'changed after export; export the model again with '
+                'tools/deployment/pytorch2onnx.py')
         picture = post.draw_segmentation(image, classes, info)
         found = ', '.join(info['classes'][i] for i in np.unique(classes))
         summary = f'classes present: {found}'
@@ -83,8 +124,13 @@ def main(argv=None):
         picture = post.draw_detections(image, dets, found['labels'], info, args.score_thr,
                                        found.get('masks'))
         summary = f'{int((dets[:, 4] >= args.score_thr).sum())} detections >= {args.score_thr}'
-    if not cv2.imwrite(args.out, picture):
-        sys.exit(f"error: cannot write '{args.out}' (unknown extension or folder missing?)")
+    try:
+        written = cv2.imwrite(args.out, picture)
+    except cv2.error:  # no writer for the extension
+        written = False
+    if not written:
+        raise errors.InvalidInputError(f"cannot write '{args.out}' (unknown extension or folder "
+                                       'missing?)')
     print(f'wrote {args.out}: {summary}')
 
 

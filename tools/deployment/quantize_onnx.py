@@ -16,12 +16,17 @@ import os.path as osp
 import sys
 import tempfile
 
-import cv2
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from ort_infer import load_postprocess, load_torch_free_module  # noqa: E402
+from ort_infer import (  # noqa: E402
+    errors,
+    load_postprocess,
+    load_torch_free_module,
+    open_export,
+    read_image,
+)
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp')
 # CPU flags (Linux /proc/cpuinfo names) of instructions that multiply uint8 by int8 into 32 bits;
@@ -60,9 +65,7 @@ class ImageReader(CalibrationDataReader):
         path = next(self.paths, None)
         if path is None:
             return None
-        image = cv2.imread(path, cv2.IMREAD_COLOR)
-        if image is None:
-            sys.exit(f"error: calibration image '{path}' cannot be read")
+        image = read_image(path)
         return {'input': self.post.normalize(self.post.resize_for_model(image, self.info)[0],
                                              self.info)}
 
@@ -95,15 +98,11 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+@errors.report_user_errors
 def main(argv=None):
     args = parse_args(argv)
-    import onnx
     post = load_postprocess()
-    model = onnx.load(args.model)
-    try:
-        info = post.read_deploy_info({p.key: p.value for p in model.metadata_props})
-    except ValueError as err:
-        sys.exit(f'error: {args.model}: {err}')
+    info = open_export(args.model)[1]  # a missing, damaged or changed file: one line
     images = [osp.abspath(path) for path in calibration_images(args.calib, args.num)]
     reduce_range, why = reduce_range_choice(args.reduce_range)
     model_path, out_path, cwd = osp.abspath(args.model), osp.abspath(args.out), os.getcwd()
