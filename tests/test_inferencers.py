@@ -195,6 +195,17 @@ def test_seg_inferencer_predicts_what_inference_model_predicts(seg_results, chec
         np.testing.assert_array_equal(label_map, expected)
 
 
+def test_seg_inferencer_runs_the_config_a_training_saves(checkpoints, images, seg_results):
+    from poolformer_mm.apis.data_checks import add_data_checks
+    cfg = Config.fromfile(TOY_FPN)
+    add_data_checks(cfg)  # as tools/train.py, which saves it to the work dir
+    assert 'LoadCheckedAnnotations' in str(cfg.test_dataloader.dataset.pipeline)
+    inferencer = init_inferencer(cfg, checkpoints[TOY_FPN])
+    _, results, _ = seg_results
+    label_map = inferencer(images['mmseg'][0])['predictions']
+    np.testing.assert_array_equal(label_map, results['predictions'][0])
+
+
 # ----------------------------------------------------------------------------------------------
 # weights through the project's loader
 

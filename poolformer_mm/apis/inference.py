@@ -54,12 +54,21 @@ def _segmentation_inferencer_class():
     from mmseg.apis import MMSegInferencer
 
     class SegInferencer(MMSegInferencer):
-        """``MMSegInferencer`` that also draws the label map of a one-pixel image.
+        """``MMSegInferencer`` that also draws the label map of a one-pixel image, and runs
+        the configs that tools/train.py saves in its work dirs.
 
         mmseg's visualiser indexes the picture with the predicted label tensor, and numpy takes
         a one-element tensor as the scalar index 1 (IndexError on a 1x1 image); a numpy label
         map draws the same picture at every size. The predictions returned are unchanged.
         """
+
+        def _init_pipeline(self, cfg):
+            # mmseg drops the label loading step by its name; a config that tools/train.py saved
+            # in its work dir loads labels with the checked loader, dropped here too
+            pipeline = cfg.test_dataloader.dataset.pipeline
+            cfg.test_dataloader.dataset.pipeline = [
+                step for step in pipeline if step.get('type') != 'LoadCheckedAnnotations']
+            return super()._init_pipeline(cfg)
 
         def visualize(self, inputs, preds, *args, **kwargs):
             drawn = []
