@@ -119,6 +119,8 @@ def test_resume_and_auto_scale_lr_flags(toy_coco, checkpoint):
     cfg = _train_cfg(TOY_RETINANET, '--resume', '--auto-scale-lr', '--data-root', toy_coco)
     assert cfg.resume is True and cfg.load_from is None
     assert cfg.auto_scale_lr.enable is True
+    torch.save({'state_dict': {}, 'meta': dict(epoch=1, iter=2), 'message_hub': {}},
+               checkpoint)  # the training state a run's checkpoints hold
     cfg = _train_cfg(TOY_RETINANET, '--resume', checkpoint, '--data-root', toy_coco)
     assert cfg.resume is True and cfg.load_from == checkpoint
     assert cfg.work_dir == './work_dirs/retinanet_poolformer_s12_toy'
