@@ -1,4 +1,5 @@
-"""The README's commands name files and targets that exist, so following it verbatim works."""
+"""The commands of the README and of docs/ name files and targets that exist, and their links
+lead somewhere, so following them verbatim works."""
 import re
 import subprocess
 import sys
@@ -8,15 +9,36 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / 'README.md').read_text()
+PAGES = [REPO / 'README.md', REPO / 'CHANGELOG.md', *sorted((REPO / 'docs').rglob('*.md'))]
 
 
 def _mentioned(pattern):
-    return sorted(set(re.findall(pattern, README)))
+    return sorted({found for page in PAGES for found in re.findall(pattern, page.read_text())})
+
+
+def test_the_readme_is_a_front_door_of_at_most_200_lines():
+    assert len(README.splitlines()) <= 200
+
+
+@pytest.mark.parametrize('page', PAGES, ids=lambda page: str(page.relative_to(REPO)))
+def test_every_relative_link_leads_to_a_file_and_heading_that_exist(page):
+    text = page.read_text()
+    for target in re.findall(r'\]\(([^)\s]+)\)', text):
+        if re.match(r'[a-z]+://', target):
+            continue
+        path, _, anchor = target.partition('#')
+        linked = (page.parent / path).resolve() if path else page
+        assert linked.exists(), f'{page.name} links to {target}, which does not exist'
+        if anchor and linked.suffix == '.md':
+            headings = re.findall(r'^#+ (.+)$', linked.read_text(), re.M)
+            anchors = {re.sub(r'[^\w\- ]', '', h).strip().lower().replace(' ', '-')
+                       for h in headings}
+            assert anchor in anchors, f'{page.name} links to #{anchor}, not a heading of {path}'
 
 
 @pytest.mark.parametrize('path', _mentioned(r'\b(?:tools|configs)/[\w/.-]+\.(?:py|sh)\b'))
 def test_every_tool_and_config_the_readme_names_exists(path):
-    assert (REPO / path).is_file(), f'README names {path}, which does not exist'
+    assert (REPO / path).is_file(), f'the docs name {path}, which does not exist'
 
 
 @pytest.mark.parametrize('target', _mentioned(r'\bmake ([a-z][\w-]*)'))

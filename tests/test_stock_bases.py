@@ -1,5 +1,6 @@
-"""The README's snippets for using the backbone in other mm configs, read from README.md and put
-as written on stock mmdet / mmseg bases, and what a user is told when a part of them is missing.
+"""The snippets for using the backbone in other mm configs, read from README.md and
+docs/user_guides/configs.md and put as written on stock mmdet / mmseg bases, and what a user
+is told when a part of them is missing.
 
 Only the ``_base_`` line of a snippet changes. The backbone's ``init_cfg`` (the official release
 URL, whose loading ``test_official_weights.py`` covers) is dropped so that nothing downloads.
@@ -16,6 +17,7 @@ from poolformer_mm.models import InChannelsError, MetaFormer, PoolFormer, check_
 from poolformer_mm.models.backbones.base import PretrainedSettingError
 
 README = (REPO / 'README.md').read_text()
+SNIPPET_PAGES = README + (REPO / 'docs' / 'user_guides' / 'configs.md').read_text()
 STOCK_BASES = {
     'mmdet': [
         'mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py',
@@ -36,8 +38,8 @@ TINY_METAFORMER = dict(layers=[1, 1, 1, 1], embed_dims=[8, 16, 24, 32],
 
 def readme_snippet(name: str) -> str:
     found = re.findall(rf'<!-- stock-base snippet: {re.escape(name)} -->\n```python\n(.*?)```',
-                       README, re.S)
-    assert len(found) == 1, f'README.md needs exactly one snippet marked {name!r}'
+                       SNIPPET_PAGES, re.S)
+    assert len(found) == 1, f'the docs need exactly one snippet marked {name!r}'
     return found[0]
 
 
@@ -340,7 +342,7 @@ def test_resnet_settings_merged_into_the_backbone_say_to_delete_the_base_one():
 
 # ------------------------------------------------------------------------- the channel table
 def test_readme_channel_table_lists_every_arch_with_its_channels():
-    section = README.split('### Using the backbone in other mm configs', 1)[1]
+    section = README.split('## Use in your own config', 1)[1]
     rows = re.findall(r'^\| `(PoolFormer|MetaFormer)` \| (.+?) \| `(\[[\d, ]+\])` \|$', section,
                       re.M)
     table = {}
