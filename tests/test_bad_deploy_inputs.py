@@ -191,3 +191,23 @@ def test_ort_infer_runs_the_unedited_export(exports):
     result = _run('tools/deployment/ort_infer.py', exports['det'], exports['image'], '--out', out)
     assert result.returncode == 0, result.stderr
     assert out.exists()
+
+
+# ------------------------------------------------------------- outputs never replace inputs
+@needs_onnx
+def test_ort_infer_and_quantize_refuse_to_write_over_an_input_or_through_a_link(exports):
+    image_bytes, model_bytes = exports['image'].read_bytes(), exports['seg'].read_bytes()
+    result = _run('tools/deployment/ort_infer.py', exports['seg'], exports['image'], '--out',
+                  exports['image'])
+    _error_line(result, exports['image'], 'is one of the inputs')
+    link = exports['folder'] / 'link.png'
+    victim = exports['folder'] / 'victim.txt'
+    victim.write_text('precious\n')
+    link.symlink_to(victim)
+    result = _run('tools/deployment/ort_infer.py', exports['seg'], exports['image'], '--out', link)
+    _error_line(result, link, 'is a symbolic link')
+    result = _run('tools/deployment/quantize_onnx.py', exports['seg'], exports['image'], '--out',
+                  exports['seg'])
+    _error_line(result, exports['seg'], 'is one of the inputs')
+    assert exports['image'].read_bytes() == image_bytes
+    assert exports['seg'].read_bytes() == model_bytes and victim.read_text() == 'precious\n'

@@ -3,12 +3,16 @@ code 1 and one line ``error: ...`` naming the file, with or without data loader 
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, build_model_of
 
+from poolformer_mm.apis import run_training
 from poolformer_mm.datasets import make_toy_ade, make_toy_coco
+from poolformer_mm.errors import UserInputError
+
+REPO = Path(__file__).resolve().parents[1]
 
 DET = 'configs/detection/toy/retinanet_poolformer_s12_toy.py'
 SEG = 'configs/segmentation/toy/fpn_poolformer_s12_toy.py'
@@ -38,12 +42,16 @@ def _cut_in_half(path):
         f.write(data[:len(data) // 2])
 
 
-def _train(tmp_path, config, root, workers):
-    return subprocess.run(
-        [sys.executable, 'tools/train.py', config, '--data-root', root, '--work-dir',
-         str(tmp_path / 'w'), '--cfg-options', *SHORT[config], *QUIET,
-         f'train_dataloader.num_workers={workers}'],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
+def _argv(tmp_path, config, root, workers):
+    return [config, '--data-root', root, '--work-dir', str(tmp_path / 'w'), '--cfg-options',
+            *SHORT[config], *QUIET, f'train_dataloader.num_workers={workers}']
+
+
+def _train_in_a_process(tmp_path, config, root, workers=2):
+    """tools/train.py as a user runs it: what reaches the terminal, also through workers."""
+    return subprocess.run([sys.executable, 'tools/train.py',
+                           *_argv(tmp_path, config, root, workers)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
 def _error_line(result, path, *words):
@@ -55,51 +63,62 @@ def _error_line(result, path, *words):
     assert f"'{path}'" in lines[0] and all(word in lines[0] for word in words), lines[0]
 
 
+def _refused(tmp_path, config, root, path, *words):
+    """run_training in this process (no workers) stops with a user error naming ``path``."""
+    with pytest.raises(UserInputError) as error:
+        run_training(_argv(tmp_path, config, root, workers=0))
+    message = str(error.value)
+    assert f"'{path}'" in message and all(word in message for word in words), message
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize('config, workers', [(DET, 0), (SEG, 2)])
-def test_empty_training_image_is_named(tmp_path, config, workers):
-    root, image = _data_set(tmp_path, config)
+def test_empty_training_image_is_one_line_naming_it_through_workers(tmp_path):
+    root, image = _data_set(tmp_path, DET)
     open(image, 'wb').close()
-    _error_line(_train(tmp_path, config, root, workers), image, 'is empty (0 bytes)',
+    _error_line(_train_in_a_process(tmp_path, DET, root), image, 'is empty (0 bytes)',
                 'Fetch or export it again')
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('config, workers', [(DET, 2), (SEG, 0)])
-def test_truncated_training_image_is_named(tmp_path, config, workers):
-    root, image = _data_set(tmp_path, config)
-    _cut_in_half(image)  # a PNG (detection) or a JPEG (segmentation)
-    _error_line(_train(tmp_path, config, root, workers), image, 'is truncated')
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize('workers', [0, 2])
-def test_image_missing_from_the_annotation_file_is_named(tmp_path, workers):
-    root, image = _data_set(tmp_path, DET)
-    os.remove(image)
-    _error_line(_train(tmp_path, DET, root, workers), image, 'not found',
-                'remove its entry from the annotation file')
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize('damage, workers', [('missing', 2), ('empty', 0), ('truncated', 2)])
-def test_missing_or_damaged_segmentation_label_is_named(tmp_path, damage, workers):
+def test_missing_segmentation_label_is_one_line_naming_it_through_workers(tmp_path):
     root, _ = _data_set(tmp_path, SEG)
     label = _seg_label(root)
-    {'missing': os.remove, 'empty': lambda path: open(path, 'wb').close(),
-     'truncated': _cut_in_half}[damage](label)
-    word = {'missing': 'not found', 'empty': 'is empty', 'truncated': 'is truncated'}[damage]
-    _error_line(_train(tmp_path, SEG, root, workers), label, word)
+    os.remove(label)
+    _error_line(_train_in_a_process(tmp_path, SEG, root), label, 'not found')
+
+
+@pytest.mark.parametrize('config', [DET, SEG])
+def test_empty_or_truncated_training_image_is_named(tmp_path, config):
+    root, image = _data_set(tmp_path, config)
+    open(image, 'wb').close()
+    _refused(tmp_path, config, root, image, 'is empty (0 bytes)')
+    root, image = _data_set(tmp_path / 'again', config)
+    _cut_in_half(image)  # a PNG (detection) or a JPEG (segmentation)
+    _refused(tmp_path, config, root, image, 'is truncated')
+
+
+def test_image_missing_from_the_annotation_file_is_named(tmp_path):
+    root, image = _data_set(tmp_path, DET)
+    os.remove(image)
+    _refused(tmp_path, DET, root, image, 'not found', 'remove its entry from the annotation file')
+
+
+@pytest.mark.parametrize('damage', ['empty', 'truncated'])
+def test_damaged_segmentation_label_is_named(tmp_path, damage):
+    root, _ = _data_set(tmp_path, SEG)
+    label = _seg_label(root)
+    {'empty': lambda path: open(path, 'wb').close(), 'truncated': _cut_in_half}[damage](label)
+    _refused(tmp_path, SEG, root, label, {'empty': 'is empty', 'truncated': 'is truncated'}[damage])
 
 
 @pytest.mark.slow
-def test_missing_label_in_tools_test_is_named(tmp_path):
+def test_missing_label_in_tools_test_is_one_line_naming_it(tmp_path, build_model):
     from mmengine.config import Config
     root, _ = _data_set(tmp_path, SEG)
     label = _seg_label(root, 'validation', 1)
     os.remove(label)
     checkpoint = str(tmp_path / 'model.pth')
-    torch.save({'state_dict': build_model_of(Config.fromfile(SEG)).state_dict(), 'meta': {}},
+    torch.save({'state_dict': build_model(Config.fromfile(SEG)).state_dict(), 'meta': {}},
                checkpoint)
     result = subprocess.run(
         [sys.executable, 'tools/test.py', SEG, checkpoint, '--data-root', root, '--work-dir',

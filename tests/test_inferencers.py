@@ -342,7 +342,7 @@ def test_infer_tool_prints_no_start_up_noise_and_errors_without_traceback(tmp_pa
     result = infer(TOY_FPN, checkpoints[TOY_FPN], images['mmseg'][0], '--out-dir',
                    tmp_path / 'out')
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == f'wrote 1 pictures to {tmp_path / "out"}/'
+    assert result.stdout.strip().splitlines()[-1] == f'wrote 1 picture to {tmp_path / "out"}/'
     assert 'Warning' not in result.stderr and 'WARNING' not in result.stdout + result.stderr
     assert os.listdir(tmp_path / 'out') == ['ADE_validation_00000001.png']
 

@@ -101,6 +101,61 @@ def test_a_symlink_where_the_runner_writes_its_config_is_refused(tmp_path, toy_a
     assert victim.read_text() == 'precious\n'
 
 
+def test_a_hard_link_where_the_runner_writes_its_config_is_refused(tmp_path, toy_ade):
+    victim = _victim(tmp_path)
+    work_dir = tmp_path / 'wd'
+    work_dir.mkdir()
+    os.link(victim, work_dir / Path(TOY_FPN).name)
+    with pytest.raises(InvalidInputError, match=r"fpn_poolformer_s12_toy\.py' is a hard link"):
+        run_training(_train_argv(work_dir, toy_ade))
+    assert victim.read_text() == 'precious\n'
+
+
+def test_links_inside_a_run_folder_of_the_work_dir_are_refused(tmp_path, toy_ade):
+    # a folder named as a future run's, made in advance: mmengine would write its log there
+    victim = _victim(tmp_path)
+    run_folder = tmp_path / 'wd' / '20991231_235959' / 'vis_data'
+    run_folder.mkdir(parents=True)
+    (run_folder / 'scalars.json').symlink_to(victim)
+    with pytest.raises(InvalidInputError, match=r"vis_data/scalars\.json' is a symbolic link"):
+        run_training(_train_argv(tmp_path / 'wd', toy_ade))
+    assert victim.read_text() == 'precious\n'
+
+
+def test_a_config_in_its_own_work_dir_is_refused(tmp_path, toy_ade):
+    work_dir = tmp_path / 'my_experiment'
+    work_dir.mkdir()
+    config = work_dir / 'mine.py'
+    config.write_text(f"# my notes\n_base_ = '{REPO / TOY_FPN}'\n")
+    argv = _train_argv(work_dir, toy_ade)
+    argv[0] = str(config)
+    with pytest.raises(InvalidInputError, match=r"the config '.*mine\.py' is in its own work dir"):
+        run_training(argv)
+    assert config.read_text().startswith('# my notes')
+
+
+def test_a_checkpoint_folder_that_is_a_symlink_is_refused(tmp_path, toy_ade):
+    elsewhere = tmp_path / 'elsewhere'
+    elsewhere.mkdir()
+    (elsewhere / 'iter_1.pth').write_bytes(b'an older run')
+    (tmp_path / 'out').mkdir()
+    (tmp_path / 'out' / 'wd').symlink_to(elsewhere)
+    with pytest.raises(InvalidInputError, match=r"checkpoint out_dir folder '.*out/wd' is a "
+                       'symbolic link'):
+        run_training(_train_argv(tmp_path / 'wd', toy_ade,
+                                 f'default_hooks.checkpoint.out_dir={tmp_path / "out"}'))
+    assert (elsewhere / 'iter_1.pth').read_bytes() == b'an older run'
+
+
+def test_resume_without_a_path_refuses_a_newest_checkpoint_of_weights_only(tmp_path, toy_ade):
+    work_dir = tmp_path / 'wd'
+    work_dir.mkdir()
+    torch.save({'state_dict': {'w': torch.zeros(1)}}, work_dir / 'iter_5.pth')
+    with pytest.raises(InvalidInputError, match=r"--resume '.*iter_5\.pth' holds no training "
+                       'state'):
+        run_training(_train_argv(work_dir, toy_ade) + ['--resume'])
+
+
 @contextlib.contextmanager
 def _lock_held_elsewhere(folder):
     """Another process holding the work-dir lock on ``folder``; yields its PID."""
@@ -198,6 +253,29 @@ def test_infer_refuses_to_draw_through_a_symlink_in_the_out_dir(tmp_path, monkey
     assert victim.read_text() == 'precious\n'
 
 
+def test_infer_refuses_an_input_picture_that_links_into_the_out_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    kept = _photos(tmp_path / 'out')
+    (tmp_path / 'photos').mkdir()
+    (tmp_path / 'photos' / 'photo0.png').symlink_to(tmp_path / 'out' / 'photo0.png')
+    with pytest.raises(InvalidInputError, match="--out-dir 'out' is or contains the input"):
+        draw_predictions(str(REPO / TOY_FPN), 'model.pth', ['photos'], 'out')
+    assert {p.name: p.read_bytes() for p in (tmp_path / 'out').iterdir()} == kept
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_line(tmp_path, toy_ade):
+    with pytest.raises(InvalidInputError, match=r"--out-dir '/sys/kernel/poolformer-mm-out': "
+                       'cannot write there'):
+        draw_predictions(TOY_FPN, 'model.pth', [str(REPO / 'README.md')], '/sys/kernel/'
+                         'poolformer-mm-out')
+    checkpoint = tmp_path / 'model.pth'
+    checkpoint.write_bytes(b'never read')
+    with pytest.raises(InvalidInputError, match=r"--show-dir '/sys/kernel/poolformer-mm-out': "
+                       'cannot write there'):
+        run_testing([TOY_FPN, str(checkpoint), '--data-root', str(toy_ade), '--show-dir',
+                     '/sys/kernel/poolformer-mm-out', '--work-dir', str(tmp_path / 'wd')])
+
+
 def test_infer_tool_says_so_in_one_line(tmp_path):
     _photos(tmp_path / 'photos')
     result = _run_tool('tools/infer.py', TOY_FPN, 'model.pth', str(tmp_path / 'photos'),
@@ -207,7 +285,8 @@ def test_infer_tool_says_so_in_one_line(tmp_path):
 
 @pytest.mark.parametrize('flag, folder', [('--show-dir', 'images/validation'),
                                           ('--out', 'annotations/validation'),
-                                          ('--show-dir', '.')])
+                                          ('--show-dir', '.'),
+                                          ('--show-dir', 'images/training')])
 def test_test_outputs_never_go_over_the_data_set(tmp_path, toy_ade, flag, folder):
     checkpoint = tmp_path / 'model.pth'
     checkpoint.write_bytes(b'never read')
@@ -308,6 +387,27 @@ def test_a_cut_or_broken_download_leaves_nothing_in_the_cache(tmp_path, monkeypa
     assert not cache.exists() or os.listdir(cache) == []
 
 
+def test_a_web_page_instead_of_a_checkpoint_is_said_to_be_one(tmp_path, monkeypatch):
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+    monkeypatch.chdir(tmp_path)
+    page = b'<!DOCTYPE html><html><body>Sign in to download</body></html>'
+    with _serve_files({'/x.pth': page}) as base:
+        with pytest.raises(UserInputError, match=r"answered with a web page, not a checkpoint"):
+            CheckpointLoader.load_checkpoint(f'{base}/x.pth')
+    cache = tmp_path / 'torch_home' / 'hub' / 'checkpoints'
+    assert not cache.exists() or os.listdir(cache) == []
+
+
+def test_a_local_rank_left_in_the_shell_does_not_stop_a_download(tmp_path, monkeypatch):
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+    monkeypatch.setenv('LOCAL_RANK', '1')  # without a distributed job: one process
+    monkeypatch.chdir(tmp_path)
+    with _serve_files({'/x.pth': _checkpoint_bytes(tmp_path, 3)}) as base:
+        state = CheckpointLoader.load_checkpoint(f'{base}/x.pth')['state_dict']
+    torch.manual_seed(3)
+    assert torch.equal(state['w'], torch.randn(64, 64))
+
+
 def _serve_files(files):
     """Serve ``{url path: bytes}``; a request for another path gets a 404."""
     def reply(handler):
@@ -391,6 +491,29 @@ def test_resume_from_weights_without_training_state_is_one_line(tmp_path, toy_ad
     with pytest.raises(InvalidInputError, match=rf"--resume '{weights}' holds no training state"
                        r'.*--cfg-options load_from=.* without --resume'):
         run_training(_train_argv(tmp_path / 'wd', toy_ade) + ['--resume', str(weights)])
+
+
+def test_the_converter_never_writes_over_its_source_a_folder_or_through_a_link(tmp_path):
+    source = tmp_path / 'weights.pth'
+    torch.save({'w': torch.zeros(1)}, source)
+    kept = source.read_bytes()
+    victim = _victim(tmp_path)
+    (tmp_path / 'link.pth').symlink_to(victim)
+    for destination, said in ((source, 'is or contains the input'),
+                              (tmp_path / 'link.pth', 'is a symbolic link'),
+                              (tmp_path, 'is a folder')):
+        result = _run_tool('tools/model_converters/convert_poolformer.py', str(source),
+                           str(destination))
+        _one_line_error(result, said)
+    assert source.read_bytes() == kept and victim.read_text() == 'precious\n'
+
+
+def test_a_port_that_is_not_a_number_is_one_line():
+    result = subprocess.run(['bash', 'tools/dist_train.sh', TOY_FPN, '1'], cwd=REPO, text=True,
+                            capture_output=True, timeout=60,
+                            env={**os.environ, 'PORT': 'abc', 'PYTHON': sys.executable})
+    assert result.returncode == 2
+    assert result.stderr.strip() == 'dist_train.sh: PORT=abc is not a port number (1 .. 65535)'
 
 
 @pytest.mark.parametrize('script, args', [('dist_train.sh', [TOY_FPN, '1']),

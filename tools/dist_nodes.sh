@@ -16,6 +16,10 @@ NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 PORT=${PORT:-29500}
 PYTHON=${PYTHON:-python}
+if ! [[ "$PORT" =~ ^[0-9]+$ ]] || [ "$PORT" -lt 1 ] || [ "$PORT" -gt 65535 ]; then
+    echo "$(basename "$0"): PORT=$PORT is not a port number (1 .. 65535)" >&2
+    exit 2
+fi
 # torchrun's own message for a taken port is a traceback ending in EADDRINUSE
 if [ "$NODE_RANK" = 0 ] && ! "$PYTHON" -c 'import socket, sys
 s = socket.socket()

@@ -55,7 +55,7 @@ def main(argv=None):
     written = draw_predictions(args.config, args.checkpoint, args.inputs, args.out_dir,
                                args.device, args.score_thr, deploy=args.deploy,
                                amp=args.amp)
-    print(f'wrote {len(written)} pictures to {args.out_dir}/')
+    print(f"wrote {len(written)} picture{'s' * (len(written) != 1)} to {args.out_dir}/")
 
 
 if __name__ == '__main__':

@@ -28,6 +28,7 @@ from ..engine.work_dir import (
     find_resumable_checkpoint,
     lock_work_dir,
     process_rank,
+    refuse_links_in_work_dir,
     refuse_output_over_inputs,
     refuse_symlinks,
     refuse_symlinks_in,
@@ -278,12 +279,14 @@ def config_for_testing(args) -> Config:
         cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [dict(type='DeployBackboneHook')]
     if args.amp:
         _enable_test_amp(cfg, args.amp)
-    inputs = [path for dataset in _datasets(cfg, ('test_dataloader', ))
-              for path in _expected_paths(dataset)]
+    # every data set of the config: training and test images often share names
+    inputs = [path for dataset in _datasets(cfg) for path in _expected_paths(dataset)]
     for flag, output in (('--out', args.out), ('--show-dir', args.show_dir)):
         if output:
             refuse_output_over_inputs(output, inputs, flag)
             refuse_symlinks_in(output, flag)
+    if args.show_dir:
+        check_writable(args.show_dir, '--show-dir')
     if args.out and task_of(cfg) == 'mmdet':
         refuse_symlinks([args.out], '--out')
     if args.out is not None:
@@ -386,11 +389,11 @@ def _check_backbone_arguments(cfg: Config) -> None:
 def build_runner(cfg: Config):
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
-    # the runner writes its config, logs and checkpoints in place there (a link is followed)
-    refuse_symlinks_in(cfg.work_dir, '--work-dir')
+    refuse_links_in_work_dir(cfg.work_dir, cfg.filename)
     check_writable(cfg.work_dir, '--work-dir')
     checkpoint_dir = _checkpoint_dir(cfg)
     if checkpoint_dir:
+        refuse_symlinks([checkpoint_dir], 'checkpoint out_dir folder')
         refuse_symlinks_in(checkpoint_dir, 'checkpoint out_dir')
     prepare_cpu_distributed(cfg)
     _check_backbone_arguments(cfg)
@@ -411,6 +414,7 @@ def _resume_latest(cfg: Config) -> None:
                   logger='current')
         cfg.resume = False
     else:
+        _check_training_state(latest)
         cfg.load_from = latest
 
 

@@ -10,6 +10,7 @@ from mmengine.config import Config
 
 from ..apis.data_checks import CheckedDictAction
 from ..apis.eval_metrics import task_of
+from ..engine.work_dir import refuse_output_over_inputs, refuse_symlinks
 from ..errors import InvalidInputError
 from .verify import TOLERANCES, verify_onnx
 
@@ -92,6 +93,8 @@ def format_report(result: dict) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .export import build_model, export_onnx
     args = parse_args(argv)
+    refuse_output_over_inputs(args.out, [args.config, args.checkpoint], '--out')
+    refuse_symlinks([args.out], '--out')
     cfg_options = args.cfg_options or None
     model, cfg = build_model(args.config, args.checkpoint, cfg_options)
     shape = tuple(args.shape) if args.shape else default_shape(cfg)

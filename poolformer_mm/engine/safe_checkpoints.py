@@ -307,6 +307,10 @@ def _download(url: str, dst: str, timeout: float) -> None:
                 raise OSError(f'connection closed after {received} of {expected} bytes')
         # A server that sends no length, or too small a one, ends a cut body without a sign:
         # only a file that opens as a checkpoint is kept.
+        with open(tmp_path, 'rb') as f:
+            if f.read(512).lstrip().lower().startswith((b'<!doctype html', b'<html')):
+                raise InvalidInputError(f"'{url}' answered with a web page, not a checkpoint "
+                                        '(a login or error page?): check the URL')
         load_weights_only(tmp_path, url)
         AtomicLocalBackend._replace(dst + '.url', url.encode())
         os.replace(tmp_path, dst)
@@ -332,7 +336,7 @@ def download_checkpoint(url: str) -> str:
     cached = cached_checkpoint_path(url)
     rank, world_size = get_dist_info()
     # (mmengine's get_local_rank needs a local process group, which its launchers do not make)
-    local_rank = int(os.environ.get('LOCAL_RANK', rank))
+    local_rank = int(os.environ.get('LOCAL_RANK', rank)) if world_size > 1 else 0
     if local_rank == 0 and not osp.isfile(cached):
         print_log(f'Downloading {url} to {cached}', logger='current')
         try:

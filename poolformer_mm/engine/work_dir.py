@@ -122,6 +122,34 @@ def refuse_symlinks_in(folder: str, what: str) -> None:
         refuse_symlinks(sorted(osp.join(folder, n) for n in os.listdir(folder)), f'{what}:')
 
 
+def refuse_links_in_work_dir(work_dir: str, config_file: Optional[str] = None) -> None:
+    """Refuse a work dir where the runner would write through a link: mmengine writes its copy
+    of the config, its logs and ``vis_data/`` in place (a checkpoint is written to a temporary
+    file and renamed over its name, which replaces a link instead of following it). So no
+    symbolic link down to ``<work_dir>/<timestamp>/vis_data/``, no hard-linked file but a
+    checkpoint, and not the config itself where its copy goes."""
+    if config_file is not None:
+        copy = osp.join(work_dir, osp.basename(config_file))
+        if osp.exists(copy) and osp.samefile(copy, config_file):
+            raise InvalidInputError(
+                f"the config '{config_file}' is in its own work dir, where the runner saves its "
+                'copy of the config over it: move the config, or pass another --work-dir')
+    stack = [(work_dir, 0)] if osp.isdir(work_dir) else []
+    while stack:
+        folder, depth = stack.pop()
+        for entry in os.scandir(folder):
+            if entry.is_symlink():
+                refuse_symlinks([entry.path], '--work-dir:')
+            elif entry.is_dir() and depth < 2:
+                stack.append((entry.path, depth + 1))
+            elif (entry.is_file() and not entry.name.endswith('.pth')
+                  and entry.stat().st_nlink > 1):
+                raise InvalidInputError(
+                    f"--work-dir: '{entry.path}' is a hard link to another file: the run "
+                    'writes there in place and would change that file too. Remove it, or '
+                    'pass another --work-dir.')
+
+
 def check_writable(folder: str, flag: str) -> None:
     """Create ``folder`` if needed and write a temporary file in it, or say why it cannot be."""
     try:
@@ -144,7 +172,7 @@ def refuse_output_over_inputs(output: str, inputs: Iterable[str], flag: str) -> 
         if inp == out or inp.startswith(out.rstrip(os.sep) + os.sep):
             raise InvalidInputError(
                 f"{flag} '{output}' is or contains the input '{path}': what is written there "
-                f'could replace it. Give {flag} a folder of its own.')
+                f'could replace it. Give {flag} another path, apart from the inputs.')
 
 
 def _periodic_name(filename_tmpl: Optional[str]) -> re.Pattern:

@@ -45,6 +45,17 @@ def check_file(path: str, what: str, give: str) -> None:
         raise errors.InputNotFoundError(f"{what} '{path}' {why}")
 
 
+def check_output(out: str, inputs, flag: str = '--out') -> None:
+    """A UserInputError for an output path that is one of ``inputs`` or a symbolic link: the
+    write would replace an input, or the file the link points to."""
+    if osp.islink(out):
+        raise errors.InvalidInputError(f"{flag} '{out}' is a symbolic link: writing there would "
+                                       'overwrite the file it points to; give another path')
+    if any(osp.exists(path) and osp.exists(out) and osp.samefile(out, path) for path in inputs):
+        raise errors.InvalidInputError(f"{flag} '{out}' is one of the inputs: writing there "
+                                       'would replace it; give another path')
+
+
 def open_export(path: str, threads=None):
     """An ONNX Runtime CPU session for an exported model and its checked deploy information
     (:func:`postprocess.session_deploy_info`); a missing, damaged or foreign file, or one whose
@@ -99,6 +110,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     post = load_postprocess()
+    check_output(args.out, [args.model, args.image])
     session, info = open_export(args.model, args.threads)
     image = read_image(args.image)
     resized, (scale_h, scale_w) = post.resize_for_model(image, info)

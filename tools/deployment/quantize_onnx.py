@@ -21,6 +21,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from ort_infer import (  # noqa: E402
+    check_output,
     errors,
     load_postprocess,
     load_torch_free_module,
@@ -104,6 +105,7 @@ def main(argv=None):
     post = load_postprocess()
     info = open_export(args.model)[1]  # a missing, damaged or changed file: one line
     images = [osp.abspath(path) for path in calibration_images(args.calib, args.num)]
+    check_output(args.out, [args.model, *images])
     reduce_range, why = reduce_range_choice(args.reduce_range)
     model_path, out_path, cwd = osp.abspath(args.model), osp.abspath(args.out), os.getcwd()
     with tempfile.TemporaryDirectory() as folder:

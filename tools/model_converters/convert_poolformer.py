@@ -14,6 +14,7 @@ import os.path as osp
 import torch
 
 from poolformer_mm.engine.safe_checkpoints import check_checkpoint_path
+from poolformer_mm.engine.work_dir import refuse_output_over_inputs, refuse_symlinks
 from poolformer_mm.errors import InputNotFoundError, InvalidInputError, report_user_errors
 from poolformer_mm.models import PoolFormer, convert_to_poolformer_layout
 from poolformer_mm.models.checkpoint_layouts import load_backbone_weights, read_checkpoint
@@ -29,6 +30,10 @@ def main():
     args = parser.parse_args()
 
     check_checkpoint_path(args.src)  # a missing file or a folder: one line
+    if osp.isdir(args.dst):
+        raise InvalidInputError(f"DST '{args.dst}' is a folder: give the file to write")
+    refuse_output_over_inputs(args.dst, [args.src], 'DST')
+    refuse_symlinks([args.dst], 'DST')
     if not osp.isdir(osp.dirname(osp.abspath(args.dst))):
         raise InputNotFoundError(f"cannot write '{args.dst}': its folder does not exist")
     try:
