@@ -11,8 +11,8 @@ from conftest import build_model_of
 
 from poolformer_mm.apis import run_testing, run_training
 from poolformer_mm.apis.inference import draw_predictions
+from poolformer_mm.checkpoint_io import AtomicLocalBackend
 from poolformer_mm.datasets import make_toy_ade, make_toy_coco
-from poolformer_mm.engine import AtomicLocalBackend
 
 TOY_RETINANET = 'configs/detection/toy/retinanet_poolformer_s12_toy.py'
 TOY_FPN = 'configs/segmentation/toy/fpn_poolformer_s12_toy.py'
@@ -118,7 +118,7 @@ def _garbage(seed: int) -> bytes:
 def test_garbage_files_of_every_kind_are_one_clear_error_from_the_loader(tmp_path):
     # The restricted unpickler fails on random bytes with UnpicklingError, but also with
     # IndexError, KeyError, UnicodeDecodeError ...: every one must be the same clear error.
-    from poolformer_mm.engine.safe_checkpoints import load_weights_only
+    from poolformer_mm.checkpoint_io import load_weights_only
     from poolformer_mm.errors import InvalidInputError
     path = tmp_path / 'garbage.pth'
     for seed in range(400):

@@ -16,8 +16,9 @@ import torch
 from mmengine.logging import MMLogger
 
 from poolformer_mm.apis import run_training
+from poolformer_mm.checkpoint_io import AtomicLocalBackend
 from poolformer_mm.datasets import make_toy_ade
-from poolformer_mm.engine import AtomicLocalBackend, WorkDirLock, find_resumable_checkpoint
+from poolformer_mm.engine import WorkDirLock, find_resumable_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TOY_FPN = 'configs/segmentation/toy/fpn_poolformer_s12_toy.py'

@@ -116,7 +116,7 @@ def test_checkpoint_pickled_under_the_other_numpy_major_version_loads(tmp_path):
 
     import numpy as np
 
-    from poolformer_mm.engine.safe_checkpoints import load_from_local_weights_only
+    from poolformer_mm.checkpoint_io import load_from_local_weights_only
     torch.save({'meta': {'x': np.float64(2.5), 'a': np.arange(3)}}, tmp_path / 'this.pth')
     this = '_core' if hasattr(np, '_core') else 'core'
     other = 'core' if this == '_core' else '_core'
@@ -134,7 +134,7 @@ def test_checkpoint_pickled_under_the_other_numpy_major_version_loads(tmp_path):
 
 
 def test_refusal_names_the_object_the_pickle_asked_for(tmp_path):
-    from poolformer_mm.engine.safe_checkpoints import load_from_local_weights_only
+    from poolformer_mm.checkpoint_io import load_from_local_weights_only
     marker = tmp_path / 'marker'
     torch.save({'payload': _WritesMarker(marker)}, tmp_path / 'evil.pth')
     with pytest.raises(ValueError, match=r'Loader said: .*GLOBAL (posix|os)\.system'):
@@ -154,7 +154,7 @@ def test_timm_train_checkpoint_args_namespace_loads(tmp_path):
 
 @pytest.mark.parametrize('payload', ['function', 'object that runs code'])
 def test_namespace_carrying_anything_not_allow_listed_is_refused(tmp_path, payload):
-    from poolformer_mm.engine.safe_checkpoints import load_from_local_weights_only
+    from poolformer_mm.checkpoint_io import load_from_local_weights_only
     marker = tmp_path / 'marker'
     value = os.system if payload == 'function' else _WritesMarker(marker)
     torch.save({'args': argparse.Namespace(model='poolformer_s12', hook=value)},

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from test_checkpoint_layouts import to_official, to_timm
 from test_url_checkpoints import TINY_ARCH, closed_loopback_port, serve_folder
 
-from poolformer_mm.engine import safe_checkpoints
+from poolformer_mm import checkpoint_io as safe_checkpoints
 from poolformer_mm.errors import CheckpointUnavailableError
 from poolformer_mm.models import PoolFormer
 

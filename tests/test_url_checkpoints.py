@@ -14,6 +14,7 @@ from mmengine.runner.checkpoint import CheckpointLoader
 
 from poolformer_mm.apis import run_training
 from poolformer_mm.datasets import make_toy_ade
+from poolformer_mm.errors import CheckpointUnavailableError
 from poolformer_mm.models import PoolFormer
 
 TOY_FPN = 'configs/segmentation/toy/fpn_poolformer_s12_toy.py'
@@ -252,3 +253,9 @@ def test_resume_and_test_from_a_url_equal_the_local_file(served, tmp_path, toy_a
     assert resumed_url['meta']['iter'] == 4
     for key, value in resumed_file['state_dict'].items():
         assert torch.equal(resumed_url['state_dict'][key], value), key
+
+
+def test_a_pavi_checkpoint_is_refused_with_what_to_do():
+    with pytest.raises(CheckpointUnavailableError, match=r"'pavi://model/1': pavi:// checkpoints "
+                       'are not read here; download the file'):
+        CheckpointLoader.load_checkpoint('pavi://model/1')

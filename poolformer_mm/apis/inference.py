@@ -20,8 +20,8 @@ import torch
 from mmengine.config import Config
 from mmengine.logging import print_log
 
+from ..checkpoint_io import check_checkpoint_path
 from ..engine import enable_inference_autocast, log_amp_dtype, prepare_for_inference
-from ..engine.safe_checkpoints import check_checkpoint_path
 from ..engine.work_dir import check_writable, refuse_output_over_inputs, refuse_symlinks
 from ..errors import InputNotFoundError, InvalidInputError
 from ..models import check_neck_in_channels

@@ -21,8 +21,8 @@ from mmengine.hooks import CheckpointHook
 from mmengine.logging import print_log
 from mmengine.runner.checkpoint import CheckpointLoader
 
+from ..checkpoint_io import check_checkpoint_path
 from ..engine.amp_choice import add_amp_option, log_amp_dtype
-from ..engine.safe_checkpoints import check_checkpoint_path
 from ..engine.work_dir import (
     check_writable,
     find_resumable_checkpoint,

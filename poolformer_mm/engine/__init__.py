@@ -6,22 +6,16 @@ from .hooks import FiniteLossHook
 from .inference_precision import InferenceAutocastHook, enable_inference_autocast
 from .optim_wrapper import BF16AutocastOptimWrapper
 from .random_state import RandomStateHook, get_random_state, set_random_state
-from .safe_checkpoints import (
-    AtomicLocalBackend,
-    is_remote_checkpoint,
-    load_from_local_weights_only,
-    register_safe_checkpoint_io,
-)
 from .seg_pictures_hook import SegPicturesHook
 from .work_dir import WorkDirLock, find_resumable_checkpoint, lock_work_dir, process_rank
 
 __all__ = [
-    'AtomicLocalBackend', 'BF16AutocastOptimWrapper', 'ChannelsLastHook', 'CrashSafeCheckpointHook',
+    'BF16AutocastOptimWrapper', 'ChannelsLastHook', 'CrashSafeCheckpointHook',
     'to_channels_last',
     'DeployBackboneHook', 'FiniteLossHook', 'InferenceAutocastHook', 'enable_inference_autocast',
     'amp_dtype', 'log_amp_dtype', 'prepare_for_inference',
-    'WorkDirLock', 'find_resumable_checkpoint', 'is_remote_checkpoint', 'lock_work_dir',
+    'WorkDirLock', 'find_resumable_checkpoint', 'lock_work_dir',
     'process_rank',
-    'load_from_local_weights_only', 'register_safe_checkpoint_io', 'switch_backbone_to_deploy',
+    'switch_backbone_to_deploy',
     'RandomStateHook', 'SegPicturesHook', 'get_random_state', 'set_random_state'
 ]

@@ -28,7 +28,7 @@ def get_random_state() -> dict:
     """This process's generator states, as types ``torch.load(weights_only=True)`` accepts.
 
     Tensors, ints, floats, strings and lists only, so the weights-only allow-list of
-    :mod:`poolformer_mm.engine.safe_checkpoints` needs no new entry.
+    :mod:`poolformer_mm.checkpoint_io` needs no new entry.
     """
     name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     version, py_state, gauss_next = random.getstate()

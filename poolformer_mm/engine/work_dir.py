@@ -14,8 +14,8 @@ from typing import Iterable, List, Optional, Sequence
 from mmengine.logging import print_log
 from mmengine.runner.checkpoint import CheckpointLoader
 
+from ..checkpoint_io import is_remote_checkpoint
 from ..errors import InvalidInputError, WorkDirInUseError
-from .safe_checkpoints import is_remote_checkpoint
 
 LOCK_NAME = '.train.lock'
 

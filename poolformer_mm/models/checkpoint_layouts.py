@@ -36,7 +36,7 @@ import torch.nn as nn
 from mmengine.logging import print_log
 from mmengine.runner.checkpoint import CheckpointLoader
 
-from ..engine.safe_checkpoints import is_remote_checkpoint, load_from_local_weights_only
+from ..checkpoint_io import is_remote_checkpoint, load_from_local_weights_only
 from ..errors import CheckpointUnavailableError, InvalidInputError
 
 # ------------------------------------------------------------------------------- rules
@@ -231,7 +231,7 @@ def read_checkpoint(path: str, download_hint: str = POOLFORMER_DOWNLOAD_HINT) ->
 
     A URL is read from ``checkpoints/<file name>`` or the torch hub cache when either has it,
     and downloaded into the cache otherwise
-    (:func:`~poolformer_mm.engine.safe_checkpoints.resolve_checkpoint_url`); mmengine's other
+    (:func:`~poolformer_mm.checkpoint_io.resolve_checkpoint_url`); mmengine's other
     schemes load through their safe loaders.
     """
     if is_remote_checkpoint(path):

@@ -13,7 +13,7 @@ import os.path as osp
 
 import torch
 
-from poolformer_mm.engine.safe_checkpoints import check_checkpoint_path
+from poolformer_mm.checkpoint_io import check_checkpoint_path
 from poolformer_mm.engine.work_dir import refuse_output_over_inputs, refuse_symlinks
 from poolformer_mm.errors import InputNotFoundError, InvalidInputError, report_user_errors
 from poolformer_mm.models import PoolFormer, convert_to_poolformer_layout

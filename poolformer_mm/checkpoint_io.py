@@ -14,16 +14,17 @@ per call:
    (open-mmlab/mmengine#1597); allowing these few globals instead of turning the check off keeps
    a malicious checkpoint from running code.
 2. **mmengine's checkpoint loaders**, one per scheme (local paths, ``http(s)://``,
-   ``torchvision://``, ``open-mmlab://``, ``mmcls://``, ``pavi://``, ``s3://``): mmengine's own
-   call a bare ``torch.load`` that unpickles arbitrary code (on torch < 2.6 for local files, and
-   for URLs through its ``load_url``). Ours fetch the bytes as mmengine does, then always
-   unpickle with ``weights_only=True``; ``.safetensors`` files (timm's weights on the Hugging
-   Face Hub) are read by ``safetensors``, which holds no code at all. A refused or unreadable
-   file gets one message that says what is wrong. A URL is looked for, without network, first
-   as ``checkpoints/<file name>`` (relative to the working directory, where the README tells
-   users to put downloads), then in the torch hub cache (``$TORCH_HOME/hub/checkpoints``), and
-   only then downloaded into that cache, with a timeout, so that a machine without network fails
-   in seconds with one error naming the URL and both places.
+   ``torchvision://``, ``open-mmlab://``, ``mmcls://``, ``s3://``; ``pavi://`` is refused):
+   mmengine's own call a bare ``torch.load`` that unpickles arbitrary code (on torch < 2.6 for
+   local files, and for URLs through its ``load_url``). Ours fetch the bytes as mmengine does,
+   then always unpickle with ``weights_only=True``; ``.safetensors`` files (timm's weights on the
+   Hugging Face Hub) are read by ``safetensors``, which holds no code at all. A refused or
+   unreadable file gets one message that says what is wrong. A URL is looked for, without
+   network, first as ``checkpoints/<file name>`` (relative to the working directory, where the
+   docs tell users to put downloads), then in the torch hub cache
+   (``$TORCH_HOME/hub/checkpoints``), and only then downloaded into that cache, with a timeout,
+   so that a machine without network fails in seconds with one error naming the URL and both
+   places.
 3. **mmengine's local file backend** writes checkpoints in place, so a job killed during the
    write leaves a truncated ``epoch_N.pth``. Ours writes to a temporary file in the same folder
    and renames it over the target, which is atomic on POSIX file systems: a reader sees the old
@@ -54,7 +55,7 @@ from mmengine.logging.history_buffer import HistoryBuffer
 from mmengine.runner import checkpoint as mm_checkpoint
 from mmengine.runner.checkpoint import CheckpointLoader
 
-from ..errors import CheckpointUnavailableError, InvalidInputError
+from .errors import CheckpointUnavailableError, InvalidInputError
 
 # Temporary files of an interrupted write are named '.<target>.incomplete-<random>.tmp'.
 INCOMPLETE_MARK = '.incomplete-'
@@ -415,18 +416,11 @@ def load_from_mmcls_weights_only(filename: str, map_location=None):
     return mm_checkpoint._process_mmcls_checkpoint(checkpoint)
 
 
-def load_from_pavi_weights_only(filename: str, map_location=None):
-    """``pavi://PATH``: downloaded with pavi's model cloud client, read weights-only."""
-    try:
-        from pavi import modelcloud
-    except ImportError:
-        raise ImportError(f"'{filename}' needs the pavi package (pip install pavi)") from None
-    import tempfile
-    model = modelcloud.get(filename[len('pavi://'):])
-    with tempfile.TemporaryDirectory() as folder:
-        downloaded = osp.join(folder, model.name)
-        model.download(downloaded)
-        return load_weights_only(downloaded, filename, map_location)
+def refuse_pavi(filename: str, map_location=None):
+    """``pavi://PATH``: refused with what to do (mmengine's loader would unpickle it unchecked,
+    and no pavi server is at hand to test a safe one against)."""
+    raise CheckpointUnavailableError(f"'{filename}': pavi:// checkpoints are not read here; "
+                                     "download the file with pavi's client and give its path")
 
 
 def load_from_ceph_weights_only(filename: str, map_location=None, backend: str = 'petrel'):
@@ -443,7 +437,7 @@ SAFE_LOADERS = {
     ('modelzoo://', 'torchvision://'): load_from_torchvision_weights_only,
     ('open-mmlab://', 'openmmlab://'): load_from_openmmlab_weights_only,
     'mmcls://': load_from_mmcls_weights_only,
-    'pavi://': load_from_pavi_weights_only,
+    'pavi://': refuse_pavi,
     (r'(\S+\:)?s3://', r'(\S+\:)?petrel://'): load_from_ceph_weights_only,
 }
 
