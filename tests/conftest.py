@@ -23,7 +23,7 @@ def repository_as_working_directory():
         os.chdir(previous)
 
 
-def build_model_of(cfg):
+def _build_model_of(cfg):
     """The model of an mmdet or mmseg config, built in the config's registry scope.
 
     The config is copied: building a detector writes train_cfg / test_cfg into its heads' configs.
@@ -39,7 +39,7 @@ def build_model_of(cfg):
     return MODELS.build(copy.deepcopy(cfg.model))
 
 
-def tta_wrapped(model):
+def _tta_wrapped(model):
     """``model`` held as mmdet's and mmseg's test-time-augmentation models hold it
     (``wrapper.module``), without their registration."""
     import torch
@@ -55,5 +55,11 @@ def tta_wrapped(model):
 
 @pytest.fixture(scope='session')
 def build_model():
-    """:func:`build_model_of`, for tests: ``build_model(Config.fromfile(...))``."""
-    return build_model_of
+    """:func:`_build_model_of`, for tests: ``build_model(Config.fromfile(...))``."""
+    return _build_model_of
+
+
+@pytest.fixture(scope='session')
+def tta_wrapped():
+    """:func:`_tta_wrapped`, for tests: ``tta_wrapped(model)``."""
+    return _tta_wrapped

@@ -151,10 +151,15 @@ def refuse_links_in_work_dir(work_dir: str, config_file: Optional[str] = None) -
 
 
 def check_writable(folder: str, flag: str) -> None:
-    """Create ``folder`` if needed and write a temporary file in it, or say why it cannot be."""
+    """Say why files cannot be written in ``folder`` (or the folders that would hold it): a
+    temporary file is made in its nearest existing ancestor; nothing is created for good."""
+    existing = osp.abspath(folder)
+    while not osp.lexists(existing):
+        existing = osp.dirname(existing)
     try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
+        if not osp.isdir(existing):
+            raise NotADirectoryError(errno.ENOTDIR, f"'{existing}' is a file")
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as err:
         raise InvalidInputError(f"{flag} '{folder}': cannot write there ({err.strerror}); give "

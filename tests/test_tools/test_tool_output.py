@@ -12,7 +12,7 @@ import pytest
 from poolformer_mm.apis import config_for_testing, test_parser
 from poolformer_mm.apis.runner_setup import format_metrics
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOY_FPN = 'configs/segmentation/toy/fpn_poolformer_s12_toy.py'
 
 

@@ -20,7 +20,7 @@ from poolformer_mm.checkpoint_io import AtomicLocalBackend
 from poolformer_mm.datasets import make_toy_ade
 from poolformer_mm.engine import WorkDirLock, find_resumable_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOY_FPN = 'configs/segmentation/toy/fpn_poolformer_s12_toy.py'
 
 

@@ -1,10 +1,10 @@
 """tools/analysis/plot_logs.py: loss and metric curves from mmengine's json logs."""
 import importlib.util
 import json
+from pathlib import Path
 
 import cv2
 import pytest
-from conftest import REPO
 
 from poolformer_mm.analysis.log_curves import (
     extract_curves,
@@ -13,6 +13,8 @@ from poolformer_mm.analysis.log_curves import (
     read_json_log,
 )
 from poolformer_mm.errors import InputNotFoundError, InvalidInputError
+
+REPO = Path(__file__).resolve().parents[2]
 
 # The lines mmengine's LoggerHook writes (shortened): an iteration-based mmseg run, logging every
 # 5 iterations and validating every 10 (``log_metric_by_epoch=False``: ``step`` is the iteration)

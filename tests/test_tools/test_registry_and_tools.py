@@ -9,7 +9,7 @@ import torch
 
 from poolformer_mm.models import PoolFormer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 BUILD_FROM_SCOPE = textwrap.dedent('''
     import sys

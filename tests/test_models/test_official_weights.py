@@ -12,11 +12,11 @@ import os
 import socket
 import threading
 import urllib.request
+from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
 import torch
-from conftest import REPO
 from mmengine.config import Config
 from mmengine.registry import MODELS
 from mmengine.runner.checkpoint import CheckpointLoader
@@ -27,6 +27,8 @@ from test_url_checkpoints import TINY_ARCH, closed_loopback_port, serve_folder
 from poolformer_mm import checkpoint_io as safe_checkpoints
 from poolformer_mm.errors import CheckpointUnavailableError
 from poolformer_mm.models import PoolFormer
+
+REPO = Path(__file__).resolve().parents[2]
 
 POOLFORMER_RELEASE = 'https://github.com/sail-sg/poolformer/releases/download/v1.0/'
 METAFORMER_RELEASE = 'https://huggingface.co/sail/dl/resolve/main/'

@@ -17,7 +17,7 @@ from mmseg.registry import MODELS as MODELS_MMSEG
 
 from poolformer_mm.models.losses import upsampled_cross_entropy
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _mmseg_loss(low, labels, **loss_kwargs):

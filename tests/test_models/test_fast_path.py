@@ -24,7 +24,7 @@ from poolformer_mm.models.layers import (
     group_norm_1_moments,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 HYBRID = ('pool', 'pool', 'attn', 'attn')
 
 

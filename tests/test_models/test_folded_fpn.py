@@ -7,7 +7,6 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from conftest import tta_wrapped
 from mmdet.models.necks import FPN as MMDetFPN
 from mmdet.registry import MODELS as DET_MODELS
 from mmengine.config import Config
@@ -256,7 +255,8 @@ def test_semantic_fpn_head_gradients_equal_mmseg():
     (256, 'FPN neck folded (FoldedFPN)'),
     (64, 'neck not folded (its finest backbone level has 64 channels, too many'),
 ])
-def test_deploy_hook_folds_the_fpn_neck_inside_wrappers_and_logs_why_not(neck_channels, logged):
+def test_deploy_hook_folds_the_fpn_neck_inside_wrappers_and_logs_why_not(neck_channels, logged,
+                                                                          tta_wrapped):
     from types import SimpleNamespace
 
     from poolformer_mm.engine import DeployBackboneHook

@@ -7,14 +7,16 @@ URL, whose loading ``test_official_weights.py`` covers) is dropped so that nothi
 """
 import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, build_model_of
 from mmengine.config import Config
 
 from poolformer_mm.models import InChannelsError, MetaFormer, PoolFormer, check_neck_in_channels
 from poolformer_mm.models.backbones.base import PretrainedSettingError
+
+REPO = Path(__file__).resolve().parents[2]
 
 README = (REPO / 'README.md').read_text()
 SNIPPET_PAGES = README + (REPO / 'docs' / 'user_guides' / 'configs.md').read_text()
@@ -119,11 +121,11 @@ def _unread_output_norms(model) -> set:
 @pytest.mark.slow
 @pytest.mark.parametrize('snippet, base', [(name, base) for name, bases in STOCK_BASES.items()
                                            for base in bases])
-def test_readme_snippet_trains_one_step_on_the_stock_base(snippet, base, tmp_path):
+def test_readme_snippet_trains_one_step_on_the_stock_base(snippet, base, tmp_path, build_model):
     torch.manual_seed(0)
     cfg = snippet_config(tmp_path, snippet, base)
     _fewer_rois(cfg)
-    model = build_model_of(cfg)
+    model = build_model(cfg)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         check_neck_in_channels(model)
@@ -152,19 +154,19 @@ def test_readme_snippet_trains_one_step_on_the_stock_base(snippet, base, tmp_pat
 
 
 # ------------------------------------------------------------------------- what users are told
-def test_intro_snippet_fits_an_mmdet_fpn_base(tmp_path):
+def test_intro_snippet_fits_an_mmdet_fpn_base(tmp_path, build_model):
     intro = readme_snippet('intro')
     cfg = load_config(tmp_path, "_base_ = 'mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'\n"
                       + intro)
-    model = build_model_of(cfg)
+    model = build_model(cfg)
     check_neck_in_channels(model)
     assert model.backbone.out_channels == list(model.neck.in_channels) == [64, 128, 320, 512]
 
 
-def test_neck_that_skips_a_returned_stage_says_which_stages_to_return(tmp_path):
+def test_neck_that_skips_a_returned_stage_says_which_stages_to_return(tmp_path, build_model):
     cfg = snippet_config(tmp_path, 'mmdet', STOCK_BASES['mmdet'][3])  # RetinaNet: start_level=1
     with pytest.warns(UserWarning) as caught:
-        check_neck_in_channels(build_model_of(cfg))
+        check_neck_in_channels(build_model(cfg))
     assert [str(w.message) for w in caught] == [
         "neck.start_level=1 skips the first 1 output(s) of PoolFormer arch 's12' with "
         'out_indices (0, 1, 2, 3): their output norms get no gradient, and multi-GPU training '
@@ -172,26 +174,26 @@ def test_neck_that_skips_a_returned_stage_says_which_stages_to_return(tmp_path):
         '(1, 2, 3), model.neck.in_channels=[128, 320, 512], model.neck.start_level=0']
 
 
-def test_mmdet_base_without_the_neck_line_is_refused_before_the_forward_pass(tmp_path):
+def test_mmdet_base_without_the_neck_line_is_refused_before_the_forward_pass(tmp_path, build_model):
     snippet = on_base(readme_snippet('mmdet'), STOCK_BASES['mmdet'][0])
     snippet, count = re.subn(r',\n\s*neck=dict\(in_channels=\[[\d, ]+\]\)\)', ')', snippet)
     assert count == 1
     cfg = load_config(tmp_path, snippet)
     cfg.model.backbone.init_cfg = None
     with pytest.raises(InChannelsError) as err:
-        check_neck_in_channels(build_model_of(cfg))
+        check_neck_in_channels(build_model(cfg))
     assert str(err.value) == (
         "neck.in_channels is [256, 512, 1024, 2048] but PoolFormer arch 's12' with out_indices "
         '(0, 1, 2, 3) returns [64, 128, 320, 512]; set model.neck.in_channels=[64, 128, 320, 512]')
 
 
-def test_upernet_base_without_the_head_lines_names_both_heads(tmp_path):
+def test_upernet_base_without_the_head_lines_names_both_heads(tmp_path, build_model):
     snippet = on_base(readme_snippet('mmseg-no-neck'), STOCK_BASES['mmseg-no-neck'][0])
     snippet, count = re.subn(r',\n\s*decode_head=dict\(.*\)\)', ')', snippet, flags=re.S)
     assert count == 1
     cfg = load_config(tmp_path, snippet)
     with pytest.raises(InChannelsError) as err:
-        check_neck_in_channels(build_model_of(cfg))
+        check_neck_in_channels(build_model(cfg))
     returns = "PoolFormer arch 's12' with out_indices (0, 1, 2, 3) returns [64, 128, 320, 512]"
     assert str(err.value).splitlines() == [
         f'decode_head.in_channels is [256, 512, 1024, 2048] (in_index [0, 1, 2, 3]) but '
@@ -201,38 +203,38 @@ def test_upernet_base_without_the_head_lines_names_both_heads(tmp_path):
     ]
 
 
-def test_head_reading_a_stage_the_backbone_does_not_return_is_refused(tmp_path):
+def test_head_reading_a_stage_the_backbone_does_not_return_is_refused(tmp_path, build_model):
     cfg = snippet_config(tmp_path, 'mmseg-no-neck', STOCK_BASES['mmseg-no-neck'][0])
     cfg.model.backbone.out_indices = (1, 2, 3)
     with pytest.raises(InChannelsError, match=r'^decode_head\.in_index is \[0, 1, 2, 3\] but '
                        r"PoolFormer arch 's12' with out_indices \(1, 2, 3\) returns "
                        r'\[128, 320, 512\] \(3 outputs\); set model\.decode_head\.in_index'):
-        check_neck_in_channels(build_model_of(cfg))
+        check_neck_in_channels(build_model(cfg))
 
 
-def test_fpn_that_reads_fewer_stages_than_returned_is_refused(tmp_path):
+def test_fpn_that_reads_fewer_stages_than_returned_is_refused(tmp_path, build_model):
     cfg = snippet_config(tmp_path, 'mmseg', STOCK_BASES['mmseg'][0])
     cfg.model.backbone = dict(type='MetaFormer', arch='convformer_m36', out_indices=(1, 2, 3))
     with pytest.raises(InChannelsError, match=r'neck\.in_channels is \[64, 128, 320, 512\] but '
                        r"MetaFormer arch 'convformer_m36' with out_indices \(1, 2, 3\) returns "
                        r'\[192, 384, 576\]; set model\.neck\.in_channels=\[192, 384, 576\]$'):
-        check_neck_in_channels(build_model_of(cfg))
+        check_neck_in_channels(build_model(cfg))
 
 
-def test_mmseg_base_without_pretrained_none_says_to_set_it(tmp_path):
+def test_mmseg_base_without_pretrained_none_says_to_set_it(tmp_path, build_model):
     snippet = on_base(readme_snippet('mmseg'), STOCK_BASES['mmseg'][0])
     without = snippet.replace('    pretrained=None,\n', '')
     assert without != snippet
     # with the snippet's init_cfg: two sources of weights
     with pytest.raises(PretrainedSettingError) as err:
-        build_model_of(load_config(tmp_path, without))
+        build_model(load_config(tmp_path, without))
     assert "both pretrained='open-mmlab://resnet50_v1c'" in str(err.value)
     assert 'add pretrained=None to model = dict(...)' in str(err.value)
     # without it: the base's ResNet weights are not PoolFormer weights
     cfg = load_config(tmp_path, without)
     cfg.model.backbone.init_cfg = None
     with pytest.raises(PretrainedSettingError) as err:
-        build_model_of(cfg)
+        build_model(cfg)
     message = str(err.value)
     assert "pretrained 'open-mmlab://resnet50_v1c' is not a PoolFormer checkpoint" in message
     assert 'add pretrained=None to model = dict(...)' in message
@@ -277,13 +279,13 @@ def test_pretrained_is_init_cfg_with_one_deprecation_warning(cls, arch, tmp_path
                 torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
 
 
-def test_segmentor_pretrained_reaches_the_backbone_as_its_weights(tmp_path):
+def test_segmentor_pretrained_reaches_the_backbone_as_its_weights(tmp_path, build_model):
     path, expected = _tiny_checkpoint(PoolFormer, TINY_POOLFORMER, tmp_path)
     cfg = snippet_config(tmp_path, 'mmseg', STOCK_BASES['mmseg'][0])
     cfg.model.pretrained = path
     cfg.model.backbone.arch = TINY_POOLFORMER
     with pytest.warns(FutureWarning, match='is deprecated'):
-        model = build_model_of(cfg)
+        model = build_model(cfg)
     model.backbone.init_weights()
     torch.testing.assert_close(model.backbone.stem.conv.weight, expected['stem.conv.weight'],
                                rtol=0, atol=0)

@@ -9,7 +9,7 @@ import torch.nn as nn
 from poolformer_mm.analysis import backbone_complexity, image_shape, model_complexity
 from poolformer_mm.models import PoolFormer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Paper Table 1 (MACs counted with fvcore at 224x224) and the dense backbones' exact sizes.
 PAPER_MACS_G = {'s12': 1.8, 's24': 3.4, 's36': 5.0, 'm36': 8.8, 'm48': 11.6}

@@ -541,7 +541,7 @@ def test_benchmark_times_whole_models_with_precisions_and_notes_missing_peers(tm
     import subprocess
     import sys
     from pathlib import Path
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     result = subprocess.run(
         [sys.executable, 'tools/analysis/benchmark.py', '--model', TOY_FPN, '--shape', '64',
          '--warmup', '0', '--repeat', '2', '--variants', 'reference', 'deploy', 'deploy:bf16',
@@ -582,7 +582,7 @@ def test_benchmark_refuses_an_unknown_precision_or_variant_in_one_line():
         parse_variant('deploy:int4')
     result = subprocess.run(
         [sys.executable, 'tools/analysis/benchmark.py', '--arch', 's12', '--shape', '32',
-         '--variants', 'reference', 'deploy:int4'], cwd=Path(__file__).resolve().parents[1],
+         '--variants', 'reference', 'deploy:int4'], cwd=Path(__file__).resolve().parents[2],
         capture_output=True, text=True)
     assert result.returncode == 2  # a usage error, refused before anything is timed
     assert "error: unknown precision 'int4'" in result.stderr
@@ -592,7 +592,7 @@ def test_benchmark_refuses_an_unknown_precision_or_variant_in_one_line():
 def _benchmark_tool():
     import runpy
     from pathlib import Path
-    return runpy.run_path(str(Path(__file__).resolve().parents[1] / 'tools' / 'analysis' /
+    return runpy.run_path(str(Path(__file__).resolve().parents[2] / 'tools' / 'analysis' /
                               'benchmark.py'))
 
 
@@ -780,7 +780,7 @@ def test_benchmark_says_to_train_upernet_with_a_batch_of_two():
     result = subprocess.run(
         [sys.executable, 'tools/analysis/benchmark.py', '--model', config, '--mode', 'train',
          '--shape', '64', '--repeat', '1', '--warmup', '0', '--variants', 'fast'],
-        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+        cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True)
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f'error: {config}: a training step at --batch 1 has a batch norm '

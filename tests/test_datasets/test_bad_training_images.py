@@ -12,7 +12,7 @@ from poolformer_mm.apis import run_training
 from poolformer_mm.datasets import make_toy_ade, make_toy_coco
 from poolformer_mm.errors import UserInputError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 DET = 'configs/detection/toy/retinanet_poolformer_s12_toy.py'
 SEG = 'configs/segmentation/toy/fpn_poolformer_s12_toy.py'

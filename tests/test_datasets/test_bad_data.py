@@ -8,7 +8,6 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import build_model_of
 
 from poolformer_mm.apis import (
     config_for_testing,
@@ -38,12 +37,12 @@ def ade(tmp_path):
 
 
 @pytest.fixture(scope='module')
-def checkpoints(tmp_path_factory):
+def checkpoints(tmp_path_factory, build_model):
     """Checkpoints of the untrained toy models, for tools/test.py and tools/infer.py."""
     from mmengine.config import Config
     paths = {}
     for config in (TOY_RETINANET, TOY_FPN):
-        model = build_model_of(Config.fromfile(config))
+        model = build_model(Config.fromfile(config))
         model.init_weights()
         paths[config] = str(tmp_path_factory.mktemp('ckpt') / 'model.pth')
         torch.save({'state_dict': model.state_dict(), 'meta': {}}, paths[config])

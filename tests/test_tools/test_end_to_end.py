@@ -15,7 +15,7 @@ import torch
 
 from poolformer_mm.datasets import make_toy_ade, make_toy_coco
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOY_RETINANET = 'configs/detection/toy/retinanet_poolformer_s12_toy.py'
 TOY_MASK_RCNN = 'configs/detection/toy/mask_rcnn_poolformer_s12_toy.py'
 TOY_FPN = 'configs/segmentation/toy/fpn_poolformer_s12_toy.py'

@@ -4,17 +4,19 @@ import copy
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, build_model_of
 from mmengine.config import Config
 
 from poolformer_mm.apis.inference import collect_images, draw_predictions, init_inferencer
 from poolformer_mm.datasets import make_toy_ade, make_toy_coco
 from poolformer_mm.errors import InputNotFoundError, InvalidInputError
+
+REPO = Path(__file__).resolve().parents[2]
 
 TOY_RETINANET = 'configs/detection/toy/retinanet_poolformer_s12_toy.py'
 TOY_MASK_RCNN = 'configs/detection/toy/mask_rcnn_poolformer_s12_toy.py'
@@ -34,7 +36,7 @@ def _dataset_meta(cfg):
 
 
 @pytest.fixture(scope='module')
-def checkpoints(tmp_path_factory):
+def checkpoints(tmp_path_factory, build_model):
     """Untrained toy models saved as a training run saves them (weights and dataset_meta).
 
     An untrained RetinaNet scores every anchor about 0.01, below its test score threshold, and
@@ -46,7 +48,7 @@ def checkpoints(tmp_path_factory):
     torch.manual_seed(0)
     for config in (*DETECTORS, TOY_FPN):
         cfg = Config.fromfile(config)
-        model = build_model_of(cfg)
+        model = build_model(cfg)
         model.init_weights()
         state = model.state_dict()
         if config == TOY_RETINANET:

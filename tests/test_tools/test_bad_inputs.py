@@ -7,7 +7,6 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import build_model_of
 
 from poolformer_mm.apis import run_testing, run_training
 from poolformer_mm.apis.inference import draw_predictions
@@ -83,9 +82,9 @@ def test_misspelt_backbone_argument_in_a_config_suggests_the_right_one(tmp_path,
     assert not [p for p in (tmp_path / 'w').iterdir() if p.is_dir()]
 
 
-def _checkpoint_of_untrained(config, path):
+def _checkpoint_of_untrained(build_model, config, path):
     from mmengine.config import Config
-    model = build_model_of(Config.fromfile(config))
+    model = build_model(Config.fromfile(config))
     model.init_weights()
     torch.save({'state_dict': model.state_dict(), 'meta': {}}, path)
     return str(path)
@@ -93,13 +92,13 @@ def _checkpoint_of_untrained(config, path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('mode', ['gray', 'rgba', 'tiny', 'odd'])
-def test_grayscale_rgba_tiny_and_odd_images_just_work(tmp_path, mode):
+def test_grayscale_rgba_tiny_and_odd_images_just_work(tmp_path, mode, build_model):
     rng = np.random.default_rng(0)
     shape = {'gray': (96, 80), 'rgba': (96, 80, 4), 'tiny': (32, 32, 3), 'odd': (333, 517, 3)}
     image = rng.integers(0, 255, shape[mode], dtype=np.uint8)
     cv2.imwrite(str(tmp_path / f'{mode}.png'), image)
     for config in (TOY_RETINANET, TOY_FPN):
-        checkpoint = _checkpoint_of_untrained(config, tmp_path / 'model.pth')
+        checkpoint = _checkpoint_of_untrained(build_model, config, tmp_path / 'model.pth')
         out_dir = tmp_path / osp.basename(config)
         (written, ) = draw_predictions(config, checkpoint, [str(tmp_path / f'{mode}.png')],
                                        str(out_dir), score_thr=0.0)

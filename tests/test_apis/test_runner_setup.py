@@ -3,7 +3,6 @@ import os.path as osp
 
 import pytest
 import torch
-from conftest import tta_wrapped
 
 from poolformer_mm.apis import (
     check_data_roots,
@@ -139,7 +138,7 @@ def test_deploy_flag_adds_the_folding_hook(toy_coco, checkpoint):
     assert dict(type='DeployBackboneHook') not in plain.get('custom_hooks', [])
 
 
-def test_deploy_hook_folds_the_backbone_inside_wrappers_and_keeps_predictions():
+def test_deploy_hook_folds_the_backbone_inside_wrappers_and_keeps_predictions(tta_wrapped):
     from types import SimpleNamespace
 
     from mmengine.logging import MMLogger
