@@ -127,7 +127,10 @@ def _torch_load_weights_only(source: Union[str, BinaryIO], name: str, map_locati
             warnings.filterwarnings('ignore', message='Detected pickle protocol')
             return torch.load(source, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        raise _refused(name, err) from None
+        if 'Unsupported operand' not in str(err):  # that one: bytes that are no pickle at all
+            raise _refused(name, err) from None
+        raise InvalidInputError(f"'{name}' is not a readable PyTorch checkpoint (truncated, or "
+                                f'another kind of file): {str(err).splitlines()[0]}') from None
     except Exception as err:
         # Bytes that are not a checkpoint make the restricted unpickler fail in many ways
         # (IndexError, KeyError, UnicodeDecodeError, EOFError, RuntimeError ... on a pop from
@@ -243,48 +246,35 @@ def local_checkpoint_path(url: str) -> str:
     return osp.join(LOCAL_CHECKPOINT_DIR, checkpoint_file_name(url))
 
 
+def _hub_folder() -> str:
+    return osp.join(torch.hub.get_dir(), 'checkpoints')
+
+
 def cached_checkpoint_path(url: str) -> str:
-    """Where :func:`download_checkpoint` keeps ``url``: the torch hub cache, as ``torch.hub``,
-    under :func:`checkpoint_file_name`; when a download of another URL already holds that name
-    (its URL is recorded beside it, in ``<name>.url``), under ``<stem>-<hash of url><ext>``."""
-    path = osp.join(torch.hub.get_dir(), 'checkpoints', checkpoint_file_name(url))
-    source = _recorded_source(path)
-    if source is None or source == url:  # this URL's file, or one kept before records existed
-        return path
-    stem, ext = _split_extension(path)
-    return f'{stem}-{hashlib.sha256(url.encode()).hexdigest()[:8]}{ext}'
-
-
-def _recorded_source(path: str) -> Optional[str]:
-    """The URL recorded for the downloaded file ``path``, or None."""
-    try:
-        with open(path + '.url', encoding='utf-8') as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
-def _split_extension(path: str):
-    """``('x/poolformer_s12', '.pth.tar')``: a two-part extension kept whole."""
-    stem, ext = osp.splitext(path)
-    if ext in ('.tar', '.gz') and osp.splitext(stem)[1]:
-        stem, first = osp.splitext(stem)
-        ext = first + ext
-    return stem, ext
+    """Where :func:`download_checkpoint` keeps ``url`` in the torch hub cache:
+    ``<hash of the URL>-<file name>``, so that two URLs of one file name never share a file,
+    even while both download. A file kept by earlier versions under the plain
+    :func:`checkpoint_file_name` is still used."""
+    folder = _hub_folder()
+    name = checkpoint_file_name(url)
+    if osp.isfile(osp.join(folder, name)):
+        return osp.join(folder, name)
+    return osp.join(folder, f'{hashlib.sha256(url.encode()).hexdigest()[:8]}-{name}')
 
 
 def _unavailable(url: str, reason: str) -> CheckpointUnavailableError:
     return CheckpointUnavailableError(
         f"checkpoint '{url}' is not available here: {reason}. Without network access, download "
         f"it elsewhere and put it at '{osp.abspath(local_checkpoint_path(url))}' (checkpoints/ "
-        f"in the directory you run from) or at '{cached_checkpoint_path(url)}' (the torch hub "
-        'cache; set TORCH_HOME to move it), or give the local file path instead of the URL')
+        f"in the directory you run from) or at '{_hub_folder()}/{checkpoint_file_name(url)}' "
+        '(the torch hub cache; set TORCH_HOME to move it), or give the local file path instead '
+        'of the URL')
 
 
 def _download(url: str, dst: str, timeout: float) -> None:
     """Stream ``url`` to ``dst`` through a temporary file in the same folder, renamed into place
-    (and ``url`` recorded in ``<dst>.url``) only once it is complete and opens as a checkpoint:
-    an error, a timeout or a short body leaves no file behind."""
+    only once it is complete and opens as a checkpoint: an error, a timeout or a short body
+    leaves no file behind."""
     folder = osp.dirname(dst)
     os.makedirs(folder, exist_ok=True)
     tmp_path = osp.join(folder, f'.{osp.basename(dst)}{INCOMPLETE_MARK}{secrets.token_hex(4)}.tmp')
@@ -308,12 +298,7 @@ def _download(url: str, dst: str, timeout: float) -> None:
                 raise OSError(f'connection closed after {received} of {expected} bytes')
         # A server that sends no length, or too small a one, ends a cut body without a sign:
         # only a file that opens as a checkpoint is kept.
-        with open(tmp_path, 'rb') as f:
-            if f.read(512).lstrip().lower().startswith((b'<!doctype html', b'<html')):
-                raise InvalidInputError(f"'{url}' answered with a web page, not a checkpoint "
-                                        '(a login or error page?): check the URL')
-        load_weights_only(tmp_path, url)
-        AtomicLocalBackend._replace(dst + '.url', url.encode())
+        load_weights_only(tmp_path, url, map_location='cpu')
         os.replace(tmp_path, dst)
     finally:
         if osp.exists(tmp_path):

@@ -215,19 +215,11 @@ def read_image_for_inference(path: str) -> np.ndarray:
     Raises:
         ValueError: naming the file, if it is empty, truncated or cannot be decoded.
     """
-    from ..datasets.loading import truncated
+    from ..datasets.loading import check_file_bytes
     data = fileio.get(path)
-    if not data:
-        raise InvalidInputError(
-            f"image '{path}' is empty (0 bytes): re-copy or re-export it, or leave "
-            'it out of the inputs.')
+    check_file_bytes(data, path, 'image', 'Fetch or export it again, or leave it out of the '
+                     'inputs.')
     image = mmcv.imfrombytes(data, flag='color', backend='cv2')
-    # a JPEG is checked even when decoded: OpenCV 4 decodes a truncated one without an error
-    if (image is None or data[:2] == b'\xff\xd8') and truncated(data):
-        raise InvalidInputError(
-            f"image '{path}' is truncated: the file ends before its image data does "
-            '(an interrupted download or copy?). Fetch or export it again, or leave '
-            'it out of the inputs.')
     if image is None:
         raise InvalidInputError(
             f"image '{path}' could not be decoded: it is damaged or not in a format "

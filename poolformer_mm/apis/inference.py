@@ -22,7 +22,7 @@ from mmengine.logging import print_log
 
 from ..checkpoint_io import check_checkpoint_path
 from ..engine import enable_inference_autocast, log_amp_dtype, prepare_for_inference
-from ..engine.work_dir import check_writable, refuse_output_over_inputs, refuse_symlinks
+from ..engine.work_dir import check_writable, refuse_output_over_inputs
 from ..errors import InputNotFoundError, InvalidInputError
 from ..models import check_neck_in_channels
 from .checkpoint_fit import check_checkpoint_fits
@@ -164,7 +164,6 @@ def draw_predictions(config: str, checkpoint: str, inputs: Sequence[str], out_di
         drawn_by[out_file] = path
     # the pictures found in folders too: one may be a link into out_dir
     refuse_output_over_inputs(out_dir, [*inputs, *images], '--out-dir')
-    refuse_symlinks(out_files, '--out-dir')
     check_writable(out_dir, '--out-dir')
     check_checkpoint_path(checkpoint)
     # Every image is decoded and checked before the model is built, so a damaged file or one too
@@ -173,6 +172,7 @@ def draw_predictions(config: str, checkpoint: str, inputs: Sequence[str], out_di
     for path in images:
         check_image_fits_model(path, read_image_for_inference(path).shape, cfg)
     inferencer = init_inferencer(cfg, checkpoint, device, deploy, amp)
+    os.makedirs(out_dir, exist_ok=True)
     written = []
     # The inferencers would write into out_dir/vis/ under the input's own name (a .jpg for a
     # JPEG); the pictures go where the user asked, as lossless PNGs.

@@ -24,14 +24,16 @@ from mmengine.runner.checkpoint import CheckpointLoader
 from ..checkpoint_io import check_checkpoint_path
 from ..engine.amp_choice import add_amp_option, log_amp_dtype
 from ..engine.work_dir import (
+    ConfigCopyRunner,
     check_writable,
+    checkpoint_dir,
     find_resumable_checkpoint,
+    has_training_state,
     lock_work_dir,
     process_rank,
-    refuse_links_in_work_dir,
+    refuse_links_in,
     refuse_output_over_inputs,
-    refuse_symlinks,
-    refuse_symlinks_in,
+    refuse_premade_run_folders,
 )
 from ..errors import InvalidInputError
 from ..models import check_neck_in_channels
@@ -116,9 +118,7 @@ def _load_config(args) -> Config:
         cfg.merge_from_dict(args.cfg_options)
     task_of(cfg)
     cfg.launcher = args.launcher
-    if args.launcher == 'none':
-        os.environ['LOCAL_RANK'] = '0'  # one process, whatever a job's shell left in the variable
-    elif 'LOCAL_RANK' not in os.environ:
+    if 'LOCAL_RANK' not in os.environ:
         os.environ['LOCAL_RANK'] = str(args.local_rank)
     if args.work_dir is not None:
         cfg.work_dir = args.work_dir
@@ -206,8 +206,7 @@ def _check_training_state(checkpoint: str) -> None:
     after the whole model is built)."""
     check_checkpoint_path(checkpoint, '--resume checkpoint')
     state = CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu', logger='silent')
-    meta = state.get('meta') if isinstance(state, dict) else None
-    if not (isinstance(meta, dict) and {'epoch', 'iter'} <= set(meta) and 'message_hub' in state):
+    if not has_training_state(state):
         raise InvalidInputError(
             f"--resume '{checkpoint}' holds no training state (the 'meta' and 'message_hub' of a "
             'checkpoint that tools/train.py wrote): it cannot be resumed. To start a training '
@@ -284,11 +283,10 @@ def config_for_testing(args) -> Config:
     for flag, output in (('--out', args.out), ('--show-dir', args.show_dir)):
         if output:
             refuse_output_over_inputs(output, inputs, flag)
-            refuse_symlinks_in(output, flag)
     if args.show_dir:
         check_writable(args.show_dir, '--show-dir')
-    if args.out and task_of(cfg) == 'mmdet':
-        refuse_symlinks([args.out], '--out')
+    if args.out and task_of(cfg) == 'mmseg':
+        refuse_links_in(args.out, '--out')  # mmseg saves the class maps in place (Pillow)
     if args.out is not None:
         _check_out(args.out, task_of(cfg), args.launcher)
     if args.out and task_of(cfg) == 'mmseg':
@@ -388,16 +386,13 @@ def _check_backbone_arguments(cfg: Config) -> None:
 
 def build_runner(cfg: Config):
     from mmengine.registry import RUNNERS
-    from mmengine.runner import Runner
-    refuse_links_in_work_dir(cfg.work_dir, cfg.filename)
     check_writable(cfg.work_dir, '--work-dir')
-    checkpoint_dir = _checkpoint_dir(cfg)
-    if checkpoint_dir:
-        refuse_symlinks([checkpoint_dir], 'checkpoint out_dir folder')
-        refuse_symlinks_in(checkpoint_dir, 'checkpoint out_dir')
+    refuse_premade_run_folders(cfg.work_dir)
     prepare_cpu_distributed(cfg)
     _check_backbone_arguments(cfg)
-    runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
+    # checkpoints and last_checkpoint replace their files (AtomicLocalBackend), and so does the
+    # copy of the config with ConfigCopyRunner; logs go to a new <timestamp>/ folder
+    runner = RUNNERS.build(cfg) if 'runner_type' in cfg else ConfigCopyRunner.from_cfg(cfg)
     # a stock base's ResNet in_channels would otherwise fail in the first forward pass
     check_neck_in_channels(runner.model)
     _refuse_empty_datasets(runner)
@@ -414,7 +409,6 @@ def _resume_latest(cfg: Config) -> None:
                   logger='current')
         cfg.resume = False
     else:
-        _check_training_state(latest)
         cfg.load_from = latest
 
 
@@ -423,8 +417,9 @@ def run_training(argv: Optional[Sequence[str]] = None):
     cfg = config_for_training(args)
     # Held while training: a second training on this work dir, or writing into the same
     # checkpoint folder, stops here.
-    check_writable(cfg.work_dir, '--work-dir')
-    locks = lock_work_dir(cfg.work_dir, args.launcher, _checkpoint_dir(cfg))
+    hook = cfg.get('default_hooks', {}).get('checkpoint') or {}
+    locks = lock_work_dir(cfg.work_dir, args.launcher,
+                          checkpoint_dir(cfg.work_dir, hook.get('out_dir')))
     try:
         if args.resume == 'auto':
             _resume_latest(cfg)
@@ -435,15 +430,6 @@ def run_training(argv: Optional[Sequence[str]] = None):
         for lock in locks:
             lock.release()
     return runner
-
-
-def _checkpoint_dir(cfg: Config) -> Optional[str]:
-    """Where the checkpoint hook writes when its ``out_dir`` is a local folder:
-    ``<out_dir>/<work dir name>`` (mmengine's rule); None for the work dir itself."""
-    out_dir = (cfg.get('default_hooks', {}).get('checkpoint') or {}).get('out_dir')
-    if not out_dir or '://' in str(out_dir):
-        return None
-    return osp.join(out_dir, osp.basename(osp.abspath(cfg.work_dir)))
 
 
 def run_testing(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:

@@ -9,12 +9,15 @@ import os.path as osp
 import re
 import stat
 import tempfile
+import time
 from typing import Iterable, List, Optional, Sequence
 
+from mmengine.dist import master_only
 from mmengine.logging import print_log
+from mmengine.runner import Runner
 from mmengine.runner.checkpoint import CheckpointLoader
 
-from ..checkpoint_io import is_remote_checkpoint
+from ..checkpoint_io import AtomicLocalBackend, is_remote_checkpoint
 from ..errors import InvalidInputError, WorkDirInUseError
 
 LOCK_NAME = '.train.lock'
@@ -39,14 +42,8 @@ class WorkDirLock:
             # followed and its target truncated
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
         except OSError as err:
-            raise InvalidInputError(f"cannot write in the work dir '{work_dir}' ({err.strerror}): "
-                                    'pass a writable --work-dir') from None
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
-            os.close(fd)
-            raise InvalidInputError(
-                f"'{self.path}' is not a plain file of its own (another kind of file, or a hard "
-                "link to another file): training would overwrite it. Remove it and start again.")
+            raise InvalidInputError(f"--work-dir '{work_dir}': cannot write there "
+                                    f'({err.strerror}); give a folder you can write in') from None
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
@@ -66,8 +63,10 @@ class WorkDirLock:
                 'jobs there would overwrite each other\'s checkpoints. Wait for it to finish or '
                 'stop it, or pass another --work-dir.') from None
         self._fd = fd
-        os.ftruncate(fd, 0)  # a file of our own (checked above), holding the last holder's PID
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        info = os.fstat(fd)
+        if stat.S_ISREG(info.st_mode) and info.st_nlink == 1:  # never into a hard link's twin
+            os.ftruncate(fd, 0)  # the PID of the holder, for the message of a second job
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
 
     def release(self) -> None:
         if self._fd is not None:
@@ -116,38 +115,52 @@ def refuse_symlinks(paths: Iterable[str], what: str) -> None:
                 'would overwrite the file it points to. Remove the link, or write elsewhere.')
 
 
-def refuse_symlinks_in(folder: str, what: str) -> None:
-    """:func:`refuse_symlinks` for every entry of ``folder`` (the files a run may write there)."""
-    if osp.isdir(folder):
-        refuse_symlinks(sorted(osp.join(folder, n) for n in os.listdir(folder)), f'{what}:')
-
-
-def refuse_links_in_work_dir(work_dir: str, config_file: Optional[str] = None) -> None:
-    """Refuse a work dir where the runner would write through a link: mmengine writes its copy
-    of the config, its logs and ``vis_data/`` in place (a checkpoint is written to a temporary
-    file and renamed over its name, which replaces a link instead of following it). So no
-    symbolic link down to ``<work_dir>/<timestamp>/vis_data/``, no hard-linked file but a
-    checkpoint, and not the config itself where its copy goes."""
-    if config_file is not None:
-        copy = osp.join(work_dir, osp.basename(config_file))
-        if osp.exists(copy) and osp.samefile(copy, config_file):
+def refuse_links_in(folder: str, what: str) -> None:
+    """Refuse a folder whose files a writer that opens them in place would write through: a
+    symbolic link, or a hard link whose other name would change too."""
+    if not osp.isdir(folder):
+        return
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        refuse_symlinks([entry.path], f'{what}:')
+        if entry.is_file() and entry.stat().st_nlink > 1:
             raise InvalidInputError(
-                f"the config '{config_file}' is in its own work dir, where the runner saves its "
-                'copy of the config over it: move the config, or pass another --work-dir')
-    stack = [(work_dir, 0)] if osp.isdir(work_dir) else []
-    while stack:
-        folder, depth = stack.pop()
-        for entry in os.scandir(folder):
-            if entry.is_symlink():
-                refuse_symlinks([entry.path], '--work-dir:')
-            elif entry.is_dir() and depth < 2:
-                stack.append((entry.path, depth + 1))
-            elif (entry.is_file() and not entry.name.endswith('.pth')
-                  and entry.stat().st_nlink > 1):
-                raise InvalidInputError(
-                    f"--work-dir: '{entry.path}' is a hard link to another file: the run "
-                    'writes there in place and would change that file too. Remove it, or '
-                    'pass another --work-dir.')
+                f"{what}: '{entry.path}' is a hard link to another file, which writing there "
+                'would change too. Remove it, or write elsewhere.')
+
+
+def refuse_premade_run_folders(work_dir: str) -> None:
+    """mmengine logs into ``<work_dir>/<timestamp>/``, opening its files in place: a folder there
+    named for a time to come was made by hand, maybe holding links for the run to write through."""
+    now = time.strftime('%Y%m%d_%H%M%S')
+    for name in sorted(os.listdir(work_dir)) if osp.isdir(work_dir) else []:
+        if re.fullmatch(r'\d{8}_\d{6}', name) and name >= now:
+            raise InvalidInputError(
+                f"--work-dir: '{osp.join(work_dir, name)}' is named for a time to come, so no "
+                'run made it, and this run would log into it. Remove it.')
+
+
+class ConfigCopyRunner(Runner):
+    """mmengine's Runner, whose copy of the config in the work dir replaces the file of that name
+    (through :class:`~poolformer_mm.checkpoint_io.AtomicLocalBackend`) instead of writing into
+    it: a link there keeps its target, and a config run from its own work dir (a saved config,
+    run again) stays as the user wrote it."""
+
+    @master_only
+    def dump_config(self) -> None:
+        source = self.cfg.filename
+        path = osp.join(self.work_dir, osp.basename(source) if source else
+                        f'{self.timestamp}.py')
+        if source and osp.isfile(path) and osp.samefile(path, source):
+            return
+        AtomicLocalBackend().put_text(self.cfg.pretty_text, path)
+
+
+def checkpoint_dir(work_dir: str, out_dir: Optional[str]) -> Optional[str]:
+    """Where the checkpoint hook writes when its ``out_dir`` is a local folder:
+    ``<out_dir>/<work dir name>`` (mmengine's rule); None without one."""
+    if not out_dir or is_remote_checkpoint(out_dir):
+        return None
+    return osp.join(out_dir, osp.basename(osp.abspath(work_dir)))
 
 
 def check_writable(folder: str, flag: str) -> None:
@@ -213,6 +226,13 @@ def _candidates(work_dir: str, folders: Sequence[str], filename_tmpl: Optional[s
     return found
 
 
+def has_training_state(checkpoint) -> bool:
+    """Whether ``checkpoint`` holds what mmengine's resume reads: ``meta`` with the epoch and
+    iteration, and the message hub."""
+    meta = checkpoint.get('meta') if isinstance(checkpoint, dict) else None
+    return isinstance(meta, dict) and {'epoch', 'iter'} <= set(meta) and 'message_hub' in checkpoint
+
+
 def find_resumable_checkpoint(work_dir: str, out_dir: Optional[str] = None,
                               filename_tmpl: Optional[str] = None) -> Optional[str]:
     """The newest checkpoint of a training that loads, or None when there is none.
@@ -223,17 +243,17 @@ def find_resumable_checkpoint(work_dir: str, out_dir: Optional[str] = None,
     work dir and in its ``out_dir``), and an unreadable (e.g. truncated) newest file falls back
     to the next one, with a warning naming both.
     """
-    folders = [work_dir]
-    if out_dir and not is_remote_checkpoint(out_dir):
-        # CheckpointHook writes to <out_dir>/<last folder of the work dir>
-        folders.append(osp.join(out_dir, osp.basename(osp.abspath(work_dir))))
+    folders = [work_dir, checkpoint_dir(work_dir, out_dir) or work_dir]
     candidates = _candidates(work_dir, folders, filename_tmpl)
     unreadable = []
     for path in candidates:
         try:
-            CheckpointLoader.load_checkpoint(path, map_location='cpu', logger='silent')
+            state = CheckpointLoader.load_checkpoint(path, map_location='cpu', logger='silent')
         except ValueError as err:
             unreadable.append((path, err))
+            continue
+        if not has_training_state(state):
+            unreadable.append((path, f"'{path}' holds weights but no training state"))
             continue
         if unreadable:
             reasons = '; '.join(str(err) for _, err in unreadable)
@@ -241,9 +261,8 @@ def find_resumable_checkpoint(work_dir: str, out_dir: Optional[str] = None,
                       logger='current', level=logging.WARNING)
         return path
     if unreadable:
-        names = ', '.join(f"'{p}'" for p, _ in unreadable)
+        reasons = '; '.join(str(err) for _, err in unreadable)
         raise InvalidInputError(
-            f'no readable checkpoint to resume from in {work_dir}: {names} cannot '
-            'be loaded. Remove them to start from scratch, or resume from another '
-            'file with --resume PATH.')
+            f'no checkpoint to resume from in {work_dir}: {reasons}. Remove them to start from '
+            'scratch, or resume from another file with --resume PATH.')
     return None

@@ -351,5 +351,5 @@ def test_infer_tool_prints_no_start_up_noise_and_errors_without_traceback(tmp_pa
     (tmp_path / 'broken.jpg').write_bytes(b'')
     result = infer(TOY_FPN, checkpoints[TOY_FPN], tmp_path / 'broken.jpg')
     assert result.returncode == 1
-    assert result.stderr == (f"error: image '{tmp_path / 'broken.jpg'}' is empty (0 bytes): "
-                             're-copy or re-export it, or leave it out of the inputs.\n')
+    assert result.stderr == (f"error: image '{tmp_path / 'broken.jpg'}' is empty (0 bytes). "
+                             'Fetch or export it again, or leave it out of the inputs.\n')

@@ -107,7 +107,7 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one_with_a_warni
 
 def test_no_readable_checkpoint_at_all_is_an_error_not_a_restart(tmp_path):
     (tmp_path / 'iter_4.pth').write_bytes(b'not a checkpoint')
-    with pytest.raises(ValueError, match=r'no readable checkpoint to resume from .*iter_4\.pth'):
+    with pytest.raises(ValueError, match=r'no checkpoint to resume from .*iter_4\.pth'):
         find_resumable_checkpoint(str(tmp_path))
 
 

@@ -7,6 +7,7 @@ so the names the configs use are the ones under test.
 """
 import contextlib
 import glob
+import hashlib
 import http.server
 import os
 import socket
@@ -109,6 +110,11 @@ def _hub_cache(tmp_path):
     return tmp_path / 'torch_home' / 'hub' / 'checkpoints'
 
 
+def _hashed(url, name):
+    """The name a download of ``url`` gets in the cache: the URL's hash, then its file name."""
+    return f'{hashlib.sha256(url.encode()).hexdigest()[:8]}-{name}'
+
+
 def _build_backbone(cfg_path):
     import poolformer_mm  # noqa: F401  (registers the backbones)
     backbone = MODELS.build(Config.fromfile(str(REPO / cfg_path)).model.backbone)
@@ -132,7 +138,7 @@ def test_config_url_is_downloaded_once_into_the_torch_hub_cache(release, tmp_pat
 
     first = _build_backbone('configs/detection/retinanet_poolformer_s12.py')
     assert requested == [S12_URL]
-    assert (_hub_cache(tmp_path) / 'poolformer_s12.pth.tar').is_file()
+    assert (_hub_cache(tmp_path) / _hashed(S12_URL, 'poolformer_s12.pth.tar')).is_file()
     _assert_backbone_holds(first, source)
 
     second = _build_backbone('configs/segmentation/fpn_poolformer_s12.py')
@@ -287,5 +293,6 @@ def test_timm_safetensors_from_the_hugging_face_hub_load_by_url(release, tmp_pat
     model = PoolFormer('s12', init_cfg=dict(type='Pretrained', checkpoint=TIMM_HUB_URL))
     model.init_weights()
     assert requested == [TIMM_HUB_URL]
-    assert (_hub_cache(tmp_path) / 'poolformer_s12.sail_in1k.safetensors').is_file()
+    assert (_hub_cache(tmp_path) / _hashed(TIMM_HUB_URL,
+                                           'poolformer_s12.sail_in1k.safetensors')).is_file()
     _assert_backbone_holds(model, source)
