@@ -4,8 +4,12 @@ Configs are named as users name them, relative to the repository (``configs/...`
 run with the repository as their working directory; anchoring the session there lets the suite
 start from any folder (``pytest /path/to/poolformer-mm/tests``).
 """
+import contextlib
 import copy
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,3 +67,25 @@ def build_model():
 def tta_wrapped():
     """:func:`_tta_wrapped`, for tests: ``tta_wrapped(model)``."""
     return _tta_wrapped
+
+
+@contextlib.contextmanager
+def _lock_held_elsewhere(folder):
+    """Another process holding the work-dir lock on ``folder``; yields its PID. It is killed
+    at the end, without releasing anything (the kernel drops its lock)."""
+    holder = subprocess.Popen(
+        [sys.executable, '-c', 'import sys, time; from poolformer_mm.engine import WorkDirLock; '
+         'WorkDirLock(sys.argv[1]); print("locked", flush=True); time.sleep(120)', str(folder)],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'locked'
+        yield holder.pid
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+
+
+@pytest.fixture(scope='session')
+def lock_held_elsewhere():
+    """:func:`_lock_held_elsewhere`, for tests: ``with lock_held_elsewhere(folder) as pid:``."""
+    return _lock_held_elsewhere

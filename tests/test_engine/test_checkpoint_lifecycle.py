@@ -160,22 +160,15 @@ def test_max_keep_ckpts_still_deletes_outdated_checkpoints(tmp_path, toy_ade):
 
 
 @pytest.mark.slow
-def test_second_training_in_the_same_work_dir_stops_at_once(tmp_path, toy_ade):
+def test_second_training_in_the_same_work_dir_stops_at_once(tmp_path, toy_ade,
+                                                            lock_held_elsewhere):
     work_dir = tmp_path / 'work'
-    holder = subprocess.Popen(
-        [sys.executable, '-c', 'import sys, time; from poolformer_mm.engine import WorkDirLock; '
-         'WorkDirLock(sys.argv[1]); print("locked", flush=True); time.sleep(120)', str(work_dir)],
-        cwd=REPO, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == 'locked'
+    with lock_held_elsewhere(work_dir) as pid:
         with pytest.raises(RuntimeError, match=rf"work dir '{work_dir}' is in use by another "
-                           rf'training \(process {holder.pid}\).*another --work-dir'):
+                           rf'training \(process {pid}\).*another --work-dir'):
             run_training(_argv(work_dir, toy_ade, 2))
         # stopped before the runner: no log folder, no config copy, no checkpoint
         assert sorted(p.name for p in work_dir.iterdir()) == ['.train.lock']
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
     # the holder died without releasing anything: the lock went with it
     WorkDirLock(str(work_dir)).release()
 

@@ -5,7 +5,6 @@ import contextlib
 import http.server
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -139,26 +138,12 @@ def test_resume_without_a_path_refuses_a_newest_checkpoint_of_weights_only(tmp_p
         run_training(_train_argv(work_dir, toy_ade) + ['--resume'])
 
 
-@contextlib.contextmanager
-def _lock_held_elsewhere(folder):
-    """Another process holding the work-dir lock on ``folder``; yields its PID."""
-    holder = subprocess.Popen(
-        [sys.executable, '-c', 'import sys, time; from poolformer_mm.engine import WorkDirLock; '
-         'WorkDirLock(sys.argv[1]); print("locked", flush=True); time.sleep(120)', str(folder)],
-        cwd=REPO, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == 'locked'
-        yield holder.pid
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
-
-
 @pytest.mark.parametrize('variable', ['RANK', 'SLURM_PROCID', 'OMPI_COMM_WORLD_RANK'])
 def test_rank_variables_without_a_launcher_do_not_bypass_the_lock(tmp_path, toy_ade,
-                                                                  monkeypatch, variable):
+                                                                  monkeypatch, variable,
+                                                                  lock_held_elsewhere):
     work_dir = tmp_path / 'wd'
-    with _lock_held_elsewhere(work_dir) as pid:
+    with lock_held_elsewhere(work_dir) as pid:
         monkeypatch.setenv(variable, '1')
         with pytest.raises(WorkDirInUseError, match=rf'in use by another training \(process '
                            rf'{pid}\)'):
@@ -175,9 +160,10 @@ def test_the_rank_is_read_from_the_launchers_own_variable(monkeypatch):
     assert process_rank('slurm') == 5
 
 
-def test_two_trainings_writing_to_one_checkpoint_folder_stop_at_the_second(tmp_path, toy_ade):
+def test_two_trainings_writing_to_one_checkpoint_folder_stop_at_the_second(tmp_path, toy_ade,
+                                                                           lock_held_elsewhere):
     # both work dirs are called 'run': with out_dir=shared, both would write shared/run/iter_1.pth
-    with _lock_held_elsewhere(tmp_path / 'shared' / 'run') as pid:
+    with lock_held_elsewhere(tmp_path / 'shared' / 'run') as pid:
         with pytest.raises(WorkDirInUseError, match=rf"work dir '.*shared/run' is in use by "
                            rf'another training \(process {pid}\)'):
             run_training(_train_argv(tmp_path / 'b' / 'run', toy_ade,
