@@ -7,7 +7,7 @@ loading safe (weights only, for every scheme mmengine knows) and checkpoint writ
 whole process; :mod:`poolformer_mm.checkpoint_io` says what it changes and why.
 """
 # Before mmengine is first imported, which warns about pkg_resources at import time.
-from .known_warnings import ignore_known_warnings
+from .utils.known_warnings import ignore_known_warnings
 
 ignore_known_warnings(run_time=False)
 

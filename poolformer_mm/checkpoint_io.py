@@ -55,7 +55,7 @@ from mmengine.logging.history_buffer import HistoryBuffer
 from mmengine.runner import checkpoint as mm_checkpoint
 from mmengine.runner.checkpoint import CheckpointLoader
 
-from .errors import CheckpointUnavailableError, InvalidInputError
+from .utils.errors import CheckpointUnavailableError, InvalidInputError
 
 # Temporary files of an interrupted write are named '.<target>.incomplete-<random>.tmp'.
 INCOMPLETE_MARK = '.incomplete-'
@@ -190,7 +190,7 @@ def is_remote_checkpoint(path: str) -> bool:
 
 
 def check_checkpoint_path(path: str, what: str = 'checkpoint') -> None:
-    """Raise :class:`~poolformer_mm.errors.CheckpointUnavailableError` (a FileNotFoundError)
+    """Raise :class:`~poolformer_mm.utils.errors.CheckpointUnavailableError` (a FileNotFoundError)
     naming ``what`` when ``path`` is neither a file nor a scheme."""
     if is_remote_checkpoint(path) or osp.isfile(osp.expanduser(path)):
         return
@@ -313,7 +313,7 @@ def download_checkpoint(url: str) -> str:
 
     In a distributed job the first process of each machine downloads while the others wait.
     Without network, a file already in the cache is used; otherwise
-    :class:`~poolformer_mm.errors.CheckpointUnavailableError` names the URL and where to put
+    :class:`~poolformer_mm.utils.errors.CheckpointUnavailableError` names the URL and where to put
     the file.
     """
     cached = cached_checkpoint_path(url)

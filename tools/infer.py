@@ -4,59 +4,10 @@ segmentation configs. Works on CPU.
 
     python tools/infer.py CONFIG CHECKPOINT IMAGE_OR_FOLDER [...] --out-dir outputs/
 
-The model runs through mmdet's DetInferencer or mmseg's MMSegInferencer; each picture is written
-to --out-dir as <image name>.png.
+See ``python tools/infer.py --help``.
 """
-import argparse
-import logging
-import re
-
-from poolformer_mm.apis.inference import draw_predictions
-from poolformer_mm.engine.amp_choice import add_amp_option
-from poolformer_mm.errors import report_user_errors
-from poolformer_mm.known_warnings import ignore_known_warnings
-
-
-class HideFunctionScopeNotice(logging.Filter):
-    """Drop mmengine's notice that the inferencer's collate-function lookup falls back from the
-    mmdet or mmseg scope to mmengine's: neither package has a function registry of its own, so
-    their collate functions are mmengine's, and the notice is printed on every run."""
-
-    NOTICE = re.compile(r'Failed to search registry with scope "(mmdet|mmseg)" in the "function" '
-                        'registry tree')
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not self.NOTICE.match(record.getMessage())
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('config')
-    parser.add_argument('checkpoint')
-    parser.add_argument('inputs', nargs='+', help='image files or folders of images')
-    parser.add_argument('--out-dir', default='outputs', help='where the PNGs go')
-    parser.add_argument('--device', default='cpu', help="e.g. 'cpu' or 'cuda:0'")
-    parser.add_argument('--score-thr', type=float, default=0.3,
-                        help='detection: lowest score drawn')
-    parser.add_argument('--deploy', action='store_true',
-                        help="fold the PoolFormer backbone's norms and layer scales into its "
-                        'weights after loading and run the neck and head channels-last: same '
-                        'predictions, faster')
-    add_amp_option(parser, 'mixed precision, as in tools/test.py')
-    return parser.parse_args(argv)
-
-
-@report_user_errors
-def main(argv=None):
-    # mmengine after poolformer_mm, which sets the import-time warning filters first
-    from mmengine.logging import MMLogger
-    args = parse_args(argv)
-    MMLogger.get_current_instance().addFilter(HideFunctionScopeNotice())
-    written = draw_predictions(args.config, args.checkpoint, args.inputs, args.out_dir,
-                               args.device, args.score_thr, deploy=args.deploy,
-                               amp=args.amp)
-    print(f"wrote {len(written)} picture{'s' * (len(written) != 1)} to {args.out_dir}/")
-
+from poolformer_mm.cli.infer import main
+from poolformer_mm.utils.known_warnings import ignore_known_warnings
 
 if __name__ == '__main__':
     ignore_known_warnings()

@@ -9,9 +9,9 @@ Flags are those of mmdet 3.3's / mmseg 1.2's tools/test.py, plus --eval and --da
 import sys
 
 try:
-    from poolformer_mm.apis import run_testing
-    from poolformer_mm.errors import report_user_errors
-    from poolformer_mm.known_warnings import ignore_known_warnings
+    from poolformer_mm.cli.train_test import run_testing
+    from poolformer_mm.utils.errors import report_user_errors
+    from poolformer_mm.utils.known_warnings import ignore_known_warnings
 except ModuleNotFoundError as err:  # typically a fresh shell without the environment
     sys.exit(f'{err}. Activate the environment first: source .venv/bin/activate '
              '(see the README, "Quick start").')

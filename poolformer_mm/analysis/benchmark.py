@@ -45,7 +45,7 @@ import torch.nn as nn
 from mmengine.logging import MMLogger
 from mmengine.model import revert_sync_batchnorm
 
-from ..engine.amp_choice import NO_BF16_UNITS, cpu_bf16_units
+from ..deploy.precision import NO_BF16_UNITS, cpu_bf16_units
 from ..models import PoolFormer
 from .reference import ReferencePoolFormer
 
@@ -414,7 +414,8 @@ def model_variants(config: str, names: Sequence[str], seed: int = 0,
     only: what ``tools/test.py --deploy`` runs). A ``:bf16`` suffix in inference runs the model as
     ``--amp`` does (:func:`~poolformer_mm.engine.enable_inference_autocast`); in training the
     step applies it (:func:`model_training_step`)."""
-    from ..engine import enable_inference_autocast, prepare_for_inference, to_channels_last
+    from ..deploy.fold import prepare_for_inference
+    from ..deploy.precision import enable_inference_autocast, to_channels_last
     plain_names = [parse_variant(n)[0] for n in names]
     backbone_settings(config)  # a PoolFormer backbone, or a message saying it is not
     for name in plain_names:
@@ -722,7 +723,7 @@ class OnnxRuntimeModel(nn.Module):
 
     def __init__(self, path: str, threads: Optional[int] = None):
         super().__init__()
-        from ..deployment.verify import ort_session
+        from ..deploy.onnx.verify import ort_session
         # no busy-waiting threads after a run, which would slow the PyTorch variant timed next
         self.session = ort_session(path, threads, spinning=False)
 
@@ -737,15 +738,15 @@ def onnx_variants(config: str, onnx_path: str, checkpoint: Optional[str] = None,
     'eager' (the config's model as trained), 'deploy' (backbone folded, the CPU fast paths on)
     and 'onnxruntime' (the file). ``checkpoint`` should be the exported one; without it the
     weights are random and only the timings mean something."""
-    from ..deployment.export import (
+    from ..deploy.fold import switch_backbone_to_deploy
+    from ..deploy.onnx.export import (
         MaskRCNNExport,
         SegmentorExport,
         SingleStageDetectorExport,
         build_model,
         model_digest,
     )
-    from ..deployment.postprocess import session_deploy_info
-    from ..engine.deploy_hook import switch_backbone_to_deploy
+    from ..deploy.onnx.postprocess import session_deploy_info
 
     try:
         runtime = OnnxRuntimeModel(onnx_path, threads)

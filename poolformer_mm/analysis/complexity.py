@@ -39,9 +39,9 @@ from mmengine.analysis import FlopAnalyzer, parameter_count
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
 
-from ..apis.eval_metrics import read_config, task_of
 from ..models import PoolFormer
 from ..models.backbones.base import DenseBackbone
+from ..utils.config import read_config, task_of
 
 ShapeLike = Union[int, Sequence[int]]
 

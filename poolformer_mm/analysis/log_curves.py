@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..errors import InputNotFoundError, InvalidInputError
+from ..utils.errors import InputNotFoundError, InvalidInputError
 
 # Drawn when no keys are given, each where the log has it: the training loss and the main
 # metrics of mmseg and mmdet.

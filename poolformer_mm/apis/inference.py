@@ -21,13 +21,14 @@ from mmengine.config import Config
 from mmengine.logging import print_log
 
 from ..checkpoint_io import check_checkpoint_path
-from ..engine import enable_inference_autocast, log_amp_dtype, prepare_for_inference
+from ..datasets.checks import check_image_fits_model, read_image_for_inference
+from ..deploy.fold import prepare_for_inference
+from ..deploy.precision import enable_inference_autocast, log_amp_dtype
 from ..engine.work_dir import check_writable, refuse_output_over_inputs
-from ..errors import InputNotFoundError, InvalidInputError
 from ..models import check_neck_in_channels
-from .checkpoint_fit import check_checkpoint_fits
-from .data_checks import check_image_fits_model, read_image_for_inference
-from .eval_metrics import read_config, task_of
+from ..models.checkpoint_fit import check_checkpoint_fits
+from ..utils.config import read_config, task_of
+from ..utils.errors import InputNotFoundError, InvalidInputError
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 

@@ -1,205 +1,187 @@
-"""Hooks that report data a run would otherwise train on, or skip, without a word.
+"""Catch bad data before it fails obscurely or trains silently, with messages that say what to do.
 
-* :class:`IgnoredLabelBatchHook` (segmentation): a training batch whose labels are
-  ``ignore_index`` everywhere has loss 0 and accuracy 100 and teaches the model nothing.
-* :class:`CocoAnnotationCheckHook` (detection): mmdet's ``CocoDataset`` drops annotations with
-  unknown category ids, zero-area boxes and polygons of fewer than three points silently.
-
-Neither writes a line per iteration: the first hook warns about the first such batch and then
-logs a count per epoch, the second writes one line per annotation file.
-``poolformer_mm.apis.add_data_checks`` adds them to a config.
+* :func:`check_data_roots`: a missing data set, before the Runner looks for it;
+* :func:`read_image_for_inference` and :func:`check_image_fits_model`: images given to
+  ``tools/infer.py`` that are damaged, or that the model cannot run on.
 """
-import json
-from collections import Counter
-from typing import Dict, List, Optional
+import os.path as osp
+from typing import Iterator, List, Sequence, Tuple
 
-from mmengine.dist import is_main_process
-from mmengine.fileio import get_local_path
-from mmengine.hooks import Hook
-from mmengine.model import is_model_wrapper
-from mmengine.registry import HOOKS
-from mmengine.runner import EpochBasedTrainLoop
-from torch import nn
+import mmcv
+import numpy as np
+from mmengine import fileio
+from mmengine.config import Config, ConfigDict
+
+from ..utils.config import task_of
+from ..utils.errors import InputNotFoundError, InvalidInputError
+from .loading import check_file_bytes
+
+DATA_LOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
 
 
-@HOOKS.register_module()
-class IgnoredLabelBatchHook(Hook):
-    """Warn about training batches whose labels are ``ignore_index`` at every pixel.
+def _datasets(cfg: Config, loaders=DATA_LOADERS) -> Iterator[ConfigDict]:
+    """Leaf dataset configs, looking through wrappers (RepeatDataset, ConcatDataset...)."""
+    def walk(dataset):
+        if dataset is None:
+            return
+        if isinstance(dataset, (list, tuple)):
+            for d in dataset:
+                yield from walk(d)
+        elif 'dataset' in dataset:
+            yield from walk(dataset['dataset'])
+        elif 'datasets' in dataset:
+            yield from walk(dataset['datasets'])
+        else:
+            yield dataset
 
-    The first such batch is reported with its label files; later ones are only counted, and the
-    count is logged at the end of each epoch (of training, for iteration-based loops). The check is
-    one comparison per label pixel on the batch already in memory.
+    for name in loaders:
+        loader = cfg.get(name)
+        if loader:
+            yield from walk(loader.get('dataset'))
 
-    Args:
-        ignore_index (int, optional): The ignored label value. Defaults to the decode head's
-            ``ignore_index`` (255 if the model has none).
+
+def _evaluators(cfg: Config):
+    for name in ('val_evaluator', 'test_evaluator'):
+        evaluator = cfg.get(name)
+        if isinstance(evaluator, (list, tuple)):
+            yield from evaluator
+        elif evaluator:
+            yield evaluator
+
+
+def override_data_root(cfg: Config, data_root: str) -> None:
+    """Point every dataset (and evaluator annotation file) of ``cfg`` at ``data_root``."""
+    data_root = data_root.rstrip('/') + '/'
+    old_roots = set()
+    for dataset in _datasets(cfg):
+        if dataset.get('data_root'):
+            old_roots.add(dataset['data_root'].rstrip('/') + '/')
+        dataset['data_root'] = data_root
+    for evaluator in _evaluators(cfg):
+        ann_file = evaluator.get('ann_file')
+        for old in old_roots:
+            if ann_file and ann_file.startswith(old):
+                evaluator['ann_file'] = data_root + ann_file[len(old):]
+    cfg['data_root'] = data_root
+
+
+def _expected_paths(dataset: ConfigDict) -> List[str]:
+    root = dataset.get('data_root') or ''
+    paths = []
+    if dataset.get('ann_file'):
+        paths.append(osp.join(root, dataset['ann_file']))
+    for prefix in (dataset.get('data_prefix') or {}).values():
+        if isinstance(prefix, str) and prefix:
+            paths.append(osp.join(root, prefix))
+    return paths
+
+
+def check_data_roots(cfg: Config, loaders=DATA_LOADERS) -> None:
+    """Raise FileNotFoundError naming every missing file/folder the config's datasets need."""
+    missing, roots = [], []
+    for dataset in _datasets(cfg, loaders):
+        root = dataset.get('data_root') or ''
+        if root and not osp.isdir(root):
+            roots.append(root)
+            missing.extend(_expected_paths(dataset))
+            continue
+        missing.extend(p for p in _expected_paths(dataset) if not osp.exists(p))
+    empty = [p for dataset in _datasets(cfg, loaders) for p in _expected_paths(dataset)[:1]
+             if dataset.get('ann_file') and osp.isfile(p) and osp.getsize(p) == 0]
+    if empty:
+        raise InvalidInputError(f"annotation file '{empty[0]}' is empty (0 bytes); regenerate or "
+                                're-download it')
+    if not missing and not roots:
+        return
+    missing = list(dict.fromkeys(missing))
+    where = f"data root '{roots[0]}' not found" if roots else 'data set incomplete'
+    raise InputNotFoundError(
+        f'{where}: expected {", ".join(missing)}. Put the data set there (see the README, '
+        '"Preparing data"), or point the config elsewhere with --data-root DIR '
+        '(tools/train.py and tools/test.py), or --cfg-options '
+        'train_dataloader.dataset.data_root=DIR val_dataloader.dataset.data_root=DIR ...')
+
+
+# The backbones of this project reduce their input 32 times in their last stage: a thinner input
+# leaves that stage nothing to see (and a few pixels make the stem's convolution fail).
+MIN_MODEL_INPUT_SIDE = 32
+
+
+def read_image_for_inference(path: str) -> np.ndarray:
+    """Decode an image file as the test pipeline does (OpenCV, 3 channels) and return it as RGB.
+
+    Raises:
+        ValueError: naming the file, if it is empty, truncated or cannot be decoded.
     """
-    priority = 'NORMAL'
-
-    def __init__(self, ignore_index: Optional[int] = None) -> None:
-        self.ignore_index = ignore_index
-        self._reported = False
-        self._reset()
-
-    def _reset(self) -> None:
-        self._batches = self._ignored_batches = 0
-        self._samples = self._ignored_samples = 0
-
-    def before_train(self, runner) -> None:
-        if self.ignore_index is None:
-            model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-            head = getattr(model, 'decode_head', None)
-            if isinstance(head, nn.ModuleList):
-                head = head[0]  # a cascade of heads (nn.ModuleList) shares the ignored value
-            self.ignore_index = int(getattr(head, 'ignore_index', 255))
-
-    def before_train_epoch(self, runner) -> None:
-        self._reset()
-
-    def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
-        samples = data_batch.get('data_samples') if isinstance(data_batch, dict) else None
-        if not samples or not all('gt_sem_seg' in sample for sample in samples):
-            return
-        ignored = [bool((sample.gt_sem_seg.data == self.ignore_index).all())
-                   for sample in samples]
-        self._batches += 1
-        self._samples += len(samples)
-        self._ignored_samples += sum(ignored)
-        if not all(ignored):
-            return
-        self._ignored_batches += 1
-        if self._reported:
-            return
-        self._reported = True
-        files = [sample.metainfo.get('seg_map_path') or sample.metainfo.get('img_path', '?')
-                 for sample in samples]
-        runner.logger.warning(
-            f'iteration {runner.iter + 1}: the labels of this training batch are ignore_index '
-            f'({self.ignore_index}) at every pixel ({", ".join(map(str, files))}), so its loss '
-            'is 0 and its accuracy 100 and the model learns nothing from it. Check these labels: '
-            'with reduce_zero_label=True a label of only zeros (unlabelled) is ignored everywhere, '
-            'and a crop of a mostly unlabelled image can be too. Further such batches are counted '
-            'and summarised at the end of the epoch.')
-
-    def after_train_epoch(self, runner) -> None:
-        if self._ignored_batches:
-            by_epoch = isinstance(runner.train_loop, EpochBasedTrainLoop)
-            where = f'of epoch {runner.epoch + 1}' if by_epoch else 'of this run'
-            runner.logger.warning(
-                f'{self._ignored_batches} of {self._batches} training batches {where} had labels '
-                f'that were ignore_index ({self.ignore_index}) at every pixel '
-                f'({self._ignored_samples} of {self._samples} samples were): they trained nothing. '
-                'Check the labels and reduce_zero_label.')
-        self._reset()
+    data = fileio.get(path)
+    check_file_bytes(data, path, 'image', 'Fetch or export it again, or leave it out of the '
+                     'inputs.')
+    image = mmcv.imfrombytes(data, flag='color', backend='cv2')
+    if image is None:
+        raise InvalidInputError(
+            f"image '{path}' could not be decoded: it is damaged or not in a format "
+            'OpenCV reads (JPEG, PNG, BMP, TIFF, WebP). Convert it to PNG or JPEG, '
+            'or leave it out of the inputs.')
+    return mmcv.bgr2rgb(image)
 
 
-def coco_annotation_problems(ann_file: str) -> Dict[str, object]:
-    """Count the annotations of a COCO file that mmdet's ``CocoDataset`` drops silently.
+def _type_name(transform: dict) -> str:
+    kind = transform.get('type')
+    name = kind if isinstance(kind, str) else getattr(kind, '__name__', '')
+    return name.split('.')[-1]
 
-    Returns a dict with ``annotations`` (the total), ``unknown_category`` (a Counter of category
-    ids not defined in the file's ``categories``), ``unknown_image`` (annotations of image ids not
-    in ``images``), ``zero_area`` (boxes under 1 pixel wide or high, or of area 0) and
-    ``short_polygons`` (polygons of fewer than three points).
+
+def _resized(transform: dict, size: Tuple[int, int]) -> Tuple[int, int]:
+    """The (width, height) that mmcv's ``Resize`` (and mmdet's, mmseg's) makes of ``size``."""
+    scale, factor = transform.get('scale'), transform.get('scale_factor')
+    if scale is not None:
+        scale = (scale, scale) if isinstance(scale, int) else tuple(scale)
+        return mmcv.rescale_size(size, scale) if transform.get('keep_ratio') else scale
+    if factor is not None:
+        fx, fy = (factor, factor) if isinstance(factor, (int, float)) else factor
+        return int(size[0] * fx + 0.5), int(size[1] * fy + 0.5)
+    return size
+
+
+def _inference_pipeline(cfg: Config) -> Sequence[dict]:
+    # The pipelines mmdet's inference_detector and mmseg's inference_model run.
+    if task_of(cfg) == 'mmdet':
+        from mmdet.utils import get_test_pipeline_cfg
+        return get_test_pipeline_cfg(cfg)
+    return cfg.get('test_pipeline') or []
+
+
+def check_image_fits_model(path: str, image_shape: Sequence[int], cfg: Config) -> None:
+    """Refuse an image that the config's test resize squeezes thinner than the model can see.
+
+    A keep-ratio resize scales a long, thin image (10000x10) down to a strip of a pixel or two, or
+    of none, where OpenCV fails with "inv_scale_x > 0". Small images (even 1x1) are scaled up,
+    and thin ones the resize does not shrink are seen at their own size: both work. Only
+    ``Resize`` steps are followed; other resizing steps are taken as keeping the size.
+
+    Raises:
+        ValueError: naming the file, its size and what to do.
     """
-    with get_local_path(ann_file) as local_path, open(local_path) as f:
-        content = json.load(f)
-    categories = {category['id'] for category in content.get('categories', [])}
-    images = {image['id'] for image in content.get('images', [])}
-    annotations = content.get('annotations', [])
-    unknown_category, unknown_image, zero_area, short_polygons = Counter(), 0, 0, 0
-    for ann in annotations:
-        if ann.get('category_id') not in categories:
-            unknown_category[ann.get('category_id')] += 1
-        if ann.get('image_id') not in images:
-            unknown_image += 1
-        bbox = ann.get('bbox')
-        if bbox is not None and len(bbox) == 4:
-            _, _, width, height = bbox
-            # mmdet's rule for dropping a box (CocoDataset.parse_data_info)
-            if width < 1 or height < 1 or ann.get('area', width * height) <= 0:
-                zero_area += 1
-        segmentation = ann.get('segmentation')
-        if isinstance(segmentation, list):
-            # mmdet's rule for dropping a polygon (LoadAnnotations._process_masks)
-            short_polygons += sum(1 for polygon in segmentation
-                                  if len(polygon) < 6 or len(polygon) % 2)
-    return dict(annotations=len(annotations), unknown_category=unknown_category,
-                unknown_image=unknown_image, zero_area=zero_area, short_polygons=short_polygons)
-
-
-def _plural(count: int, word: str) -> str:
-    return f'{count} {word}' + ('' if count == 1 else 's')
-
-
-def coco_annotation_summary(ann_file: str) -> Optional[str]:
-    """One line describing what :func:`coco_annotation_problems` found, or None if nothing."""
-    found = coco_annotation_problems(ann_file)
-    parts: List[str] = []
-    unknown = found['unknown_category']
-    if unknown:
-        ids = sorted(unknown, key=str)
-        shown = ', '.join(map(str, ids[:10])) + (', ...' if len(ids) > 10 else '')
-        parts.append(f'{_plural(sum(unknown.values()), "annotation")} with category ids not in '
-                     f'its categories (ids {shown})')
-    if found['unknown_image']:
-        parts.append(f'{_plural(found["unknown_image"], "annotation")} of image ids not in its '
-                     'images')
-    if found['zero_area']:
-        parts.append(f'{_plural(found["zero_area"], "box")} of zero area (under 1 pixel wide or '
-                     'high, or area 0)')
-    if found['short_polygons']:
-        parts.append(f'{_plural(found["short_polygons"], "polygon")} of fewer than 3 points')
-    if not parts:
-        return None
-    return (f"annotation file '{ann_file}' ({_plural(found['annotations'], 'annotation')}): "
-            f'{", ".join(parts)}. mmdet skips these without a word (they are neither trained on '
-            'nor evaluated); fix or remove them in the file if they should count.')
-
-
-def _leaf_datasets(dataset):
-    """The data sets inside dataset wrappers (RepeatDataset, ConcatDataset, ...)."""
-    if hasattr(dataset, 'datasets'):
-        for inner in dataset.datasets:
-            yield from _leaf_datasets(inner)
-    elif hasattr(dataset, 'dataset'):
-        yield from _leaf_datasets(dataset.dataset)
-    else:
-        yield dataset
-
-
-@HOOKS.register_module()
-class CocoAnnotationCheckHook(Hook):
-    """Log one warning line per COCO annotation file with the annotations mmdet drops silently.
-
-    Runs when the data sets of a run are built (before training, validation or testing), once per
-    file, on the main process. It reads the annotation file once more with ``json``: seconds for
-    COCO's 860k training annotations, once per run.
-    """
-    priority = 'NORMAL'
-
-    def __init__(self) -> None:
-        self._checked = set()
-
-    def _check(self, runner, dataloader) -> None:
-        if dataloader is None or not is_main_process():
-            return
-        from mmdet.datasets import CocoDataset
-        for dataset in _leaf_datasets(dataloader.dataset):
-            ann_file = getattr(dataset, 'ann_file', None)
-            if not isinstance(dataset, CocoDataset) or not ann_file or ann_file in self._checked:
-                continue
-            self._checked.add(ann_file)
-            summary = coco_annotation_summary(ann_file)
-            if summary:
-                runner.logger.warning(summary)
-
-    def before_train(self, runner) -> None:
-        self._check(runner, runner.train_dataloader)
-        if runner.val_loop is not None:  # built by now: check it before hours of training
-            self._check(runner, runner.val_loop.dataloader)
-
-    def before_val(self, runner) -> None:
-        self._check(runner, runner.val_dataloader)
-
-    def before_test(self, runner) -> None:
-        self._check(runner, runner.test_dataloader)
+    width, height = image_shape[1], image_shape[0]
+    size, resize = (width, height), None
+    for transform in _inference_pipeline(cfg):
+        if isinstance(transform, dict) and _type_name(transform) == 'Resize':
+            size, resize = _resized(transform, size), transform
+    # Each side must reach the backbone's coarsest stride, unless the image itself is smaller
+    # there and the resize does not shrink it.
+    if all(new >= min(MIN_MODEL_INPUT_SIDE, old) for new, old in zip(size, (width, height))):
+        return
+    ratio = max(width, height) / max(min(width, height), 1)
+    scale = resize.get('scale')
+    how = (f"Resize(scale={scale}, keep_ratio={resize.get('keep_ratio', False)})"
+           if scale is not None else f"Resize(scale_factor={resize.get('scale_factor')})")
+    advice = 'Crop or tile it into pieces closer to square and run on those.'
+    if scale is not None and resize.get('keep_ratio'):
+        longest = max(scale) if isinstance(scale, (list, tuple)) else scale
+        advice = (f'Crop or tile it into pieces of aspect ratio up to about '
+                  f'{max(longest // MIN_MODEL_INPUT_SIDE, 1)}:1 and run on those.')
+    raise InvalidInputError(
+        f"image '{path}' is {width}x{height} pixels (width x height), an aspect ratio of "
+        f"{ratio:.0f}:1: the config's test resize, {how}, squeezes it to {size[0]}x{size[1]}, "
+        f'too thin for the model, which needs {MIN_MODEL_INPUT_SIDE} pixels across (its '
+        f'backbone reduces the input {MIN_MODEL_INPUT_SIDE} times). {advice}')

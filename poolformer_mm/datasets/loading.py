@@ -6,7 +6,7 @@ OpenCV for a 0-byte file) or with a bare ``AssertionError`` (a truncated or unde
 instead, whose message names the file and says what to do; the tools print it as one line. It
 is registered as ``LoadImageFromFile`` in mmdet's and mmseg's registries, so configs keep the
 upstream name (mmdet's and mmseg's inferencers look for it), and
-``poolformer_mm.apis.add_data_checks`` imports this module in every config's runs.
+:func:`poolformer_mm.engine.add_data_checks` imports this module in every config's runs.
 """
 import io
 
@@ -15,7 +15,7 @@ from mmdet.registry import TRANSFORMS as DET_TRANSFORMS
 from mmengine import fileio
 from mmseg.registry import TRANSFORMS as SEG_TRANSFORMS
 
-from ..errors import InputNotFoundError, InvalidInputError
+from ..utils.errors import InputNotFoundError, InvalidInputError
 
 
 def truncated(data: bytes) -> bool:

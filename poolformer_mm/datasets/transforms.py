@@ -13,8 +13,8 @@ so bad labels either pass silently or fail far away from their file:
 
 :class:`LoadCheckedAnnotations` is mmseg's loader with these checks on the array it has just
 decoded. The checks only read shapes and, for labels that are not 8-bit, the value range, so they
-cost nothing measurable next to the PNG decoding. ``poolformer_mm.apis.add_data_checks`` puts it
-in place of ``LoadAnnotations`` in every pipeline of a segmentation config.
+cost nothing measurable next to the PNG decoding. :func:`poolformer_mm.engine.add_data_checks`
+puts it in place of ``LoadAnnotations`` in every pipeline of a segmentation config.
 """
 import mmcv
 import mmengine.fileio as fileio
@@ -22,7 +22,7 @@ import numpy as np
 from mmseg.datasets.transforms import LoadAnnotations
 from mmseg.registry import TRANSFORMS
 
-from ..errors import InputNotFoundError, InvalidInputError
+from ..utils.errors import InputNotFoundError, InvalidInputError
 from .loading import check_file_bytes
 
 

@@ -18,7 +18,7 @@ from mmengine.runner import Runner
 from mmengine.runner.checkpoint import CheckpointLoader
 
 from ..checkpoint_io import AtomicLocalBackend, is_remote_checkpoint
-from ..errors import InvalidInputError, WorkDirInUseError
+from ..utils.errors import InvalidInputError, WorkDirInUseError
 
 LOCK_NAME = '.train.lock'
 

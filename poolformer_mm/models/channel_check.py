@@ -11,7 +11,7 @@ from typing import List, Optional, Sequence
 
 import torch.nn as nn
 
-from ..errors import InvalidInputError
+from ..utils.errors import InvalidInputError
 from .backbones.base import DenseBackbone
 
 

@@ -37,7 +37,7 @@ from mmengine.logging import print_log
 from mmengine.runner.checkpoint import CheckpointLoader
 
 from ..checkpoint_io import is_remote_checkpoint, load_from_local_weights_only
-from ..errors import CheckpointUnavailableError, InvalidInputError
+from ..utils.errors import CheckpointUnavailableError, InvalidInputError
 
 # ------------------------------------------------------------------------------- rules
 # (pattern, replacement) per layout, applied to each key in order; the first match wins, a key

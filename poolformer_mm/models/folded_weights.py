@@ -18,7 +18,7 @@ from typing import Iterable
 
 from torch import nn
 
-from ..errors import InvalidInputError
+from ..utils.errors import InvalidInputError
 
 
 class FoldedWeightsError(InvalidInputError):

@@ -114,5 +114,5 @@ def test_script_on_a_segmentor_config_prints_no_warnings_nobody_can_act_on():
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert 'fpn_poolformer_s12_toy.py [model]        64x64  15,651,141' in done.stdout
-    # mmseg's notices while its heads and losses are built (see poolformer_mm.known_warnings)
+    # mmseg's notices while its heads and losses are built (see poolformer_mm.utils.known_warnings)
     assert 'Warning' not in done.stderr, done.stderr

@@ -12,7 +12,7 @@ from poolformer_mm.analysis.log_curves import (
     plot_work_dirs,
     read_json_log,
 )
-from poolformer_mm.errors import InputNotFoundError, InvalidInputError
+from poolformer_mm.utils.errors import InputNotFoundError, InvalidInputError
 
 REPO = Path(__file__).resolve().parents[2]
 

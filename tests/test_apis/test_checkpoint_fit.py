@@ -3,11 +3,11 @@ import pytest
 import torch
 from mmengine.config import Config
 
-from poolformer_mm.apis import run_testing
-from poolformer_mm.apis.checkpoint_fit import checkpoint_mismatches
 from poolformer_mm.apis.inference import draw_predictions
+from poolformer_mm.cli.train_test import run_testing
 from poolformer_mm.datasets import make_toy_ade, make_toy_coco
 from poolformer_mm.models import PoolFormer
+from poolformer_mm.models.checkpoint_fit import checkpoint_mismatches
 
 TOY_RETINANET = 'configs/detection/toy/retinanet_poolformer_s12_toy.py'
 TOY_FPN = 'configs/segmentation/toy/fpn_poolformer_s12_toy.py'
@@ -111,7 +111,7 @@ def test_infer_refuses_a_checkpoint_of_another_arch(tmp_path, build_model):
 def test_checkpoint_with_the_old_parameter_names_still_fits(tmp_path):
     from test_checkpoint_naming import to_old_names
 
-    from poolformer_mm.apis.checkpoint_fit import check_checkpoint_fits
+    from poolformer_mm.models.checkpoint_fit import check_checkpoint_fits
 
     class Detector(torch.nn.Module):
 
@@ -131,7 +131,7 @@ def test_checkpoint_with_the_old_parameter_names_still_fits(tmp_path):
 
 
 def test_a_folded_checkpoint_is_named_as_such(tmp_path):
-    from poolformer_mm.apis.checkpoint_fit import check_checkpoint_fits
+    from poolformer_mm.models.checkpoint_fit import check_checkpoint_fits
 
     class Detector(torch.nn.Module):
 

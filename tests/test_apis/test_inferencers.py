@@ -14,7 +14,7 @@ from mmengine.config import Config
 
 from poolformer_mm.apis.inference import collect_images, draw_predictions, init_inferencer
 from poolformer_mm.datasets import make_toy_ade, make_toy_coco
-from poolformer_mm.errors import InputNotFoundError, InvalidInputError
+from poolformer_mm.utils.errors import InputNotFoundError, InvalidInputError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -198,7 +198,7 @@ def test_seg_inferencer_predicts_what_inference_model_predicts(seg_results, chec
 
 
 def test_seg_inferencer_runs_the_config_a_training_saves(checkpoints, images, seg_results):
-    from poolformer_mm.apis.data_checks import add_data_checks
+    from poolformer_mm.engine.hooks.data_checks import add_data_checks
     cfg = Config.fromfile(TOY_FPN)
     add_data_checks(cfg)  # as tools/train.py, which saves it to the work dir
     assert 'LoadCheckedAnnotations' in str(cfg.test_dataloader.dataset.pipeline)

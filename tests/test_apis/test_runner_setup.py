@@ -4,13 +4,13 @@ import os.path as osp
 import pytest
 import torch
 
-from poolformer_mm.apis import (
-    check_data_roots,
+from poolformer_mm.cli.train_test import (
     config_for_testing,
     config_for_training,
     test_parser,
     train_parser,
 )
+from poolformer_mm.datasets.checks import check_data_roots
 
 RETINANET = 'configs/detection/retinanet_poolformer_s12.py'
 MASK_RCNN = 'configs/detection/mask_rcnn_poolformer_s12.py'
@@ -143,7 +143,7 @@ def test_deploy_hook_folds_the_backbone_inside_wrappers_and_keeps_predictions(tt
 
     from mmengine.logging import MMLogger
 
-    from poolformer_mm.engine import DeployBackboneHook
+    from poolformer_mm.engine.hooks.deploy import DeployBackboneHook
     from poolformer_mm.models import PoolFormer
     from poolformer_mm.models.layers import DeployPoolFormerBlock
 
@@ -167,7 +167,7 @@ def test_deploy_hook_folds_the_backbone_inside_wrappers_and_keeps_predictions(tt
 
 
 def test_deploy_of_a_backbone_that_cannot_fold_is_a_clear_error():
-    from poolformer_mm.engine import switch_backbone_to_deploy
+    from poolformer_mm.deploy.fold import switch_backbone_to_deploy
     model = torch.nn.Module()
     model.backbone = torch.nn.Conv2d(3, 8, 3)
     with pytest.raises(ValueError, match='Conv2d, which has no switch_to_deploy'):

@@ -12,10 +12,10 @@ import torch
 from mmengine.runner import checkpoint as mm_checkpoint
 from mmengine.runner.checkpoint import CheckpointLoader
 
-from poolformer_mm.apis import run_training
+from poolformer_mm.cli.train_test import run_training
 from poolformer_mm.datasets import make_toy_ade
-from poolformer_mm.errors import CheckpointUnavailableError
 from poolformer_mm.models import PoolFormer
+from poolformer_mm.utils.errors import CheckpointUnavailableError
 
 TOY_FPN = 'configs/segmentation/toy/fpn_poolformer_s12_toy.py'
 TINY_ARCH = dict(layers=[1, 1, 1, 1], embed_dims=[8, 16, 24, 32], mlp_ratios=[2, 2, 2, 2],
@@ -138,7 +138,7 @@ def closed_loopback_port():
 
 def test_unreachable_url_without_cache_names_the_url_and_both_places_for_the_file(
         tmp_path, monkeypatch):
-    from poolformer_mm.errors import CheckpointUnavailableError
+    from poolformer_mm.utils.errors import CheckpointUnavailableError
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
     monkeypatch.chdir(tmp_path)  # checkpoints/ is looked for in the working directory
     with closed_loopback_port() as port:
@@ -232,7 +232,7 @@ def test_load_from_url_with_payload_stops_training_before_the_code_runs(served, 
 
 @pytest.mark.slow
 def test_resume_and_test_from_a_url_equal_the_local_file(served, tmp_path, toy_ade):
-    from poolformer_mm.apis import run_testing
+    from poolformer_mm.cli.train_test import run_testing
     folder, base = served
     run_training(_toy_fpn_training(tmp_path / 'first', toy_ade, 2))
     local = tmp_path / 'first' / 'iter_2.pth'

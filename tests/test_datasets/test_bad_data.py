@@ -9,17 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from poolformer_mm.apis import (
+from poolformer_mm.apis.inference import draw_predictions
+from poolformer_mm.cli.train_test import (
     config_for_testing,
     config_for_training,
     run_testing,
     run_training,
     train_parser,
 )
-from poolformer_mm.apis import test_parser as make_test_parser
-from poolformer_mm.apis.data_checks import add_data_checks, read_image_for_inference
-from poolformer_mm.apis.inference import draw_predictions
+from poolformer_mm.cli.train_test import test_parser as make_test_parser
 from poolformer_mm.datasets import make_toy_ade, make_toy_coco
+from poolformer_mm.datasets.checks import read_image_for_inference
+from poolformer_mm.engine.hooks.data_checks import add_data_checks
 
 TOY_RETINANET = 'configs/detection/toy/retinanet_poolformer_s12_toy.py'
 TOY_FPN = 'configs/segmentation/toy/fpn_poolformer_s12_toy.py'

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from poolformer_mm.apis import run_training
+from poolformer_mm.cli.train_test import run_training
 from poolformer_mm.datasets import make_toy_ade, make_toy_coco
-from poolformer_mm.errors import UserInputError
+from poolformer_mm.utils.errors import UserInputError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -132,8 +132,8 @@ def test_configs_keep_the_upstream_image_loader_name(config, scope):
     # mmdet's and mmseg's inferencers look for 'LoadImageFromFile' in the dumped config
     from mmengine.config import Config
 
-    from poolformer_mm.apis.data_checks import add_data_checks
     from poolformer_mm.datasets.loading import LoadCheckedImageFromFile
+    from poolformer_mm.engine.hooks.data_checks import add_data_checks
     cfg = Config.fromfile(config)
     add_data_checks(cfg)
     assert cfg.test_dataloader.dataset.pipeline[0]['type'] == 'LoadImageFromFile'

@@ -46,7 +46,7 @@ def _error_line(result, *names):
 def exports(tmp_path_factory):
     """Small exports of the toy segmentor (dynamic) and RetinaNet (static), an image, and
     :func:`edited`'s folder."""
-    from poolformer_mm.deployment import build_model, export_onnx
+    from poolformer_mm.deploy.onnx import build_model, export_onnx
     folder = tmp_path_factory.mktemp('exports')
     paths = dict(folder=folder, image=folder / 'image.png')
     for task, config, dynamic in (('seg', SEG_CONFIG, True), ('det', DET_CONFIG, False)):

@@ -13,14 +13,15 @@ import numpy as np
 import pytest
 import torch
 
+from poolformer_mm.cli import export as cli
 from poolformer_mm.datasets.synthetic import make_toy_ade, make_toy_coco
-from poolformer_mm.deployment import build_model, cli, export_onnx, verify_onnx
-from poolformer_mm.deployment.export import ExportPoolFormerBlock, check_plain_ops
-from poolformer_mm.deployment.postprocess import normalize, read_deploy_info
-from poolformer_mm.deployment.verify import compare, load_input, ort_session, run_torch
-from poolformer_mm.errors import InvalidInputError
+from poolformer_mm.deploy.onnx import build_model, export_onnx, verify_onnx
+from poolformer_mm.deploy.onnx.export import ExportPoolFormerBlock, check_plain_ops
+from poolformer_mm.deploy.onnx.postprocess import normalize, read_deploy_info
+from poolformer_mm.deploy.onnx.verify import compare, load_input, ort_session, run_torch
+from poolformer_mm.utils.errors import InvalidInputError
 
-# poolformer_mm.deployment imports onnx and onnxruntime only when it uses them
+# poolformer_mm.deploy.onnx imports onnx and onnxruntime only when it uses them
 pytestmark = pytest.mark.skipif(
     find_spec('onnx') is None or find_spec('onnxruntime') is None,
     reason='onnx / onnxruntime (the deploy extra: pip install -e .[deploy]) not installed')
@@ -362,7 +363,7 @@ def test_benchmark_times_a_dynamic_export_at_its_size_and_compares_only_the_same
 
 @pytest.mark.parametrize('bins', [2, 3, 6, (4, 5)])
 def test_static_adaptive_pool_has_adaptive_pooling_bins(bins):
-    from poolformer_mm.deployment.export import StaticAdaptiveAvgPool2d
+    from poolformer_mm.deploy.onnx.export import StaticAdaptiveAvgPool2d
     pool = torch.nn.AdaptiveAvgPool2d(bins)
     x = torch.randn(2, 3, 7, 9)
     torch.testing.assert_close(StaticAdaptiveAvgPool2d(pool)(x), pool(x))
@@ -376,7 +377,7 @@ def test_dynamic_export_of_pyramid_pooling_is_refused():
 
 def test_pytorch2onnx_exits_1_over_tolerance(segmentor, toy_images, tmp_path, capsys,
                                              monkeypatch):
-    from poolformer_mm.deployment.verify import TOLERANCES
+    from poolformer_mm.deploy.onnx.verify import TOLERANCES
     monkeypatch.setitem(TOLERANCES, 'logits_rel', 0.0)  # no two runtimes agree to the last bit
     code = cli.main([SEG_CONFIG, segmentor[3], '--out', str(tmp_path / 'seg.onnx'), '--shape',
                      '64', '64', '--logits', '--verify', '--image', toy_images['segmentation']])

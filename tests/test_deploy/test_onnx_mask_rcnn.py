@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from poolformer_mm.datasets.synthetic import make_toy_coco
-from poolformer_mm.deployment import build_model, export_onnx, verify_onnx
-from poolformer_mm.deployment.ops import RoiAlign, roi_levels
-from poolformer_mm.deployment.postprocess import paste_masks, read_deploy_info
-from poolformer_mm.deployment.verify import load_input, ort_session, run_torch
+from poolformer_mm.deploy.onnx import build_model, export_onnx, verify_onnx
+from poolformer_mm.deploy.onnx.ops import RoiAlign, roi_levels
+from poolformer_mm.deploy.onnx.postprocess import paste_masks, read_deploy_info
+from poolformer_mm.deploy.onnx.verify import load_input, ort_session, run_torch
 
 pytestmark = pytest.mark.skipif(
     find_spec('onnx') is None or find_spec('onnxruntime') is None,
@@ -156,7 +156,7 @@ def test_ort_infer_draws_masks_without_torch(mask_rcnn, image, tmp_path):
 
 
 def test_compare_fails_when_a_pasted_mask_differs():
-    from poolformer_mm.deployment.verify import compare
+    from poolformer_mm.deploy.onnx.verify import compare
     dets = np.array([[0, 0, 10, 10, 0.9], [20, 20, 40, 40, 0.8]], np.float32)
     labels = np.array([0, 1])
     masks = np.zeros((2, 50, 50), bool)
@@ -177,7 +177,7 @@ def test_cascade_export_module_computes_mmdet_predict():
     gives its figures)."""
     from mmdet.structures import DetDataSample
 
-    from poolformer_mm.deployment.two_stage import MaskRCNNExport
+    from poolformer_mm.deploy.onnx.two_stage import MaskRCNNExport
     torch.manual_seed(0)
     model = build_model('configs/detection/cascade_mask_rcnn_poolformer_s12.py')[0]
     model.roi_head.test_cfg.score_thr = 0.005  # a fresh 80-class head scores about 1 / 81

@@ -15,8 +15,8 @@ import pytest
 import torch
 from mmengine.logging import MMLogger
 
-from poolformer_mm.apis import run_training
 from poolformer_mm.checkpoint_io import AtomicLocalBackend
+from poolformer_mm.cli.train_test import run_training
 from poolformer_mm.datasets import make_toy_ade
 from poolformer_mm.engine import WorkDirLock, find_resumable_checkpoint
 
@@ -126,7 +126,7 @@ def replace(src, dst, *args, **kwargs):
         os._exit(137)
     return real_replace(src, dst, *args, **kwargs)
 os.replace = replace
-from poolformer_mm.apis import run_training
+from poolformer_mm.cli.train_test import run_training
 run_training(sys.argv[2:])
 '''
 

@@ -393,7 +393,7 @@ def test_a_run_destroys_the_process_group_it_started_and_only_that(tmp_path):
     """Left to interpreter exit, gloo's threads can abort a process whose run succeeded."""
     import torch.distributed as dist
 
-    from poolformer_mm.apis.distributed import closing_process_group
+    from poolformer_mm.engine.distributed import closing_process_group
 
     def start(name):
         dist.init_process_group('gloo', init_method=f'file://{tmp_path / name}', rank=0,

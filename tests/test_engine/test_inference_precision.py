@@ -21,17 +21,15 @@ from poolformer_mm.analysis.benchmark import flat_float_outputs
 from poolformer_mm.analysis.complexity import build_model_without_pretrained, dummy_batch
 from poolformer_mm.analysis.peers import copy_weights_by_value, peer_backbone
 from poolformer_mm.analysis.reference import ReferencePoolFormer
-from poolformer_mm.apis.runner_setup import _enable_test_amp
-from poolformer_mm.engine import (
-    amp_choice,
-    amp_dtype,
-    enable_inference_autocast,
-    prepare_for_inference,
-)
-from poolformer_mm.errors import InvalidInputError
+from poolformer_mm.cli.train_test import _enable_test_amp
+from poolformer_mm.deploy import precision as amp_choice
+from poolformer_mm.deploy.fold import prepare_for_inference
+from poolformer_mm.deploy.folded_fpn import FoldedFPN
+from poolformer_mm.deploy.folded_fpn_head import FoldedFPNWithHeadConv
+from poolformer_mm.deploy.precision import amp_dtype, enable_inference_autocast
 from poolformer_mm.models import MetaFormer, PoolFormer
 from poolformer_mm.models.layers import PoolingMixer
-from poolformer_mm.models.necks import FoldedFPN, FoldedFPNWithHeadConv
+from poolformer_mm.utils.errors import InvalidInputError
 
 TOY_FPN = 'configs/segmentation/toy/fpn_poolformer_s12_toy.py'
 TOY_RETINANET = 'configs/detection/toy/retinanet_poolformer_s12_toy.py'
@@ -410,7 +408,7 @@ def test_peer_that_does_not_import_is_skipped_with_the_reason(monkeypatch):
 def test_training_amp_follows_the_cpu_bf16_units_as_at_test_time(monkeypatch):
     """A bare --amp trains in fp32 with a warning on a CPU without bf16 units (bf16 products
     ran about 140x slower than fp32 on an AVX2-only AMD EPYC); --amp bf16 forces bf16."""
-    from poolformer_mm.apis import runner_setup
+    from poolformer_mm.cli import train_test as runner_setup
     logged = []
     monkeypatch.setattr(amp_choice, 'print_log',
                         lambda msg, level=logging.INFO, **kw: logged.append((level, msg)))
@@ -469,7 +467,7 @@ def test_training_amp_follows_the_cpu_bf16_units_as_at_test_time(monkeypatch):
 
 
 def test_train_parser_takes_a_bare_or_named_amp():
-    from poolformer_mm.apis.runner_setup import train_parser
+    from poolformer_mm.cli.train_test import train_parser
     parser = train_parser()
     assert parser.parse_args(['config.py', '--amp']).amp == 'auto'
     assert parser.parse_args(['config.py', '--amp', 'bf16']).amp == 'bf16'
@@ -477,7 +475,7 @@ def test_train_parser_takes_a_bare_or_named_amp():
     # mmdet's own --amp takes no value: a config after it gets a message saying where it goes
     with pytest.raises(SystemExit):
         parser.parse_args(['--amp', 'configs/x.py'])
-    from poolformer_mm.engine.amp_choice import amp_argument
+    from poolformer_mm.cli.options import amp_argument
     with pytest.raises(Exception, match='a config[?] --amp takes an optional value, so write it '
                        'after the config'):
         amp_argument('configs/x.py')
@@ -508,7 +506,7 @@ def test_channels_last_training_gives_the_same_loss_and_gradients():
     from types import SimpleNamespace
 
     from poolformer_mm.analysis.benchmark import segmentation_batch
-    from poolformer_mm.engine import ChannelsLastHook
+    from poolformer_mm.engine.hooks.channels_last import ChannelsLastHook
     model = _model(TOY_FPN).train()
     converted = copy.deepcopy(model)
     runner = SimpleNamespace(model=converted, logger=MMLogger.get_current_instance())
@@ -530,7 +528,7 @@ def test_channels_last_training_gives_the_same_loss_and_gradients():
 
 
 def test_train_tool_has_channels_last():
-    from poolformer_mm.apis.runner_setup import train_parser
+    from poolformer_mm.cli.train_test import train_parser
     assert train_parser().parse_args(['some_config.py', '--channels-last']).channels_last
 
 
@@ -548,7 +546,7 @@ def test_benchmark_times_whole_models_with_precisions_and_notes_missing_peers(tm
          '--json', str(tmp_path / 'out.json')], cwd=repo, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
-    # mmseg's notices while its heads are built (see poolformer_mm.known_warnings)
+    # mmseg's notices while its heads are built (see poolformer_mm.utils.known_warnings)
     assert 'Warning' not in result.stderr, result.stderr
     assert re.search(r'^machine: .+\(.*\), torch .+ matmul fp32 [\d.]+ GFLOP/s, bf16 [\d.]+', out,
                      re.M)

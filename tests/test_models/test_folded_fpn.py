@@ -14,8 +14,9 @@ from mmseg.models.decode_heads import FPNHead
 from mmseg.models.necks import FPN as MMSegFPN
 from mmseg.registry import MODELS as SEG_MODELS
 
+from poolformer_mm.deploy.folded_fpn import FoldedFPN
+from poolformer_mm.deploy.folded_fpn_head import ConvAppliedByNeck, FoldedFPNWithHeadConv
 from poolformer_mm.models.decode_heads import LowMemoryFPNHead
-from poolformer_mm.models.necks import ConvAppliedByNeck, FoldedFPN, FoldedFPNWithHeadConv
 
 S12_CHANNELS = [64, 128, 320, 512]
 
@@ -259,7 +260,7 @@ def test_deploy_hook_folds_the_fpn_neck_inside_wrappers_and_logs_why_not(neck_ch
                                                                           tta_wrapped):
     from types import SimpleNamespace
 
-    from poolformer_mm.engine import DeployBackboneHook
+    from poolformer_mm.engine.hooks.deploy import DeployBackboneHook
     from poolformer_mm.models import PoolFormer
 
     class Detector(nn.Module):
@@ -284,7 +285,7 @@ def test_deploy_hook_folds_the_fpn_neck_inside_wrappers_and_logs_why_not(neck_ch
     assert isinstance(model.neck, FoldedFPN) == (neck_channels == 256)
     assert len(messages) == 1 and logged in messages[0]
     # folding again changes nothing and says the same
-    from poolformer_mm.engine.deploy_hook import fold_fpn_neck
+    from poolformer_mm.deploy.fold import fold_fpn_neck
     neck = model.neck
     assert (fold_fpn_neck(model) is None) == (neck_channels == 256) and model.neck is neck
 
@@ -315,7 +316,7 @@ def _conv_module(order=('conv', 'norm', 'act'), norm_cfg=dict(type='BN'), **kwar
     (('conv', 'norm', 'act'), dict(with_spectral_norm=True), False),
 ])
 def test_batch_norms_fold_only_into_the_convolutions_they_directly_follow(order, extra, folds):
-    from poolformer_mm.engine.deploy_hook import fold_batch_norms
+    from poolformer_mm.deploy.fold import fold_batch_norms
     module = _conv_module(order, **extra)
     x = torch.randn(2, 16, 12, 10)
     with torch.no_grad():
@@ -328,7 +329,7 @@ def test_batch_norms_fold_only_into_the_convolutions_they_directly_follow(order,
 
 def test_a_convolution_shared_by_several_conv_modules_keeps_their_batch_norms():
     """As RTMDet's head shares one convolution across levels, each with its own norm."""
-    from poolformer_mm.engine.deploy_hook import fold_batch_norms
+    from poolformer_mm.deploy.fold import fold_batch_norms
     levels = nn.ModuleList(_conv_module() for _ in range(3))
     for level in levels[1:]:
         level.conv = levels[0].conv
@@ -367,11 +368,7 @@ class _Segmentor(nn.Module):
 
 
 def _merged(segmentor):
-    from poolformer_mm.engine.deploy_hook import (
-        fold_batch_norms,
-        fold_fpn_neck,
-        merge_head_conv_into_neck,
-    )
+    from poolformer_mm.deploy.fold import fold_batch_norms, fold_fpn_neck, merge_head_conv_into_neck
     assert fold_fpn_neck(segmentor) is None
     fold_batch_norms(segmentor)
     return merge_head_conv_into_neck(segmentor)
@@ -411,7 +408,7 @@ def test_merged_head_convolution_runs_8_2_instead_of_11_7_gmacs_at_512():
 
 
 def test_merged_head_convolution_keeps_the_state_dict_and_follows_new_weights():
-    from poolformer_mm.engine.deploy_hook import fold_batch_norms
+    from poolformer_mm.deploy.fold import fold_batch_norms
     segmentor, other = _Segmentor(), _Segmentor(seed=3)
     batch_norms_folded = copy.deepcopy(segmentor)
     fold_batch_norms(batch_norms_folded)
@@ -445,7 +442,7 @@ def test_a_copy_of_a_merged_model_uses_its_own_head_convolution():
 def test_merged_head_convolution_gets_its_gradients():
     """Under autograd with trainable weights the neck computes the finest level the plain way
     and applies the head's convolution to it, so every parameter gets its gradient."""
-    from poolformer_mm.engine.deploy_hook import fold_batch_norms
+    from poolformer_mm.deploy.fold import fold_batch_norms
     segmentor, merged = _Segmentor(), _Segmentor()
     fold_batch_norms(segmentor)
     _merged(merged)
@@ -511,7 +508,7 @@ def test_head_convolutions_that_are_not_merged_say_why(change, reason):
 
 
 def test_the_log_line_says_what_was_merged_and_why_not():
-    from poolformer_mm.engine.deploy_hook import InferenceForm
+    from poolformer_mm.deploy.fold import InferenceForm
     merged = InferenceForm(None, 7, None).describe()
     assert ("FPN neck folded (FoldedFPNWithHeadConv: the decode head's first 3x3 convolution "
             'merged into its finest level); 7 batch norm(s)') in merged

@@ -26,8 +26,8 @@ from test_checkpoint_layouts import to_official, to_timm
 from test_url_checkpoints import TINY_ARCH, closed_loopback_port, serve_folder
 
 from poolformer_mm import checkpoint_io as safe_checkpoints
-from poolformer_mm.errors import CheckpointUnavailableError
 from poolformer_mm.models import PoolFormer
+from poolformer_mm.utils.errors import CheckpointUnavailableError
 
 REPO = Path(__file__).resolve().parents[2]
 

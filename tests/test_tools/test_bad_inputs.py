@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from poolformer_mm.apis import run_testing, run_training
 from poolformer_mm.apis.inference import draw_predictions
 from poolformer_mm.checkpoint_io import AtomicLocalBackend
+from poolformer_mm.cli.train_test import run_testing, run_training
 from poolformer_mm.datasets import make_toy_ade, make_toy_coco
 
 TOY_RETINANET = 'configs/detection/toy/retinanet_poolformer_s12_toy.py'
@@ -71,7 +71,7 @@ def test_file_that_is_not_an_image_names_the_file(tmp_path, coco):
 
 
 def test_misspelt_backbone_argument_in_a_config_suggests_the_right_one(tmp_path, coco):
-    from poolformer_mm.errors import UserInputError
+    from poolformer_mm.utils.errors import UserInputError
     # a user error (the tools print its message alone) that is still the TypeError of Python
     with pytest.raises(UserInputError, match=r"'out_indice' \(did you mean 'out_indices'\?\)") \
             as error:
@@ -118,7 +118,7 @@ def test_garbage_files_of_every_kind_are_one_clear_error_from_the_loader(tmp_pat
     # The restricted unpickler fails on random bytes with UnpicklingError, but also with
     # IndexError, KeyError, UnicodeDecodeError ...: every one must be the same clear error.
     from poolformer_mm.checkpoint_io import load_weights_only
-    from poolformer_mm.errors import InvalidInputError
+    from poolformer_mm.utils.errors import InvalidInputError
     path = tmp_path / 'garbage.pth'
     for seed in range(400):
         path.write_bytes(_garbage(seed))

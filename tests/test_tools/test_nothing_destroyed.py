@@ -17,11 +17,11 @@ import torch
 from mmengine.runner.checkpoint import CheckpointLoader
 from safetensors.torch import save_file
 
-from poolformer_mm.apis import run_testing, run_training
 from poolformer_mm.apis.inference import draw_predictions
+from poolformer_mm.cli.train_test import run_testing, run_training
 from poolformer_mm.datasets import make_toy_ade
 from poolformer_mm.engine import process_rank
-from poolformer_mm.errors import InvalidInputError, UserInputError, WorkDirInUseError
+from poolformer_mm.utils.errors import InvalidInputError, UserInputError, WorkDirInUseError
 
 REPO = Path(__file__).resolve().parents[2]
 TOY_FPN = 'configs/segmentation/toy/fpn_poolformer_s12_toy.py'

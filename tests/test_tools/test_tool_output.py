@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from poolformer_mm.apis import config_for_testing, test_parser
-from poolformer_mm.apis.runner_setup import format_metrics
+from poolformer_mm.cli.train_test import config_for_testing, format_metrics, test_parser
 
 REPO = Path(__file__).resolve().parents[2]
 TOY_FPN = 'configs/segmentation/toy/fpn_poolformer_s12_toy.py'
@@ -81,7 +80,7 @@ def test_metrics_are_printed_rounded_as_the_upstream_tables():
 
 
 def test_known_warnings_are_ignored_only_from_their_library():
-    from poolformer_mm.known_warnings import ignore_known_warnings
+    from poolformer_mm.utils.known_warnings import ignore_known_warnings
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         ignore_known_warnings()
@@ -97,8 +96,7 @@ def test_known_warnings_are_ignored_only_from_their_library():
 def test_the_data_error_points_to_a_readme_section_that_exists():
     from mmengine.config import Config
 
-    from poolformer_mm.apis import check_data_roots
-    from poolformer_mm.apis.data_checks import override_data_root
+    from poolformer_mm.datasets.checks import check_data_roots, override_data_root
     cfg = Config.fromfile(TOY_FPN)
     override_data_root(cfg, '/nonexistent/ade')
     with pytest.raises(FileNotFoundError) as error:
@@ -140,7 +138,7 @@ TOY_RETINANET = 'configs/detection/toy/retinanet_poolformer_s12_toy.py'
     (TOY_FPN, '/proc/nope/maps', '--out /proc/nope/maps: cannot write in /proc/nope/maps (')])
 def test_an_out_that_cannot_be_written_is_refused_before_the_test_runs(tmp_path, config, out,
                                                                        message):
-    from poolformer_mm.errors import InvalidInputError
+    from poolformer_mm.utils.errors import InvalidInputError
     checkpoint = tmp_path / 'model.pth'
     checkpoint.write_bytes(b'')  # only the path is checked when building the config
     out, message = out.format(tmp=tmp_path), message.format(tmp=tmp_path)
@@ -166,7 +164,7 @@ def test_the_out_check_leaves_nothing_behind(tmp_path, config, out):
 def test_only_the_first_process_probes_where_out_is_written(tmp_path, monkeypatch):
     """In a distributed run the probe's folders would race between processes; rank 0 probes,
     and it is the one that writes the detection dump."""
-    from poolformer_mm.apis.runner_setup import _check_out
+    from poolformer_mm.cli.train_test import _check_out
     monkeypatch.setenv('RANK', '1')
     _check_out('/proc/nope/dets.pkl', 'mmdet', 'pytorch')  # rank 0 reports it
     with pytest.raises(Exception, match='detection writes a .pkl'):  # checks of the name stay

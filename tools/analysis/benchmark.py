@@ -71,9 +71,9 @@ from poolformer_mm.analysis.benchmark import (
 )
 from poolformer_mm.analysis.complexity import backbone_complexity, model_complexity
 from poolformer_mm.analysis.peers import PEERS
-from poolformer_mm.apis.data_checks import MIN_MODEL_INPUT_SIDE
-from poolformer_mm.known_warnings import ignore_known_warnings
+from poolformer_mm.datasets.checks import MIN_MODEL_INPUT_SIDE
 from poolformer_mm.models import PoolFormer
+from poolformer_mm.utils.known_warnings import ignore_known_warnings
 
 
 def parse_args():

@@ -6,67 +6,10 @@
     python tools/analysis/get_flops.py configs/segmentation/fpn_poolformer_s12.py --shape 512
     python tools/analysis/get_flops.py CONFIG --part backbone                          # 224x224
 
-Counting is mmengine's port of fvcore's counters, as the paper used: 1 MAC = 1 multiply-add.
-Counted: convolutions and linear layers (without bias adds), GroupNorm (~5 ops per element),
-upsampling. Not counted: the pooling token mixer (avg_pool2d), GELU, the element-wise
-add/sub/mul of residuals and layer scales, and ops without a counter (RoIAlign, NMS, ...); each
-run lists the ones it met. Whole models run their mode='tensor' forward (no post-processing)
-on one random image passed through the model's data preprocessor; no weights are loaded.
+See ``python tools/analysis/get_flops.py --help``.
 """
-import argparse
-import textwrap
-
-from poolformer_mm.analysis import (
-    DEFAULT_SHAPES,
-    UNCOUNTED_NOTE,
-    backbone_complexity,
-    format_table,
-    model_complexity,
-    uncounted_summary,
-)
-from poolformer_mm.known_warnings import ignore_known_warnings
-
-
-def parse_args():
-    parser = argparse.ArgumentParser(
-        description=__doc__.split('\n\n')[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split('\n\n', 1)[1])
-    parser.add_argument('config', nargs='?', help='mmdet / mmseg config file')
-    parser.add_argument('--arch', nargs='+', metavar='ARCH',
-                        help='analyse bare PoolFormer backbones (s12, s24, s36, m36, m48) '
-                        'instead of a config')
-    parser.add_argument('--shape', type=int, nargs='+', metavar=('H', 'W'),
-                        help='input height and width, or one side for a square image; default: '
-                        f'{DEFAULT_SHAPES["backbone"][0]} for a backbone, '
-                        '{} {} for detectors, {} {} for segmentors'.format(
-                            *DEFAULT_SHAPES['mmdet'], *DEFAULT_SHAPES['mmseg']))
-    parser.add_argument('--part', choices=('model', 'backbone'), default='model',
-                        help="with a config: the whole model (default) or its backbone alone")
-    args = parser.parse_args()
-    if (args.config is None) == (args.arch is None):
-        parser.error('give either a config file or --arch ARCH [ARCH ...]')
-    if args.shape is not None and len(args.shape) > 2:
-        parser.error(f'--shape takes H or H W, got {len(args.shape)} numbers')
-    return parser, args
-
-
-def main():
-    parser, args = parse_args()
-    try:
-        if args.arch:
-            rows = {f'PoolFormer-{arch.upper()}': backbone_complexity(arch, args.shape)
-                    for arch in args.arch}
-        else:
-            label = f'{args.config} [{args.part}]'
-            rows = {label: model_complexity(args.config, args.shape, part=args.part)}
-    except (ValueError, FileNotFoundError) as error:
-        parser.error(str(error))
-    print(format_table(rows))
-    for label, result in rows.items():
-        print(textwrap.fill(uncounted_summary(result, label), width=100, subsequent_indent='    '))
-    print(textwrap.fill(UNCOUNTED_NOTE, width=100))
-
+from poolformer_mm.cli.get_flops import main
+from poolformer_mm.utils.known_warnings import ignore_known_warnings
 
 if __name__ == '__main__':
     ignore_known_warnings()

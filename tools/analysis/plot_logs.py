@@ -11,7 +11,7 @@ Each WORK_DIR is a --work-dir of tools/train.py (its newest run is read) or a js
 import argparse
 
 from poolformer_mm.analysis.log_curves import plot_work_dirs
-from poolformer_mm.errors import report_user_errors
+from poolformer_mm.utils.errors import report_user_errors
 
 
 def parse_args(argv=None):

@@ -31,11 +31,11 @@ def load_torch_free_module(*path: str):
 
 
 def load_postprocess():
-    """poolformer_mm/deployment/postprocess.py (see :func:`load_torch_free_module`)."""
-    return load_torch_free_module('deployment', 'postprocess.py')
+    """poolformer_mm/deploy/onnx/postprocess.py (see :func:`load_torch_free_module`)."""
+    return load_torch_free_module('deploy', 'onnx', 'postprocess.py')
 
 
-errors = load_torch_free_module('errors.py')  # the package's error classes, torch-free
+errors = load_torch_free_module('utils', 'errors.py')  # the package's error classes, torch-free
 
 
 def check_file(path: str, what: str, give: str) -> None:

@@ -8,20 +8,20 @@ The backbone is folded (norms and layer scales inside the weights) and exported 
 ops (opset 17). Input ``input``: a normalised float32 (N, 3, H, W) image. Segmentors output
 ``output``, int64 (N, 1, H, W) class indices; detectors ``dets`` (N, K, 5) and ``labels``
 (N, K) after NMS in the graph, (Cascade) Mask R-CNN also ``masks`` (1, K, 28, 28), which
-poolformer_mm/deployment/postprocess.py pastes into the image. The
+poolformer_mm/deploy/onnx/postprocess.py pastes into the image. The
 normalisation, class names and post-processing settings are stored in the file's metadata, for
 tools/deployment/ort_infer.py. ``--verify`` compares ONNX Runtime with PyTorch on an image and
 exits with code 1 over tolerance. Needs the deploy extra: pip install -e .[deploy]
 """
 import sys
 
-from poolformer_mm.errors import report_user_errors
-from poolformer_mm.known_warnings import ignore_known_warnings
+from poolformer_mm.utils.errors import report_user_errors
+from poolformer_mm.utils.known_warnings import ignore_known_warnings
 
 
 @report_user_errors
 def main(argv=None):
-    from poolformer_mm.deployment.cli import main as export_main
+    from poolformer_mm.cli.export import main as export_main
     return export_main(argv)
 
 

@@ -38,7 +38,7 @@ VNNI_CPU_FLAGS = ('avx512_vnni', 'avx_vnni', 'amx_int8')
 def cpu_vnni_flags(cpuinfo='/proc/cpuinfo'):
     """The VNNI flags this CPU reports, or None where it lists no x86 flags (not Linux, or not
     x86)."""
-    flags = load_torch_free_module('cpu_flags.py').cpu_flags(cpuinfo)
+    flags = load_torch_free_module('utils', 'cpu_flags.py').cpu_flags(cpuinfo)
     return None if flags is None else tuple(flag for flag in VNNI_CPU_FLAGS if flag in flags)
 
 

@@ -15,9 +15,9 @@ import torch
 
 from poolformer_mm.checkpoint_io import check_checkpoint_path
 from poolformer_mm.engine.work_dir import refuse_output_over_inputs, refuse_symlinks
-from poolformer_mm.errors import InputNotFoundError, InvalidInputError, report_user_errors
 from poolformer_mm.models import PoolFormer, convert_to_poolformer_layout
 from poolformer_mm.models.checkpoint_layouts import load_backbone_weights, read_checkpoint
+from poolformer_mm.utils.errors import InputNotFoundError, InvalidInputError, report_user_errors
 
 
 @report_user_errors

@@ -21,7 +21,7 @@ from mmengine.model import BaseModule
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ...errors import InvalidInputError, UnknownSettingError
+from ...utils.errors import InvalidInputError, UnknownSettingError
 from ..checkpoint_layouts import upgrade_legacy_keys_on_load
 from ..layers import (
     MetaFormerStage,

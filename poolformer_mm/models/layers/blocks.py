@@ -48,7 +48,7 @@ from mmcv.cnn.bricks import DropPath
 from mmengine.model.weight_init import trunc_normal_init
 from torch import Tensor
 
-from ...cpu_flags import BF16_CPU_FLAGS, cpu_flags
+from ...utils.cpu_flags import BF16_CPU_FLAGS, cpu_flags
 from .mixers import PoolingMixer
 from .norms import build_norm, group_norm_1_moments, is_group_norm_1, normalize_tokens
 from .scratch import ScratchBuffers

@@ -76,7 +76,7 @@ def why_head_conv_not_mergeable(fpn: nn.Module, head: nn.Module) -> Optional[str
     multiply-adds."""
     from mmseg.models.decode_heads import FPNHead
 
-    from ..decode_heads import LowMemoryFPNHead
+    from ..models.decode_heads.low_memory_heads import LowMemoryFPNHead
     if isinstance(head, nn.ModuleList):
         return 'the model has several decode heads (a cascade)'
     if type(head) not in (FPNHead, LowMemoryFPNHead):  # a subclass may compute something else

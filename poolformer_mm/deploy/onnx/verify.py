@@ -8,7 +8,7 @@ Tolerances (:data:`TOLERANCES`): segmentation class maps agree on at least 99.9%
 and, when the model has the debug ``logits`` output, logits within 1e-4 of the largest logit;
 detection keeps the same number of detections, boxes within 1e-3 relative (to the coordinate,
 at least one pixel) and scores within 1e-4; Mask R-CNN's masks, pasted into the image and
-thresholded (:func:`~poolformer_mm.deployment.postprocess.paste_masks`), agree with mmdet's on
+thresholded (:func:`~poolformer_mm.deploy.onnx.postprocess.paste_masks`), agree with mmdet's on
 at least 99% of the pixels they mark: over all matched detections, the pixels both masks mark
 over the pixels either marks (the background, which dominates an agreement over the whole
 image, is left out).
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..errors import InputNotFoundError
+from ...utils.errors import InputNotFoundError
 from .postprocess import detections_of, normalize, resize_for_model, session_deploy_info
 
 TOLERANCES = dict(pixel_agreement=0.999, logits_rel=1e-4, box_rel=1e-3, score_abs=1e-4,

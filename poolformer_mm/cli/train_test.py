@@ -22,7 +22,10 @@ from mmengine.logging import print_log
 from mmengine.runner.checkpoint import CheckpointLoader
 
 from ..checkpoint_io import check_checkpoint_path
-from ..engine.amp_choice import add_amp_option, log_amp_dtype
+from ..datasets.checks import _datasets, _expected_paths, check_data_roots, override_data_root
+from ..deploy.precision import log_amp_dtype
+from ..engine.distributed import closing_process_group, prepare_cpu_distributed
+from ..engine.hooks.data_checks import add_data_checks
 from ..engine.work_dir import (
     ConfigCopyRunner,
     check_writable,
@@ -35,25 +38,17 @@ from ..engine.work_dir import (
     refuse_output_over_inputs,
     refuse_premade_run_folders,
 )
-from ..errors import InvalidInputError
 from ..models import check_neck_in_channels
-from .checkpoint_fit import check_checkpoint_fits
-from .data_checks import (
-    CheckedDictAction,
-    _datasets,
-    _expected_paths,
-    add_data_checks,
-    check_data_roots,
-    override_data_root,
-)
-from .distributed import closing_process_group, prepare_cpu_distributed
-from .eval_metrics import (
+from ..models.checkpoint_fit import check_checkpoint_fits
+from ..utils.config import (
     DETECTION_METRICS,
     SEGMENTATION_METRICS,
     read_config,
     set_eval_metrics,
     task_of,
 )
+from ..utils.errors import InvalidInputError
+from .options import CheckedDictAction, add_amp_option
 
 
 def _common_arguments(parser: argparse.ArgumentParser) -> None:

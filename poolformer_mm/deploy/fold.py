@@ -2,22 +2,15 @@
 from collections import Counter
 from typing import NamedTuple, Optional
 
-from mmengine.hooks import Hook
-from mmengine.registry import HOOKS
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..errors import InvalidInputError
 from ..models.folded_weights import refuse_unfolded_weights
-from ..models.necks import (
-    FoldedFPN,
-    FoldedFPNWithHeadConv,
-    levels_read,
-    weights_used_as_stored,
-    why_head_conv_not_mergeable,
-)
-from .channels_last import to_channels_last
-from .model_parts import find_backbone, unwrap_model
+from ..utils.errors import InvalidInputError
+from ..utils.model_parts import find_backbone, unwrap_model
+from .folded_fpn import FoldedFPN, weights_used_as_stored
+from .folded_fpn_head import FoldedFPNWithHeadConv, levels_read, why_head_conv_not_mergeable
+from .precision import to_channels_last
 
 
 def switch_backbone_to_deploy(model) -> None:
@@ -157,15 +150,3 @@ def prepare_for_inference(model) -> InferenceForm:
     to_channels_last(model)
     refuse_unfolded_weights(unwrap_model(model), keys_before, 'This model')
     return InferenceForm(neck_left_because, batch_norms_folded, head_conv_left_because)
-
-
-@HOOKS.register_module()
-class DeployBackboneHook(Hook):
-    """Switch the backbone to its inference form (:meth:`PoolFormer.switch_to_deploy`).
-
-    ``Runner.test`` loads the checkpoint before the test loop starts, so folding at
-    ``before_test`` uses the trained weights. Same predictions, faster backbone.
-    """
-
-    def before_test(self, runner) -> None:
-        runner.logger.info(prepare_for_inference(runner.model).describe())

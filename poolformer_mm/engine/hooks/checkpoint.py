@@ -6,7 +6,7 @@ from mmengine.dist import is_main_process
 from mmengine.hooks import CheckpointHook
 from mmengine.registry import HOOKS
 
-from ..checkpoint_io import remove_incomplete_writes
+from ...checkpoint_io import remove_incomplete_writes
 
 
 @HOOKS.register_module()

@@ -14,7 +14,7 @@ all in the graph.
 3. RoIAlign of each detection's box, the mask head (a cascade: the mean of its stages), the
    sigmoid of the detection's class map: ``masks`` (1, K, 28, 28), as mmdeploy's end-to-end
    Mask R-CNN. Pasting them into the image and the ``rcnn.mask_thr_binary`` threshold are the
-   NumPy step :func:`poolformer_mm.deployment.postprocess.paste_masks`.
+   NumPy step :func:`poolformer_mm.deploy.onnx.postprocess.paste_masks`.
 
 One image per run: proposals differ in number between images, so a batch axis would need a
 per-image selection that ONNX has no op for.
@@ -22,7 +22,7 @@ per-image selection that ONNX has no op for.
 import torch
 import torch.nn as nn
 
-from ..errors import InvalidInputError
+from ...utils.errors import InvalidInputError
 from .ops import (
     decode_boxes,
     dense_head_candidates,

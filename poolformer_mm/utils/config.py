@@ -5,7 +5,7 @@ from typing import Sequence
 
 from mmengine.config import Config
 
-from ..errors import InputNotFoundError, InvalidInputError
+from .errors import InputNotFoundError, InvalidInputError
 
 DETECTION_METRICS = ('bbox', 'segm', 'proposal')
 SEGMENTATION_METRICS = ('mIoU', 'mDice', 'mFscore')

@@ -18,8 +18,8 @@ import torch.nn as nn
 from mmengine.model import is_model_wrapper
 from mmengine.runner.checkpoint import CheckpointLoader
 
-from ..errors import InvalidInputError
 from ..models.checkpoint_layouts import upgrade_legacy_keys
+from ..utils.errors import InvalidInputError
 
 TOLERATED = re.compile(r'(^|\.)num_batches_tracked$')
 _BLOCK_KEY = re.compile(r'^backbone\.stages\.(\d+)\.blocks\.(\d+)\.')

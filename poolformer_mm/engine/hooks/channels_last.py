@@ -1,3 +1,9 @@
+"""Channels-last necks and heads in training (``tools/train.py --channels-last``)."""
+from mmengine.hooks import Hook
+from mmengine.registry import HOOKS
+
+from ...deploy.precision import to_channels_last
+
 """Channels-last necks and heads: the layout PoolFormer's token-layout stages produce anyway.
 
 oneDNN runs a convolution channels-last when its input or weight is, and converts the layout at
@@ -6,29 +12,7 @@ a detector or segmentor channels-last and has the backbone hand over channels-la
 whole network runs in one layout: Semantic FPN-S12 at 512x512 ran 1.9x faster in bf16 inference
 and 1.2x in a bf16 training step (CPU, 2 threads). Same values up to rounding.
 """
-import torch
-from mmengine.hooks import Hook
-from mmengine.registry import HOOKS
 
-from .model_parts import find_backbone
-
-
-def _contiguous_feature_maps(module, args):
-    feats, *rest = args
-    return (tuple(feat.contiguous() for feat in feats), *rest)
-
-
-def to_channels_last(model: torch.nn.Module) -> None:
-    """Convolution weights and the backbone's outputs channels-last; RoI extractors still get
-    contiguous maps, because mmcv 2.1's CPU RoIAlign ignores strides and would misread them."""
-    backbone = find_backbone(model)
-    if hasattr(backbone, 'set_channels_last_outputs'):
-        backbone.set_channels_last_outputs(True)
-    # converts the 4-d weights (convolutions) and leaves everything else as it is
-    model.to(memory_format=torch.channels_last)
-    for module in model.modules():
-        if type(module).__name__.endswith('RoIExtractor'):
-            module.register_forward_pre_hook(_contiguous_feature_maps)
 
 
 @HOOKS.register_module()

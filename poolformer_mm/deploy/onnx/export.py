@@ -3,14 +3,14 @@
 The exported model follows mmdeploy's end-to-end convention where ONNX allows it:
 
 * one input ``input``: a float32 (N, 3, H, W) image, already normalised
-  (:func:`poolformer_mm.deployment.postprocess.normalize`);
+  (:func:`poolformer_mm.deploy.onnx.postprocess.normalize`);
 * segmentors: ``output``, int64 (N, 1, H, W) class indices at the input size (the argmax is in
   the graph); ``logits`` (N, C, H, W) too with ``with_logits=True``, to check agreement;
 * RetinaNet: ``dets`` (N, K, 5) x1, y1, x2, y2, score and ``labels`` (N, K), K = the
   config's ``max_per_img``, with the config's ``test_cfg``: candidate selection, box decoding and
-  per-class NMS are in the graph (:mod:`poolformer_mm.deployment.ops`); rows after the last
+  per-class NMS are in the graph (:mod:`poolformer_mm.deploy.onnx.ops`); rows after the last
   detection are zeros with label -1, as mmdeploy pads its end-to-end detectors;
-* Mask R-CNN and Cascade Mask R-CNN (:mod:`poolformer_mm.deployment.two_stage`): the same, and
+* Mask R-CNN and Cascade Mask R-CNN (:mod:`poolformer_mm.deploy.onnx.two_stage`): the same, and
   ``masks`` (1, K, 28, 28), one image per run.
 
 Everything the runtime side needs (mean, std, channel order, input size, class names, task and
@@ -33,11 +33,12 @@ from mmengine.config import Config
 from mmengine.registry import init_default_scope
 from mmengine.runner import load_checkpoint
 
-from ..apis.checkpoint_fit import check_checkpoint_fits
-from ..apis.eval_metrics import task_of
-from ..engine.deploy_hook import find_backbone, switch_backbone_to_deploy
-from ..errors import InvalidInputError
-from ..models.layers.blocks import DeployPoolFormerBlock, PositionEmbedding
+from ...models.checkpoint_fit import check_checkpoint_fits
+from ...models.layers.blocks import DeployPoolFormerBlock, PositionEmbedding
+from ...utils.config import task_of
+from ...utils.errors import InvalidInputError
+from ...utils.model_parts import find_backbone
+from ..fold import switch_backbone_to_deploy
 from .ops import dense_head_candidates, nms_by_class, padded_detections
 from .postprocess import METADATA_KEY
 from .two_stage import MaskRCNNExport, check_mask_rcnn, mask_rcnn_info
@@ -232,7 +233,7 @@ class SegmentorExport(nn.Module):
 class SingleStageDetectorExport(nn.Module):
     """input -> ``dets`` (N, K, 5) and ``labels`` (N, K): the head's detections after NMS,
     with its ``test_cfg``, K = ``max_per_img`` (rows of zeros and label -1 after the last
-    detection; see :func:`~poolformer_mm.deployment.ops.padded_detections`)."""
+    detection; see :func:`~poolformer_mm.deploy.onnx.ops.padded_detections`)."""
 
     def __init__(self, detector: nn.Module):
         super().__init__()

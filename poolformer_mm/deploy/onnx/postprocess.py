@@ -3,7 +3,7 @@
 NumPy and OpenCV only, no torch and no import from the rest of the package:
 ``tools/deployment/ort_infer.py`` loads this file by its path, so that running an exported model
 needs ONNX Runtime, NumPy and OpenCV alone. Everything a step needs comes from the deploy
-information that :mod:`poolformer_mm.deployment.export` writes into the ONNX model's
+information that :mod:`poolformer_mm.deploy.onnx.export` writes into the ONNX model's
 ``metadata_props`` (key :data:`METADATA_KEY`).
 
 Detection: NMS is in the graph; the model outputs ``dets`` (N, K, 5) and ``labels`` (N, K)

@@ -8,11 +8,11 @@ from typing import Optional, Sequence, Tuple
 
 from mmengine.config import Config
 
-from ..apis.data_checks import CheckedDictAction
-from ..apis.eval_metrics import task_of
+from ..deploy.onnx.verify import TOLERANCES, verify_onnx
 from ..engine.work_dir import refuse_output_over_inputs, refuse_symlinks
-from ..errors import InvalidInputError
-from .verify import TOLERANCES, verify_onnx
+from ..utils.config import task_of
+from ..utils.errors import InvalidInputError
+from .options import CheckedDictAction
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -91,7 +91,7 @@ def format_report(result: dict) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .export import build_model, export_onnx
+    from ..deploy.onnx.export import build_model, export_onnx
     args = parse_args(argv)
     refuse_output_over_inputs(args.out, [args.config, args.checkpoint], '--out')
     refuse_symlinks([args.out], '--out')

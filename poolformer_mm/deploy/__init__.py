@@ -1,0 +1,21 @@
+"""A trained model made ready to run: folded for inference (:func:`prepare_for_inference`), in
+mixed precision and channels-last (:mod:`.precision`); ONNX export in :mod:`.onnx`, which needs
+the optional ``deploy`` extra (``pip install -e .[deploy]``: onnx, onnxruntime).
+
+The folded modules themselves are the model's own: the blocks'
+``switch_to_deploy`` (:mod:`poolformer_mm.models.layers.blocks`), as RepVGG-style models keep
+theirs; this package holds the folded necks and the steps that fold a whole model.
+"""
+from .fold import InferenceForm, prepare_for_inference, switch_backbone_to_deploy
+from .precision import (
+    amp_dtype,
+    cpu_bf16_units,
+    enable_inference_autocast,
+    log_amp_dtype,
+    to_channels_last,
+)
+
+__all__ = [
+    'InferenceForm', 'amp_dtype', 'cpu_bf16_units', 'enable_inference_autocast', 'log_amp_dtype',
+    'prepare_for_inference', 'switch_backbone_to_deploy', 'to_channels_last'
+]

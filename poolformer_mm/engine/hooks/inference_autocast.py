@@ -1,0 +1,40 @@
+"""Mixed precision in the test loop (``tools/test.py --amp``)."""
+from typing import Optional
+
+import torch
+from mmengine.hooks import Hook
+from mmengine.registry import HOOKS
+
+from ...deploy.precision import amp_dtype, enable_inference_autocast
+
+"""Mixed precision at test time (``tools/test.py --amp``, ``tools/infer.py --amp``): autocast
+in the backbone, neck and heads, post-processing in fp32. Which precision ``--amp`` runs is
+:mod:`poolformer_mm.deploy.precision`'s decision.
+"""
+
+
+
+
+@HOOKS.register_module()
+class InferenceAutocastHook(Hook):
+    """``tools/test.py --amp``: the network parts of the model under autocast in the test loop
+    (:func:`enable_inference_autocast`), in ``dtype`` (default: fp16 on a GPU, bf16 on a CPU).
+
+    mmengine's ``TestLoop(fp16=True)`` would wrap the whole ``test_step``, post-processing
+    included, which mmcv's fp32-only ops refuse on a CPU.
+    """
+
+    priority = 'LOW'  # after DeployBackboneHook, whose folding replaces modules
+
+    def __init__(self, dtype: Optional[str] = None):
+        self.dtype = dtype
+
+    def before_test(self, runner) -> None:
+        device = next(runner.model.parameters()).device
+        dtype = getattr(torch, self.dtype) if self.dtype else amp_dtype(str(device))[0]
+        if dtype is None:  # the reason was logged when the hook was configured
+            return
+        enable_inference_autocast(runner.model, device.type, dtype)
+        name = {torch.bfloat16: 'bf16', torch.float16: 'fp16'}.get(dtype, str(dtype))
+        runner.logger.info(f'mixed precision: {name} autocast in the backbone, neck and heads; '
+                           'post-processing in fp32')
