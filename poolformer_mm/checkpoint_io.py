@@ -54,6 +54,7 @@ from mmengine.logging import print_log
 from mmengine.logging.history_buffer import HistoryBuffer
 from mmengine.runner import checkpoint as mm_checkpoint
 from mmengine.runner.checkpoint import CheckpointLoader
+from tqdm import tqdm
 
 from .utils.errors import CheckpointUnavailableError, InvalidInputError
 
@@ -303,7 +304,6 @@ def _download(url: str, dst: str, timeout: float) -> None:
 
 
 def _progress_bar(total: Optional[int]):
-    from tqdm import tqdm  # a dependency of mmdet and mmseg
     return tqdm(total=total, unit='B', unit_scale=True, unit_divisor=1024,
                 disable=not os.isatty(2))
 

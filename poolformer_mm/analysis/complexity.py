@@ -35,9 +35,13 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+from mmdet.registry import MODELS as DET_MODELS
+from mmdet.structures import DetDataSample
 from mmengine.analysis import FlopAnalyzer, parameter_count
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
+from mmseg.registry import MODELS as SEG_MODELS
+from mmseg.structures import SegDataSample
 
 from ..models import PoolFormer
 from ..models.backbones.base import DenseBackbone
@@ -201,11 +205,8 @@ def build_model_without_pretrained(cfg: Config) -> nn.Module:
     if 'pretrained' in model_cfg:
         model_cfg.pretrained = None
     init_default_scope(task)
-    if task == 'mmdet':
-        from mmdet.registry import MODELS
-    else:
-        from mmseg.registry import MODELS
-    return MODELS.build(model_cfg)
+    return (DET_MODELS if task == 'mmdet' else SEG_MODELS).build(model_cfg)
+
 
 
 class _TensorModeForward(nn.Module):
@@ -240,10 +241,7 @@ def dummy_batch(model: nn.Module, task: str, height: int, width: int) -> Tuple[t
     Returns:
         tuple: The normalised (and, for detectors, padded) batch tensor and its data samples.
     """
-    if task == 'mmdet':
-        from mmdet.structures import DetDataSample as DataSample
-    else:
-        from mmseg.structures import SegDataSample as DataSample
+    DataSample = DetDataSample if task == 'mmdet' else SegDataSample
     # A fixed seed keeps the RPN's proposals, and so a two-stage detector's count, repeatable.
     generator = torch.Generator().manual_seed(0)
     image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator)

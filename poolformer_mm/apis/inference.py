@@ -17,8 +17,10 @@ from typing import List, Optional, Sequence, Union
 
 import mmcv
 import torch
+from mmdet.apis import DetInferencer
 from mmengine.config import Config
 from mmengine.logging import print_log
+from mmseg.apis import MMSegInferencer
 
 from ..checkpoint_io import check_checkpoint_path
 from ..datasets.checks import check_image_fits_model, read_image_for_inference
@@ -51,35 +53,30 @@ def collect_images(inputs: Sequence[str]) -> List[str]:
     return images
 
 
-def _segmentation_inferencer_class():
-    from mmseg.apis import MMSegInferencer
+class SegInferencer(MMSegInferencer):
+    """``MMSegInferencer`` that also draws the label map of a one-pixel image, and runs
+    the configs that tools/train.py saves in its work dirs.
 
-    class SegInferencer(MMSegInferencer):
-        """``MMSegInferencer`` that also draws the label map of a one-pixel image, and runs
-        the configs that tools/train.py saves in its work dirs.
+    mmseg's visualiser indexes the picture with the predicted label tensor, and numpy takes
+    a one-element tensor as the scalar index 1 (IndexError on a 1x1 image); a numpy label
+    map draws the same picture at every size. The predictions returned are unchanged.
+    """
 
-        mmseg's visualiser indexes the picture with the predicted label tensor, and numpy takes
-        a one-element tensor as the scalar index 1 (IndexError on a 1x1 image); a numpy label
-        map draws the same picture at every size. The predictions returned are unchanged.
-        """
+    def _init_pipeline(self, cfg):
+        # mmseg drops the label loading step by its name; a config that tools/train.py saved
+        # in its work dir loads labels with the checked loader, dropped here too
+        pipeline = cfg.test_dataloader.dataset.pipeline
+        cfg.test_dataloader.dataset.pipeline = [
+            step for step in pipeline if step.get('type') != 'LoadCheckedAnnotations']
+        return super()._init_pipeline(cfg)
 
-        def _init_pipeline(self, cfg):
-            # mmseg drops the label loading step by its name; a config that tools/train.py saved
-            # in its work dir loads labels with the checked loader, dropped here too
-            pipeline = cfg.test_dataloader.dataset.pipeline
-            cfg.test_dataloader.dataset.pipeline = [
-                step for step in pipeline if step.get('type') != 'LoadCheckedAnnotations']
-            return super()._init_pipeline(cfg)
-
-        def visualize(self, inputs, preds, *args, **kwargs):
-            drawn = []
-            for pred in preds:
-                pred = pred.clone()
-                pred.pred_sem_seg.data = pred.pred_sem_seg.data.cpu().numpy()
-                drawn.append(pred)
-            return super().visualize(inputs, drawn, *args, **kwargs)
-
-    return SegInferencer
+    def visualize(self, inputs, preds, *args, **kwargs):
+        drawn = []
+        for pred in preds:
+            pred = pred.clone()
+            pred.pred_sem_seg.data = pred.pred_sem_seg.data.cpu().numpy()
+            drawn.append(pred)
+        return super().visualize(inputs, drawn, *args, **kwargs)
 
 
 def init_inferencer(config: Union[str, Config], checkpoint: str, device: str = 'cpu',
@@ -107,12 +104,10 @@ def init_inferencer(config: Union[str, Config], checkpoint: str, device: str = '
     # would only warn that it cannot save them.
     cfg.visualizer = dict(cfg.visualizer, vis_backends=[])
     if task_of(cfg) == 'mmdet':
-        from mmdet.apis import DetInferencer
         inferencer = DetInferencer(model=cfg, weights=checkpoint, device=device,
                                    show_progress=False)
     else:
-        inferencer = _segmentation_inferencer_class()(model=cfg, weights=checkpoint,
-                                                      device=device)
+        inferencer = SegInferencer(model=cfg, weights=checkpoint, device=device)
         inferencer.show_progress = False
     check_neck_in_channels(inferencer.model)
     check_checkpoint_fits(inferencer.model, checkpoint, name)

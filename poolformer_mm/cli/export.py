@@ -8,6 +8,8 @@ from typing import Optional, Sequence, Tuple
 
 from mmengine.config import Config
 
+from ..datasets.synthetic import make_toy_ade, make_toy_coco
+from ..deploy.onnx.export import build_model, export_onnx
 from ..deploy.onnx.verify import TOLERANCES, verify_onnx
 from ..engine.work_dir import refuse_output_over_inputs, refuse_symlinks
 from ..utils.config import task_of
@@ -61,7 +63,6 @@ def default_shape(cfg: Config) -> Tuple[int, int]:
 
 def toy_image(task: str, folder: str) -> str:
     """One validation image of the matching toy set, written to ``folder``."""
-    from ..datasets.synthetic import make_toy_ade, make_toy_coco
     if task == 'mmseg':
         make_toy_ade(folder, num_train=0, num_val=1)
         return sorted(glob.glob(osp.join(folder, 'images', 'validation', '*')))[0]
@@ -91,7 +92,6 @@ def format_report(result: dict) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from ..deploy.onnx.export import build_model, export_onnx
     args = parse_args(argv)
     refuse_output_over_inputs(args.out, [args.config, args.checkpoint], '--out')
     refuse_symlinks([args.out], '--out')

@@ -10,6 +10,8 @@ import argparse
 import logging
 import re
 
+from mmengine.logging import MMLogger
+
 from ..apis.inference import draw_predictions
 from ..utils.errors import report_user_errors
 from .options import add_amp_option
@@ -46,8 +48,6 @@ def parse_args(argv=None):
 
 @report_user_errors
 def main(argv=None):
-    # mmengine after poolformer_mm, which sets the import-time warning filters first
-    from mmengine.logging import MMLogger
     args = parse_args(argv)
     MMLogger.get_current_instance().addFilter(HideFunctionScopeNotice())
     written = draw_predictions(args.config, args.checkpoint, args.inputs, args.out_dir,

@@ -15,10 +15,12 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
+from mmdet.evaluation import DumpDetResults
 from mmengine.config import Config
 from mmengine.dist import is_main_process
 from mmengine.hooks import CheckpointHook
 from mmengine.logging import print_log
+from mmengine.registry import MODELS, RUNNERS
 from mmengine.runner.checkpoint import CheckpointLoader
 
 from ..checkpoint_io import check_checkpoint_path
@@ -367,7 +369,6 @@ def _refuse_empty_datasets(runner) -> None:
 def _check_backbone_arguments(cfg: Config) -> None:
     """A mistyped argument of a PoolFormer / MetaFormer backbone, refused before the runner
     logs its environment and the whole config (hundreds of lines before the message)."""
-    from mmengine.registry import MODELS
     backbone = cfg.get('model', {}).get('backbone')
     if not isinstance(backbone, dict) or not isinstance(backbone.get('type'), str):
         return
@@ -380,7 +381,6 @@ def _check_backbone_arguments(cfg: Config) -> None:
 
 
 def build_runner(cfg: Config):
-    from mmengine.registry import RUNNERS
     check_writable(cfg.work_dir, '--work-dir')
     refuse_premade_run_folders(cfg.work_dir)
     prepare_cpu_distributed(cfg)
@@ -434,7 +434,6 @@ def run_testing(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
         runner = build_runner(cfg)
         check_checkpoint_fits(runner.model, args.checkpoint, f"'{args.config}'")
         if args.out and task_of(cfg) == 'mmdet':
-            from mmdet.evaluation import DumpDetResults
             runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
         metrics = runner.test()
         main_process = is_main_process()  # every rank has the metrics; one prints them

@@ -9,6 +9,7 @@ from typing import Iterator, List, Sequence, Tuple
 
 import mmcv
 import numpy as np
+from mmdet.utils import get_test_pipeline_cfg
 from mmengine import fileio
 from mmengine.config import Config, ConfigDict
 
@@ -146,7 +147,6 @@ def _resized(transform: dict, size: Tuple[int, int]) -> Tuple[int, int]:
 def _inference_pipeline(cfg: Config) -> Sequence[dict]:
     # The pipelines mmdet's inference_detector and mmseg's inference_model run.
     if task_of(cfg) == 'mmdet':
-        from mmdet.utils import get_test_pipeline_cfg
         return get_test_pipeline_cfg(cfg)
     return cfg.get('test_pipeline') or []
 

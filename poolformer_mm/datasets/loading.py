@@ -14,6 +14,7 @@ from mmcv.transforms import LoadImageFromFile
 from mmdet.registry import TRANSFORMS as DET_TRANSFORMS
 from mmengine import fileio
 from mmseg.registry import TRANSFORMS as SEG_TRANSFORMS
+from PIL import Image
 
 from ..utils.errors import InputNotFoundError, InvalidInputError
 
@@ -27,7 +28,6 @@ def truncated(data: bytes) -> bool:
     # A JPEG without its end-of-image marker at the end: cut short, or some camera appended data
     # after the image. Only a full decode tells; Pillow's raises on the first, where OpenCV 4
     # returns the image with grey rows (and a warning on stderr).
-    from PIL import Image
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()

@@ -2,6 +2,7 @@
 from collections import Counter
 from typing import NamedTuple, Optional
 
+from mmcv.cnn import ConvModule, fuse_conv_bn
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -94,7 +95,6 @@ def fold_batch_norms(model) -> int:
     order of operations is known (``fuse_conv_bn`` on a whole model pairs modules by the order
     they were registered in, not the order they run in), and only where folding is exact
     (:func:`_foldable_batch_norm`). Returns how many were folded."""
-    from mmcv.cnn import ConvModule, fuse_conv_bn
     conv_modules = [m for m in unwrap_model(model).modules()
                     if isinstance(m, ConvModule) and m.with_norm]
     in_use = Counter(id(part) for m in conv_modules for part in (m.conv, m.norm))

@@ -24,6 +24,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from mmdet.models.necks import FPN as MMDetFPN
+from mmseg.models.necks import FPN as MMSegFPN
 from torch import Tensor
 
 # A dimension of n pixels splits into runs of pixels by which of a kernel's taps (-radius ...
@@ -74,21 +76,6 @@ def add_parities(out: Tensor, parities: Tensor, shifted: bool) -> None:
         if shifted:
             block = block[:, :, row:row + coarse_height, col:col + coarse_width]
         interleaved[:, :, :, row, :, col] += block
-
-
-def _upstream_fpn_classes() -> Tuple[type, ...]:
-    classes = []
-    try:
-        from mmdet.models.necks import FPN as MMDetFPN
-        classes.append(MMDetFPN)
-    except ImportError:
-        pass
-    try:
-        from mmseg.models.necks import FPN as MMSegFPN
-        classes.append(MMSegFPN)
-    except ImportError:
-        pass
-    return tuple(classes)
 
 
 def weights_used_as_stored(module: nn.Module) -> Optional[nn.Conv2d]:
@@ -158,7 +145,7 @@ class FoldedFPN(nn.Module):
     @classmethod
     def why_not_foldable(cls, fpn: nn.Module) -> Optional[str]:
         """Why ``fpn`` has no folded form (or gains nothing from it), or None if it has."""
-        if type(fpn) not in _upstream_fpn_classes():  # a subclass may compute something else
+        if type(fpn) not in (MMDetFPN, MMSegFPN):  # a subclass may compute something else
             return f'{type(fpn).__name__} is not mmdet\'s or mmseg\'s FPN'
         if len(fpn.lateral_convs) < 2:
             return 'it uses a single backbone level (no top-down path to fold)'

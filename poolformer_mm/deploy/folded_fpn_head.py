@@ -25,8 +25,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from mmseg.models.decode_heads import FPNHead
 from torch import Tensor
 
+from ..models.decode_heads.low_memory_heads import LowMemoryFPNHead
 from .folded_fpn import (
     FPN_SETTINGS,
     FoldedFPN,
@@ -74,9 +76,6 @@ def why_head_conv_not_mergeable(fpn: nn.Module, head: nn.Module) -> Optional[str
     reads the FPN's finest output once, through a first scale head that is only a 3x3
     convolution (its batch norm folded) and an activation; and merging must do fewer
     multiply-adds."""
-    from mmseg.models.decode_heads import FPNHead
-
-    from ..models.decode_heads.low_memory_heads import LowMemoryFPNHead
     if isinstance(head, nn.ModuleList):
         return 'the model has several decode heads (a cascade)'
     if type(head) not in (FPNHead, LowMemoryFPNHead):  # a subclass may compute something else

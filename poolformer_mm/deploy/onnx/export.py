@@ -29,9 +29,12 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from mmdet.registry import MODELS as DET_MODELS
 from mmengine.config import Config
-from mmengine.registry import init_default_scope
+from mmengine.registry import DATASETS, init_default_scope
 from mmengine.runner import load_checkpoint
+from mmseg.models.utils import Upsample
+from mmseg.registry import MODELS as SEG_MODELS
 
 from ...models.checkpoint_fit import check_checkpoint_fits
 from ...models.layers.blocks import DeployPoolFormerBlock, PositionEmbedding
@@ -51,21 +54,16 @@ DEFAULT_SIZE_DIVISOR = 32
 def build_model(config: str, checkpoint: Optional[str] = None,
                 cfg_options: Optional[dict] = None) -> tuple:
     """The config's model in eval mode with the checkpoint's weights; returns (model, cfg)."""
-    import poolformer_mm  # noqa: F401  (safe checkpoint loading, backbones in the registry)
     cfg = Config.fromfile(config)
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
     scope = task_of(cfg)
     init_default_scope(scope)
-    if scope == 'mmdet':
-        from mmdet.registry import MODELS
-    else:
-        from mmseg.registry import MODELS
     model_cfg = copy.deepcopy(cfg.model)  # building writes test_cfg into the heads' configs
     # the checkpoint replaces every weight: no download of the backbone's pretrained weights
     if model_cfg.get('backbone', {}).get('init_cfg') is not None:
         model_cfg.backbone.init_cfg = None
-    model = MODELS.build(model_cfg)
+    model = (DET_MODELS if scope == 'mmdet' else SEG_MODELS).build(model_cfg)
     if checkpoint is not None:
         check_checkpoint_fits(model, checkpoint, config)
         load_checkpoint(model, checkpoint, map_location='cpu', logger='silent')
@@ -150,10 +148,6 @@ class ScaleUpsample(nn.Module):
 
 
 def _replace_fixed_size_upsampling(model: nn.Module) -> None:
-    try:
-        from mmseg.models.utils import Upsample
-    except ImportError:  # detection only
-        return
     for module in model.modules():
         for name, child in module.named_children():
             if isinstance(child, Upsample) and not child.size:
@@ -257,7 +251,6 @@ def _class_names(cfg: Config, num_classes: int) -> tuple:
     metainfo = dict(dataset.get('metainfo') or {})
     if 'classes' not in metainfo:
         try:
-            from mmengine.registry import DATASETS
             metainfo = {**getattr(DATASETS.get(dataset.get('type')), 'METAINFO', {}), **metainfo}
         except (KeyError, TypeError):
             pass

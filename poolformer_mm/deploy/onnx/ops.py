@@ -18,6 +18,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from mmcv.ops import nms, roi_align
 from torch import Tensor
 
 SKIP_SCORE = -1.0
@@ -33,7 +34,6 @@ class NonMaxSuppression(torch.autograd.Function):
     @staticmethod
     def forward(ctx, boxes: Tensor, scores: Tensor, max_per_class: int, iou_threshold: float,
                 score_threshold: float) -> Tensor:
-        from mmcv.ops import nms
         selected = []
         for image in range(scores.shape[0]):
             for cls in range(scores.shape[1]):
@@ -66,7 +66,6 @@ class RoiAlign(torch.autograd.Function):
                 spatial_scale: float, sampling_ratio: int) -> Tensor:
         if not len(rois):
             return feats.new_zeros((0, feats.shape[1], output_size, output_size))
-        from mmcv.ops import roi_align
         rois = torch.cat([image_index[:, None].to(rois.dtype), rois], dim=1)
         # mmcv's CPU kernel reads the map as contiguous NCHW whatever its strides (a
         # channels-last map, as the MetaFormer backbones give without autograd, reads wrong)

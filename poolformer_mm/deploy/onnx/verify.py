@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 import torch
 import torch.nn as nn
+from mmdet.structures import DetDataSample
 
 from ...utils.errors import InputNotFoundError
 from .postprocess import detections_of, normalize, resize_for_model, session_deploy_info
@@ -67,7 +68,6 @@ def run_torch(model: nn.Module, inputs: np.ndarray, task: str) -> dict:
             sample = model.predict(x)[0]
             return dict(output=sample.pred_sem_seg.data[None].numpy(),
                         logits=sample.seg_logits.data[None].numpy())
-        from mmdet.structures import DetDataSample
         shape = tuple(x.shape[2:])
         sample = DetDataSample(metainfo=dict(img_shape=shape, ori_shape=shape, pad_shape=shape,
                                              batch_input_shape=shape, scale_factor=(1., 1.)))

@@ -13,6 +13,7 @@ import json
 from collections import Counter
 from typing import Dict, Iterator, List, Optional
 
+from mmdet.datasets import CocoDataset
 from mmengine.config import Config
 from mmengine.dist import is_main_process
 from mmengine.fileio import get_local_path
@@ -189,7 +190,6 @@ class CocoAnnotationCheckHook(Hook):
     def _check(self, runner, dataloader) -> None:
         if dataloader is None or not is_main_process():
             return
-        from mmdet.datasets import CocoDataset
         for dataset in _leaf_datasets(dataloader.dataset):
             ann_file = getattr(dataset, 'ann_file', None)
             if not isinstance(dataset, CocoDataset) or not ann_file or ann_file in self._checked:
