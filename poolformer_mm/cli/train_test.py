@@ -24,7 +24,7 @@ from mmengine.registry import MODELS, RUNNERS
 from mmengine.runner.checkpoint import CheckpointLoader
 
 from ..checkpoint_io import check_checkpoint_path
-from ..datasets.checks import _datasets, _expected_paths, check_data_roots, override_data_root
+from ..datasets.checks import check_data_roots, config_datasets, dataset_paths, override_data_root
 from ..deploy.precision import log_amp_dtype
 from ..engine.distributed import closing_process_group, prepare_cpu_distributed
 from ..engine.hooks.data_checks import add_data_checks
@@ -141,7 +141,7 @@ def _use_crash_safe_checkpoint_hook(cfg: Config) -> None:
         hook['type'] = 'CrashSafeCheckpointHook'
 
 
-def _enable_amp(cfg: Config, choice: str = 'auto') -> None:
+def enable_training_amp(cfg: Config, choice: str = 'auto') -> None:
     """``--amp CHOICE`` in training: the precision that :func:`amp_dtype` picks, by mmengine's
     ``AmpOptimWrapper`` on a GPU and on a CPU by
     :class:`~poolformer_mm.engine.BF16AutocastOptimWrapper` (``AmpOptimWrapper`` asserts a
@@ -177,7 +177,7 @@ def _enable_amp(cfg: Config, choice: str = 'auto') -> None:
 def config_for_training(args) -> Config:
     cfg = _load_config(args)
     if args.amp:
-        _enable_amp(cfg, args.amp)
+        enable_training_amp(cfg, args.amp)
     if args.channels_last:
         cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [dict(type='ChannelsLastHook')]
     if args.auto_scale_lr:
@@ -253,7 +253,7 @@ def _enable_tta(cfg: Config) -> None:
     cfg.model = cfg.tta_model
 
 
-def _enable_test_amp(cfg: Config, choice: str = 'auto') -> None:
+def enable_test_amp(cfg: Config, choice: str = 'auto') -> None:
     device = 'cuda' if torch.cuda.is_available() else 'cpu'  # where the Runner puts the model
     dtype = log_amp_dtype(device, choice)
     if dtype is not None:
@@ -274,9 +274,9 @@ def config_for_testing(args) -> Config:
     if args.deploy:
         cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [dict(type='DeployBackboneHook')]
     if args.amp:
-        _enable_test_amp(cfg, args.amp)
+        enable_test_amp(cfg, args.amp)
     # every data set of the config: training and test images often share names
-    inputs = [path for dataset in _datasets(cfg) for path in _expected_paths(dataset)]
+    inputs = [path for dataset in config_datasets(cfg) for path in dataset_paths(dataset)]
     for flag, output in (('--out', args.out), ('--show-dir', args.show_dir)):
         if output:
             refuse_output_over_inputs(output, inputs, flag)
@@ -285,7 +285,7 @@ def config_for_testing(args) -> Config:
     if args.out and task_of(cfg) == 'mmseg':
         refuse_links_in(args.out, '--out')  # mmseg saves the class maps in place (Pillow)
     if args.out is not None:
-        _check_out(args.out, task_of(cfg), args.launcher)
+        check_test_out(args.out, task_of(cfg), args.launcher)
     if args.out and task_of(cfg) == 'mmseg':
         cfg.test_evaluator['output_dir'] = args.out
         cfg.test_evaluator['keep_results'] = True
@@ -294,7 +294,7 @@ def config_for_testing(args) -> Config:
     return cfg
 
 
-def _check_out(out: str, task: str, launcher: str = 'none') -> None:
+def check_test_out(out: str, task: str, launcher: str = 'none') -> None:
     """Refuse an ``--out`` that cannot be written before the test runs, not after it.
 
     Detection dumps one .pkl file, segmentation writes a folder of class maps. A file is created

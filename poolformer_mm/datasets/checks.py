@@ -20,7 +20,7 @@ from .loading import check_file_bytes
 DATA_LOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
 
 
-def _datasets(cfg: Config, loaders=DATA_LOADERS) -> Iterator[ConfigDict]:
+def config_datasets(cfg: Config, loaders=DATA_LOADERS) -> Iterator[ConfigDict]:
     """Leaf dataset configs, looking through wrappers (RepeatDataset, ConcatDataset...)."""
     def walk(dataset):
         if dataset is None:
@@ -54,7 +54,7 @@ def override_data_root(cfg: Config, data_root: str) -> None:
     """Point every dataset (and evaluator annotation file) of ``cfg`` at ``data_root``."""
     data_root = data_root.rstrip('/') + '/'
     old_roots = set()
-    for dataset in _datasets(cfg):
+    for dataset in config_datasets(cfg):
         if dataset.get('data_root'):
             old_roots.add(dataset['data_root'].rstrip('/') + '/')
         dataset['data_root'] = data_root
@@ -66,7 +66,7 @@ def override_data_root(cfg: Config, data_root: str) -> None:
     cfg['data_root'] = data_root
 
 
-def _expected_paths(dataset: ConfigDict) -> List[str]:
+def dataset_paths(dataset: ConfigDict) -> List[str]:
     root = dataset.get('data_root') or ''
     paths = []
     if dataset.get('ann_file'):
@@ -80,14 +80,14 @@ def _expected_paths(dataset: ConfigDict) -> List[str]:
 def check_data_roots(cfg: Config, loaders=DATA_LOADERS) -> None:
     """Raise FileNotFoundError naming every missing file/folder the config's datasets need."""
     missing, roots = [], []
-    for dataset in _datasets(cfg, loaders):
+    for dataset in config_datasets(cfg, loaders):
         root = dataset.get('data_root') or ''
         if root and not osp.isdir(root):
             roots.append(root)
-            missing.extend(_expected_paths(dataset))
+            missing.extend(dataset_paths(dataset))
             continue
-        missing.extend(p for p in _expected_paths(dataset) if not osp.exists(p))
-    empty = [p for dataset in _datasets(cfg, loaders) for p in _expected_paths(dataset)[:1]
+        missing.extend(p for p in dataset_paths(dataset) if not osp.exists(p))
+    empty = [p for dataset in config_datasets(cfg, loaders) for p in dataset_paths(dataset)[:1]
              if dataset.get('ann_file') and osp.isfile(p) and osp.getsize(p) == 0]
     if empty:
         raise InvalidInputError(f"annotation file '{empty[0]}' is empty (0 bytes); regenerate or "

@@ -21,7 +21,7 @@ from poolformer_mm.analysis.benchmark import flat_float_outputs
 from poolformer_mm.analysis.complexity import build_model_without_pretrained, dummy_batch
 from poolformer_mm.analysis.peers import copy_weights_by_value, peer_backbone
 from poolformer_mm.analysis.reference import ReferencePoolFormer
-from poolformer_mm.cli.train_test import _enable_test_amp
+from poolformer_mm.cli.train_test import enable_test_amp
 from poolformer_mm.deploy import precision as amp_choice
 from poolformer_mm.deploy.fold import prepare_for_inference
 from poolformer_mm.deploy.folded_fpn import FoldedFPN
@@ -323,15 +323,15 @@ def test_test_tool_amp_without_bf16_units_warns_and_adds_nothing(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     monkeypatch.setattr(amp_choice, 'cpu_bf16_units', lambda: ())
     cfg = Config(dict(custom_hooks=[]))
-    _enable_test_amp(cfg, 'auto')
+    enable_test_amp(cfg, 'auto')
     assert cfg.custom_hooks == []
     assert logged[-1][0] == logging.WARNING and 'no bf16 units' in logged[-1][1]
-    _enable_test_amp(cfg, 'bf16')  # forced: runs, and still warns
+    enable_test_amp(cfg, 'bf16')  # forced: runs, and still warns
     assert cfg.custom_hooks == [dict(type='InferenceAutocastHook', dtype='bfloat16')]
     assert logged[-1][0] == logging.WARNING and 'as asked' in logged[-1][1]
     monkeypatch.setattr(amp_choice, 'cpu_bf16_units', lambda: ('avx512_bf16', ))
     cfg = Config(dict(custom_hooks=[]))
-    _enable_test_amp(cfg, 'auto')
+    enable_test_amp(cfg, 'auto')
     assert cfg.custom_hooks == [dict(type='InferenceAutocastHook', dtype='bfloat16')]
     assert logged[-1][0] == logging.INFO
 
@@ -418,14 +418,14 @@ def test_training_amp_follows_the_cpu_bf16_units_as_at_test_time(monkeypatch):
         monkeypatch.setattr(amp_choice, 'cpu_bf16_units', lambda: units)
         logged.clear()
         cfg = Config(dict(optim_wrapper=dict(type='OptimWrapper')))
-        runner_setup._enable_amp(cfg, choice)
+        runner_setup.enable_training_amp(cfg, choice)
         return cfg.optim_wrapper.type
 
     assert wrapper_after('auto', ('amx_bf16', )) == 'BF16AutocastOptimWrapper'
     assert logged[-1][0] == logging.INFO and 'amx_bf16' in logged[-1][1]
     assert wrapper_after('auto', ()) == 'OptimWrapper'  # fp32, and the log says why
     cfg = Config(dict(optim_wrapper=dict(type='OptimWrapper')))
-    runner_setup._enable_amp(cfg, 'auto')
+    runner_setup.enable_training_amp(cfg, 'auto')
     assert cfg.amp == dict(asked='auto', runs='float32')  # kept in the work dir's config
     level, message = logged[-1]
     assert level == logging.WARNING and 'no bf16 units' in message
@@ -440,30 +440,31 @@ def test_training_amp_follows_the_cpu_bf16_units_as_at_test_time(monkeypatch):
     monkeypatch.setattr(runner_setup.torch.cuda, 'is_bf16_supported',
                         lambda including_emulation=True: True)
     cfg = Config(dict(optim_wrapper=dict(type='OptimWrapper')))
-    runner_setup._enable_amp(cfg, 'auto')
+    runner_setup.enable_training_amp(cfg, 'auto')
     assert (cfg.optim_wrapper.type, cfg.optim_wrapper.dtype,
             cfg.optim_wrapper.loss_scale) == ('AmpOptimWrapper', 'float16', 'dynamic')
     cfg = Config(dict(optim_wrapper=dict(type='OptimWrapper')))
-    runner_setup._enable_amp(cfg, 'bf16')
+    runner_setup.enable_training_amp(cfg, 'bf16')
     assert cfg.optim_wrapper.dtype == 'bfloat16'
     assert cfg.optim_wrapper.loss_scale == dict(enabled=False)  # mmengine's default scales
     # a GPU without bf16 arithmetic (before Ampere) is refused before training starts
     monkeypatch.setattr(runner_setup.torch.cuda, 'is_bf16_supported',
                         lambda including_emulation=True: including_emulation)
     with pytest.raises(InvalidInputError, match='this GPU has no bf16 arithmetic'):
-        runner_setup._enable_amp(Config(dict(optim_wrapper=dict(type='OptimWrapper'))), 'bf16')
+        runner_setup.enable_training_amp(
+            Config(dict(optim_wrapper=dict(type='OptimWrapper'))), 'bf16')
     # a config that already trains in mixed precision keeps its wrapper, and the log says so
     kept = []
     monkeypatch.setattr(runner_setup, 'print_log', lambda msg, **kw: kept.append(msg))
     cfg = Config(dict(optim_wrapper=dict(type='AmpOptimWrapper', dtype='float16')))
-    runner_setup._enable_amp(cfg, 'bf16')
+    runner_setup.enable_training_amp(cfg, 'bf16')
     assert cfg.optim_wrapper.dtype == 'float16'
     assert kept == ['--amp: the config already trains with AmpOptimWrapper; it is kept as the '
                     'config sets it']
     # ... but mmengine's AmpOptimWrapper on a CPU is refused before anything is built
     monkeypatch.setattr(runner_setup.torch.cuda, 'is_available', lambda: False)
     with pytest.raises(InvalidInputError, match="AmpOptimWrapper, which needs a GPU"):
-        runner_setup._enable_amp(Config(dict(optim_wrapper=dict(type='AmpOptimWrapper'))))
+        runner_setup.enable_training_amp(Config(dict(optim_wrapper=dict(type='AmpOptimWrapper'))))
 
 
 def test_train_parser_takes_a_bare_or_named_amp():

@@ -164,14 +164,14 @@ def test_the_out_check_leaves_nothing_behind(tmp_path, config, out):
 def test_only_the_first_process_probes_where_out_is_written(tmp_path, monkeypatch):
     """In a distributed run the probe's folders would race between processes; rank 0 probes,
     and it is the one that writes the detection dump."""
-    from poolformer_mm.cli.train_test import _check_out
+    from poolformer_mm.cli.train_test import check_test_out
     monkeypatch.setenv('RANK', '1')
-    _check_out('/proc/nope/dets.pkl', 'mmdet', 'pytorch')  # rank 0 reports it
+    check_test_out('/proc/nope/dets.pkl', 'mmdet', 'pytorch')  # rank 0 reports it
     with pytest.raises(Exception, match='detection writes a .pkl'):  # checks of the name stay
-        _check_out(str(tmp_path / 'dets.txt'), 'mmdet', 'pytorch')
+        check_test_out(str(tmp_path / 'dets.txt'), 'mmdet', 'pytorch')
     # without a launcher the process is rank 0 of 1, whatever RANK says
     with pytest.raises(Exception, match='cannot write in /proc/nope'):
-        _check_out('/proc/nope/dets.pkl', 'mmdet')
+        check_test_out('/proc/nope/dets.pkl', 'mmdet')
     monkeypatch.setenv('RANK', '0')
     with pytest.raises(Exception, match='cannot write in /proc/nope'):
-        _check_out('/proc/nope/dets.pkl', 'mmdet', 'pytorch')
+        check_test_out('/proc/nope/dets.pkl', 'mmdet', 'pytorch')
