@@ -13,8 +13,8 @@ import pytest
 import torch
 from mmengine.config import Config
 
+from poolformer_mm.errors import InvalidInputError
 from poolformer_mm.models import InChannelsError, MetaFormer, PoolFormer, check_neck_in_channels
-from poolformer_mm.models.backbones.base import PretrainedSettingError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -226,20 +226,19 @@ def test_mmseg_base_without_pretrained_none_says_to_set_it(tmp_path, build_model
     without = snippet.replace('    pretrained=None,\n', '')
     assert without != snippet
     # with the snippet's init_cfg: two sources of weights
-    with pytest.raises(PretrainedSettingError) as err:
+    with pytest.raises(InvalidInputError) as err:
         build_model(load_config(tmp_path, without))
-    assert "both pretrained='open-mmlab://resnet50_v1c'" in str(err.value)
+    assert "pretrained 'open-mmlab://resnet50_v1c' comes with init_cfg=" in str(err.value)
     assert 'add pretrained=None to model = dict(...)' in str(err.value)
     # without it: the base's ResNet weights are not PoolFormer weights
     cfg = load_config(tmp_path, without)
     cfg.model.backbone.init_cfg = None
-    with pytest.raises(PretrainedSettingError) as err:
+    with pytest.raises(InvalidInputError) as err:
         build_model(cfg)
     message = str(err.value)
     assert "pretrained 'open-mmlab://resnet50_v1c' is not a PoolFormer checkpoint" in message
     assert 'add pretrained=None to model = dict(...)' in message
-    assert ("init_cfg=dict(type='Pretrained', checkpoint='https://github.com/sail-sg/poolformer/"
-            "releases/download/v1.0/poolformer_s12.pth.tar')") in message
+    assert 'name the weights in init_cfg alone (URLs: docs/model_zoo.md)' in message
 
 
 @pytest.mark.parametrize('checkpoint', ['open-mmlab://resnet50_v1c', 'torchvision://resnet50',
@@ -248,7 +247,7 @@ def test_mmseg_base_without_pretrained_none_says_to_set_it(tmp_path, build_model
 def test_model_zoo_weights_are_refused_when_built(checkpoint, setting):
     value = checkpoint if setting == 'pretrained' else dict(type='Pretrained',
                                                              checkpoint=checkpoint)
-    with pytest.raises(PretrainedSettingError,
+    with pytest.raises(InvalidInputError,
                        match=f"{setting} '{checkpoint}' is not a MetaFormer checkpoint"):
         MetaFormer('caformer_s18', **{setting: value})
 
@@ -296,24 +295,24 @@ def test_pretrained_file_of_another_network_says_to_set_model_pretrained_none(tm
     torch.save({'conv1.weight': torch.zeros(64, 3, 7, 7), 'bn1.weight': torch.ones(64)}, path)
     with pytest.warns(FutureWarning):
         model = PoolFormer('s12', pretrained=str(path))
-    with pytest.raises(PretrainedSettingError) as err:
+    with pytest.raises(InvalidInputError) as err:
         model.init_weights()
     message = str(err.value)
     assert message.startswith('checkpoint is not a PoolFormer checkpoint')
-    assert 'It was given as pretrained' in message and 'set model.pretrained=None' in message
+    assert 'given as pretrained: add pretrained=None to model = dict(...)' in message
 
 
 def test_missing_pretrained_file_says_where_it_was_named(tmp_path):
     with pytest.warns(FutureWarning):
         model = PoolFormer('s12', pretrained=str(tmp_path / 'poolformer_s12.pth.tar'))
-    with pytest.raises(FileNotFoundError, match=r'not found\..*It was given as pretrained.*'
-                       r'set model\.pretrained=None'):
+    with pytest.raises(FileNotFoundError, match=r'not found\..*given as pretrained: add '
+                       r'pretrained=None to model'):
         model.init_weights()
 
 
 def test_pretrained_and_init_cfg_together_are_refused():
-    with pytest.raises(PretrainedSettingError,
-                       match=r"got both pretrained='a\.pth' and init_cfg=.*name the weights once"):
+    with pytest.raises(InvalidInputError, match=r"pretrained 'a\.pth' comes with init_cfg=.*"
+                       'name the weights in init_cfg alone'):
         PoolFormer('s12', pretrained='a.pth', init_cfg=dict(type='Pretrained', checkpoint='b'))
 
 
@@ -333,12 +332,12 @@ def test_misspelt_argument_gets_the_argument_it_means(typo, meant):
 def test_argument_of_another_meaning_gets_no_suggestion(cls, name):
     with pytest.raises(TypeError) as err:
         cls(**{name: 1})
-    assert str(err.value).startswith(f"{cls.__name__} got unknown argument(s) '{name}'; valid")
+    assert str(err.value).startswith(f"{cls.__name__}: unknown argument(s) '{name}'; valid")
 
 
 def test_resnet_settings_merged_into_the_backbone_say_to_delete_the_base_one():
-    with pytest.raises(TypeError, match=r"depth, style: settings of the base config's ResNet; "
-                       r'add _delete_=True to the backbone dict'):
+    with pytest.raises(TypeError, match=r"unknown argument\(s\) 'depth', 'style'; .*from a base "
+                       r"config's backbone\? add _delete_=True to the backbone dict"):
         PoolFormer('s12', depth=50, style='pytorch')
 
 

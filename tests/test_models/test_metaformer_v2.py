@@ -409,7 +409,7 @@ def test_unknown_arch_lists_the_valid_names():
     with pytest.raises(ValueError) as err:
         MetaFormer('caformer_s12')
     message = str(err.value)
-    assert "unknown MetaFormer arch 'caformer_s12'" in message
+    assert "unknown MetaFormer arch 'caformer_s12' (did you mean 'caformer_s18'?)" in message
     for name in ('poolformerv2_m48', 'identityformer_s12', 'randformer_s36', 'convformer_b36',
                  'caformer_s18'):
         assert name in message

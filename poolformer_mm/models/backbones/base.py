@@ -13,7 +13,7 @@ import copy
 import difflib
 import inspect
 import warnings
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -31,40 +31,39 @@ from ..layers import (
     token_grids,
 )
 
-# The schemes of mmengine's model zoo (mmengine/hub/*.json): ResNets, ResNeXts, VGGs, HRNets ...
-# of torchvision, OpenMMLab and mmcls, none of them a PoolFormer or MetaFormer. The stock mmseg
-# bases name one in ``model.pretrained`` (mmseg hands it to the backbone), the mmdet bases one in
-# the backbone's ``init_cfg``.
 MODEL_ZOO_SCHEMES = ('torchvision://', 'modelzoo://', 'open-mmlab://', 'openmmlab://', 'mmcls://')
-
-# Arguments of the ResNet backbones in the stock mmdet / mmseg bases: when they reach us, the
-# config merged our backbone into the base's instead of replacing it.
-RESNET_ARGUMENTS = frozenset({
-    'depth', 'num_stages', 'strides', 'dilations', 'style', 'contract_dilation', 'deep_stem',
-    'avg_down', 'stem_channels', 'base_channels', 'dcn', 'stage_with_dcn', 'plugins',
-    'zero_init_residual'
-})
-
-# How close a misspelt argument must be to a valid one for a "did you mean" hint. difflib's
-# default (0.6) pairs names of other meanings: pretrained/pretrain_img_size, drop_rate
-# (dropout in timm)/drop_path_rate, num_stages/frozen_stages. 0.8 keeps plurals, missing
-# underscores and letters (out_indice, fastpath, init_config).
-SUGGESTION_CUTOFF = 0.8
+_PRETRAINED_FIX = 'add pretrained=None to model = dict(...) (mmseg passes it to the backbone) and '
 
 
-class PretrainedSettingError(InvalidInputError):
-    """``pretrained`` / ``init_cfg`` of a backbone that cannot be what the user meant."""
+def _refuse_unknown(error: type, what: str, names, valid, cutoff: float, advice: str) -> None:
+    hints = [repr(name) + ''.join(f" (did you mean '{close}'?)" for close in
+                                  difflib.get_close_matches(name, valid, 1, cutoff))
+             for name in names if name not in (*valid, 'type', '_scope_')]  # (a config's keys)
+    if hints:
+        raise error(f'{what} {", ".join(hints)}; valid: {", ".join(map(repr, valid))}; {advice}')
 
 
 class DenseBackbone(BaseModule):
     num_stages = 4
 
     def __init__(self, init_cfg=None, pretrained=None, arch_name: str = 'custom'):
-        super().__init__(
-            init_cfg=self._init_cfg_with_pretrained(init_cfg, pretrained, arch_name))
+        name, fix = type(self).__name__, '' if pretrained is None else _PRETRAINED_FIX
+        if not isinstance(pretrained, (str, type(None))):
+            raise TypeError(f'{name}: pretrained must be a str or None, got {pretrained!r}')
+        checkpoint = pretrained or isinstance(init_cfg, dict) and init_cfg.get('checkpoint')
+        both = pretrained is not None and init_cfg is not None
+        if both or str(checkpoint).startswith(MODEL_ZOO_SCHEMES):  # CNNs, e.g. the bases' ResNets
+            raise InvalidInputError(
+                f"{name}: {'pretrained' if fix else 'init_cfg'} '{checkpoint}' " + (f'comes with '
+                f'init_cfg={init_cfg}' if both else f'is not a {name} checkpoint (a model-zoo CNN)')
+                + f'; {fix}name the weights in init_cfg alone (URLs: docs/model_zoo.md)')
+        if pretrained is not None:  # mmseg's segmentors pass model.pretrained; as in mmdet:
+            warnings.warn(f"{name}: pretrained='{pretrained}' is deprecated, use init_cfg",
+                          FutureWarning, stacklevel=2)
+            init_cfg = dict(type='Pretrained', checkpoint=pretrained)
+        super().__init__(init_cfg=init_cfg)
         self.arch_name = arch_name
-        # Where the weights were named, for the messages of a checkpoint that does not load.
-        self._weights_setting = 'pretrained' if pretrained is not None else 'init_cfg'
+        self._pretrained_fix = fix  # for the message of a checkpoint that does not load
         # Checkpoints written before the parameter names were unified load through torch's and
         # mmengine's load_state_dict (both run this hook before filling the submodules). The
         # private registration exists in every supported torch; the public one is newer.
@@ -92,107 +91,16 @@ class DenseBackbone(BaseModule):
 
     @classmethod
     def check_config_arguments(cls, backbone_cfg: dict) -> None:
-        """Refuse a config's backbone dict with arguments this class does not take, before
-        anything is built (the same message as the constructor's)."""
-        valid = inspect.signature(cls.__init__).parameters
-        cls._reject_unknown_arguments([name for name in backbone_cfg if name not in valid
-                                       and name not in ('type', '_scope_')])
-
-    @classmethod
-    def _reject_unknown_arguments(cls, unknown: dict) -> None:
-        # A typo in a config (``out_indice=...``) would otherwise surface as a bare TypeError
-        # from deep inside the registry.
-        if not unknown:
-            return
-        valid = [p for p in inspect.signature(cls.__init__).parameters
-                 if p not in ('self', 'unknown')]
-        hints = []
-        for name in unknown:
-            close = difflib.get_close_matches(name, valid, n=1, cutoff=SUGGESTION_CUTOFF)
-            hints.append(f"'{name}'" + (f" (did you mean '{close[0]}'?)" if close else ''))
-        message = (f'{cls.__name__} got unknown argument(s) {", ".join(hints)}; valid '
-                   f'arguments: {", ".join(valid)}')
-        resnet = [name for name in unknown if name in RESNET_ARGUMENTS]
-        if resnet:
-            message += (f'. {", ".join(resnet)}: settings of the base config\'s ResNet; add '
-                        '_delete_=True to the backbone dict so that it replaces the base\'s')
-        raise UnknownSettingError(message)
-
-    @classmethod
-    def _init_cfg_with_pretrained(cls, init_cfg: Optional[dict], pretrained: Optional[str],
-                                  arch_name: str) -> Optional[dict]:
-        """``init_cfg``, or mmseg's deprecated ``pretrained=PATH`` spelling of
-        ``init_cfg=dict(type='Pretrained', checkpoint=PATH)`` (with one warning).
-
-        mmseg's segmentors hand ``model.pretrained`` to the backbone, and the stock mmseg bases
-        set it to ResNet weights; those, and every other model-zoo name, stop here with what to
-        change instead of downloading a file that cannot load.
-        """
-        if pretrained is not None and not isinstance(pretrained, str):
-            raise TypeError(f'{cls.__name__}: pretrained must be a str or None, got '
-                            f'{type(pretrained).__name__}')
-        if pretrained is not None and init_cfg is not None:
-            origin = (' (model-zoo CNN weights, as the stock mmseg bases set)'
-                      if pretrained.startswith(MODEL_ZOO_SCHEMES) else '')
-            raise PretrainedSettingError(
-                f"{cls.__name__} got both pretrained='{pretrained}'{origin} and init_cfg="
-                f'{init_cfg}; name the weights once, in init_cfg. mmseg passes model.pretrained '
-                'to the backbone and its stock bases set it, so add pretrained=None to '
-                'model = dict(...) (or --cfg-options model.pretrained=None)')
-        if pretrained is not None:
-            cls._refuse_model_zoo_checkpoint(pretrained, 'pretrained', arch_name)
-            warnings.warn(
-                f"{cls.__name__}: pretrained='{pretrained}' is deprecated (as in mmseg's own "
-                f"backbones); use backbone init_cfg=dict(type='Pretrained', "
-                f"checkpoint='{pretrained}') and model.pretrained=None", FutureWarning,
-                stacklevel=3)
-            return dict(type='Pretrained', checkpoint=pretrained)
-        if isinstance(init_cfg, dict) and init_cfg.get('type') == 'Pretrained':
-            checkpoint = init_cfg.get('checkpoint')
-            if isinstance(checkpoint, str):
-                cls._refuse_model_zoo_checkpoint(checkpoint, 'init_cfg', arch_name)
-        return init_cfg
-
-    @classmethod
-    def _refuse_model_zoo_checkpoint(cls, checkpoint: str, setting: str, arch_name: str) -> None:
-        if not checkpoint.startswith(MODEL_ZOO_SCHEMES):
-            return
-        if setting == 'pretrained':
-            fix = ('mmseg passes model.pretrained to the backbone and its stock bases set it, so '
-                   'add pretrained=None to model = dict(...) (or --cfg-options '
-                   'model.pretrained=None) and give the backbone ')
-        else:
-            fix = 'give the backbone '
-        raise PretrainedSettingError(
-            f"{cls.__name__}: {setting} '{checkpoint}' is not a {cls.__name__} checkpoint "
-            f"(mmengine's {checkpoint.split('://')[0]}:// model zoo has none); "
-            f'{fix}{cls._pretrained_hint(arch_name)}, or init_cfg=None to start from scratch')
-
-    @classmethod
-    def _pretrained_hint(cls, arch_name: str) -> str:
-        """How to name the ImageNet weights of ``arch_name`` in ``init_cfg``, for messages."""
-        return "init_cfg=dict(type='Pretrained', checkpoint=...) naming its ImageNet weights"
-
-    def _not_loadable_hint(self) -> str:
-        """What to add to a load error of a checkpoint named by ``pretrained``."""
-        if self._weights_setting != 'pretrained':
-            return ''
-        return (f'. It was given as pretrained (mmseg passes model.pretrained to the backbone): '
-                f'set model.pretrained=None and give the backbone '
-                f'{self._pretrained_hint(self.arch_name)}')
+        """Refuse keys ``cls`` does not take (cutoff 0.8: 0.6 pairs drop_rate, drop_path_rate)."""
+        _refuse_unknown(UnknownSettingError, f'{cls.__name__}: unknown argument(s)', backbone_cfg,
+                        [p for p in inspect.signature(cls).parameters if p != 'unknown'], 0.8,
+                        "from a base config's backbone? add _delete_=True to the backbone dict")
 
     @classmethod
     def _named_arch(cls, name: str, custom_keys: str) -> dict:
-        """A copy of ``cls.arch_settings[name]``, or an error listing the names (and the
-        closest one) and what a custom arch dict needs (``custom_keys``)."""
-        key = name.lower()
-        if key not in cls.arch_settings:
-            close = difflib.get_close_matches(key, cls.arch_settings, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ''
-            names = ', '.join(repr(n) for n in sorted(cls.arch_settings))
-            raise ValueError(f"unknown {cls.__name__} arch '{name}'{hint}; choose one of "
-                             f'{names}, or pass a dict with {custom_keys}')
-        return copy.deepcopy(cls.arch_settings[key])
+        _refuse_unknown(ValueError, f'unknown {cls.__name__} arch', [name.lower()],
+                        sorted(cls.arch_settings), 0.6, f'or pass a dict with {custom_keys}')
+        return copy.deepcopy(cls.arch_settings[name.lower()])
 
     @property
     def out_channels(self) -> List[int]:
@@ -269,11 +177,10 @@ class DenseBackbone(BaseModule):
             try:
                 self._load_pretrained(self.init_cfg['checkpoint'])
             except (ValueError, FileNotFoundError) as err:
-                if self._weights_setting != 'pretrained':
+                if not self._pretrained_fix:  # (a missing file keeps its type, as a URL's)
                     raise
-                # a missing file keeps its type (CheckpointUnavailableError for a URL)
-                kind = PretrainedSettingError if isinstance(err, ValueError) else type(err)
-                raise kind(f'{err}{self._not_loadable_hint()}') from err
+                raise (InvalidInputError if isinstance(err, ValueError) else type(err))(
+                    f'{err}; given as pretrained: {self._pretrained_fix}use init_cfg') from err
             self._is_init = True
             return
         self._init_from_scratch()

@@ -19,9 +19,6 @@ from ..layers import (
 )
 from .base import DenseBackbone
 
-# sail-sg/metaformer's ImageNet weights, <family>/<arch>.pth.
-SAIL_SG_WEIGHTS = 'https://huggingface.co/sail/dl/resolve/main'
-
 # ---------------------------------------------------------------------------------- model zoo
 # Blocks per stage and channels per size; the families below pair them with token mixers.
 _SIZES_4_STAGE_POOL = {
@@ -134,7 +131,7 @@ class MetaFormer(DenseBackbone):
                  init_cfg: Optional[dict] = None,
                  pretrained: Optional[str] = None,
                  **unknown):
-        self._reject_unknown_arguments(unknown)
+        self.check_config_arguments(unknown)
         super().__init__(init_cfg=init_cfg, pretrained=pretrained,
                          arch_name=arch if isinstance(arch, str) else 'custom')
         self.arch = self._resolve_arch(arch)
@@ -199,14 +196,6 @@ class MetaFormer(DenseBackbone):
         return resolved
 
     # ---------------------------------------------------------------- weights
-    @classmethod
-    def _pretrained_hint(cls, arch_name: str) -> str:
-        if arch_name not in cls.arch_settings:
-            return super()._pretrained_hint(arch_name)
-        family = arch_name.split('_')[0]
-        return (f"init_cfg=dict(type='Pretrained', checkpoint='{SAIL_SG_WEIGHTS}/{family}/"
-                f"{arch_name}.pth')")
-
     def _load_pretrained(self, path: str) -> None:
         load_metaformer_weights(self, path)
 

@@ -23,9 +23,6 @@ from ..layers import (
 )
 from .base import DenseBackbone
 
-# The paper's ImageNet weights, poolformer_<arch>.pth.tar.
-OFFICIAL_RELEASE = 'https://github.com/sail-sg/poolformer/releases/download/v1.0'
-
 
 @MODELS.register_module()
 class PoolFormer(DenseBackbone):
@@ -138,7 +135,7 @@ class PoolFormer(DenseBackbone):
                  init_cfg: Optional[dict] = None,
                  pretrained: Optional[str] = None,
                  **unknown):
-        self._reject_unknown_arguments(unknown)
+        self.check_config_arguments(unknown)
         super().__init__(init_cfg=init_cfg, pretrained=pretrained,
                          arch_name=arch.lower() if isinstance(arch, str) else 'custom')
         self.arch = self._resolve_arch(arch)
@@ -224,13 +221,6 @@ class PoolFormer(DenseBackbone):
         return [channel_norm_cfg(cfg) for cfg in cls._per_stage(norm_cfg, 'norm_cfg')]
 
     # ---------------------------------------------------------------- weights
-    @classmethod
-    def _pretrained_hint(cls, arch_name: str) -> str:
-        if arch_name not in cls.arch_settings:
-            return super()._pretrained_hint(arch_name)
-        return (f"init_cfg=dict(type='Pretrained', checkpoint='{OFFICIAL_RELEASE}/"
-                f"poolformer_{arch_name}.pth.tar')")
-
     def _load_pretrained(self, path: str) -> None:
         load_backbone_weights(self, path)
 
