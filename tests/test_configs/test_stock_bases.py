@@ -13,8 +13,8 @@ import pytest
 import torch
 from mmengine.config import Config
 
-from poolformer_mm.utils.errors import InvalidInputError
 from poolformer_mm.models import InChannelsError, MetaFormer, PoolFormer, check_neck_in_channels
+from poolformer_mm.utils.errors import InvalidInputError
 
 REPO = Path(__file__).resolve().parents[2]
 
