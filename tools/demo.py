@@ -57,10 +57,9 @@ def run(cmd):
             quiet = False
         if quiet:
             hidden.append(line)
-            continue
-        hidden = []
-        sys.stdout.write(line)
-        sys.stdout.flush()
+        else:
+            hidden = []
+            print(line, end='', flush=True)
     returncode = process.wait()
     if returncode != 0:
         # an error message printed inside a hidden block (after the config dump) still shows
@@ -68,19 +67,6 @@ def run(cmd):
         raise SystemExit(f'demo: command failed with exit code {returncode}:\n'
                          f'  python {" ".join(cmd)}')
     return ''.join(lines)
-
-
-def score_threshold(config):
-    """The score above which mmdet's DetVisualizationHook draws a box for this config."""
-    from mmengine.config import Config
-    cfg = Config.fromfile(osp.join(REPO, config), import_custom_modules=False)
-    hook = cfg.default_hooks.visualization
-    if 'score_thr' in hook:
-        return hook['score_thr']
-    import inspect
-
-    from mmdet.engine.hooks import DetVisualizationHook
-    return inspect.signature(DetVisualizationHook).parameters['score_thr'].default
 
 
 def last_checkpoint(work_dir, prefix):
@@ -91,19 +77,8 @@ def last_checkpoint(work_dir, prefix):
     return max(found, key=lambda p: int(re.findall(r'_(\d+)\.pth$', p)[0]))
 
 
-def find_pictures(show_dir):
-    pictures = sorted(glob.glob(osp.join(REPO, show_dir, '*.png')))
-    # older layouts nest mmseg's pictures (vis_data/vis_image/)
-    return pictures or sorted(glob.glob(osp.join(REPO, show_dir, '**', '*.png'), recursive=True))
-
-
 def minutes(seconds):
     return f'{int(seconds // 60)} min {seconds % 60:02.0f} s'
-
-
-def cpu_seconds_of_children():
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def run_job(task, work_root):
@@ -124,10 +99,14 @@ def run_job(task, work_root):
         test += ['--out', predictions]
     out = run(test)
     metrics = json.loads(out.rsplit('Test metrics: ', 1)[1].splitlines()[0])
-    pictures = find_pictures(show_dir)
+    # older layouts nest mmseg's pictures (vis_data/vis_image/)
+    pictures = (sorted(glob.glob(osp.join(REPO, show_dir, '*.png')))
+                or sorted(glob.glob(osp.join(REPO, show_dir, '**', '*.png'), recursive=True)))
     where = osp.relpath(osp.dirname(pictures[0]), REPO) if pictures else show_dir
     if task == 'det':
-        threshold = score_threshold(job['config'])
+        from mmengine.config import Config
+        cfg = Config.fromfile(osp.join(REPO, job['config']), import_custom_modules=False)
+        threshold = cfg.default_hooks.visualization.score_thr  # that of the pictures
         with open(osp.join(REPO, predictions), 'rb') as f:
             results = pickle.load(f)
         with_boxes = sum(bool((r['pred_instances']['scores'] >= threshold).any())
@@ -156,9 +135,10 @@ def main():
         summary.append(f'  ({minutes(time.perf_counter() - task_start)})')
         print('\n'.join(summary[-5:]), flush=True)
     took = time.perf_counter() - start
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     print('\n'.join(['', 'Demo finished:'] + summary + [
-        f'Took {minutes(took)} (CPU time of its processes: {minutes(cpu_seconds_of_children())}'
-        f' on {os.cpu_count()} cores).']))
+        f'Took {minutes(took)} (CPU time of its processes: '
+        f'{minutes(usage.ru_utime + usage.ru_stime)} on {os.cpu_count()} cores).']))
 
 
 if __name__ == '__main__':

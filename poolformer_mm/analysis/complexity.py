@@ -1,34 +1,22 @@
 """Parameters and multiply-accumulates (MACs) of PoolFormer backbones and whole models.
 
-The counting is mmengine's port of fvcore's jit counters (:class:`mmengine.analysis.FlopAnalyzer`),
-the tool the paper used for its MAC column. It calls one fused multiply-add one "flop", so its
-totals are MACs. What it counts, for the ops PoolFormer and its mmdet / mmseg heads run:
+Counting is mmengine's port of fvcore's jit counters (:class:`mmengine.analysis.FlopAnalyzer`),
+which the paper used for its MAC column and which calls one multiply-add one "flop". It counts
+convolutions and linear / matmul layers (not their bias adds), normalisations such as GroupNorm
+(~5 ops per element) and the FPN's upsampling and pooling. It skips, and each run reports, the
+pooling token mixer (``aten::avg_pool2d``), GELU, the element-wise add / sub / mul of residuals,
+``pool(x) - x`` and layer scales, and ops without a handle (RoIAlign, NMS, sigmoid, ...); shape
+ops and ReLU are ignored by design. So the backbones at 224x224 match the paper's 1.8 / 3.4 /
+5.0 / 8.8 / 11.6 G for S12 / S24 / S36 / M36 / M48 (measured: 1.824 / 3.414 / 5.004 / 8.804 /
+11.593 G); the paper's ImageNet classifier (final norm, global mean, 1000-way head) differs from
+the dense backbone's four output GroupNorms by 0.0013 G (S) / 0.0019 G (M), far below its rounding.
 
-- counted: convolutions (multiplications only; the bias add is not counted), linear / matmul
-  layers, and the normalisations at a rough 5 operations per element with an affine (4 without),
-  which for PoolFormer means every GroupNorm; the FPN's nearest / bilinear upsampling (1 / 4 per
-  output element) and adaptive average pooling (1 per input element).
-- skipped, and reported per run: the pooling token mixer (``aten::avg_pool2d``), GELU
-  (``aten::gelu``), and the element-wise arithmetic of every block (``aten::add`` of the
-  residuals, ``aten::sub`` of ``pool(x) - x``, ``aten::mul`` of the layer scales), plus
-  anything without a handle in a detector (RoIAlign, NMS, sigmoid, ...).
-- ignored silently by design: shape and indexing ops (view, cat, pad, slice, ...) and ReLU.
-
-fvcore skips the same ops, so the backbone totals at 224x224 match the paper's 1.8 / 3.4 / 5.0 /
-8.8 / 11.6 G for S12 / S24 / S36 / M36 / M48 (measured: 1.824 / 3.414 / 5.004 / 8.804 /
-11.593 G). The paper counted the ImageNet classifier; the dense backbone has four output
-GroupNorms instead of the classifier's final norm, global mean and 1000-way linear head. The
-difference is 0.0013 G for the S sizes and 0.0019 G for the M sizes, far below the 0.1 G the
-paper rounds to.
-
-Whole detectors and segmentors are counted on their ``mode='tensor'`` forward: backbone, neck and
-heads without post-processing. A two-stage detector's tensor forward sends the RPN's proposals
-(up to 1000) through the box head and the first 100 through the mask head, so its head cost barely
-depends on the image size.
+Whole detectors and segmentors are counted on their ``mode='tensor'`` forward (no
+post-processing). A two-stage detector's sends the RPN's proposals (up to 1000) through the box
+head and the first 100 through the mask head, so its head cost barely depends on the image size.
 """
 import copy
 import warnings
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple, Union
@@ -49,9 +37,8 @@ from ..utils.config import read_config, task_of
 
 ShapeLike = Union[int, Sequence[int]]
 
-#: Input size used when none is given: ImageNet's for a backbone, the COCO test scale of
-#: mmdet's own get_flops tool (height 1280, width 800) for detectors, and the ADE20K crop for
-#: segmentors.
+#: Input size used when none is given: ImageNet's for a backbone, the COCO test scale of mmdet's
+#: own get_flops tool (height 1280, width 800) for detectors, the ADE20K crop for segmentors.
 DEFAULT_SHAPES = {'backbone': (224, 224), 'mmdet': (1280, 800), 'mmseg': (512, 512)}
 
 UNCOUNTED_NOTE = ('Not counted (as in fvcore, which the paper used): the pooling token mixer '
@@ -70,7 +57,7 @@ class Complexity:
         input_shape (tuple[int, int]): Image height and width that were analysed.
         macs_by_operator (dict[str, int]): MACs per counted operator kind ('conv', ...).
         uncounted_ops (dict[str, int]): Traced operators without a counter, with how often each
-            ran; their cost is not in ``macs``.
+            ran (most frequent first); their cost is not in ``macs``.
     """
 
     params: int
@@ -81,12 +68,10 @@ class Complexity:
 
     @property
     def params_m(self) -> float:
-        """Parameters in millions."""
         return self.params / 1e6
 
     @property
     def macs_g(self) -> float:
-        """MACs in billions."""
         return self.macs / 1e9
 
 
@@ -99,12 +84,11 @@ def image_shape(shape: Optional[ShapeLike], default: Tuple[int, int]) -> Tuple[i
     """
     if shape is None:
         return tuple(default)
-    sides = (shape, ) if isinstance(shape, int) else tuple(shape)
+    sides = [shape] if isinstance(shape, int) else list(shape)
     if len(sides) not in (1, 2) or any(int(s) != s or s <= 0 for s in sides):
         raise ValueError(f'shape must be one positive side (square image) or height and width, '
                          f'got {shape!r}')
-    sides = tuple(int(s) for s in sides)
-    return (sides[0], sides[0]) if len(sides) == 1 else sides
+    return int(sides[0]), int(sides[-1])
 
 
 def _analyse(module: nn.Module, inputs: tuple, params_of: nn.Module,
@@ -118,17 +102,14 @@ def _analyse(module: nn.Module, inputs: tuple, params_of: nn.Module,
     for backbone in fast:
         backbone.set_fast_path(False)
     try:
-        analyzer = FlopAnalyzer(module, inputs)
         # The skipped ops are returned in the result instead of being logged one warning per
         # op; the tracer's own warnings (data-dependent shapes in detector heads) do not affect
         # counts.
-        analyzer.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-        analyzer.tracer_warnings('none')
+        analyzer = FlopAnalyzer(module, inputs).unsupported_ops_warnings(False)
+        analyzer.uncalled_modules_warnings(False)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter('ignore')
             macs = analyzer.total()
-            by_operator = dict(analyzer.by_operator())
-            uncounted = dict(analyzer.unsupported_ops())
     finally:
         for backbone in fast:
             backbone.set_fast_path(True)
@@ -136,15 +117,12 @@ def _analyse(module: nn.Module, inputs: tuple, params_of: nn.Module,
         params=parameter_count(params_of)[''],
         macs=int(macs),
         input_shape=input_shape,
-        macs_by_operator={name: int(count) for name, count in by_operator.items()},
-        uncounted_ops=dict(Counter(uncounted).most_common()))
+        macs_by_operator={name: int(count) for name, count in analyzer.by_operator().items()},
+        uncounted_ops=dict(analyzer.unsupported_ops().most_common()))
 
 
 def build_backbone(backbone: Union[str, dict, nn.Module]) -> nn.Module:
-    """A PoolFormer to analyse, from an arch name, a backbone config or a ready module.
-
-    Configs are built with ``init_cfg=None``: counting needs no weights, and the configs' pretrained
-    files need not exist.
+    """A PoolFormer to analyse, built with ``init_cfg=None`` (counting needs no weights).
 
     Args:
         backbone (str | dict | nn.Module): 's12', ..., a config dict such as a config's
@@ -152,9 +130,7 @@ def build_backbone(backbone: Union[str, dict, nn.Module]) -> nn.Module:
     """
     if isinstance(backbone, nn.Module):
         return backbone
-    if isinstance(backbone, str):
-        return PoolFormer(backbone)
-    kwargs = copy.deepcopy(dict(backbone))
+    kwargs = dict(arch=backbone) if isinstance(backbone, str) else copy.deepcopy(dict(backbone))
     backbone_type = kwargs.pop('type', 'PoolFormer')
     if backbone_type not in ('PoolFormer', PoolFormer):
         raise ValueError(f"backbone type {backbone_type!r} is not PoolFormer; analyse it with "
@@ -172,16 +148,10 @@ def backbone_complexity(backbone: Union[str, dict, nn.Module],
         backbone (str | dict | nn.Module): Arch name, backbone config dict, or any module that
             takes an (N, 3, H, W) tensor.
         shape (int | Sequence[int], optional): Image side or (height, width). Default: 224.
-
-    Example:
-        >>> result = backbone_complexity('s12')
-        >>> round(result.macs_g, 1), result.params
-        (1.8, 11403200)
     """
     height, width = image_shape(shape, DEFAULT_SHAPES['backbone'])
     module = build_backbone(backbone)
-    device = next(module.parameters()).device
-    image = torch.randn(1, 3, height, width, device=device)
+    image = torch.randn(1, 3, height, width, device=next(module.parameters()).device)
     return _analyse(module, (image, ), module, (height, width))
 
 
@@ -191,10 +161,7 @@ def load_config(config: Union[str, Path, Config]) -> Config:
 
 
 def build_model_without_pretrained(cfg: Config) -> nn.Module:
-    """The config's detector or segmentor with the backbone's ``init_cfg`` removed.
-
-    The configs name ImageNet weights by URL; MAC and parameter counts do not
-    depend on weights, so nothing is loaded and ``init_weights`` is never called.
+    """The config's detector or segmentor, with no pretrained weights to load.
 
     Args:
         cfg (Config): An mmdet or mmseg config using this package's backbone.
@@ -208,13 +175,9 @@ def build_model_without_pretrained(cfg: Config) -> nn.Module:
     return (DET_MODELS if task == 'mmdet' else SEG_MODELS).build(model_cfg)
 
 
-
 class _TensorModeForward(nn.Module):
-    """Runs ``model(inputs, data_samples, mode='tensor')``: the network without post-processing.
-
-    The tracer only passes tensors, so the data samples (image metainfo the detector heads read)
-    are held here instead of being passed in.
-    """
+    """``model(inputs, data_samples, mode='tensor')``; the tracer passes tensors only, so the
+    data samples (image metainfo the detector heads read) are held here."""
 
     def __init__(self, model: nn.Module, data_samples: list):
         super().__init__()
@@ -226,20 +189,17 @@ class _TensorModeForward(nn.Module):
 
 
 def dummy_batch(model: nn.Module, task: str, height: int, width: int) -> Tuple[torch.Tensor, list]:
-    """A random image of ``height`` x ``width`` passed through the model's data preprocessor.
+    """A random image passed through the model's data preprocessor: ``(inputs, data_samples)``.
 
-    This is the small subset of a test pipeline the tensor-mode forward needs: mmdet's RPN reads
-    ``img_shape`` and ``batch_input_shape`` to clip proposals; the other keys are set so that any
-    head reading them finds an unscaled, unpadded image.
+    The metainfo is the subset of a test pipeline's the tensor-mode forward needs: mmdet's RPN
+    reads ``img_shape`` and ``batch_input_shape`` to clip proposals; the other keys describe an
+    unscaled, unpadded image for any head that reads them.
 
     Args:
         model (nn.Module): A detector or segmentor with a ``data_preprocessor``.
         task (str): 'mmdet' or 'mmseg'.
         height (int): Image height.
         width (int): Image width.
-
-    Returns:
-        tuple: The normalised (and, for detectors, padded) batch tensor and its data samples.
     """
     DataSample = DetDataSample if task == 'mmdet' else SegDataSample
     # A fixed seed keeps the RPN's proposals, and so a two-stage detector's count, repeatable.
@@ -258,9 +218,6 @@ def model_complexity(config: Union[str, Path, Config],
                      part: str = 'model') -> Complexity:
     """Parameters and MACs of a config's whole detector / segmentor, or of its backbone.
 
-    The whole model runs its ``mode='tensor'`` forward (backbone, neck and heads, no
-    post-processing such as box decoding) on one preprocessed random image.
-
     Args:
         config (str | Path | Config): Path of an mmdet / mmseg config, or a loaded Config.
         shape (int | Sequence[int], optional): Image side or (height, width). Default: 224 for
@@ -278,33 +235,3 @@ def model_complexity(config: Union[str, Path, Config],
     model = build_model_without_pretrained(cfg).eval()
     inputs, data_samples = dummy_batch(model, task, height, width)
     return _analyse(_TensorModeForward(model, data_samples), (inputs, ), model, (height, width))
-
-
-def format_table(rows: Dict[str, Complexity]) -> str:
-    """A small text table: one row per analysed item with shape, params and MACs (G).
-
-    Args:
-        rows (dict[str, Complexity]): Label of each row and its result.
-    """
-    header = ('model', 'input (HxW)', 'params', 'params (M)', 'MACs (G)')
-    lines = [header] + [(label, f'{c.input_shape[0]}x{c.input_shape[1]}', f'{c.params:,}',
-                         f'{c.params_m:.2f}', f'{c.macs_g:.3f}') for label, c in rows.items()]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = ['  '.join(cell.ljust(w) if i == 0 else cell.rjust(w)
-                      for i, (cell, w) in enumerate(zip(line, widths))) for line in lines]
-    text.insert(1, '  '.join('-' * w for w in widths))
-    return '\n'.join(text)
-
-
-def uncounted_summary(result: Complexity, label: str = 'this trace') -> str:
-    """One line naming the traced ops whose cost is missing from ``result.macs``.
-
-    Args:
-        result (Complexity): An analysis result.
-        label (str): What the line is about, e.g. the table row's label.
-    """
-    if not result.uncounted_ops:
-        return f'Uncounted ops in {label}: none.'
-    ops = ', '.join(f'{name.replace("aten::", "")} x{count}'
-                    for name, count in result.uncounted_ops.items())
-    return f'Uncounted ops in {label}: {ops}.'

@@ -1,23 +1,19 @@
 """Loss and metric curves from the json logs of mmengine's runner (``tools/analysis/plot_logs.py``).
 
 A training run writes ``<work_dir>/<timestamp>/vis_data/<timestamp>.json`` (and the same lines to
-``scalars.json``), one json object per line:
-
-* training lines, every ``default_hooks.logger.interval`` iterations: ``lr``, ``loss`` and its
-  parts, ``time``..., with ``iter`` (the global iteration; ``epoch`` too in epoch-based runs);
-* validation lines, after each validation: the metrics (``mIoU``, ``aAcc``... for mmseg,
-  ``coco/bbox_mAP``, ``coco/bbox_mAP_50``... for mmdet) at ``step``, the epoch in epoch-based
-  runs (mmdet) and the iteration in iteration-based ones (mmseg's ``log_metric_by_epoch=False``).
-
-Training keys are drawn against the iteration; validation keys against the epoch or iteration
-their lines record.
+``scalars.json``), one json object per line: training lines (``lr``, ``loss`` and its parts...)
+at the global ``iter``, drawn against the iteration; validation lines (``mIoU``, ``aAcc``... for
+mmseg, ``coco/bbox_mAP``... for mmdet) at ``step``, drawn against it: the epoch in epoch-based
+runs (mmdet), the iteration in iteration-based ones (mmseg's ``log_metric_by_epoch=False``).
 """
 import json
 import os
 import os.path as osp
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from itertools import groupby
+from operator import attrgetter
+from typing import List, Optional, Sequence, Tuple
 
 from ..utils.errors import InputNotFoundError, InvalidInputError
 
@@ -38,12 +34,9 @@ class TrainingLog:
 
     def keys(self, phase: str) -> List[str]:
         """The numeric keys of the ``'train'`` or ``'val'`` lines, in order of appearance."""
-        found = {}
-        for line in getattr(self, phase):
-            for key, value in line.items():
-                if key not in _POSITION_KEYS and _is_number(value):
-                    found[key] = None
-        return list(found)
+        lines = getattr(self, phase)
+        return list(dict.fromkeys(key for line in lines for key, value in line.items()
+                                  if key not in _POSITION_KEYS and _is_number(value)))
 
     @property
     def by_epoch(self) -> bool:
@@ -69,25 +62,11 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _json_log_of_run(run_dir: str) -> Optional[str]:
-    vis_data = osp.join(run_dir, 'vis_data')
-    for name in (osp.basename(run_dir) + '.json', 'scalars.json'):
-        if osp.isfile(osp.join(vis_data, name)):
-            return osp.join(vis_data, name)
-    return None
-
-
 def find_json_log(work_dir: str) -> str:
     """The json log of the newest training run in ``work_dir`` (or ``work_dir`` itself, if it
-    is a json file).
-
-    Runs are the ``<timestamp>`` folders mmengine makes at each start; a newer run without
-    training lines (``tools/test.py`` writes to the work dir too) is passed over for the newest
-    one that trained.
-
-    Raises:
-        InputNotFoundError: if there is no such folder or no json log in it.
-    """
+    is a json file); :class:`InputNotFoundError` if there is none. A newer run without training
+    lines (``tools/test.py`` writes to the work dir too) is passed over for the newest one that
+    trained."""
     if osp.isfile(work_dir):
         return work_dir
     if not osp.isdir(work_dir):
@@ -95,26 +74,21 @@ def find_json_log(work_dir: str) -> str:
                                  'training run (default: work_dirs/<config name>)')
     runs = sorted((name for name in os.listdir(work_dir) if _RUN_FOLDER.match(name)),
                   reverse=True)
-    logs = [log for log in (_json_log_of_run(osp.join(work_dir, run)) for run in runs) if log]
+    logs = [osp.join(work_dir, run, 'vis_data', name) for run in runs
+            for name in (run + '.json', 'scalars.json')]
+    logs = [log for log in logs if osp.isfile(log)]
     if not logs:
         raise InputNotFoundError(
             f"no json log in work dir '{work_dir}': expected "
             '<timestamp>/vis_data/<timestamp>.json (or scalars.json) there, which tools/train.py '
             'writes as it trains. Pass the work dir of a training run, or the json file itself.')
-    for log in logs:
-        if read_json_log(log).train:
-            return log
-    return logs[0]
+    return next((log for log in logs if read_json_log(log).train), logs[0])
 
 
 def read_json_log(path: str) -> TrainingLog:
-    """Split a json log into training lines (those with ``iter``) and validation lines.
-
-    A last line cut short (a run still writing) is left out.
-
-    Raises:
-        InvalidInputError: naming the file and line, for a line that is not json.
-    """
+    """Split a json log into training lines (those with ``iter``) and validation lines. A last
+    line cut short (a run still writing) is left out; another line that is not json raises
+    :class:`InvalidInputError` naming the file and line."""
     log = TrainingLog(path)
     with open(path, encoding='utf-8') as f:
         lines = [line for line in f.read().splitlines() if line.strip()]
@@ -152,11 +126,8 @@ def _resolve_key(key: str, log: TrainingLog) -> Tuple[str, str]:
 
 def extract_curves(log: TrainingLog, keys: Optional[Sequence[str]] = None,
                    run: str = '') -> List[Curve]:
-    """The curves of ``keys`` in ``log`` (default: those of :data:`DEFAULT_KEYS` it has).
-
-    Raises:
-        InvalidInputError: for a key the log does not have, listing the keys it has.
-    """
+    """The curves of ``keys`` in ``log`` (default: those of :data:`DEFAULT_KEYS` it has); a key
+    the log does not have raises :class:`InvalidInputError` listing the keys it has."""
     if not log.train and not log.val:
         raise InvalidInputError(f"the log '{log.path}' has no lines yet: wait for the first "
                                 'logging interval of the run')
@@ -166,10 +137,8 @@ def extract_curves(log: TrainingLog, keys: Optional[Sequence[str]] = None,
     curves = []
     for key in keys:
         phase, logged = _resolve_key(key, log)
-        if phase == 'train':
-            position, x_label = 'iter', 'iteration'
-        else:
-            position, x_label = 'step', 'epoch' if log.by_epoch else 'iteration'
+        position = 'iter' if phase == 'train' else 'step'
+        x_label = 'epoch' if phase == 'val' and log.by_epoch else 'iteration'
         points = [(line[position], line[logged]) for line in getattr(log, phase)
                   if _is_number(line.get(logged)) and position in line]
         curves.append(Curve(run, logged, phase, x_label, [p[0] for p in points],
@@ -183,20 +152,19 @@ def plot_curves(curves: Sequence[Curve], out: str, title: Optional[str] = None) 
     # A Figure of its own, not pyplot: no window, no global backend switched for the caller.
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
-    panels: Dict[Tuple[str, str], List[Curve]] = {}
-    for curve in curves:
-        panels.setdefault((curve.phase, curve.x_label), []).append(curve)
-    order = sorted(panels, key=lambda panel: (panel[0] != 'train', panel[1]))
+    # training ('train' < 'val') first, then validation by epoch, then by iteration
+    panel_of = attrgetter('phase', 'x_label')
+    panels = [list(panel) for _, panel in groupby(sorted(curves, key=panel_of), panel_of)]
     figure = Figure(figsize=(6.4 * len(panels), 4.8), layout='constrained')
     axes = figure.subplots(1, len(panels), squeeze=False)[0]
-    for ax, (phase, x_label) in zip(axes, order):
-        for curve in panels[phase, x_label]:
+    for ax, panel in zip(axes, panels):
+        for curve in panel:
             label = f'{curve.run}: {curve.key}' if curve.run else curve.key
             ax.plot(curve.x, curve.y, marker='o' if len(curve.x) < 30 else None,
                     markersize=3, label=label)
-        ax.set_xlabel(x_label)
+        ax.set_xlabel(panel[0].x_label)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title('training' if phase == 'train' else 'validation')
+        ax.set_title('training' if panel[0].phase == 'train' else 'validation')
         ax.grid(alpha=0.3)
         ax.legend()
     if title:
@@ -209,7 +177,7 @@ def plot_curves(curves: Sequence[Curve], out: str, title: Optional[str] = None) 
 def plot_work_dirs(work_dirs: Sequence[str], keys: Optional[Sequence[str]] = None,
                    out: Optional[str] = None, legend: Optional[Sequence[str]] = None,
                    title: Optional[str] = None) -> Tuple[str, List[Curve]]:
-    """Plot the newest run of each work dir (or json log) to one PNG.
+    """Plot the newest run of each work dir (or json log) to one PNG; returns ``(out, curves)``.
 
     Args:
         work_dirs: work dirs of training runs, or their json log files.
@@ -218,19 +186,14 @@ def plot_work_dirs(work_dirs: Sequence[str], keys: Optional[Sequence[str]] = Non
         legend: one name per work dir, put in front of its keys (default: the work dir's name
             when there are several, nothing for one).
         title: the figure's title.
-
-    Returns:
-        ``(out, curves)``.
     """
     if legend is not None and len(legend) != len(work_dirs):
         raise InvalidInputError(f'--legend needs one name per work dir: got {len(legend)} '
                                 f'names for {len(work_dirs)} work dirs')
     if legend is None:
-        legend = ([osp.basename(osp.normpath(d)) for d in work_dirs] if len(work_dirs) > 1
-                  else [''])
-    curves = []
-    for work_dir, run in zip(work_dirs, legend):
-        curves += extract_curves(read_json_log(find_json_log(work_dir)), keys, run)
+        legend = [osp.basename(osp.normpath(d)) if len(work_dirs) > 1 else '' for d in work_dirs]
+    curves = [curve for work_dir, run in zip(work_dirs, legend)
+              for curve in extract_curves(read_json_log(find_json_log(work_dir)), keys, run)]
     if not curves:
         raise InvalidInputError(
             f"none of the default keys ({', '.join(DEFAULT_KEYS)}) is in the logs of "

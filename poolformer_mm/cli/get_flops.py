@@ -15,17 +15,27 @@ on one random image passed through the model's data preprocessor; no weights are
 import argparse
 import textwrap
 
-from ..analysis import (
+from ..analysis.complexity import (
     DEFAULT_SHAPES,
     UNCOUNTED_NOTE,
     backbone_complexity,
-    format_table,
     model_complexity,
-    uncounted_summary,
 )
 
 
-def parse_args():
+def format_table(rows: dict) -> str:
+    """One row per analysed item (a label and its :class:`Complexity`): shape, params, MACs."""
+    header = ('model', 'input (HxW)', 'params', 'params (M)', 'MACs (G)')
+    lines = [header] + [(label, f'{c.input_shape[0]}x{c.input_shape[1]}', f'{c.params:,}',
+                         f'{c.params_m:.2f}', f'{c.macs_g:.3f}') for label, c in rows.items()]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = ['  '.join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                      for i, (cell, w) in enumerate(zip(line, widths))) for line in lines]
+    text.insert(1, '  '.join('-' * w for w in widths))
+    return '\n'.join(text)
+
+
+def main():
     parser = argparse.ArgumentParser(
         description=__doc__.split('\n\n')[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -44,23 +54,19 @@ def parse_args():
     args = parser.parse_args()
     if (args.config is None) == (args.arch is None):
         parser.error('give either a config file or --arch ARCH [ARCH ...]')
-    if args.shape is not None and len(args.shape) > 2:
-        parser.error(f'--shape takes H or H W, got {len(args.shape)} numbers')
-    return parser, args
-
-
-def main():
-    parser, args = parse_args()
     try:
         if args.arch:
             rows = {f'PoolFormer-{arch.upper()}': backbone_complexity(arch, args.shape)
                     for arch in args.arch}
         else:
-            label = f'{args.config} [{args.part}]'
-            rows = {label: model_complexity(args.config, args.shape, part=args.part)}
+            rows = {f'{args.config} [{args.part}]':
+                    model_complexity(args.config, args.shape, part=args.part)}
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     print(format_table(rows))
     for label, result in rows.items():
-        print(textwrap.fill(uncounted_summary(result, label), width=100, subsequent_indent='    '))
+        ops = ', '.join(f'{name.replace("aten::", "")} x{count}'
+                        for name, count in result.uncounted_ops.items())
+        print(textwrap.fill(f'Uncounted ops in {label}: {ops or "none"}.', width=100,
+                            subsequent_indent='    '))
     print(textwrap.fill(UNCOUNTED_NOTE, width=100))

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch.nn as nn
 
-from poolformer_mm.analysis import backbone_complexity, image_shape, model_complexity
+from poolformer_mm.analysis.complexity import backbone_complexity, image_shape, model_complexity
 from poolformer_mm.models import PoolFormer
 
 REPO = Path(__file__).resolve().parents[2]
