@@ -70,23 +70,22 @@ def toy_image(task: str, folder: str) -> str:
     return sorted(glob.glob(osp.join(folder, 'val', '*')))[0]
 
 
+# each figure of verify_onnx's result in the report's words, with its tolerance
+REPORT = dict(
+    pixel_agreement='class maps agree on {:.3%} of pixels (need >= {:.1%})',
+    logits_rel='logits max diff {:.2e} of the largest (need <= {:.0e})',
+    box_rel='boxes max rel diff {:.2e} (need <= {:.0e})',
+    score_abs='scores max diff {:.2e} (need <= {:.0e})',
+    mask_iou='pasted masks agree on {:.2%} of the pixels they mark (need >= {:.0%})')
+
+
 def format_report(result: dict) -> str:
     """The agreement figures against their tolerances, one line."""
-    tol = TOLERANCES
-    if 'pixel_agreement' in result:
-        parts = [f"class maps agree on {100 * result['pixel_agreement']:.3f}% of pixels "
-                 f"(need >= {100 * tol['pixel_agreement']:.1f}%)"]
-        if 'logits_rel' in result:
-            parts.append(f"logits max diff {result['logits_rel']:.2e} of the largest "
-                         f"(need <= {tol['logits_rel']:.0e})")
-    else:
-        parts = [f"{result['detections_onnx']} detections (PyTorch {result['detections_torch']},"
-                 f" {result['unmatched']} unmatched)",
-                 f"boxes max rel diff {result['box_rel']:.2e} (need <= {tol['box_rel']:.0e})",
-                 f"scores max diff {result['score_abs']:.2e} (need <= {tol['score_abs']:.0e})"]
-        if 'mask_iou' in result:
-            parts.append(f"pasted masks agree on {100 * result['mask_iou']:.2f}% of the pixels "
-                         f"they mark (need >= {100 * tol['mask_iou']:.0f}%)")
+    parts = [text.format(result[key], TOLERANCES[key]) for key, text in REPORT.items()
+             if key in result]
+    if 'detections_onnx' in result:
+        parts.insert(0, f"{result['detections_onnx']} detections (PyTorch "
+                        f"{result['detections_torch']}, {result['unmatched']} unmatched)")
     size = 'x'.join(map(str, result['shape']))
     return f"verify at {size}: {'; '.join(parts)}: {'OK' if result['ok'] else 'OVER TOLERANCE'}"
 
@@ -95,8 +94,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     refuse_output_over_inputs(args.out, [args.config, args.checkpoint], '--out')
     refuse_symlinks([args.out], '--out')
-    cfg_options = args.cfg_options or None
-    model, cfg = build_model(args.config, args.checkpoint, cfg_options)
+    model, cfg = build_model(args.config, args.checkpoint, args.cfg_options)
     shape = tuple(args.shape) if args.shape else default_shape(cfg)
     info = export_onnx(copy.deepcopy(model), cfg, args.out, shape, args.dynamic, args.logits)
     print(f"wrote {args.out}: {info['task']}, input {shape[0]}x{shape[1]}"
@@ -108,8 +106,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         image = args.image or toy_image(task_of(cfg), folder)
         results = [verify_onnx(args.out, model, image)]
         if args.dynamic:  # a second size, not the export one
-            results.append(verify_onnx(args.out, model, image,
-                                       (shape[0] + 32, shape[1] + 64)))
+            results.append(verify_onnx(args.out, model, image, (shape[0] + 32, shape[1] + 64)))
     for result in results:
         print(format_report(result))
     return 0 if all(result['ok'] for result in results) else 1

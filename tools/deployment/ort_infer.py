@@ -4,9 +4,9 @@
     python tools/deployment/ort_infer.py FILE.onnx IMAGE --out PIC.png [--score-thr 0.3]
 
 Segmentation: a colour overlay of the class map. Detection: boxes with class names and scores
-(Mask R-CNN: and masks).
-Normalisation, input size, class names and post-processing settings come from the ONNX file's
-metadata (written by tools/deployment/pytorch2onnx.py). Needs onnxruntime, numpy, opencv.
+(Mask R-CNN: and masks). Normalisation, input size, class names and post-processing settings come
+from the ONNX file's metadata (written by tools/deployment/pytorch2onnx.py). Needs onnxruntime,
+numpy, opencv.
 """
 import argparse
 import importlib.util
@@ -17,12 +17,12 @@ import numpy as np
 import onnxruntime as ort
 
 _PACKAGE = osp.join(osp.dirname(osp.abspath(__file__)), '..', '..', 'poolformer_mm')
+AGAIN = 'export the model again with tools/deployment/pytorch2onnx.py'
 
 
 def load_torch_free_module(*path: str):
     """A module of poolformer_mm that needs only the standard library, NumPy and OpenCV, loaded
-    by its path: importing the package would import torch and the OpenMMLab stack, which
-    running an ONNX model does not need."""
+    by its path: importing the package would import torch and the OpenMMLab stack."""
     spec = importlib.util.spec_from_file_location(
         'poolformer_mm_' + osp.splitext(path[-1])[0], osp.join(_PACKAGE, *path))
     module = importlib.util.module_from_spec(spec)
@@ -30,12 +30,8 @@ def load_torch_free_module(*path: str):
     return module
 
 
-def load_postprocess():
-    """poolformer_mm/deploy/onnx/postprocess.py (see :func:`load_torch_free_module`)."""
-    return load_torch_free_module('deploy', 'onnx', 'postprocess.py')
-
-
 errors = load_torch_free_module('utils', 'errors.py')  # the package's error classes, torch-free
+post = load_torch_free_module('deploy', 'onnx', 'postprocess.py')
 
 
 def check_file(path: str, what: str, give: str) -> None:
@@ -46,8 +42,7 @@ def check_file(path: str, what: str, give: str) -> None:
 
 
 def check_output(out: str, inputs, flag: str = '--out') -> None:
-    """A UserInputError for an output path that is one of ``inputs`` or a symbolic link: the
-    write would replace an input, or the file the link points to."""
+    """Refuse an output path that is one of ``inputs`` or a symbolic link."""
     if osp.islink(out):
         raise errors.InvalidInputError(f"{flag} '{out}' is a symbolic link: writing there would "
                                        'overwrite the file it points to; give another path')
@@ -57,25 +52,21 @@ def check_output(out: str, inputs, flag: str = '--out') -> None:
 
 
 def open_export(path: str, threads=None):
-    """An ONNX Runtime CPU session for an exported model and its checked deploy information
-    (:func:`postprocess.session_deploy_info`); a missing, damaged or foreign file, or one whose
-    metadata was changed, raises a UserInputError that names it and says what to do."""
+    """An ONNX Runtime CPU session and the checked deploy information of an exported model; a
+    missing, damaged or foreign file, or edited metadata, is a UserInputError naming it."""
     check_file(path, 'ONNX model', 'the .onnx file')
     if not osp.getsize(path):
-        raise errors.InvalidInputError(f"ONNX model '{path}' is empty; export it again with "
-                                       'tools/deployment/pytorch2onnx.py')
+        raise errors.InvalidInputError(f"ONNX model '{path}' is empty; {AGAIN}")
     options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
+    options.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's default
     try:
         session = ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
     except Exception as err:  # onnxruntime raises its own types for damaged or foreign files
         reason = str(err).splitlines()[0].split('failed:')[-1].strip()
-        raise errors.InvalidInputError(
-            f"ONNX Runtime cannot load '{path}' ({reason}): it is truncated or not an ONNX "
-            'model; export it again with tools/deployment/pytorch2onnx.py') from None
+        raise errors.InvalidInputError(f"ONNX Runtime cannot load '{path}' ({reason}): it is "
+                                       f'truncated or not an ONNX model; {AGAIN}') from None
     try:
-        return session, load_postprocess().session_deploy_info(session)
+        return session, post.session_deploy_info(session)
     except ValueError as err:
         raise errors.InvalidInputError(f'{path}: {err}') from None
 
@@ -85,10 +76,8 @@ def read_image(path: str) -> np.ndarray:
     check_file(path, 'image', 'an image file')
     logging, level = cv2.utils.logging, cv2.utils.logging.getLogLevel()
     logging.setLogLevel(logging.LOG_LEVEL_SILENT)  # its lines about a damaged file: ours says it
-    try:
-        image = cv2.imread(path, cv2.IMREAD_COLOR)
-    finally:
-        logging.setLogLevel(level)
+    image = cv2.imread(path, cv2.IMREAD_COLOR)
+    logging.setLogLevel(level)
     if image is None:
         raise errors.InvalidInputError(f"image '{path}' cannot be read (damaged, or not an "
                                        'image); give a .jpg, .png or .bmp')
@@ -109,38 +98,29 @@ def parse_args(argv=None):
 @errors.report_user_errors
 def main(argv=None):
     args = parse_args(argv)
-    post = load_postprocess()
     check_output(args.out, [args.model, args.image])
     session, info = open_export(args.model, args.threads)
     image = read_image(args.image)
-    resized, (scale_h, scale_w) = post.resize_for_model(image, info)
-    inputs = post.normalize(resized, info)
-    outputs = session.run(None, {'input': inputs})
+    resized, scale = post.resize_for_model(image, info)
+    outputs = session.run(None, {'input': post.normalize(resized, info)})
     if info['task'] == 'segmentation':
-        classes = outputs[0][0, 0]
-        classes = cv2.resize(classes.astype(np.int32), image.shape[1::-1],
+        classes = cv2.resize(outputs[0][0, 0].astype(np.int32), image.shape[1::-1],
                              interpolation=cv2.INTER_NEAREST)
         if classes.max() >= len(info['classes']):  # the names were shortened after export
             raise errors.InvalidInputError(
                 f'{args.model}: the model outputs class {classes.max()}, and its '
                 f"{post.METADATA_KEY!r} metadata has {len(info['classes'])} class names: it was "
-                'changed after export; export the model again with '
-                'tools/deployment/pytorch2onnx.py')
+                f'changed after export; {AGAIN}')
         picture = post.draw_segmentation(image, classes, info)
-        found = ', '.join(info['classes'][i] for i in np.unique(classes))
-        summary = f'classes present: {found}'
+        summary = 'classes present: ' + ', '.join(info['classes'][i] for i in np.unique(classes))
     else:
         found = post.detections_of(dict(zip(info['outputs'], outputs)), info, image.shape[:2],
-                                   scale=(scale_h, scale_w))
-        dets = found['dets']
-        picture = post.draw_detections(image, dets, found['labels'], info, args.score_thr,
-                                       found.get('masks'))
-        summary = f'{int((dets[:, 4] >= args.score_thr).sum())} detections >= {args.score_thr}'
-    try:
-        written = cv2.imwrite(args.out, picture)
-    except cv2.error:  # no writer for the extension
-        written = False
-    if not written:
+                                   scale)
+        picture = post.draw_detections(image, found['dets'], found['labels'], info,
+                                       args.score_thr, found.get('masks'))
+        summary = (f"{int((found['dets'][:, 4] >= args.score_thr).sum())} detections >= "
+                   f'{args.score_thr}')
+    if not (cv2.haveImageWriter(args.out) and cv2.imwrite(args.out, picture)):
         raise errors.InvalidInputError(f"cannot write '{args.out}' (unknown extension or folder "
                                        'missing?)')
     print(f'wrote {args.out}: {summary}')

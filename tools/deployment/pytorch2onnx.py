@@ -4,14 +4,10 @@
     python tools/deployment/pytorch2onnx.py CONFIG CHECKPOINT --out FILE.onnx \
         [--shape H W] [--dynamic] [--verify] [--image PATH]
 
-The backbone is folded (norms and layer scales inside the weights) and exported in plain ONNX
-ops (opset 17). Input ``input``: a normalised float32 (N, 3, H, W) image. Segmentors output
-``output``, int64 (N, 1, H, W) class indices; detectors ``dets`` (N, K, 5) and ``labels``
-(N, K) after NMS in the graph, (Cascade) Mask R-CNN also ``masks`` (1, K, 28, 28), which
-poolformer_mm/deploy/onnx/postprocess.py pastes into the image. The
-normalisation, class names and post-processing settings are stored in the file's metadata, for
-tools/deployment/ort_infer.py. ``--verify`` compares ONNX Runtime with PyTorch on an image and
-exits with code 1 over tolerance. Needs the deploy extra: pip install -e .[deploy]
+Plain ONNX ops (opset 17), NMS in the graph, and the normalisation, class names and
+post-processing settings in the file's metadata, for tools/deployment/ort_infer.py (outputs:
+docs/deployment.md). ``--verify`` compares ONNX Runtime with PyTorch on an image and exits with
+code 1 over tolerance. Needs the deploy extra: pip install -e .[deploy]
 """
 import sys
 

@@ -20,14 +20,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from ort_infer import (  # noqa: E402
-    check_output,
-    errors,
-    load_postprocess,
-    load_torch_free_module,
-    open_export,
-    read_image,
-)
+import ort_infer  # noqa: E402
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp')
 # CPU flags (Linux /proc/cpuinfo names) of instructions that multiply uint8 by int8 into 32 bits;
@@ -35,23 +28,17 @@ IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp')
 VNNI_CPU_FLAGS = ('avx512_vnni', 'avx_vnni', 'amx_int8')
 
 
-def cpu_vnni_flags(cpuinfo='/proc/cpuinfo'):
-    """The VNNI flags this CPU reports, or None where it lists no x86 flags (not Linux, or not
-    x86)."""
-    flags = load_torch_free_module('utils', 'cpu_flags.py').cpu_flags(cpuinfo)
-    return None if flags is None else tuple(flag for flag in VNNI_CPU_FLAGS if flag in flags)
-
-
 def reduce_range_choice(choice, cpuinfo='/proc/cpuinfo'):
     """``(reduce_range, why)`` for ``--reduce-range CHOICE`` ('auto', 'yes' or 'no')."""
     if choice != 'auto':
         return choice == 'yes', f'--reduce-range {choice}'
-    flags = cpu_vnni_flags(cpuinfo)
+    flags = ort_infer.load_torch_free_module('utils', 'cpu_flags.py').cpu_flags(cpuinfo)
     if flags is None:
         return False, ('no x86 CPU flags to read (not Linux, or not x86); --reduce-range yes '
                        'for an x86 CPU without VNNI')
-    if flags:
-        return False, f"this CPU has {', '.join(flags)}"
+    vnni = [flag for flag in VNNI_CPU_FLAGS if flag in flags]
+    if vnni:
+        return False, f"this CPU has {', '.join(vnni)}"
     return True, (f"this CPU has no VNNI (none of {', '.join(VNNI_CPU_FLAGS)}), where 8-bit "
                   'weights saturate')
 
@@ -59,16 +46,13 @@ def reduce_range_choice(choice, cpuinfo='/proc/cpuinfo'):
 class ImageReader(CalibrationDataReader):
     """The model's normalised inputs for the calibration images, one at a time."""
 
-    def __init__(self, paths, info, post):
-        self.paths, self.info, self.post = iter(paths), info, post
+    def __init__(self, paths, info):
+        post = ort_infer.post
+        self.inputs = ({'input': post.normalize(post.resize_for_model(image, info)[0], info)}
+                       for image in map(ort_infer.read_image, paths))
 
     def get_next(self):
-        path = next(self.paths, None)
-        if path is None:
-            return None
-        image = read_image(path)
-        return {'input': self.post.normalize(self.post.resize_for_model(image, self.info)[0],
-                                             self.info)}
+        return next(self.inputs, None)
 
 
 def calibration_images(inputs, limit):
@@ -99,13 +83,12 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-@errors.report_user_errors
+@ort_infer.errors.report_user_errors
 def main(argv=None):
     args = parse_args(argv)
-    post = load_postprocess()
-    info = open_export(args.model)[1]  # a missing, damaged or changed file: one line
+    info = ort_infer.open_export(args.model)[1]  # a missing, damaged or changed file: one line
     images = [osp.abspath(path) for path in calibration_images(args.calib, args.num)]
-    check_output(args.out, [args.model, *images])
+    ort_infer.check_output(args.out, [args.model, *images])
     reduce_range, why = reduce_range_choice(args.reduce_range)
     model_path, out_path, cwd = osp.abspath(args.model), osp.abspath(args.out), os.getcwd()
     with tempfile.TemporaryDirectory() as folder:
@@ -117,7 +100,7 @@ def main(argv=None):
             # symbolic shape inference gives up on dynamic height and width, ONNX's own does not
             prepared = osp.join(folder, 'prepared.onnx')
             quant_pre_process(model_path, prepared, skip_symbolic_shape=info['dynamic'])
-            quantize_static(prepared, out_path, ImageReader(images, info, post),
+            quantize_static(prepared, out_path, ImageReader(images, info),
                             quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8, per_channel=True,
                             reduce_range=reduce_range)

@@ -1,7 +1,5 @@
-"""ONNX export of the segmentors and detectors with the folded backbone, and its checks.
-
-Needs the optional ``deploy`` extra (``pip install -e .[deploy]``: onnx, onnxruntime); the rest
-of the package never imports this subpackage.
+"""ONNX export of the segmentors and detectors with the folded backbone, and its checks; needs
+the optional ``deploy`` extra (onnx, onnxruntime), which the rest of the package never imports.
 """
 from .export import build_model, export_onnx, fold_for_export
 from .verify import verify_onnx

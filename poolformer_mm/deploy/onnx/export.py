@@ -1,23 +1,7 @@
-"""ONNX export of mmseg segmentors and mmdet detectors with a folded backbone.
-
-The exported model follows mmdeploy's end-to-end convention where ONNX allows it:
-
-* one input ``input``: a float32 (N, 3, H, W) image, already normalised
-  (:func:`poolformer_mm.deploy.onnx.postprocess.normalize`);
-* segmentors: ``output``, int64 (N, 1, H, W) class indices at the input size (the argmax is in
-  the graph); ``logits`` (N, C, H, W) too with ``with_logits=True``, to check agreement;
-* RetinaNet: ``dets`` (N, K, 5) x1, y1, x2, y2, score and ``labels`` (N, K), K = the
-  config's ``max_per_img``, with the config's ``test_cfg``: candidate selection, box decoding and
-  per-class NMS are in the graph (:mod:`poolformer_mm.deploy.onnx.ops`); rows after the last
-  detection are zeros with label -1, as mmdeploy pads its end-to-end detectors;
-* Mask R-CNN and Cascade Mask R-CNN (:mod:`poolformer_mm.deploy.onnx.two_stage`): the same, and
-  ``masks`` (1, K, 28, 28), one image per run.
-
-Everything the runtime side needs (mean, std, channel order, input size, class names, task and
-post-processing settings) is stored as JSON in the model's ``metadata_props``, so running the
-file needs no config.
-
-``onnx`` is imported here only inside functions: the deploy extra is optional.
+"""ONNX export of mmseg segmentors and mmdet detectors with a folded backbone, as mmdeploy's
+end-to-end models where ONNX allows it (inputs and outputs: docs/deployment.md), detection
+post-processing included (:mod:`.ops`, :mod:`.two_stage`). What the runtime side needs is stored
+as JSON in the model's ``metadata_props``, so running the file needs no config.
 """
 import copy
 import hashlib
@@ -50,7 +34,6 @@ OPSET_VERSION = 17
 DEFAULT_SIZE_DIVISOR = 32
 
 
-# ---------------------------------------------------------------------------------- model
 def build_model(config: str, checkpoint: Optional[str] = None,
                 cfg_options: Optional[dict] = None) -> tuple:
     """The config's model in eval mode with the checkpoint's weights; returns (model, cfg)."""
@@ -78,11 +61,9 @@ def _moments(tokens: torch.Tensor, eps: float) -> tuple:
 
 
 class ExportPoolFormerBlock(nn.Module):
-    """:class:`DeployPoolFormerBlock`'s folded computation in ops every ONNX runtime has.
-
-    The deploy block takes GroupNorm's statistics from ``torch.native_group_norm`` and, on a
-    CPU, oneDNN's private fused kernels; neither has an ONNX form. Same buffers, same maths.
-    """
+    """:class:`DeployPoolFormerBlock`'s folded computation in ops every ONNX runtime has: it
+    takes GroupNorm's statistics from ``torch.native_group_norm`` and, on a CPU, oneDNN's private
+    fused kernels, which have no ONNX form. Same buffers, same maths."""
 
     supports_token_layout = True
 
@@ -107,34 +88,26 @@ class ExportPoolFormerBlock(nn.Module):
 
 def fold_for_export(model: nn.Module) -> nn.Module:
     """Fold the backbone (``switch_to_deploy``, where it has one), give its folded blocks
-    plain-op forms, and make upsampling by a factor follow the input size in a trace."""
-    _replace_fixed_size_upsampling(model)
-    for module, name, pool in _fixed_bin_pools(model):
-        setattr(module, name, StaticAdaptiveAvgPool2d(pool))
+    plain-op forms, and swap the modules a trace would fix to the export size."""
+    if hasattr(find_backbone(model), 'switch_to_deploy'):  # MetaFormer has no folded form
+        switch_backbone_to_deploy(model)
     for module in list(model.modules()):
         for name, child in module.named_children():
-            if isinstance(child, PositionEmbedding):
+            if isinstance(child, DeployPoolFormerBlock):
+                setattr(module, name, ExportPoolFormerBlock(child))
+            elif isinstance(child, Upsample) and not child.size:
+                setattr(module, name, ScaleUpsample(child))
+            elif isinstance(child, PositionEmbedding):
                 setattr(module, name, ExportPositionEmbedding(child))
-    if not hasattr(find_backbone(model), 'switch_to_deploy'):
-        return model  # e.g. MetaFormer: no folded form; exported as it is
-    switch_backbone_to_deploy(model)
-    for module in find_backbone(model).modules():
-        blocks = getattr(module, 'blocks', None)
-        if isinstance(blocks, nn.ModuleList):
-            for j, block in enumerate(blocks):
-                if isinstance(block, DeployPoolFormerBlock):
-                    blocks[j] = ExportPoolFormerBlock(block)
+            elif _is_fixed_bin_pool(child):
+                setattr(module, name, StaticAdaptiveAvgPool2d(child))
     return model
 
 
 class ScaleUpsample(nn.Module):
-    """mmseg's ``Upsample`` by a scale factor, traced as a scale instead of a fixed size.
-
-    mmseg's module turns the input size times the factor into Python ints, which a trace
-    records as constants: a model exported with dynamic height and width would then upsample
-    to the export size whatever the input. ``F.interpolate`` with the factor gives the same
-    output size (floor) and the same sampling positions.
-    """
+    """mmseg's ``Upsample`` by a scale factor, traced as a scale: mmseg's turns the size times
+    the factor into Python ints, which a trace records as constants (the export size). The same
+    output size (floor) and sampling positions."""
 
     def __init__(self, upsample: nn.Module):
         super().__init__()
@@ -147,20 +120,10 @@ class ScaleUpsample(nn.Module):
                              align_corners=self.align_corners)
 
 
-def _replace_fixed_size_upsampling(model: nn.Module) -> None:
-    for module in model.modules():
-        for name, child in module.named_children():
-            if isinstance(child, Upsample) and not child.size:
-                setattr(module, name, ScaleUpsample(child))
-
-
 class ExportPositionEmbedding(nn.Module):
-    """:class:`PositionEmbedding` that always resizes to the feature map.
-
-    The backbone skips the resize at the embedding's own grid; a trace at that size would
-    record no resize, and a dynamic-size model would then add the embedding unresized at every
-    other size. Bicubic resizing to the same size returns the embedding unchanged.
-    """
+    """:class:`PositionEmbedding` that always resizes to the feature map: the backbone skips
+    the resize at the embedding's own grid, which a trace at that size would keep for every size
+    (bicubic resizing to the same size returns the embedding unchanged)."""
 
     def __init__(self, embedding: PositionEmbedding):
         super().__init__()
@@ -172,13 +135,9 @@ class ExportPositionEmbedding(nn.Module):
 
 
 class StaticAdaptiveAvgPool2d(nn.Module):
-    """``nn.AdaptiveAvgPool2d`` as explicit bins, each averaged (the same bin edges).
-
-    ONNX has adaptive pooling only as global pooling; the exporter otherwise needs an output
-    size that divides the input size (UPerNet's pyramid pooling of 1, 2, 3 and 6 bins rarely
-    does). The bins are fixed by the size the model is traced at, so a model with this module is
-    exported for one input size only (see :func:`check_exportable`).
-    """
+    """``nn.AdaptiveAvgPool2d`` as explicit bins, each averaged (the same bin edges): ONNX has
+    adaptive pooling only as global pooling, or for output sizes that divide the input size. The
+    bins are fixed at the traced size: one input size only (:func:`check_exportable`)."""
 
     def __init__(self, pool: nn.AdaptiveAvgPool2d):
         super().__init__()
@@ -197,11 +156,9 @@ class StaticAdaptiveAvgPool2d(nn.Module):
         return torch.cat(rows, dim=2)
 
 
-def _fixed_bin_pools(model: nn.Module) -> list:
-    """The adaptive average pools with more than one bin (global pooling exports as it is)."""
-    return [(module, name, child) for module in model.modules()
-            for name, child in module.named_children()
-            if isinstance(child, nn.AdaptiveAvgPool2d) and child.output_size not in (1, (1, 1))]
+def _is_fixed_bin_pool(module: nn.Module) -> bool:
+    """An adaptive average pool with more than one bin (global pooling exports as it is)."""
+    return isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size not in (1, (1, 1))
 
 
 class SegmentorExport(nn.Module):
@@ -225,9 +182,8 @@ class SegmentorExport(nn.Module):
 
 
 class SingleStageDetectorExport(nn.Module):
-    """input -> ``dets`` (N, K, 5) and ``labels`` (N, K): the head's detections after NMS,
-    with its ``test_cfg``, K = ``max_per_img`` (rows of zeros and label -1 after the last
-    detection; see :func:`~poolformer_mm.deploy.onnx.ops.padded_detections`)."""
+    """input -> ``dets`` (N, K, 5) and ``labels`` (N, K) after NMS, K = ``max_per_img``
+    (:func:`~poolformer_mm.deploy.onnx.ops.padded_detections`)."""
 
     def __init__(self, detector: nn.Module):
         super().__init__()
@@ -236,15 +192,13 @@ class SingleStageDetectorExport(nn.Module):
     def forward(self, input: torch.Tensor):
         head = self.detector.bbox_head
         cfg = head.test_cfg
-        cls_scores, bbox_preds = head(self.detector.extract_feat(input))
-        found = dense_head_candidates(head, cls_scores, bbox_preds, input, cfg)
+        found = dense_head_candidates(head, *head(self.detector.extract_feat(input)), input, cfg)
         selected = nms_by_class(found['boxes'], found['scores'], found['labels'],
                                 found['valid'], cfg.nms.iou_threshold, cfg.max_per_img)
         return padded_detections(found['boxes'], found['scores'], found['labels'], selected,
                                  cfg.max_per_img)
 
 
-# ---------------------------------------------------------------------------------- metadata
 def _class_names(cfg: Config, num_classes: int) -> tuple:
     """Class names and palette from the test set's metainfo or its dataset class."""
     dataset = cfg.get('test_dataloader', {}).get('dataset', {})
@@ -256,8 +210,7 @@ def _class_names(cfg: Config, num_classes: int) -> tuple:
             pass
     classes = list(metainfo.get('classes', ()))
     if len(classes) != num_classes:
-        classes = [f'class_{i}' for i in range(num_classes)]
-        return classes, None
+        return [f'class_{i}' for i in range(num_classes)], None
     palette = metainfo.get('palette')
     return classes, [list(map(int, c)) for c in palette] if palette else None
 
@@ -274,25 +227,22 @@ def _detection_info(detector: nn.Module) -> dict:
 
 def check_exportable(model: nn.Module, task: str, dynamic: bool = False) -> None:
     """Refuse, with what is supported, a model this exporter does not handle."""
-    if dynamic and _fixed_bin_pools(model):
+    if dynamic and any(map(_is_fixed_bin_pool, model.modules())):
         raise InvalidInputError(
             f'{type(model).__name__} has adaptive average pooling to more than one bin (e.g. '
             "UPerNet's pyramid pooling), which ONNX cannot follow to other input sizes: export "
             'without --dynamic, at the size it will run at (--shape H W)')
+    head = getattr(model, 'bbox_head', None)
     if task == 'segmentation':
         if not hasattr(model, 'decode_head') or getattr(model, 'cascade', False):
-            raise InvalidInputError(
-                f'ONNX export handles encoder-decoder segmentors; {type(model).__name__} is not '
-                'one')
-        return
-    if hasattr(model, 'roi_head'):
+            raise InvalidInputError('ONNX export handles encoder-decoder segmentors; '
+                                    f'{type(model).__name__} is not one')
+    elif hasattr(model, 'roi_head'):
         check_mask_rcnn(model)
-        return
-    head = getattr(model, 'bbox_head', None)
-    coder = type(getattr(head, 'bbox_coder', None)).__name__
-    if (head is None or not hasattr(head, 'prior_generator') or coder != 'DeltaXYWHBBoxCoder'
-            or head.bbox_coder.add_ctr_clamp or not head.use_sigmoid_cls
-            or head.test_cfg.get('nms', {}).get('type', 'nms') != 'nms'):
+    elif (not hasattr(head, 'prior_generator')
+          or type(getattr(head, 'bbox_coder', None)).__name__ != 'DeltaXYWHBBoxCoder'
+          or head.bbox_coder.add_ctr_clamp or not head.use_sigmoid_cls
+          or head.test_cfg.get('nms', {}).get('type', 'nms') != 'nms'):
         raise InvalidInputError(
             f'ONNX export of {type(model).__name__} with {type(head).__name__} is not supported: '
             'detection export handles anchor-based single-stage detectors with sigmoid scores, '
@@ -327,22 +277,18 @@ def deploy_info(model: nn.Module, cfg: Config, shape: Sequence[int], dynamic: bo
 
 
 def model_digest(model: nn.Module) -> str:
-    """A short hash of the names and shapes of the (unfolded) model's weights: the same for
-    every checkpoint of one config, or of a renamed copy of it; another arch, class count or
-    head gives another."""
+    """A short hash of the names and shapes of the (unfolded) model's weights: one per arch,
+    class count and heads, whatever the checkpoint or the config's file name."""
     layout = '\n'.join(f'{name}:{tuple(value.shape)}'
                        for name, value in sorted(model.state_dict().items()))
     return hashlib.sha256(layout.encode()).hexdigest()[:16]
 
 
-# ---------------------------------------------------------------------------------- export
 def export_onnx(model: nn.Module, cfg: Config, out: str, shape: Sequence[int] = (512, 512),
                 dynamic: bool = False, with_logits: bool = False) -> dict:
-    """Fold ``model``'s backbone, export it to ``out`` and return the stored deploy information.
-
-    ``model`` is changed in place (folded); export a copy to keep the original.
-    """
-    import onnx
+    """Fold ``model``'s backbone (in place), export it to ``out`` and return the stored deploy
+    information."""
+    import onnx  # the optional deploy extra
 
     task = 'detection' if task_of(cfg) == 'mmdet' else 'segmentation'
     check_exportable(model, task, dynamic)
@@ -364,22 +310,18 @@ def export_onnx(model: nn.Module, cfg: Config, out: str, shape: Sequence[int] = 
         # Mask R-CNN runs one image at a time (see two_stage.py); detections have
         # K = max_per_img rows at every size
         batch = {} if isinstance(wrapper, MaskRCNNExport) else {0: 'batch'}
-        axes = {'input': {**batch, 2: 'height', 3: 'width'}}
-        for name in outputs:
-            axes[name] = ({0: 'batch', 2: 'height', 3: 'width'} if task == 'segmentation'
-                          else batch)
-    dummy = torch.zeros(1, 3, *shape)
+        axes = {name: {**batch, 2: 'height', 3: 'width'}
+                if name == 'input' or task == 'segmentation' else batch
+                for name in ['input', *outputs]}
     # The project's CPU fast paths (fused oneDNN kernels, in-place accumulation, one-pass
     # GroupNorm statistics) only run without autograd; tracing with an input that requires
     # grad keeps the whole graph on plain ops, which check_plain_ops then confirms.
-    dummy.requires_grad_(True)
+    dummy = torch.zeros(1, 3, *shape, requires_grad=True)
     # keep_initializers_as_inputs=True skips the exporter's deduplication of equal-valued
-    # initializers, which in torch 2.13 leaves some nodes reading a removed initializer (e.g.
-    # the folded mixer scales of freshly initialised blocks, all equal); the initializers are
-    # taken out of the graph inputs afterwards.
-    # The tracer warns at every shape turned into a Python number; the project's branches on
-    # sizes and devices pick the same plain path for every size, and --dynamic --verify checks a
-    # second size, so the warnings would only be noise here.
+    # initializers, which in torch 2.13 leaves nodes reading a removed one (e.g. the equal folded
+    # mixer scales of fresh blocks); they are taken out of the graph inputs afterwards.
+    # The tracer warns at every shape turned into a number: noise, as the branches on sizes take
+    # the same plain path at every size (--dynamic --verify checks a second one).
     with torch.enable_grad(), warnings.catch_warnings():
         warnings.simplefilter('ignore', torch.jit.TracerWarning)
         # indexing by the selected candidates: never negative indices, which it warns about
@@ -394,15 +336,14 @@ def export_onnx(model: nn.Module, cfg: Config, out: str, shape: Sequence[int] = 
     onnx_model.graph.input.extend(inputs)
     check_plain_ops(onnx_model)
     onnx.checker.check_model(onnx_model)
-    entry = onnx_model.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, json.dumps(info)
+    onnx_model.metadata_props.add(key=METADATA_KEY, value=json.dumps(info))
     onnx.save(onnx_model, out)
     return info
 
 
 def check_plain_ops(onnx_model) -> None:
-    """Raise if the graph holds an op outside the standard ONNX domain (e.g. an ATen fallback
-    or a private oneDNN kernel), which ONNX Runtime or TensorRT could not run."""
+    """Refuse an op outside the standard ONNX domain (an ATen fallback, a private oneDNN
+    kernel), which ONNX Runtime or TensorRT could not run."""
     custom = sorted({f'{node.domain}::{node.op_type}' for node in onnx_model.graph.node
                      if node.domain not in ('', 'ai.onnx')})
     if custom:

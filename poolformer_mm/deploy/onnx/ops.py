@@ -1,17 +1,10 @@
 """Detection post-processing written for an ONNX graph: anchors, box decoding, NMS, RoIAlign.
 
-Each function computes in eager PyTorch what mmdet computes, and traces to standard ONNX ops
-(opset 16+) that follow the input size, so that a dynamic-size export needs no step outside the
-graph. Two steps have no plain-op form and are ``torch.autograd.Function`` s whose ``symbolic``
-writes the ONNX op: :class:`NonMaxSuppression` (ONNX ``NonMaxSuppression``; mmcv's ``nms``
-exports as a custom op ONNX Runtime lacks) and :class:`RoiAlign` (ONNX ``RoiAlign`` with
-``coordinate_transformation_mode='half_pixel'``, which is mmcv's ``aligned=True``). Their eager
-forward runs mmcv's kernels.
-
-Candidates that must not reach NMS (padding, scores under ``score_thr``, boxes under
-``min_bbox_size``) are kept in place with the score :data:`SKIP_SCORE`: NMS is asked to ignore
-scores under :data:`SKIP_THRESHOLD`, so no tensor changes size before NMS. Every real score is a
-probability, in [0, 1].
+Each function computes in eager PyTorch what mmdet computes and traces to standard ONNX ops that
+follow the input size (NMS and RoIAlign: ``autograd.Function`` s running mmcv's kernels, whose
+``symbolic`` writes the ONNX op; mmcv's own export as custom ops). Candidates that must not reach
+NMS keep their place with the score :data:`SKIP_SCORE`, which NMS ignores (real scores are
+probabilities): no tensor changes size before NMS.
 """
 import math
 from typing import Sequence
@@ -27,9 +20,8 @@ SKIP_THRESHOLD = -0.5
 
 class NonMaxSuppression(torch.autograd.Function):
     """ONNX ``NonMaxSuppression`` (corner boxes): boxes (N, B, 4), scores (N, C, B) ->
-    selected (S, 3) int64 rows (image, class, box), per image and class in descending score
-    order, at most ``max_per_class`` each; scores must be over ``score_threshold``, and a box
-    overlapping a better one by IoU over ``iou_threshold`` is dropped."""
+    selected (S, 3) int64 rows (image, class, box), best first, at most ``max_per_class`` per
+    image and class."""
 
     @staticmethod
     def forward(ctx, boxes: Tensor, scores: Tensor, max_per_class: int, iou_threshold: float,
@@ -57,9 +49,8 @@ class NonMaxSuppression(torch.autograd.Function):
 
 
 class RoiAlign(torch.autograd.Function):
-    """ONNX ``RoiAlign`` (average, half-pixel centres): mmcv's ``RoIAlign`` with
-    ``aligned=True``. feats (N, C, H, W), rois (R, 4) x1 y1 x2 y2 in input pixels, image index
-    of each roi (R,) -> (R, C, size, size)."""
+    """ONNX ``RoiAlign`` (average, half-pixel centres), mmcv's ``aligned=True``: feats
+    (N, C, H, W), rois (R, 4) in input pixels, image index of each roi (R,) -> (R, C, s, s)."""
 
     @staticmethod
     def forward(ctx, feats: Tensor, rois: Tensor, image_index: Tensor, output_size: int,
@@ -82,8 +73,7 @@ class RoiAlign(torch.autograd.Function):
 
 def image_size_xyxy(image: Tensor) -> Tensor:
     """(W, H, W, H) of an (N, C, H, W) tensor as floats, traced from its shape."""
-    height_width = torch._shape_as_tensor(image)[2:].to(torch.float32)
-    return height_width[[1, 0, 1, 0]]
+    return torch._shape_as_tensor(image)[2:].to(torch.float32)[[1, 0, 1, 0]]
 
 
 def grid_anchors(base_anchors: Tensor, stride: Sequence[float], feat: Tensor) -> Tensor:
@@ -113,19 +103,9 @@ def decode_boxes(coder, priors: Tensor, deltas: Tensor, max_xyxy: Tensor) -> Ten
 
 
 def top_candidates(scores: Tensor, deltas: Tensor, anchors: Tensor, nms_pre: int) -> tuple:
-    """The ``nms_pre`` best (anchor, class) pairs of one level, as mmdet's dense heads pick them.
-
-    Args:
-        scores (Tensor): (N, A, C) probabilities, A anchors of C classes.
-        deltas (Tensor): (N, A, 4) box deltas.
-        anchors (Tensor): (A, 4).
-        nms_pre (int): how many to keep; <= 0 keeps all.
-
-    Returns:
-        tuple: scores (N, K), class (N, K), deltas (N, K, 4), anchors (N, K, 4). When the level
-        has fewer than ``nms_pre`` pairs, the rest are padding with :data:`SKIP_SCORE`: a
-        fixed K keeps TopK's k a constant at every input size.
-    """
+    """The ``nms_pre`` best (anchor, class) pairs of one level (all if ``nms_pre`` <= 0) as
+    mmdet's dense heads pick them: scores, classes, deltas, anchors. Padded with
+    :data:`SKIP_SCORE` where the level has fewer: a fixed K keeps TopK's k a constant."""
     num_classes = scores.shape[2]
     if nms_pre > 0:
         padding = -(-nms_pre // num_classes)
@@ -143,12 +123,9 @@ def top_candidates(scores: Tensor, deltas: Tensor, anchors: Tensor, nms_pre: int
 
 def nms_by_class(boxes: Tensor, scores: Tensor, labels: Tensor, valid: Tensor,
                  iou_threshold: float, max_num: int) -> Tensor:
-    """Per-class NMS of each image's candidates, mmcv's ``batched_nms``: boxes of different
-    classes are moved apart by the class index times (the largest coordinate + 1), then one NMS.
-
-    boxes (N, M, 4), scores, labels and valid (N, M) -> (S, 2) rows (image, candidate index),
-    per image best first, at most ``max_num`` per image.
-    """
+    """Per-class NMS of each image's candidates as mmcv's ``batched_nms`` (classes moved apart
+    by the largest coordinate + 1): boxes (N, M, 4), scores, labels and valid (N, M) -> (S, 2)
+    rows (image, candidate index), per image best first, at most ``max_num`` each."""
     # the largest coordinate among the image's own candidates, as batched_nms takes it
     largest = torch.where(valid[..., None], boxes, torch.zeros_like(boxes)).amax(dim=(1, 2))
     offsets = labels.to(boxes.dtype) * (largest[:, None] + 1)
@@ -179,9 +156,8 @@ def padded_detections(boxes: Tensor, scores: Tensor, labels: Tensor, selected: T
 
 
 def roi_levels(rois: Tensor, finest_scale: float, num_levels: int) -> Tensor:
-    """The feature level of each (R, 4) roi, by its scale (mmdet's
-    ``SingleRoIExtractor.map_roi_levels``): below 2 x ``finest_scale`` level 0, then one level
-    per doubling, the coarsest level for the rest."""
+    """The feature level of each (R, 4) roi by its scale, mmdet's
+    ``SingleRoIExtractor.map_roi_levels``."""
     scale = torch.sqrt((rois[:, 2] - rois[:, 0]) * (rois[:, 3] - rois[:, 1]))
     levels = torch.floor(torch.log2(scale / finest_scale + 1e-6))
     return levels.clamp(min=0, max=num_levels - 1).long()
@@ -198,8 +174,7 @@ def multi_level_roi_align(extractor, feats: Sequence[Tensor], rois: Tensor) -> T
     pooled, order = [], []
     for level, (feat, stride) in enumerate(zip(feats, extractor.featmap_strides)):
         index = (levels == level).nonzero()[:, 0]
-        rois_here = rois[index]
-        pooled.append(RoiAlign.apply(feat, rois_here, torch.zeros_like(index),
+        pooled.append(RoiAlign.apply(feat, rois[index], torch.zeros_like(index),
                                      layer.output_size[0], 1 / stride, layer.sampling_ratio))
         order.append(index)
     return torch.cat(pooled)[torch.argsort(torch.cat(order))]
@@ -208,14 +183,9 @@ def multi_level_roi_align(extractor, feats: Sequence[Tensor], rois: Tensor) -> T
 def dense_head_candidates(head, cls_scores: Sequence[Tensor], bbox_preds: Sequence[Tensor],
                           image: Tensor, cfg) -> dict:
     """An anchor-based dense head's candidates before NMS (mmdet's ``predict_by_feat`` of
-    RetinaNet and RPN heads, sigmoid scores): per level the ``cfg.nms_pre`` best (anchor, class)
-    pairs, decoded and clipped to ``image``'s size.
-
-    Returns:
-        dict: ``boxes`` (N, M, 4), ``scores``, ``labels`` (class), ``levels`` and ``valid``
-        (N, M): real candidates over ``cfg.score_thr`` (if set) and larger than
-        ``cfg.min_bbox_size`` (if >= 0), the ones NMS should see.
-    """
+    RetinaNet and RPN heads, sigmoid scores): ``boxes`` (N, M, 4), ``scores``, ``labels``,
+    ``levels`` and ``valid`` (N, M: the ones NMS should see, over ``cfg.score_thr`` and larger
+    than ``cfg.min_bbox_size``)."""
     max_xyxy = image_size_xyxy(image)
     priors = head.prior_generator
     parts = dict(boxes=[], scores=[], labels=[], levels=[])

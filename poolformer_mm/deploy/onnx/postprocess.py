@@ -2,16 +2,8 @@
 
 NumPy and OpenCV only, no torch and no import from the rest of the package:
 ``tools/deployment/ort_infer.py`` loads this file by its path, so that running an exported model
-needs ONNX Runtime, NumPy and OpenCV alone. Everything a step needs comes from the deploy
-information that :mod:`poolformer_mm.deploy.onnx.export` writes into the ONNX model's
-``metadata_props`` (key :data:`METADATA_KEY`).
-
-Detection: NMS is in the graph; the model outputs ``dets`` (N, K, 5) and ``labels`` (N, K)
-with K = the config's ``max_per_img``, best first, and rows of zeros with label -1 after the
-last detection (:func:`detections_of` drops them). Mask R-CNN also outputs ``masks``
-(N, K, 28, 28): the mask head's probabilities for each detection's class, in its box.
-:func:`paste_masks` puts them into the image and thresholds them, as mmdet's ``FCNMaskHead``
-does with ``grid_sample`` (bilinear, zero outside the 28 x 28 grid).
+needs ONNX Runtime, NumPy and OpenCV alone. Each step's settings come from the deploy information
+that :mod:`poolformer_mm.deploy.onnx.export` stores in the model's ``metadata_props``.
 """
 import json
 
@@ -22,14 +14,10 @@ METADATA_KEY = 'poolformer_mm.deploy'
 
 
 def read_deploy_info(metadata: dict, input_shape=None, outputs=None) -> dict:
-    """The deploy information from an ONNX model's custom metadata (a str -> str mapping, e.g.
-    ``InferenceSession.get_modelmeta().custom_metadata_map``), checked: a ``ValueError`` names
-    the first key that is missing or does not fit (:func:`deploy_info_problem`).
-
-    ``input_shape`` (N, C, H, W, a name for each dynamic axis) and ``outputs`` (the output
-    names), when given, are the model's own (:func:`session_deploy_info`); the metadata must
-    describe them.
-    """
+    """The deploy information of an ONNX model's custom metadata (str -> str, e.g.
+    ``InferenceSession.get_modelmeta().custom_metadata_map``); a ``ValueError`` names the first
+    key that is missing or does not fit the export, the other keys or, when given, the graph's
+    ``input_shape`` (N, C, H, W) and ``outputs`` (names) (:func:`deploy_info_problem`)."""
     if METADATA_KEY not in metadata:
         raise ValueError(f'the ONNX model has no {METADATA_KEY!r} metadata: export it with '
                          'tools/deployment/pytorch2onnx.py')
@@ -65,6 +53,22 @@ def _numbers(value, count: int, least=None) -> bool:
             and (least is None or all(v >= least for v in value)))
 
 
+REQUIRED_KEYS = ('input_size', 'dynamic', 'mean', 'std', 'to_rgb', 'classes', 'outputs')
+# each key the runtime side reads: whether a value fits, and what a value that does not is not
+SCHEMA = dict(
+    input_size=(lambda v: _numbers(v, 2, least=1), 'not two positive integers (height, width)'),
+    size_divisor=(lambda v: _numbers([v], 1, least=1), 'not a positive integer'),
+    dynamic=(lambda v: isinstance(v, bool), 'not true or false'),
+    to_rgb=(lambda v: isinstance(v, bool), 'not true or false'),
+    mean=(lambda v: _numbers(v, 3), 'not three numbers'),
+    std=(lambda v: _numbers(v, 3) and all(v), 'not three non-zero numbers'),
+    classes=(lambda v: isinstance(v, list) and v and all(isinstance(c, str) for c in v),
+             'not a list of names'),
+    palette=(lambda v: v is None or isinstance(v, list) and all(_numbers(c, 3, 0) for c in v),
+             'not a list of RGB colours'),
+    detection=(lambda v: isinstance(v, dict), 'not a mapping'))
+
+
 def deploy_info_problem(info, input_shape=None, outputs=None):
     """What is wrong with parsed deploy information, as "has ..." (None if nothing): the first
     key the runtime side reads that is missing, holds what an export never writes, or disagrees
@@ -78,58 +82,44 @@ def deploy_info_problem(info, input_shape=None, outputs=None):
         expected = ' or '.join(map(json.dumps, TASK_OUTPUTS[task]))
         return (f"has task {json.dumps(task)} and outputs {json.dumps(info['outputs'])}, "
                 f'which do not go together (a {task} model outputs {expected})')
-    required = ['input_size', 'dynamic', 'mean', 'std', 'to_rgb', 'classes', 'outputs']
-    missing = [key for key in required + ['detection'] * (task == 'detection')
+    missing = [key for key in REQUIRED_KEYS + ('detection', ) * (task == 'detection')
                if key not in info]
     if missing:
         return f"has no {', '.join(missing)} entry"
-    has = lambda key, what: f'has {key} {json.dumps(info[key])}, {what}'  # noqa: E731
-    if not _numbers(info['input_size'], 2, least=1):
-        return has('input_size', 'not two positive integers (height, width)')
-    if not _numbers([info.get('size_divisor', 1)], 1, least=1):
-        return has('size_divisor', 'not a positive integer')
-    for key in ('dynamic', 'to_rgb'):
-        if not isinstance(info[key], bool):
-            return has(key, 'not true or false')
-    if not (_numbers(info['mean'], 3) and _numbers(info['std'], 3) and all(info['std'])):
-        return f"has mean {info['mean']} and std {info['std']}, not three numbers each"
+    for key, (fits, what) in SCHEMA.items():
+        if key in info and not fits(info[key]):
+            value = json.dumps(info[key])
+            return f"has {key} {value if len(value) < 60 else value[:56] + ' ...'}, {what}"
     classes, palette = info['classes'], info.get('palette')
-    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
-        return 'has classes that are not a list of names'
-    if palette is not None and not (isinstance(palette, list)
-                                    and all(_numbers(c, 3, least=0) for c in palette)):
-        return 'has a palette that is not a list of RGB colours'
     if palette is not None and len(palette) != len(classes):
         return (f'has {len(classes)} class names and {len(palette)} palette colours (one for '
                 'each class)')
     if outputs is not None and list(outputs) != info['outputs']:
-        return has('outputs', f'and the model outputs {json.dumps(list(outputs))}')
-    if task == 'detection':
-        detection = info['detection']
-        if not isinstance(detection, dict) or detection.get('num_classes') != len(classes):
-            number = detection.get('num_classes') if isinstance(detection, dict) else None
-            return (f"has {len(classes)} class names, and the model's detection.num_classes "
-                    f'is {number}')
-        if 'masks' in info['outputs'] and not _numbers([detection.get('mask_thr_binary')], 1):
-            return 'has no number for detection.mask_thr_binary'
+        return (f"has outputs {json.dumps(info['outputs'])}, and the model outputs "
+                f'{json.dumps(list(outputs))}')
+    detection = info.get('detection', {})
+    if task == 'detection' and detection.get('num_classes') != len(classes):
+        return (f"has {len(classes)} class names, and the model's detection.num_classes is "
+                f"{detection.get('num_classes')}")
+    if 'masks' in info['outputs'] and not _numbers([detection.get('mask_thr_binary')], 1):
+        return 'has no number for detection.mask_thr_binary'
     if input_shape is not None:
         size = list(input_shape[2:])
         graph_dynamic = not all(isinstance(side, int) for side in size)
         if info['dynamic'] != graph_dynamic:
-            return has('dynamic', 'and the model takes ' + (
-                'any input size' if graph_dynamic else f'{size[0]}x{size[1]} inputs only'))
+            return 'has dynamic {}, and the model takes {}'.format(
+                json.dumps(info['dynamic']),
+                'any input size' if graph_dynamic else f'{size[0]}x{size[1]} inputs only')
         if not graph_dynamic and info['input_size'] != size:
-            return has('input_size', f'and the model takes {size[0]}x{size[1]} inputs')
+            return (f"has input_size {json.dumps(info['input_size'])}, and the model takes "
+                    f'{size[0]}x{size[1]} inputs')
     return None
 
 
 def resize_for_model(image: np.ndarray, info: dict, shape=None):
-    """Resize a BGR ``image`` for the model; returns the resized image and its (h, w) scale.
-
-    A static model takes its export size. A dynamic one takes ``shape`` (H, W) if given, or keeps
-    the aspect ratio within the export size; either way rounded up to the size divisor (the
-    model's inputs are multiples of it, as in the configs' test pipelines).
-    """
+    """The BGR ``image`` resized for the model, and its (h, w) scale: a static model's export
+    size; for a dynamic one ``shape`` (H, W), or the image's aspect ratio within the export size
+    rounded up to the size divisor (as in the configs' test pipelines)."""
     height, width = image.shape[:2]
     if not info['dynamic']:
         target = tuple(info['input_size'])
@@ -151,7 +141,6 @@ def normalize(image: np.ndarray, info: dict) -> np.ndarray:
     return np.ascontiguousarray(pixels.transpose(2, 0, 1)[None])
 
 
-# ---------------------------------------------------------------------------------- detection
 def detections_of(outputs: dict, info: dict, image_shape, scale=(1.0, 1.0)) -> dict:
     """Image 0's detections from the model's named outputs, without the padding rows.
 
@@ -159,18 +148,15 @@ def detections_of(outputs: dict, info: dict, image_shape, scale=(1.0, 1.0)) -> d
         outputs (dict): the model's outputs by name.
         info (dict): the deploy information (:func:`read_deploy_info`).
         image_shape (tuple): (H, W) of the image the results are for.
-        scale (tuple): (h, w) scale of the model's input from that image
-            (:func:`resize_for_model`); boxes are divided by it.
+        scale (tuple): (h, w) scale of the model's input from that image; boxes are divided by it.
 
     Returns:
-        dict: ``dets`` (K, 5), ``labels`` (K,) and, for Mask R-CNN, ``masks`` (K, H, W) bool,
-        as mmdet's ``predict`` gives them for that image.
+        dict: ``dets`` (K, 5), ``labels`` (K,) and, for Mask R-CNN, ``masks`` (K, H, W) bool.
     """
     labels = outputs['labels'][0]
     kept = labels >= 0
     dets = outputs['dets'][0][kept].copy()
-    dets[:, [0, 2]] /= np.float32(scale[1])
-    dets[:, [1, 3]] /= np.float32(scale[0])
+    dets[:, :4] /= np.float32([scale[1], scale[0]] * 2)  # x by the width's scale, y the height's
     result = dict(dets=dets, labels=labels[kept])
     if 'masks' in outputs:
         result['masks'] = paste_masks(outputs['masks'][0][kept], dets[:, :4], image_shape,
@@ -192,11 +178,8 @@ def _paste_weights(start: float, end: float, size: int, grid: int) -> np.ndarray
 
 def paste_masks(masks: np.ndarray, boxes: np.ndarray, image_shape,
                 threshold: float = 0.5) -> np.ndarray:
-    """(K, m, m) mask probabilities in their (K, 4) boxes -> (K, H, W) bool image masks.
-
-    Bilinear sampling is separable, so each mask is ``rows @ mask @ cols.T`` with the weights of
-    :func:`_paste_weights`; then ``>= threshold`` as mmdet's ``mask_thr_binary``.
-    """
+    """(K, m, m) mask probabilities in their (K, 4) boxes -> (K, H, W) bool image masks, as
+    mmdet's ``FCNMaskHead`` (bilinear sampling is separable: ``rows @ mask @ cols.T``)."""
     height, width = (int(s) for s in image_shape)
     pasted = np.zeros((len(masks), height, width), bool)
     for i, (mask, (x1, y1, x2, y2)) in enumerate(zip(masks, boxes)):
@@ -206,7 +189,6 @@ def paste_masks(masks: np.ndarray, boxes: np.ndarray, image_shape,
     return pasted
 
 
-# ---------------------------------------------------------------------------------- drawing
 def _colours(count: int) -> np.ndarray:
     rng = np.random.default_rng(42)  # fixed, so a class keeps its colour between runs
     return rng.integers(40, 256, (count, 3))

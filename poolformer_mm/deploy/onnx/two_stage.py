@@ -1,23 +1,7 @@
-"""ONNX export of Mask R-CNN and Cascade Mask R-CNN: proposals, RoI heads, NMS and mask heads,
-all in the graph.
-
-:class:`MaskRCNNExport` computes what mmdet's ``TwoStageDetector.predict`` computes with a
-``StandardRoIHead`` or a ``CascadeRoIHead``, up to the mask pasting:
-
-1. RPN: per level the ``rpn.nms_pre`` best anchors, decoded, boxes without area dropped, NMS
-   per level, the ``rpn.max_per_img`` best as proposals (their number follows the image);
-2. RoIAlign of each proposal on its level (mmdet's ``SingleRoIExtractor`` rule), the box head
-   (a cascade: each stage on the previous stage's boxes, logits averaged over the stages),
-   softmax scores and per-class boxes, per-class NMS over the (proposal, class) pairs over
-   ``rcnn.score_thr``: ``dets`` (1, K, 5) and ``labels`` (1, K), K = ``rcnn.max_per_img``,
-   zeros and label -1 after the last detection;
-3. RoIAlign of each detection's box, the mask head (a cascade: the mean of its stages), the
-   sigmoid of the detection's class map: ``masks`` (1, K, 28, 28), as mmdeploy's end-to-end
-   Mask R-CNN. Pasting them into the image and the ``rcnn.mask_thr_binary`` threshold are the
-   NumPy step :func:`poolformer_mm.deploy.onnx.postprocess.paste_masks`.
-
-One image per run: proposals differ in number between images, so a batch axis would need a
-per-image selection that ONNX has no op for.
+"""ONNX export of Mask R-CNN and Cascade Mask R-CNN with RPN, RoI heads, NMS and mask heads in
+the graph: mmdet's ``TwoStageDetector.predict`` (``StandardRoIHead``, ``CascadeRoIHead``) up to the
+mask pasting (:func:`.postprocess.paste_masks`). One image per run: proposals differ in number
+between images, so a batch axis would need a per-image selection that ONNX has no op for.
 """
 import torch
 import torch.nn as nn
@@ -42,52 +26,38 @@ class MaskRCNNExport(nn.Module):
         self.detector = detector
 
     def proposals(self, feats, input: torch.Tensor) -> torch.Tensor:
-        """The RPN's proposals (P, 4) of image 0, best first."""
+        """The RPN's proposals (P, 4) of image 0, best first (NMS per level, as mmdet's)."""
         rpn = self.detector.rpn_head
         cfg = rpn.test_cfg
         found = dense_head_candidates(rpn, *rpn(feats), input, cfg)
-        # NMS per level, as mmdet's RPN head does
         selected = nms_by_class(found['boxes'], found['scores'], found['levels'],
                                 found['valid'], cfg.nms.iou_threshold, cfg.max_per_img)
         return found['boxes'][0, selected[:, 1]]
 
-    @property
-    def cascade(self) -> bool:
-        return isinstance(self.detector.roi_head.bbox_head, nn.ModuleList)
-
     def box_predictions(self, feats, proposals: torch.Tensor, input: torch.Tensor) -> tuple:
-        """Class logits (R, C + 1) and boxes (R, C, 4) for the proposals (R, 4).
-
-        A cascade (mmdet's ``CascadeRoIHead._refine_roi``) moves the rois to each stage's boxes
-        of its best class before the next stage, and averages the stages' logits.
-        """
+        """Class logits (R, C + 1) and boxes (R, C, 4) for the proposals (R, 4); a cascade
+        refines the rois stage by stage and averages the logits (``CascadeRoIHead``)."""
         roi_head = self.detector.roi_head
         max_xyxy = image_size_xyxy(input)
-        if not self.cascade:
-            cls_score, bbox_pred = roi_head.bbox_head(
-                multi_level_roi_align(roi_head.bbox_roi_extractor, feats, proposals))
-            return cls_score, _decode(roi_head.bbox_head, proposals, bbox_pred, max_xyxy)
+        heads, extractors = _stages(roi_head.bbox_head), _stages(roi_head.bbox_roi_extractor)
         rois, stage_scores = proposals, []
-        for stage, head in enumerate(roi_head.bbox_head):
-            cls_score, bbox_pred = head(
-                multi_level_roi_align(roi_head.bbox_roi_extractor[stage], feats, rois))
+        for stage, (head, extractor) in enumerate(zip(heads, extractors)):
+            cls_score, bbox_pred = head(multi_level_roi_align(extractor, feats, rois))
             stage_scores.append(cls_score)
             boxes = _decode(head, rois, bbox_pred, max_xyxy)
-            if stage < len(roi_head.bbox_head) - 1:
+            if stage < len(heads) - 1:
                 if boxes.shape[1] > 1:  # class-specific boxes: those of the best class
                     best = cls_score[:, :-1].argmax(dim=1)
                     boxes = torch.gather(boxes, 1, best[:, None, None].expand(-1, 1, 4))
                 rois = boxes[:, 0]
-        return sum(stage_scores) / len(stage_scores), boxes
+        return (cls_score if len(heads) == 1 else sum(stage_scores) / len(heads)), boxes
 
     def mask_probabilities(self, feats, boxes: torch.Tensor, labels: torch.Tensor):
         """(K, m, m) mask probabilities of each box's class (a cascade averages its stages)."""
         roi_head = self.detector.roi_head
-        heads, extractors = roi_head.mask_head, roi_head.mask_roi_extractor
-        if not self.cascade:
-            heads, extractors = [heads], [extractors]
         stages = []
-        for head, extractor in zip(heads, extractors):
+        for head, extractor in zip(_stages(roi_head.mask_head),
+                                   _stages(roi_head.mask_roi_extractor)):
             mask_preds = head(multi_level_roi_align(extractor, feats, boxes))
             channel = labels if mask_preds.shape[1] > 1 else torch.zeros_like(labels)
             stages.append(torch.gather(mask_preds, 1, channel[:, None, None, None].expand(
@@ -113,6 +83,11 @@ class MaskRCNNExport(nn.Module):
         return dets, labels, masks[None]
 
 
+def _stages(module: nn.Module) -> list:
+    """A cascade's stages (a ``ModuleList``), or Mask R-CNN's one."""
+    return list(module) if isinstance(module, nn.ModuleList) else [module]
+
+
 def _decode(head, rois: torch.Tensor, bbox_pred: torch.Tensor, max_xyxy) -> torch.Tensor:
     """A box head's (R, 1 or C, 4) boxes: class-agnostic or one per class."""
     classes = 1 if head.reg_class_agnostic else head.num_classes
@@ -129,8 +104,7 @@ def check_mask_rcnn(model: nn.Module) -> None:
             f'ONNX export of {name} with {type(roi_head).__name__} is not supported: two-stage '
             'export handles Mask R-CNN and Cascade Mask R-CNN (StandardRoIHead, CascadeRoIHead)')
     rpn = model.rpn_head
-    bbox_heads = roi_head.bbox_head
-    bbox_heads = list(bbox_heads) if isinstance(bbox_heads, nn.ModuleList) else [bbox_heads]
+    bbox_heads = _stages(roi_head.bbox_head)
     heads = [rpn, *bbox_heads]
     if (not roi_head.with_mask or not rpn.use_sigmoid_cls
             or {type(head.bbox_coder).__name__ for head in heads} != {'DeltaXYWHBBoxCoder'}
@@ -148,9 +122,7 @@ def check_mask_rcnn(model: nn.Module) -> None:
 def mask_rcnn_info(model: nn.Module) -> dict:
     """The detection part of the deploy information (see export.deploy_info)."""
     rpn, rcnn = model.rpn_head.test_cfg, model.roi_head.test_cfg
-    bbox_head = model.roi_head.bbox_head
-    bbox_head = bbox_head[-1] if isinstance(bbox_head, nn.ModuleList) else bbox_head
-    return dict(num_classes=bbox_head.num_classes,
+    return dict(num_classes=_stages(model.roi_head.bbox_head)[-1].num_classes,
                 test_cfg=dict(score_thr=float(rcnn.score_thr),
                               iou_threshold=float(rcnn.nms.iou_threshold),
                               max_per_img=int(rcnn.max_per_img)),

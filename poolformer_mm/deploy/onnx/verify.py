@@ -1,17 +1,6 @@
-"""Run an exported model in ONNX Runtime and compare it with the PyTorch model on one image.
-
-The PyTorch side is the model as mmseg / mmdet run it (``model.predict``, backbone not folded),
-on the same normalised input, so the comparison covers the folding, the export and the NumPy
-post-processing together.
-
-Tolerances (:data:`TOLERANCES`): segmentation class maps agree on at least 99.9% of the pixels
-and, when the model has the debug ``logits`` output, logits within 1e-4 of the largest logit;
-detection keeps the same number of detections, boxes within 1e-3 relative (to the coordinate,
-at least one pixel) and scores within 1e-4; Mask R-CNN's masks, pasted into the image and
-thresholded (:func:`~poolformer_mm.deploy.onnx.postprocess.paste_masks`), agree with mmdet's on
-at least 99% of the pixels they mark: over all matched detections, the pixels both masks mark
-over the pixels either marks (the background, which dominates an agreement over the whole
-image, is left out).
+"""Run an exported model in ONNX Runtime and compare it, within :data:`TOLERANCES`, with the
+PyTorch model as mmseg / mmdet run it (``model.predict``, backbone not folded) on the same
+normalised input: the check covers the folding, the export and the NumPy post-processing.
 """
 from typing import Optional, Sequence
 
@@ -29,11 +18,8 @@ TOLERANCES = dict(pixel_agreement=0.999, logits_rel=1e-4, box_rel=1e-3, score_ab
 
 
 def ort_session(path: str, threads: Optional[int] = None, spinning: bool = True):
-    """A CPU ONNX Runtime session for ``path``.
-
-    ``spinning=False`` stops its worker threads from busy-waiting for work after each run
-    (they do by default), which would take the CPU from whatever runs next in the process.
-    """
+    """A CPU ONNX Runtime session for ``path``; ``spinning=False`` stops its threads from
+    busy-waiting after each run, which would take the CPU from whatever runs next."""
     import onnxruntime as ort
     options = ort.SessionOptions()
     if threads:
@@ -50,14 +36,6 @@ def load_input(image_path: str, info: dict, shape: Optional[Sequence[int]] = Non
     if image is None:
         raise InputNotFoundError(f"image '{image_path}' cannot be read")
     return normalize(resize_for_model(image, info, shape)[0], info)
-
-
-def run_onnx(session, inputs: np.ndarray, info: dict) -> dict:
-    """ONNX Runtime outputs of image 0 of ``inputs``, post-processed as the task needs."""
-    outputs = session.run(None, {'input': inputs})
-    if info['task'] == 'segmentation':
-        return dict(zip(info['outputs'], outputs))
-    return detections_of(dict(zip(info['outputs'], outputs)), info, inputs.shape[2:])
 
 
 def run_torch(model: nn.Module, inputs: np.ndarray, task: str) -> dict:
@@ -89,46 +67,43 @@ def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def compare(onnx_out: dict, torch_out: dict, task: str) -> dict:
     """Agreement figures and whether they are within :data:`TOLERANCES` (key ``ok``)."""
-    tol = TOLERANCES
+    ok = True
     if task == 'segmentation':
         stats = dict(pixel_agreement=float((onnx_out['output'] == torch_out['output']).mean()))
-        ok = stats['pixel_agreement'] >= tol['pixel_agreement']
         if 'logits' in onnx_out:
             diff = np.abs(onnx_out['logits'] - torch_out['logits']).max()
             stats['logits_rel'] = float(diff / max(np.abs(torch_out['logits']).max(), 1e-12))
-            ok = ok and stats['logits_rel'] <= tol['logits_rel']
-        return dict(stats, ok=bool(ok))
-    ours, theirs = onnx_out['dets'], torch_out['dets']
-    stats = dict(detections_onnx=len(ours), detections_torch=len(theirs), box_rel=0.0,
-                 score_abs=0.0, unmatched=0)
-    if len(ours) and len(theirs):
-        # pair each PyTorch detection with the best-overlapping ONNX one of the same class
-        iou = _box_iou(theirs, ours)
-        iou[torch_out['labels'][:, None] != onnx_out['labels'][None]] = -1
-        match = iou.argmax(axis=1)
-        matched = iou[np.arange(len(theirs)), match] > 0.5
-        stats['unmatched'] = int((~matched).sum()) + len(ours) - len(set(match[matched]))
-        pairs_theirs, pairs_ours = theirs[matched], ours[match[matched]]
-        if len(pairs_theirs):
+    else:
+        ours, theirs = onnx_out['dets'], torch_out['dets']
+        # while one side has none, every detection of the other is unmatched
+        stats = dict(detections_onnx=len(ours), detections_torch=len(theirs), box_rel=0.0,
+                     score_abs=0.0, unmatched=len(ours) + len(theirs))
+        match, matched = np.zeros(len(theirs), int), np.zeros(len(theirs), bool)
+        if len(ours) and len(theirs):
+            # pair each PyTorch detection with the best-overlapping ONNX one of the same class
+            iou = _box_iou(theirs, ours)
+            iou[torch_out['labels'][:, None] != onnx_out['labels'][None]] = -1
+            match = iou.argmax(axis=1)
+            matched = iou[np.arange(len(theirs)), match] > 0.5
+            stats['unmatched'] = int((~matched).sum()) + len(ours) - len(set(match[matched]))
+        if matched.any():
+            pairs_theirs, pairs_ours = theirs[matched], ours[match[matched]]
             box_diff = np.abs(pairs_ours[:, :4] - pairs_theirs[:, :4])
             stats['box_rel'] = float(
                 (box_diff / np.maximum(np.abs(pairs_theirs[:, :4]), 1.0)).max())
             stats['score_abs'] = float(np.abs(pairs_ours[:, 4] - pairs_theirs[:, 4]).max())
-    else:  # one side has none: every detection of the other is unmatched
-        stats['unmatched'] = len(ours) + len(theirs)
-    ok = (len(ours) == len(theirs) and stats['unmatched'] == 0
-          and stats['box_rel'] <= tol['box_rel'] and stats['score_abs'] <= tol['score_abs'])
-    if 'masks' in torch_out:
-        stats['mask_iou'] = 1.0
-        if len(ours) and len(theirs) and matched.any():
-            # over all matched detections: pixels both mark / pixels either marks
-            mine = onnx_out['masks'][match[matched]]
-            reference = torch_out['masks'][matched]
+        if 'masks' in torch_out:
+            # over all matched detections: pixels both mark / pixels either marks (the
+            # background, which would dominate an agreement over the whole image, left out)
+            mine, reference = onnx_out['masks'][match[matched]], torch_out['masks'][matched]
             union = np.logical_or(mine, reference).sum()
-            if union:
-                stats['mask_iou'] = float(np.logical_and(mine, reference).sum() / union)
-        ok = ok and stats['mask_iou'] >= tol['mask_iou']
-    return dict(stats, ok=bool(ok))
+            stats['mask_iou'] = float(np.logical_and(mine, reference).sum() / union if union
+                                      else 1.0)
+        ok = len(ours) == len(theirs) and stats['unmatched'] == 0
+    # agreements must reach their tolerance, differences must not exceed theirs
+    return dict(stats, ok=bool(ok and all(
+        stats[key] >= limit if key in ('pixel_agreement', 'mask_iou') else stats[key] <= limit
+        for key, limit in TOLERANCES.items() if key in stats)))
 
 
 def verify_onnx(onnx_path: str, model: nn.Module, image_path: str,
@@ -145,6 +120,8 @@ def verify_onnx(onnx_path: str, model: nn.Module, image_path: str,
     session = ort_session(onnx_path)
     info = session_deploy_info(session)
     inputs = load_input(image_path, info, shape)
-    result = compare(run_onnx(session, inputs, info), run_torch(model, inputs, info['task']),
-                     info['task'])
+    outputs = dict(zip(info['outputs'], session.run(None, {'input': inputs})))
+    if info['task'] == 'detection':
+        outputs = detections_of(outputs, info, inputs.shape[2:])
+    result = compare(outputs, run_torch(model, inputs, info['task']), info['task'])
     return dict(result, shape=list(inputs.shape[2:]))
