@@ -12,7 +12,10 @@ per call:
    unpickled under the same rules). torch >= 2.6 loads with ``weights_only=True`` by default, so
    without them ``--resume`` and ``tools/test.py`` fail with "Weights only load failed"
    (open-mmlab/mmengine#1597); allowing these few globals instead of turning the check off keeps
-   a malicious checkpoint from running code.
+   a malicious checkpoint from running code. Another library can take an entry off that
+   process-wide list (leaving ``torch.serialization.safe_globals([argparse.Namespace])``, as
+   timm's loader does, removes ``Namespace``), so every load here also allows them for its own
+   call (:func:`allowed_checkpoint_globals`).
 2. **mmengine's checkpoint loaders**, one per scheme (local paths, ``http(s)://``,
    ``torchvision://``, ``open-mmlab://``, ``mmcls://``, ``s3://``; ``pavi://`` is refused):
    mmengine's own call a bare ``torch.load`` that unpickles arbitrary code (on torch < 2.6 for
@@ -31,6 +34,7 @@ per call:
    file or the complete new one. The temporary file gets the mode the umask gives.
 """
 import argparse
+import contextlib
 import hashlib
 import http.client
 import io
@@ -106,6 +110,19 @@ def timm_checkpoint_globals() -> list:
     return [argparse.Namespace]
 
 
+@contextlib.contextmanager
+def allowed_checkpoint_globals():
+    """Allow the globals of :func:`mmengine_checkpoint_globals` and
+    :func:`timm_checkpoint_globals` for the loads inside this context, whatever another library
+    did to torch's process-wide allow-list; on exit the list is as it was (only the entries
+    this context added are taken off again)."""
+    present = torch.serialization.get_safe_globals()
+    missing = [entry for entry in mmengine_checkpoint_globals() + timm_checkpoint_globals()
+               if entry not in present]
+    with torch.serialization.safe_globals(missing):
+        yield
+
+
 # ----------------------------------------------------------------------------- 2. the loaders
 def _refused(name: str, err: pickle.UnpicklingError) -> InvalidInputError:
     lines = str(err).splitlines()
@@ -126,7 +143,8 @@ def _torch_load_weights_only(source: Union[str, BinaryIO], name: str, map_locati
             # a file that is not a checkpoint at all reads as an odd pickle protocol; the error
             # below says so, torch's warning about the protocol would only add noise
             warnings.filterwarnings('ignore', message='Detected pickle protocol')
-            return torch.load(source, map_location=map_location, weights_only=True)
+            with allowed_checkpoint_globals():
+                return torch.load(source, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         raise _refused(name, err) from None
     except Exception as err:

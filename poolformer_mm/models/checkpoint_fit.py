@@ -9,6 +9,12 @@ its shape, and the checkpoint may hold nothing else, except:
   and which do not change predictions;
 * everything outside ``state_dict``: optimizer, schedulers, message hub, and the averaged copy
   that mmengine's ``EMAHook`` keeps in ``ema_state_dict``.
+
+Known layouts of other code are recognised first: a whole model whose PoolFormer backbone has
+the official names (the paper's released mmdet 2.19 / mmseg 0.19 checkpoints) is compared under
+the names it loads with (the backbone converts them when loading), and a file that holds a
+backbone alone (an ImageNet classifier: official, mmpretrain, timm, sail-sg/metaformer) is refused
+with what it is and where it belongs (``model.backbone.init_cfg``), not as another config's.
 """
 import re
 from collections import defaultdict
@@ -18,7 +24,13 @@ import torch.nn as nn
 from mmengine.model import is_model_wrapper
 from mmengine.runner.checkpoint import CheckpointLoader
 
-from ..models.checkpoint_layouts import upgrade_legacy_keys
+from ..models.backbones.poolformer import PoolFormer
+from ..models.checkpoint_layouts import (
+    classifier_layout,
+    convert_official_dense_keys,
+    is_whole_model,
+    upgrade_legacy_keys,
+)
 from ..utils.errors import InvalidInputError
 
 TOLERATED = re.compile(r'(^|\.)num_batches_tracked$')
@@ -94,9 +106,23 @@ def check_checkpoint_fits(model: nn.Module, checkpoint: str, config: str = 'the 
         raise InvalidInputError(f"checkpoint '{checkpoint}' holds no state dict")
     state = {re.sub(r'^module\.', '', key): value for key, value in state.items()
              if hasattr(value, 'shape')}
-    # checkpoints written before the parameter rename load through a state-dict hook; compare
-    # them under today's names
+    # checkpoints written before the parameter rename, and whole models in the official
+    # mmdet/mmseg layout, load through state-dict hooks of the backbone; compare them under the
+    # names they load with
     state = upgrade_legacy_keys(state)
+    model_state = _bare_model(model).state_dict()
+    backbone = getattr(_bare_model(model), 'backbone', None)
+    if isinstance(backbone, PoolFormer):
+        convert_official_dense_keys(state, 'backbone.', set(backbone.output_norms))
+    layout = classifier_layout(state) if is_whole_model(model_state) else None
+    if layout is not None:
+        raise InvalidInputError(
+            f"checkpoint '{checkpoint}' holds a backbone alone ({layout} layout: an ImageNet "
+            f'classifier, or a backbone saved on its own), not a whole model of {config}: '
+            "testing it would run the config's neck and heads with random weights. Give a "
+            'checkpoint of the whole detector or segmentor (the paper\'s released ones load as '
+            'they are); to fine-tune from this file, name it in model.backbone.init_cfg = '
+            "dict(type='Pretrained', checkpoint=...)")
     folded = sorted(key for key in state if FOLDED_BLOCK_KEY.search(key))
     if folded:
         raise InvalidInputError(
@@ -104,7 +130,7 @@ def check_checkpoint_fits(model: nn.Module, checkpoint: str, config: str = 'the 
             f"'{folded[0]}', saved after --deploy or prepare_for_inference), which cannot be "
             'unfolded; test the checkpoint written by training instead (--deploy folds it '
             'again after loading)')
-    problems = checkpoint_mismatches(_bare_model(model).state_dict(), state)
+    problems = checkpoint_mismatches(model_state, state)
     if problems:
         raise InvalidInputError(
             f"checkpoint '{checkpoint}' does not fit the model of {config}:\n  "

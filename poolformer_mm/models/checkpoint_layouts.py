@@ -6,6 +6,12 @@ rules. :class:`~poolformer_mm.models.PoolFormer` reads:
 * ``official`` - sail-sg/poolformer ImageNet files: ``patch_embed.proj``, ``network.{2k}.{j}``
   (blocks of stage k), ``network.{2k-1}.proj`` (downsampling), ``layer_scale_{1,2}``, ``norm``
   (final norm), ``head``;
+* ``official mmdet/mmseg`` - sail-sg/poolformer's detection and segmentation checkpoints (mmdet
+  2.19 / mmseg 0.19): the names of its dense-prediction class ``poolformer_*_feat`` under
+  ``backbone.``, with an output norm ``norm{2k}`` per returned stage (``norm0``, ``norm2``,
+  ``norm4``, ``norm6``; the RetinaNet models, trained with ``FORK_LAST3=1``, have no ``norm0``),
+  next to neck and head keys that mmdet 3.x and mmseg 1.x name alike. mmdet / mmseg models with
+  mmpretrain's PoolFormer backbone have the same names;
 * ``mmpretrain`` - the official names under ``backbone.``, final norm ``norm6``, ``head.fc``;
 * ``timm`` - our names, ``layer_scale{1,2}.scale`` of shape [C, 1, 1], ``head.norm`` / ``head.fc``.
 
@@ -23,13 +29,25 @@ whole detector or segmentor (``state_dict`` with a ``backbone.`` prefix). They a
 were unified (``stem.proj``, ``downsample.proj``, ``layer_scale_1``) load too: by the
 ``poolformer_mm (old names)`` rules here, and through any ``load_state_dict`` (mmengine's
 ``--resume`` and test checkpoints) by a hook the backbones register
-(:func:`upgrade_legacy_keys_on_load`).
+(:func:`upgrade_legacy_keys_on_load`). Whole models in the ``official mmdet/mmseg`` layout load
+through any ``load_state_dict`` too, so also in upstream mmdet / mmseg tools, by a hook of
+:class:`PoolFormer` (:func:`convert_official_dense_keys_on_load`).
 
-The classifier's final norm becomes the last output norm; classifier weights are dropped.
+The final norm of an ImageNet classifier (official ``norm``, mmpretrain ``norm6``, timm
+``head.norm``, sail-sg/metaformer ``norm``) is the only output norm it has. Loaded with
+``init_cfg=dict(type='Pretrained', ...)``, an ``official`` file starts where the paper's code
+started fine-tuning: that code loaded it with ``strict=False`` into ``poolformer_*_feat``, which
+has no place for the classifier's ``norm``, so the last output norm (``norm6``) kept its initial
+weights. The other layouts initialise the last output norm from the classifier's final norm, as
+mmpretrain's own downstream models do (their ``norm6`` *is* that norm). ``final_norm`` in the
+``init_cfg`` chooses otherwise (:data:`FINAL_NORM_CHOICES`). Classifier weights are dropped.
+timm ``train.py`` checkpoints with averaged weights load those (``state_dict_ema``), as timm's
+own ``load_checkpoint`` does by default; ``use_ema=False`` in the ``init_cfg`` loads
+``state_dict``.
 """
 import os.path as osp
 import re
-from typing import Callable, Dict, List, Mapping, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -77,11 +95,23 @@ LEGACY_RULES = [
     (r'^(stages\.\d+\.downsample)\.proj\.', r'\1.conv.'),
     (r'^(stages\.\d+\.blocks\.\d+\.layer_scale)_(\d)\.', r'\1\2.'),
 ]
+# sail-sg/poolformer's mmdet 2.19 / mmseg 0.19 checkpoints (its poolformer_*_feat class)
+OFFICIAL_DENSE = 'official mmdet/mmseg'
 _POOLFORMER_LAYOUT_RULES = {'official': _POOLFORMER_OFFICIAL_RULES,
+                            OFFICIAL_DENSE: _POOLFORMER_OFFICIAL_RULES,
                             'mmpretrain': _POOLFORMER_OFFICIAL_RULES, 'timm': _TIMM_RULES,
                             'poolformer_mm': [], 'poolformer_mm (old names)': LEGACY_RULES}
 _METAFORMER_LAYOUT_RULES = {'sail-sg/metaformer': _SAILSG_METAFORMER_RULES,
                             'timm': _TIMM_RULES, 'poolformer_mm': []}
+# The final norm of an ImageNet classifier, per layout: the one output norm such a file has.
+_CLASSIFIER_FINAL_NORM = {'official': r'^norm\.', 'mmpretrain': r'^norm6\.',
+                          'timm': r'^head\.norm\.', 'sail-sg/metaformer': r'^norm\.'}
+# What becomes of it: 'initial' leaves the last output norm at its initial weights (GroupNorm:
+# weight 1, bias 0), 'classifier' loads the classifier's final norm there.
+FINAL_NORM_CHOICES = ('initial', 'classifier')
+# Where each layout's own downstream code started: the paper's code ('official') loaded the
+# classifier into poolformer_*_feat with strict=False, which has no place for its final norm.
+_DEFAULT_FINAL_NORM = {'official': 'initial'}
 # A key of our own layout that belongs to the backbone's structure (not an output norm).
 STRUCTURAL_KEY = re.compile(r'^(stem|stages)\.')
 
@@ -130,40 +160,134 @@ def upgrade_legacy_keys_on_load(state_dict: dict, prefix: str, *args) -> None:
             state_dict[new_key] = state_dict.pop(key)
 
 
-# ------------------------------------------------------------------------------- detection
-def unwrap_state_dict(checkpoint: Mapping) -> Tuple[Dict[str, torch.Tensor], bool]:
-    """Return the flat state dict and whether it came with a ``backbone.`` prefix.
+# ------------------------------------------------------------------------------- official dense
+# The names of the official dense-prediction backbone (poolformer_*_feat) that this package's
+# PoolFormer does not use: its stem, stages and output norms norm0 / norm2 / norm4 / norm6.
+_OFFICIAL_DENSE_KEY = re.compile(r'^(?:patch_embed|network|norm[0246])\.')
 
-    The weights are under ``state_dict`` (mmengine, timm's ``train.py``), ``model`` (DeiT-style
-    training scripts) or at the top level. timm's ``train.py`` keeps the averaged weights of
-    ``--model-ema`` apart, in ``state_dict_ema``: they are read only when the file has no
-    ``state_dict`` (as timm's own ``load_checkpoint(use_ema=False)`` prefers ``state_dict``).
+
+def convert_official_dense_keys(state_dict: dict, prefix: str,
+                                output_norms) -> Tuple[int, List[str]]:
+    """Rename, in place, the keys under ``prefix`` that have the names of the official
+    dense-prediction backbone to this package's :class:`PoolFormer` names.
+
+    ``output_norms`` holds the stages (as str) whose output norm the model builds; an official
+    output norm of another stage is dropped (the paper's RetinaNet, whose FPN starts at stage 1,
+    built ``norm0`` without using it unless trained with ``FORK_LAST3=1``).
+
+    Returns:
+        tuple: how many tensors were converted and kept, and the official names of the output
+        norms dropped.
     """
-    state = checkpoint
-    for wrapper in ('state_dict', 'model'):
-        if isinstance(state.get(wrapper), Mapping):
-            state = state[wrapper]
-            if isinstance(checkpoint.get('state_dict_ema'), Mapping):
-                print_log(f"checkpoint holds EMA weights too (state_dict_ema); loading '{wrapper}'"
-                          ', the weights without averaging', logger='current')
-            break
-    else:
-        if isinstance(state.get('state_dict_ema'), Mapping):
-            print_log('checkpoint holds only EMA weights (state_dict_ema, from timm train.py '
-                      '--model-ema); loading those', logger='current')
-            state = state['state_dict_ema']
-    state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
+    keys = [k for k in state_dict
+            if k.startswith(prefix) and _OFFICIAL_DENSE_KEY.match(k[len(prefix):])]
+    converted = apply_layout_rules({k[len(prefix):]: state_dict.pop(k) for k in keys},
+                                   _POOLFORMER_OFFICIAL_RULES)
+    kept, dropped = 0, set()
+    for key, value in converted.items():
+        stage = re.match(r'output_norms\.(\d+)\.', key)
+        if stage and stage[1] not in output_norms:
+            dropped.add(f'norm{2 * int(stage[1])}')
+        else:
+            state_dict[prefix + key] = value
+            kept += 1
+    return kept, sorted(dropped)
+
+
+def convert_official_dense_keys_on_load(module: nn.Module, state_dict: dict, prefix: str,
+                                        *args) -> None:
+    """``load_state_dict`` pre-hook of :class:`PoolFormer` (mmengine's ``load_checkpoint``, the
+    Runner's ``load_from`` and test checkpoints, the inferencers, upstream tools): converts a
+    backbone in the ``official mmdet/mmseg`` layout in place, and says so in one log line."""
+    count, dropped = convert_official_dense_keys(state_dict, prefix, set(module.output_norms))
+    if not count:
+        return
+    name = type(module).__name__
+    where = f"under '{prefix}' " if prefix else ''
+    note = (f'; left out {", ".join(dropped)}: this {name} returns stages {module.out_indices} '
+            'and has no output norm for the others' if dropped else '')
+    print_log(f'{name}: converted {count} checkpoint tensors {where}from the {OFFICIAL_DENSE} '
+              'layout (sail-sg/poolformer detection and segmentation checkpoints: '
+              f"patch_embed, network.*, norm0/2/4/6) to this package's names{note}",
+              logger='current')
+
+
+# ------------------------------------------------------------------------------- detection
+def _pick_weights(checkpoint: Mapping, use_ema: bool) -> Mapping:
+    """The weights of a checkpoint, chosen as timm's ``load_checkpoint(use_ema=...)`` does:
+    the averaged ones (``state_dict_ema``, ``model_ema``) when asked for and present, then
+    ``state_dict`` (mmengine, timm's ``train.py``), ``model`` (DeiT-style scripts), else the
+    top level. The choice between averaged and plain weights is logged."""
+    ema = next((k for k in ('state_dict_ema', 'model_ema')
+                if isinstance(checkpoint.get(k), Mapping)), None)
+    plain = next((k for k in ('state_dict', 'model') if isinstance(checkpoint.get(k), Mapping)),
+                 None)
+    if ema is None:
+        return checkpoint[plain] if plain else checkpoint
+    if plain is None:
+        if not use_ema:
+            raise InvalidInputError(
+                f"use_ema=False asks for the weights without averaging, but the checkpoint "
+                f"holds only EMA weights ('{ema}', from timm train.py --model-ema); leave "
+                'use_ema unset to load those')
+        print_log(f"checkpoint holds only EMA weights ({ema}, from timm train.py --model-ema); "
+                  'loading those', logger='current')
+        return checkpoint[ema]
+    chosen = ema if use_ema else plain
+    why = (f"as timm's load_checkpoint does by default; use_ema=False in the init_cfg loads "
+           f"'{plain}'" if use_ema else 'use_ema=False')
+    print_log(f"checkpoint holds EMA weights ({ema}, from timm train.py --model-ema) and the "
+              f"weights without averaging ({plain}); loading '{chosen}' ({why})",
+              logger='current')
+    return checkpoint[chosen]
+
+
+def _flat_weights(checkpoint: Mapping, use_ema: bool = True) -> Dict[str, torch.Tensor]:
+    state = _pick_weights(checkpoint, use_ema)
+    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
+
+
+def _split_backbone(state: Mapping) -> Tuple[Dict[str, torch.Tensor], bool]:
     backbone = {k[len('backbone.'):]: v for k, v in state.items() if k.startswith('backbone.')}
     if backbone:
         return backbone, True
     return dict(state), False
 
 
+def unwrap_state_dict(checkpoint: Mapping,
+                      use_ema: bool = True) -> Tuple[Dict[str, torch.Tensor], bool]:
+    """Return the flat state dict and whether it came with a ``backbone.`` prefix.
+
+    The weights are under ``state_dict`` (mmengine, timm's ``train.py``), ``model`` (DeiT-style
+    training scripts) or at the top level. timm's ``train.py`` keeps the averaged weights of
+    ``--model-ema`` apart, in ``state_dict_ema``: as timm's own ``load_checkpoint`` does by
+    default, they are read when present (``use_ema=False``: ``state_dict``), and the log says
+    which were read.
+    """
+    return _split_backbone(_flat_weights(checkpoint, use_ema))
+
+
+def is_whole_model(state: Mapping) -> bool:
+    """Whether a flat state dict is a whole detector's or segmentor's: a ``backbone.`` part and
+    others (an mmpretrain classifier has only ``backbone.`` and ``head.``)."""
+    parts = {key.split('.', 1)[0] for key in state}
+    return 'backbone' in parts and bool(parts - {'backbone', 'head'})
+
+
+def holds_whole_model(checkpoint: Mapping) -> bool:
+    """Whether a checkpoint (mmengine's, mmcv's, or a bare state dict) holds a whole detector or
+    segmentor (:func:`is_whole_model`)."""
+    state = checkpoint.get('state_dict', checkpoint)
+    return isinstance(state, Mapping) and is_whole_model(
+        {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()})
+
+
 def _has_output_norms(state: Mapping) -> bool:
     return any(k.startswith('output_norms.') for k in state)
 
 
-def _detect_poolformer_layout(state: Mapping, had_backbone_prefix: bool) -> str:
+def _detect_poolformer_layout(state: Mapping, had_backbone_prefix: bool,
+                              whole: Optional[Mapping] = None) -> str:
     if 'stem.proj.weight' in state:
         return 'poolformer_mm (old names)'
     if 'stem.norm.weight' in state or 'downsample_layers.0.conv.weight' in state:
@@ -173,14 +297,17 @@ def _detect_poolformer_layout(state: Mapping, had_backbone_prefix: bool) -> str:
     if 'stem.conv.weight' in state:
         return 'poolformer_mm' if _has_output_norms(state) else 'timm'
     if 'patch_embed.proj.weight' in state and any(k.startswith('network.') for k in state):
-        return 'mmpretrain' if had_backbone_prefix else 'official'
+        if not had_backbone_prefix:
+            return 'official'
+        # an mmpretrain classifier has a head; a detector or segmentor has a neck and heads
+        return 'mmpretrain' if any(k.startswith('head.') for k in whole or {}) else OFFICIAL_DENSE
     sample = ', '.join(list(state)[:5])
     raise InvalidInputError(
         'checkpoint is not a PoolFormer checkpoint in any known layout (official, '
-        f'mmpretrain, timm, poolformer_mm); its first keys are: {sample}')
+        f'{OFFICIAL_DENSE}, mmpretrain, timm, poolformer_mm); its first keys are: {sample}')
 
 
-def _detect_metaformer_layout(state: Mapping) -> str:
+def _detect_metaformer_layout(state: Mapping, *unused) -> str:
     if 'downsample_layers.0.conv.weight' in state:
         return 'sail-sg/metaformer'
     if 'stem.norm.weight' in state:  # PoolFormer (v1) has no norm in its stem
@@ -196,26 +323,114 @@ def _detect_metaformer_layout(state: Mapping) -> str:
         f'(sail-sg/metaformer, timm, poolformer_mm); its first keys are: {sample}')
 
 
-def convert_to_poolformer_layout(checkpoint: Mapping) -> Tuple[Dict[str, torch.Tensor], str]:
+def classifier_layout(state: Mapping) -> Optional[str]:
+    """The layout of a flat state dict that holds a backbone alone (an ImageNet classifier's, or
+    a backbone saved on its own), or None for anything else (a whole detector or segmentor)."""
+    if is_whole_model(state):
+        return None
+    backbone, had_prefix = _split_backbone(state)
+    for detect in (_detect_poolformer_layout, _detect_metaformer_layout):
+        try:
+            return detect(backbone, had_prefix, state)
+        except InvalidInputError:
+            continue
+    return None
+
+
+def _final_norm_rules(layout: str, state: Mapping, final_norm: Optional[str]) -> list:
+    """The rules that drop the classifier's final norm where ``final_norm`` (or the layout's
+    default) is 'initial'; logs what was left out."""
+    if final_norm is not None and final_norm not in FINAL_NORM_CHOICES:
+        raise InvalidInputError(f"final_norm must be one of {FINAL_NORM_CHOICES} or unset (the "
+                                f"layout's own start), got {final_norm!r}")
+    if layout not in _CLASSIFIER_FINAL_NORM:
+        if final_norm is not None:
+            raise InvalidInputError(
+                f"final_norm='{final_norm}' is for ImageNet classifier checkpoints; this one is "
+                f'in the {layout} layout, whose output norms were trained with the rest of its '
+                'model: leave final_norm unset')
+        return []
+    if (final_norm or _DEFAULT_FINAL_NORM.get(layout, 'classifier')) == 'classifier':
+        return []
+    pattern = _CLASSIFIER_FINAL_NORM[layout]
+    dropped = sorted(k for k in state if re.match(pattern, k))
+    if dropped:
+        where = (", where the paper's code started fine-tuning from this file"
+                 if layout == 'official' else '')
+        print_log(f"the classifier's final norm ({', '.join(dropped)}) is not loaded: the last "
+                  f'output norm keeps its initial weights{where} (final_norm=\'classifier\' in '
+                  'the init_cfg loads it)', logger='current')
+    return [(pattern, None)]
+
+
+def _convert(checkpoint: Mapping, detect: Callable, table: dict, use_ema: bool,
+             final_norm: Optional[str]) -> Tuple[Dict[str, torch.Tensor], str]:
+    whole = _flat_weights(checkpoint, use_ema)
+    state, had_prefix = _split_backbone(whole)
+    layout = detect(state, had_prefix, whole)
+    rules = _final_norm_rules(layout, state, final_norm) + table[layout]
+    return apply_layout_rules(state, rules), layout
+
+
+def convert_to_poolformer_layout(checkpoint: Mapping, use_ema: bool = True,
+                                 final_norm: Optional[str] = None
+                                 ) -> Tuple[Dict[str, torch.Tensor], str]:
     """Rename a checkpoint's keys to this package's :class:`PoolFormer` names.
 
-    Returns:
-        tuple: the converted state dict and the name of the detected layout.
-    """
-    state, had_prefix = unwrap_state_dict(checkpoint)
-    layout = _detect_poolformer_layout(state, had_prefix)
-    return apply_layout_rules(state, _POOLFORMER_LAYOUT_RULES[layout]), layout
-
-
-def convert_to_metaformer_layout(checkpoint: Mapping) -> Tuple[Dict[str, torch.Tensor], str]:
-    """Rename a checkpoint's keys to this package's :class:`MetaFormer` names.
+    Args:
+        checkpoint (Mapping): a state dict, or a checkpoint that holds one.
+        use_ema (bool): read the EMA weights of a timm ``train.py`` checkpoint that has them
+            (timm's default), else ``state_dict``. Default: True.
+        final_norm (str, optional): for an ImageNet classifier, 'initial' leaves the last output
+            norm out (it keeps its initial weights), 'classifier' converts the classifier's
+            final norm into it. Default: None, the layout's own start: 'initial' for the
+            official layout (the paper's code), 'classifier' for the others.
 
     Returns:
         tuple: the converted state dict and the name of the detected layout.
     """
-    state, _ = unwrap_state_dict(checkpoint)
-    layout = _detect_metaformer_layout(state)
-    return apply_layout_rules(state, _METAFORMER_LAYOUT_RULES[layout]), layout
+    return _convert(checkpoint, _detect_poolformer_layout, _POOLFORMER_LAYOUT_RULES, use_ema,
+                    final_norm)
+
+
+def convert_to_metaformer_layout(checkpoint: Mapping, use_ema: bool = True,
+                                 final_norm: Optional[str] = None
+                                 ) -> Tuple[Dict[str, torch.Tensor], str]:
+    """Rename a checkpoint's keys to this package's :class:`MetaFormer` names (arguments as
+    :func:`convert_to_poolformer_layout`; every layout's default is 'classifier').
+
+    Returns:
+        tuple: the converted state dict and the name of the detected layout.
+    """
+    return _convert(checkpoint, _detect_metaformer_layout, _METAFORMER_LAYOUT_RULES, use_ema,
+                    final_norm)
+
+
+def convert_dense_checkpoint(checkpoint: Mapping) -> Tuple[dict, str]:
+    """A whole detector's or segmentor's checkpoint with its PoolFormer backbone in this
+    package's names: ``dict(meta=..., state_dict=...)``, the neck and head tensors and the
+    ``meta`` kept. The class names (and palette) of an mmdet 2.x / mmseg 0.x ``meta``
+    (``CLASSES``, ``PALETTE``) are also given as mmengine's ``dataset_meta``, where the
+    inferencers of mmdet 3.x and mmseg 1.x look first.
+
+    Returns:
+        tuple: the converted checkpoint and the name of the backbone's detected layout.
+    """
+    whole = _flat_weights(checkpoint)
+    if not is_whole_model(whole):
+        raise InvalidInputError('checkpoint holds no whole detector or segmentor (keys outside '
+                                "'backbone.' and a classifier's 'head.')")
+    backbone, _ = _split_backbone(whole)
+    layout = _detect_poolformer_layout(backbone, True, whole)
+    state = {f'backbone.{key}': value for key, value in
+             apply_layout_rules(backbone, _POOLFORMER_LAYOUT_RULES[layout]).items()}
+    state.update((key, value) for key, value in whole.items() if not key.startswith('backbone.'))
+    meta = dict(checkpoint.get('meta') or {})
+    if 'dataset_meta' not in meta and meta.get('CLASSES') is not None:
+        meta['dataset_meta'] = dict(classes=tuple(meta['CLASSES']))
+        if meta.get('PALETTE') is not None:
+            meta['dataset_meta']['palette'] = [list(color) for color in meta['PALETTE']]
+    return dict(meta=meta, state_dict=state), layout
 
 
 # ------------------------------------------------------------------------------- loading
@@ -299,18 +514,39 @@ def load_converted_weights(backbone: nn.Module, state: Dict[str, torch.Tensor],
                   logger='current')
 
 
+def pretrained_options(backbone: nn.Module) -> dict:
+    """The loading options of ``backbone``'s ``init_cfg=dict(type='Pretrained', ...)``:
+    ``use_ema`` (default True) and ``final_norm`` (default None: the layout's own start; see
+    :func:`convert_to_poolformer_layout`)."""
+    init_cfg = getattr(backbone, 'init_cfg', None)
+    init_cfg = init_cfg if isinstance(init_cfg, Mapping) else {}
+    use_ema, final_norm = init_cfg.get('use_ema', True), init_cfg.get('final_norm')
+    if not isinstance(use_ema, bool):
+        raise InvalidInputError(f'init_cfg use_ema must be True (the EMA weights of a timm '
+                                f"train.py checkpoint) or False ('state_dict'), got {use_ema!r}")
+    if final_norm is not None and final_norm not in FINAL_NORM_CHOICES:
+        raise InvalidInputError(f"init_cfg final_norm must be 'initial' (the last output norm "
+                                "keeps its initial weights) or 'classifier' (the ImageNet "
+                                "classifier's final norm initialises it), or unset, got "
+                                f'{final_norm!r}')
+    return dict(use_ema=use_ema, final_norm=final_norm)
+
+
 def _load(backbone: nn.Module, path: str, convert: Callable, download_hint: str) -> None:
-    state, layout = convert(read_checkpoint(path, download_hint=download_hint))
+    options = pretrained_options(backbone)
+    state, layout = convert(read_checkpoint(path, download_hint=download_hint), **options)
     load_converted_weights(backbone, state, f"checkpoint '{path}' ({layout} layout)")
 
 
 def load_backbone_weights(backbone: nn.Module, path: str) -> None:
-    """Load a PoolFormer checkpoint (file or URL) in any known layout into ``backbone``."""
+    """Load a PoolFormer checkpoint (file or URL) in any known layout into ``backbone``, with
+    the options of its ``init_cfg`` (:func:`pretrained_options`)."""
     _load(backbone, path, convert_to_poolformer_layout, POOLFORMER_DOWNLOAD_HINT)
 
 
 def load_metaformer_weights(backbone: nn.Module, path: str) -> None:
-    """Load a MetaFormer checkpoint (file or URL) in any known layout into ``backbone``."""
+    """Load a MetaFormer checkpoint (file or URL) in any known layout into ``backbone``, with
+    the options of its ``init_cfg`` (:func:`pretrained_options`)."""
     arch = getattr(backbone, 'arch_name', 'custom')
     if arch == 'custom':
         hint = ('Name ImageNet weights of the same depths and widths by URL (sail-sg/metaformer '

@@ -180,6 +180,8 @@ def test_backbone_init_cfg_url_loads_every_layout_exactly(served, layout):
     for key, value in source.state_dict().items():
         if key.startswith('output_norms.') and not key.startswith('output_norms.3.'):
             continue  # ImageNet layouts hold only the final norm
+        if layout == 'official' and key.startswith('output_norms.3.'):
+            continue  # not loaded from the official file: the paper's start
         assert torch.equal(target.state_dict()[key], value), key
 
 

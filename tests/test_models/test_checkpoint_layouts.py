@@ -96,22 +96,112 @@ def test_checkpoint_layout_loads_exactly(tmp_path, source_model, layout, to_layo
     loaded = _load(path)
     if layout == 'poolformer_mm':
         _assert_same_outputs(source_model, loaded)
-    else:
-        # ImageNet classifiers carry only the final norm: stages 0-2 output norms stay at init
-        for key, value in source_model.state_dict().items():
-            if key.startswith('output_norms.') and not key.startswith('output_norms.3.'):
-                continue
-            assert torch.equal(loaded.state_dict()[key], value), key
+        return
+    # ImageNet classifiers carry only the final norm: stages 0-2 output norms stay at init
+    for key, value in source_model.state_dict().items():
+        if key.startswith('output_norms.') and not key.startswith('output_norms.3.'):
+            continue
+        if layout == 'official' and key.startswith('output_norms.3.'):
+            continue  # the paper's start: see test_official_file_starts_where_the_papers_code_did
+        assert torch.equal(loaded.state_dict()[key], value), key
+    if layout != 'official':
         _assert_same_outputs(source_model, loaded, indices=(3, ))
 
 
-def test_official_checkpoint_final_norm_becomes_last_output_norm(tmp_path, source_model):
+def _official_feat_keys(state):
+    """Our backbone's keys -> those of the official dense-prediction class poolformer_*_feat
+    (its models/poolformer.py: patch_embed, network.{i}, layer_scale_{1,2}, norm0/2/4/6)."""
+    out = {}
+    for key, value in state.items():
+        key = key.replace('stem.conv.', 'patch_embed.proj.')
+        key = re.sub(r'^stages\.(\d)\.downsample\.conv\.',
+                     lambda m: f'network.{2 * int(m[1]) - 1}.proj.', key)
+        key = re.sub(r'^stages\.(\d)\.blocks\.', lambda m: f'network.{2 * int(m[1])}.', key)
+        key = re.sub(r'layer_scale(\d)\.scale$', r'layer_scale_\1', key)
+        key = re.sub(r'^output_norms\.(\d)\.', lambda m: f'norm{2 * int(m[1])}.', key)
+        out[key] = value
+    return out
+
+
+def _papers_load(feat_state, imagenet_state):
+    """What the paper's code did: ``poolformer_*_feat.load_state_dict(imagenet, strict=False)``
+    (its ``init_weights``): each tensor the model has takes the file's, the others keep their
+    initial values, the file's other tensors go unused."""
+    missing = sorted(k for k in feat_state if k not in imagenet_state)
+    unexpected = sorted(k for k in imagenet_state if k not in feat_state)
+    return {k: imagenet_state.get(k, v) for k, v in feat_state.items()}, missing, unexpected
+
+
+def test_official_file_starts_where_the_papers_code_did(tmp_path, source_model):
+    official = to_official(source_model.state_dict())
+    path = tmp_path / 'poolformer_s12.pth.tar'
+    torch.save(official, path)
+    loaded = _load(path)
+    fresh = PoolFormer('s12').state_dict()  # the initial values of a model built the same way
+    expected, missing, unexpected = _papers_load(_official_feat_keys(fresh), official)
+    # the rule itself: the classifier's norm and head have no place in poolformer_*_feat, whose
+    # four output norms keep their initial values
+    assert unexpected == ['head.bias', 'head.weight', 'norm.bias', 'norm.weight']
+    assert missing == [f'norm{i}.{p}' for i in (0, 2, 4, 6) for p in ('bias', 'weight')]
+    ours = _official_feat_keys(loaded.state_dict())
+    assert ours.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(ours[key], value), key
+    assert torch.equal(loaded.output_norms['3'].weight, torch.ones(512))
+    assert torch.equal(loaded.output_norms['3'].bias, torch.zeros(512))
+
+
+def test_official_final_norm_option_loads_the_classifier_norm_as_before(tmp_path, source_model):
     path = tmp_path / 'poolformer_s12.pth.tar'
     official = to_official(source_model.state_dict())
     torch.save(official, path)
-    loaded = _load(path, out_indices=(1, 2, 3))
-    assert torch.equal(loaded.output_norms['3'].weight, official['norm.weight'])
-    assert torch.equal(loaded.output_norms['3'].bias, official['norm.bias'])
+    model = PoolFormer('s12', out_indices=(1, 2, 3), init_cfg=dict(
+        type='Pretrained', checkpoint=str(path), final_norm='classifier'))
+    model.init_weights()
+    assert torch.equal(model.output_norms['3'].weight, official['norm.weight'])
+    assert torch.equal(model.output_norms['3'].bias, official['norm.bias'])
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x)[-1], source_model(x)[-1])  # the last stage's output
+
+
+@pytest.mark.parametrize('to_layout', [to_mmpretrain, to_timm])
+def test_other_classifier_layouts_keep_their_final_norm_unless_told(tmp_path, source_model,
+                                                                    to_layout):
+    """mmpretrain's norm6 is the classifier's final norm and its downstream models load it;
+    final_norm='initial' leaves it out as the official file's default does."""
+    path = tmp_path / 'classifier.pth'
+    torch.save(to_layout(source_model.state_dict()), path)
+    expected = source_model.output_norms['3'].weight
+    assert torch.equal(_load(path).output_norms['3'].weight, expected)
+    model = PoolFormer('s12', init_cfg=dict(type='Pretrained', checkpoint=str(path),
+                                            final_norm='initial'))
+    model.init_weights()
+    assert torch.equal(model.output_norms['3'].weight, torch.ones(512))
+
+
+@pytest.mark.parametrize('option, value, message', [
+    ('final_norm', 'paper', "final_norm must be 'initial'"),
+    ('use_ema', 'yes', 'use_ema must be True'),
+])
+def test_a_wrong_loading_option_is_refused_naming_it(tmp_path, source_model, option, value,
+                                                     message):
+    path = tmp_path / 'poolformer_s12.pth.tar'
+    torch.save(to_official(source_model.state_dict()), path)
+    model = PoolFormer('s12', init_cfg=dict(type='Pretrained', checkpoint=str(path),
+                                            **{option: value}))
+    with pytest.raises(ValueError, match=f'init_cfg {message}'):
+        model.init_weights()
+
+
+def test_final_norm_is_refused_for_a_checkpoint_of_a_whole_model(tmp_path, source_model):
+    path = tmp_path / 'detector.pth'
+    torch.save(to_mmengine_detector(source_model.state_dict()), path)
+    model = PoolFormer('s12', init_cfg=dict(type='Pretrained', checkpoint=str(path),
+                                            final_norm='initial'))
+    with pytest.raises(ValueError, match="final_norm='initial' is for ImageNet classifier "
+                       r'checkpoints; this one is in the poolformer_mm layout'):
+        model.init_weights()
 
 
 def test_loading_logs_the_keys_left_at_init(tmp_path, source_model, monkeypatch):
@@ -211,17 +301,63 @@ def test_timm_train_checkpoint_with_only_ema_weights_loads_those_and_says_so(
     assert [m for m in logged if 'EMA' in m] == [
         'checkpoint holds only EMA weights (state_dict_ema, from timm train.py --model-ema); '
         'loading those']
+    model = PoolFormer('s12', init_cfg=dict(type='Pretrained', checkpoint=str(path),
+                                            use_ema=False))
+    with pytest.raises(ValueError, match=r"use_ema=False asks for the weights without "
+                       r"averaging, but the checkpoint holds only EMA weights \('state_dict_ema'"):
+        model.init_weights()
 
 
-def test_timm_train_checkpoint_with_both_loads_the_weights_without_averaging(
-        tmp_path, source_model, monkeypatch):
-    logged = _logs(monkeypatch)
-    ema = PoolFormer('s12').state_dict()  # other values than source_model's
+@pytest.fixture
+def timm_train_file_with_both(tmp_path, source_model):
+    """A timm train.py checkpoint with plain (source_model's) and EMA weights (other values)."""
+    ema_model = PoolFormer('s12')
     path = tmp_path / 'last.pth.tar'
     torch.save(_timm_train_checkpoint(state_dict=to_timm(source_model.state_dict()),
-                                      state_dict_ema=to_timm(ema)), path)
-    _assert_holds_imagenet_weights(_load(path), source_model.state_dict())
-    assert any('EMA weights too' in m and "loading 'state_dict'" in m for m in logged), logged
+                                      state_dict_ema=to_timm(ema_model.state_dict())), path)
+    return path, ema_model
+
+
+def test_timm_train_checkpoint_with_both_loads_the_ema_weights_as_timm_does(
+        timm_train_file_with_both, monkeypatch):
+    """timm's load_checkpoint(model, path) has use_ema=True: state_dict_ema when present."""
+    path, ema_model = timm_train_file_with_both
+    logged = _logs(monkeypatch)
+    _assert_holds_imagenet_weights(_load(path), ema_model.state_dict())
+    assert [m for m in logged if 'EMA' in m] == [
+        'checkpoint holds EMA weights (state_dict_ema, from timm train.py --model-ema) and the '
+        "weights without averaging (state_dict); loading 'state_dict_ema' (as timm's "
+        "load_checkpoint does by default; use_ema=False in the init_cfg loads 'state_dict')"]
+
+
+def test_timm_train_checkpoint_with_both_loads_state_dict_with_use_ema_false(
+        timm_train_file_with_both, source_model, monkeypatch):
+    path, _ = timm_train_file_with_both
+    logged = _logs(monkeypatch)
+    model = PoolFormer('s12', init_cfg=dict(type='Pretrained', checkpoint=str(path),
+                                            use_ema=False))
+    model.init_weights()
+    _assert_holds_imagenet_weights(model, source_model.state_dict())
+    assert any("loading 'state_dict' (use_ema=False)" in m for m in logged), logged
+
+
+def test_timm_train_checkpoint_loads_after_another_library_left_its_safe_globals(
+        tmp_path, source_model):
+    """timm's own loader wraps torch.load in torch.serialization.safe_globals([Namespace]);
+    leaving that context takes Namespace off torch's process-wide allow-list, where importing
+    this package had put it. Loading must not depend on that list."""
+    from poolformer_mm.checkpoint_io import timm_checkpoint_globals
+    path = tmp_path / 'last.pth.tar'
+    torch.save(_timm_train_checkpoint(state_dict=to_timm(source_model.state_dict())), path)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            pass  # as timm.models.load_checkpoint does around its torch.load
+        assert argparse.Namespace not in torch.serialization.get_safe_globals()
+        _assert_holds_imagenet_weights(_load(path), source_model.state_dict())
+        # and the process-wide list is left as it was found
+        assert argparse.Namespace not in torch.serialization.get_safe_globals()
+    finally:
+        torch.serialization.add_safe_globals(timm_checkpoint_globals())
 
 
 def _save_safetensors(state, path):

@@ -57,6 +57,9 @@ def test_config_names_the_official_weights_of_its_arch_by_url(path):
     backbone = Config.fromfile(path).model.backbone
     assert backbone.init_cfg.type == 'Pretrained'
     assert backbone.init_cfg.checkpoint == _official_url(backbone)
+    # each file's own start: for sail-sg/poolformer's, the paper's (the last output norm at its
+    # initial weights; see _assert_backbone_holds)
+    assert 'final_norm' not in backbone.init_cfg and 'use_ema' not in backbone.init_cfg
 
 
 def _random_state(model, seed):
@@ -122,11 +125,18 @@ def _build_backbone(cfg_path):
     return backbone
 
 
-def _assert_backbone_holds(backbone, state):
+def _assert_backbone_holds(backbone, state, papers_start=True):
     """The backbone holds ``state`` (our names), apart from the output norms of stages 0-2 that
-    an ImageNet classifier does not have."""
+    an ImageNet classifier does not have. From an official file (``papers_start``) the last
+    output norm starts where the paper's code started fine-tuning: at its initial weights, as
+    the classifier's final norm has no place in the official poolformer_*_feat; from timm's,
+    the classifier's final norm initialises it."""
     for key, value in state.items():
         if key.startswith('output_norms.') and not key.startswith('output_norms.3.'):
+            continue
+        if papers_start and key.startswith('output_norms.3.'):
+            initial = torch.ones_like(value) if key.endswith('weight') else torch.zeros_like(value)
+            assert torch.equal(backbone.state_dict()[key], initial), key
             continue
         assert torch.equal(backbone.state_dict()[key], value), key
 
@@ -295,4 +305,4 @@ def test_timm_safetensors_from_the_hugging_face_hub_load_by_url(release, tmp_pat
     assert requested == [TIMM_HUB_URL]
     assert (_hub_cache(tmp_path) / _hashed(TIMM_HUB_URL,
                                            'poolformer_s12.sail_in1k.safetensors')).is_file()
-    _assert_backbone_holds(model, source)
+    _assert_backbone_holds(model, source, papers_start=False)

@@ -6,7 +6,7 @@ import torch.nn as nn
 from mmengine.model.weight_init import trunc_normal_init
 from mmengine.registry import MODELS
 
-from ..checkpoint_layouts import load_backbone_weights
+from ..checkpoint_layouts import convert_official_dense_keys_on_load, load_backbone_weights
 from ..folded_weights import refuse_unfolded_weights
 from ..layers import (
     ConvMlp,
@@ -86,7 +86,21 @@ class PoolFormer(DenseBackbone):
             (:meth:`set_fast_path`). Default: True.
         init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=PATH)`` loads the official
             ImageNet file, an mmpretrain or timm checkpoint, or an mmengine checkpoint of this
-            backbone or a whole detector/segmentor. Default: None (the paper's initialisation).
+            backbone or a whole detector/segmentor (the paper's released ones included).
+            Default: None (the paper's initialisation). Two options go with ``checkpoint``:
+
+            * ``final_norm``: what the ImageNet classifier's final norm does. 'initial': the
+              last output norm keeps its initial weights (weight 1, bias 0), as in the paper's
+              code, which loaded the file with ``strict=False`` into ``poolformer_*_feat``.
+              'classifier': the classifier's final norm initialises it, so the last stage's
+              output starts normalised as the classifier saw it; choose it for a frozen last
+              stage (``frozen_stages=4``, which freezes that norm too), for features used
+              without fine-tuning, or to repeat runs of 0.2.0 and earlier, which did so.
+              Default: None, each layout's own start: 'initial' for the official file,
+              'classifier' for mmpretrain (whose ``norm6`` is that norm) and timm.
+            * ``use_ema``: of a timm ``train.py`` checkpoint with averaged weights, load those
+              (``state_dict_ema``, True, timm's own default) or ``state_dict`` (False).
+              Default: True.
         pretrained (str, optional): Deprecated spelling of
             ``init_cfg=dict(type='Pretrained', checkpoint=pretrained)``, as in mmseg's own
             backbones (its segmentors pass ``model.pretrained`` here); warns once. Model-zoo
@@ -176,6 +190,10 @@ class PoolFormer(DenseBackbone):
             for i in self.out_indices
         })
         self._finish_building(with_cp, fast_path)
+        # Whole models in the official mmdet/mmseg layout (the paper's released detection and
+        # segmentation checkpoints) load through any load_state_dict, upstream tools' included.
+        self._register_load_state_dict_pre_hook(convert_official_dense_keys_on_load,
+                                                with_module=True)
 
     # ---------------------------------------------------------------- construction helpers
     @classmethod
