@@ -1,15 +1,5 @@
-"""Predictions and pictures of them for image files, through the inferencers users already call.
-
-:func:`init_inferencer` returns mmdet's ``DetInferencer`` for a detection config and mmseg's
-``MMSegInferencer`` for a segmentation config, with this project's checks on top: the checkpoint
-path, weights that fit the config's model, and ``deploy`` folding and ``amp`` autocast after the
-weights are loaded.
-:func:`draw_predictions` (``tools/infer.py``) also checks every image before the model sees it
-and writes one ``<image stem>.png`` per image directly into the folder the user named.
-
-The weights go through mmengine's checkpoint loaders, which importing ``poolformer_mm`` (the
-configs' ``custom_imports``) makes weights-only.
-"""
+"""Predictions and pictures of them for image files, through mmdet's ``DetInferencer`` and
+mmseg's ``MMSegInferencer``, with this project's checks of the inputs, outputs and weights."""
 import copy
 import os
 import os.path as osp
@@ -55,12 +45,7 @@ def collect_images(inputs: Sequence[str]) -> List[str]:
 
 class SegInferencer(MMSegInferencer):
     """``MMSegInferencer`` that also draws the label map of a one-pixel image, and runs
-    the configs that tools/train.py saves in its work dirs.
-
-    mmseg's visualiser indexes the picture with the predicted label tensor, and numpy takes
-    a one-element tensor as the scalar index 1 (IndexError on a 1x1 image); a numpy label
-    map draws the same picture at every size. The predictions returned are unchanged.
-    """
+    the configs that tools/train.py saves in its work dirs."""
 
     def _init_pipeline(self, cfg):
         # mmseg drops the label loading step by its name; a config that tools/train.py saved
@@ -71,6 +56,8 @@ class SegInferencer(MMSegInferencer):
         return super()._init_pipeline(cfg)
 
     def visualize(self, inputs, preds, *args, **kwargs):
+        # mmseg's visualiser indexes the picture with the label tensor, which numpy takes as a
+        # scalar index on a 1x1 image; a numpy label map draws the same picture at every size
         drawn = []
         for pred in preds:
             pred = pred.clone()
@@ -90,12 +77,11 @@ def init_inferencer(config: Union[str, Config], checkpoint: str, device: str = '
         deploy (bool): fold the PoolFormer backbone once the weights are loaded and run the
             neck and head channels-last (same predictions, faster).
         amp (str, optional): mixed precision in the backbone, neck and heads: 'auto', 'bf16'
-            or 'fp16' (see :func:`~poolformer_mm.engine.amp_dtype`). Default: None
+            or 'fp16' (see :func:`~poolformer_mm.deploy.precision.amp_dtype`). Default: None
             (fp32).
 
-    Raises:
-        ValueError: if the checkpoint does not fit the config's model (another arch or task),
-            naming each part that does not fit.
+    Weights that do not fit the config's model (another arch or task) raise an error naming
+    each part that does not fit.
     """
     cfg = read_config(config) if isinstance(config, str) else copy.deepcopy(config)
     name = f"'{cfg.filename}'" if cfg.filename else 'the config'
@@ -120,31 +106,15 @@ def init_inferencer(config: Union[str, Config], checkpoint: str, device: str = '
     return inferencer
 
 
-def draw_prediction(inferencer, image: str, score_thr: float = 0.3):
-    """The picture (RGB array) of ``inferencer``'s prediction on the image file ``image``:
-    boxes and masks scoring at least ``score_thr`` for detection, a colour overlay for
-    segmentation."""
-    kwargs = dict(pred_score_thr=score_thr) if task_of(inferencer.cfg) == 'mmdet' else dict()
-    pictures = inferencer([image], return_vis=True, **kwargs)['visualization']
-    # MMSegInferencer unwraps the list of a single input
-    return pictures[0] if isinstance(pictures, list) else pictures
-
-
 def draw_predictions(config: str, checkpoint: str, inputs: Sequence[str], out_dir: str,
                      device: str = 'cpu', score_thr: float = 0.3,
                      deploy: bool = False, amp: Optional[str] = None) -> List[str]:
     """Run the model on every image of ``inputs`` and write ``<image stem>.png`` to ``out_dir``.
 
-    Detection configs get boxes (and masks, for instance segmentation); segmentation configs get
-    a colour overlay of the predicted classes. ``deploy`` and ``amp`` are those of
-    :func:`init_inferencer`. Returns the written paths.
-
-    Raises:
-        InputNotFoundError: for an input that is neither an image nor a folder of images.
-        InvalidInputError: naming the file, for an image that is damaged or that the config's
-            test resize makes too thin for the model, two images of the same name, or an
-            ``out_dir`` that is or holds an input; naming the parts, for a checkpoint that
-            does not fit the config's model. Nothing is written then.
+    Detection configs get boxes (and masks) scoring at least ``score_thr``; segmentation
+    configs get a colour overlay of the predicted classes. ``deploy`` and ``amp`` are those of
+    :func:`init_inferencer`. Returns the written paths. Bad inputs or outputs (a damaged image,
+    two images of one name, an ``out_dir`` over an input) are refused before anything is written.
     """
     cfg = read_config(config)
     images = collect_images(inputs)
@@ -169,10 +139,12 @@ def draw_predictions(config: str, checkpoint: str, inputs: Sequence[str], out_di
         check_image_fits_model(path, read_image_for_inference(path).shape, cfg)
     inferencer = init_inferencer(cfg, checkpoint, device, deploy, amp)
     os.makedirs(out_dir, exist_ok=True)
-    written = []
+    kwargs = dict(pred_score_thr=score_thr) if task_of(cfg) == 'mmdet' else dict()
     # The inferencers would write into out_dir/vis/ under the input's own name (a .jpg for a
     # JPEG); the pictures go where the user asked, as lossless PNGs.
     for path, out_file in zip(images, out_files):
-        mmcv.imwrite(mmcv.rgb2bgr(draw_prediction(inferencer, path, score_thr)), out_file)
-        written.append(out_file)
-    return written
+        pictures = inferencer([path], return_vis=True, **kwargs)['visualization']
+        # MMSegInferencer unwraps the list of a single input
+        picture = pictures[0] if isinstance(pictures, list) else pictures
+        mmcv.imwrite(mmcv.rgb2bgr(picture), out_file)
+    return out_files

@@ -18,9 +18,8 @@ from .options import add_amp_option
 
 
 class HideFunctionScopeNotice(logging.Filter):
-    """Drop mmengine's notice that the inferencer's collate-function lookup falls back from the
-    mmdet or mmseg scope to mmengine's: neither package has a function registry of its own, so
-    their collate functions are mmengine's, and the notice is printed on every run."""
+    """Drop mmengine's notice, on every run, that the collate-function lookup falls back from
+    the mmdet or mmseg scope to mmengine's, where their collate functions are anyway."""
 
     NOTICE = re.compile(r'Failed to search registry with scope "(mmdet|mmseg)" in the "function" '
                         'registry tree')

@@ -27,12 +27,8 @@ def add_amp_option(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 class CheckedDictAction(DictAction):
-    """mmengine's ``DictAction`` (``--cfg-options``), refusing tokens that are not KEY=VALUE.
-
-    mmengine splits each token at its first '='; a token without one fails with "not enough
-    values to unpack", and unbalanced brackets with a bare AssertionError. Here both become an
-    argparse error that names the token.
-    """
+    """mmengine's ``DictAction`` (``--cfg-options``), refusing with an argparse error that names
+    the token what it fails on obscurely: a token without '=', and unbalanced brackets."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         for token in values or []:

@@ -45,6 +45,7 @@ from ..models.checkpoint_fit import check_checkpoint_fits
 from ..utils.config import (
     DETECTION_METRICS,
     SEGMENTATION_METRICS,
+    add_hooks,
     read_config,
     set_eval_metrics,
     task_of,
@@ -126,26 +127,10 @@ def _load_config(args) -> Config:
     return cfg
 
 
-def _add_guard_hooks(cfg: Config, hooks) -> None:
-    present = {h.get('type') for h in cfg.get('custom_hooks', [])}
-    cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [
-        dict(type=h) for h in hooks if h not in present]
-
-
-def _use_crash_safe_checkpoint_hook(cfg: Config) -> None:
-    """Replace mmengine's CheckpointHook, which deletes old checkpoints before writing the new
-    one, by the subclass that deletes them after (same arguments)."""
-    hook = cfg.get('default_hooks', {}).get('checkpoint')
-    if hook is not None and hook.get('type') in ('CheckpointHook', 'mmengine.CheckpointHook',
-                                                 CheckpointHook):
-        hook['type'] = 'CrashSafeCheckpointHook'
-
-
 def enable_training_amp(cfg: Config, choice: str = 'auto') -> None:
-    """``--amp CHOICE`` in training: the precision that :func:`amp_dtype` picks, by mmengine's
-    ``AmpOptimWrapper`` on a GPU and on a CPU by
-    :class:`~poolformer_mm.engine.BF16AutocastOptimWrapper` (``AmpOptimWrapper`` asserts a
-    GPU). A config whose wrapper already runs mixed precision keeps it, and the log says so."""
+    """``--amp CHOICE`` in training: mmengine's ``AmpOptimWrapper`` on a GPU, and on a CPU
+    (where it asserts a GPU) :class:`~poolformer_mm.engine.BF16AutocastOptimWrapper`. A config
+    whose wrapper already runs mixed precision keeps it, and the log says so."""
     optim_wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
     on_gpu = torch.cuda.is_available()  # where the Runner puts the model
     if optim_wrapper == 'AmpOptimWrapper' and not on_gpu:
@@ -179,7 +164,7 @@ def config_for_training(args) -> Config:
     if args.amp:
         enable_training_amp(cfg, args.amp)
     if args.channels_last:
-        cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [dict(type='ChannelsLastHook')]
+        add_hooks(cfg, dict(type='ChannelsLastHook'))
     if args.auto_scale_lr:
         if 'base_batch_size' not in cfg.get('auto_scale_lr', {}):
             raise RuntimeError('--auto-scale-lr needs auto_scale_lr=dict(base_batch_size=...) '
@@ -189,25 +174,26 @@ def config_for_training(args) -> Config:
         # run_training picks the newest readable checkpoint once it holds the work dir
         cfg.resume = True
     elif args.resume is not None:
-        _check_training_state(args.resume)
+        # weights without training state: mmengine's KeyError 'meta' once the model is built
+        check_checkpoint_path(args.resume, '--resume checkpoint')
+        state = CheckpointLoader.load_checkpoint(args.resume, map_location='cpu', logger='silent')
+        if not has_training_state(state):
+            raise InvalidInputError(
+                f"--resume '{args.resume}' holds no training state (the 'meta' and 'message_hub' "
+                'of a checkpoint that tools/train.py wrote): it cannot be resumed. To start a '
+                f'training from its weights, pass --cfg-options load_from={args.resume} without '
+                '--resume.')
         cfg.resume, cfg.load_from = True, args.resume
     check_data_roots(cfg, loaders=('train_dataloader', 'val_dataloader'))
     add_data_checks(cfg)
-    _add_guard_hooks(cfg, ['FiniteLossHook', 'RandomStateHook'])
-    _use_crash_safe_checkpoint_hook(cfg)
+    add_hooks(cfg, 'FiniteLossHook', 'RandomStateHook')
+    # mmengine's CheckpointHook deletes outdated checkpoints before writing the new one; the
+    # subclass (same arguments) deletes them after
+    hook = cfg.get('default_hooks', {}).get('checkpoint')
+    if hook is not None and hook.get('type') in ('CheckpointHook', 'mmengine.CheckpointHook',
+                                                 CheckpointHook):
+        hook['type'] = 'CrashSafeCheckpointHook'
     return cfg
-
-
-def _check_training_state(checkpoint: str) -> None:
-    """Refuse a ``--resume`` checkpoint that holds weights only (mmengine: ``KeyError: 'meta'``
-    after the whole model is built)."""
-    check_checkpoint_path(checkpoint, '--resume checkpoint')
-    state = CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu', logger='silent')
-    if not has_training_state(state):
-        raise InvalidInputError(
-            f"--resume '{checkpoint}' holds no training state (the 'meta' and 'message_hub' of a "
-            'checkpoint that tools/train.py wrote): it cannot be resumed. To start a training '
-            f'from its weights, pass --cfg-options load_from={checkpoint} without --resume.')
 
 
 def _enable_visualization(cfg: Config, args) -> None:
@@ -225,8 +211,7 @@ def _enable_visualization(cfg: Config, args) -> None:
             hook['test_out_dir'] = show_dir
         else:
             # mmseg's hook would nest them under vis_data/vis_image/ with changed names
-            cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [
-                dict(type='SegPicturesHook', out_dir=show_dir)]
+            add_hooks(cfg, dict(type='SegPicturesHook', out_dir=show_dir))
             hook['draw'] = args.show
     if task_of(cfg) == 'mmseg':
         hook['interval'] = 1  # mmseg draws every 50th image by default; draw them all
@@ -257,8 +242,7 @@ def enable_test_amp(cfg: Config, choice: str = 'auto') -> None:
     device = 'cuda' if torch.cuda.is_available() else 'cpu'  # where the Runner puts the model
     dtype = log_amp_dtype(device, choice)
     if dtype is not None:
-        cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [
-            dict(type='InferenceAutocastHook', dtype=str(dtype).replace('torch.', ''))]
+        add_hooks(cfg, dict(type='InferenceAutocastHook', dtype=str(dtype).replace('torch.', '')))
 
 
 def config_for_testing(args) -> Config:
@@ -272,7 +256,7 @@ def config_for_testing(args) -> Config:
     if args.tta:
         _enable_tta(cfg)
     if args.deploy:
-        cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [dict(type='DeployBackboneHook')]
+        add_hooks(cfg, dict(type='DeployBackboneHook'))
     if args.amp:
         enable_test_amp(cfg, args.amp)
     # every data set of the config: training and test images often share names
@@ -282,11 +266,10 @@ def config_for_testing(args) -> Config:
             refuse_output_over_inputs(output, inputs, flag)
     if args.show_dir:
         check_writable(args.show_dir, '--show-dir')
-    if args.out and task_of(cfg) == 'mmseg':
-        refuse_links_in(args.out, '--out')  # mmseg saves the class maps in place (Pillow)
     if args.out is not None:
         check_test_out(args.out, task_of(cfg), args.launcher)
     if args.out and task_of(cfg) == 'mmseg':
+        refuse_links_in(args.out, '--out')  # mmseg saves the class maps in place (Pillow)
         cfg.test_evaluator['output_dir'] = args.out
         cfg.test_evaluator['keep_results'] = True
     check_data_roots(cfg, loaders=('test_dataloader', ))
@@ -295,11 +278,8 @@ def config_for_testing(args) -> Config:
 
 
 def check_test_out(out: str, task: str, launcher: str = 'none') -> None:
-    """Refuse an ``--out`` that cannot be written before the test runs, not after it.
-
-    Detection dumps one .pkl file, segmentation writes a folder of class maps. A file is created
-    and removed where they will write, in folders created for the probe and removed again.
-    """
+    """Refuse an ``--out`` that cannot be written (detection: one .pkl file, segmentation: a
+    folder of class maps) before the test runs: a file is made and removed where they write."""
     if not out.strip():
         raise InvalidInputError("--out '': give a path, or leave --out out")
     pickle = out.endswith(('.pkl', '.pickle'))
@@ -340,12 +320,8 @@ def check_test_out(out: str, task: str, launcher: str = 'none') -> None:
 
 
 def _refuse_empty_datasets(runner) -> None:
-    """Turn the error an empty data set gives deep inside mmengine into one that says why.
-
-    mmengine serialises a data set's sample list with ``np.concatenate``, which fails with "need
-    at least one array to concatenate" when an annotation file lists no images or, with
-    ``filter_empty_gt``, no image has an annotation.
-    """
+    """Say why a data set is empty where mmengine's ``np.concatenate`` of its samples fails
+    with "need at least one array to concatenate"."""
     build = runner.build_dataloader
 
     def build_checked(dataloader, *args, **kwargs):
@@ -366,25 +342,19 @@ def _refuse_empty_datasets(runner) -> None:
     runner.build_dataloader = build_checked
 
 
-def _check_backbone_arguments(cfg: Config) -> None:
-    """A mistyped argument of a PoolFormer / MetaFormer backbone, refused before the runner
-    logs its environment and the whole config (hundreds of lines before the message)."""
-    backbone = cfg.get('model', {}).get('backbone')
-    if not isinstance(backbone, dict) or not isinstance(backbone.get('type'), str):
-        return
-    try:
-        backbone_class = MODELS.get(backbone['type'])
-    except Exception:  # e.g. a scope whose package does not import: the runner says so
-        return
-    if hasattr(backbone_class, 'check_config_arguments'):
-        backbone_class.check_config_arguments(backbone)
-
-
 def build_runner(cfg: Config):
     check_writable(cfg.work_dir, '--work-dir')
     refuse_premade_run_folders(cfg.work_dir)
     prepare_cpu_distributed(cfg)
-    _check_backbone_arguments(cfg)
+    # a mistyped backbone argument, refused before the runner logs its environment and config
+    backbone = cfg.get('model', {}).get('backbone')
+    if isinstance(backbone, dict) and isinstance(backbone.get('type'), str):
+        try:
+            backbone_class = MODELS.get(backbone['type'])
+        except Exception:  # e.g. a scope whose package does not import: the runner says so
+            backbone_class = None
+        if hasattr(backbone_class, 'check_config_arguments'):
+            backbone_class.check_config_arguments(backbone)
     # checkpoints and last_checkpoint replace their files (AtomicLocalBackend), and so does the
     # copy of the config with ConfigCopyRunner; logs go to a new <timestamp>/ folder
     runner = RUNNERS.build(cfg) if 'runner_type' in cfg else ConfigCopyRunner.from_cfg(cfg)
@@ -392,19 +362,6 @@ def build_runner(cfg: Config):
     check_neck_in_channels(runner.model)
     _refuse_empty_datasets(runner)
     return runner
-
-
-def _resume_latest(cfg: Config) -> None:
-    """``--resume`` without a file: the newest readable checkpoint in the work dir, if any."""
-    hook = cfg.get('default_hooks', {}).get('checkpoint') or {}
-    latest = find_resumable_checkpoint(cfg.work_dir, hook.get('out_dir'),
-                                       hook.get('filename_tmpl'))
-    if latest is None:
-        print_log(f'--resume: no checkpoint in {cfg.work_dir} yet, training from the start',
-                  logger='current')
-        cfg.resume = False
-    else:
-        cfg.load_from = latest
 
 
 def run_training(argv: Optional[Sequence[str]] = None):
@@ -416,8 +373,15 @@ def run_training(argv: Optional[Sequence[str]] = None):
     locks = lock_work_dir(cfg.work_dir, args.launcher,
                           checkpoint_dir(cfg.work_dir, hook.get('out_dir')))
     try:
-        if args.resume == 'auto':
-            _resume_latest(cfg)
+        if args.resume == 'auto':  # the newest readable checkpoint, once the work dir is ours
+            latest = find_resumable_checkpoint(cfg.work_dir, hook.get('out_dir'),
+                                               hook.get('filename_tmpl'))
+            if latest is None:
+                print_log(f'--resume: no checkpoint in {cfg.work_dir} yet, training from the '
+                          'start', logger='current')
+                cfg.resume = False
+            else:
+                cfg.load_from = latest
         with closing_process_group():
             runner = build_runner(cfg)
             runner.train()
@@ -446,7 +410,6 @@ def run_testing(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
 
 
 def format_metrics(metrics: Dict[str, float], task: str) -> str:
-    """Metrics rounded as the upstream tables print them: mmseg's percentages to 2 decimals,
-    mmdet's COCO fractions to 3."""
+    """Metrics rounded as the upstream tables print them (mmseg: %, 2 decimals; mmdet: 3)."""
     digits = 3 if task == 'mmdet' else 2
     return ', '.join(f'{name} {value:.{digits}f}' for name, value in sorted(metrics.items()))

@@ -1,8 +1,5 @@
-"""Catch bad data before it fails obscurely or trains silently, with messages that say what to do.
-
-* :func:`check_data_roots`: a missing data set, before the Runner looks for it;
-* :func:`read_image_for_inference` and :func:`check_image_fits_model`: images given to
-  ``tools/infer.py`` that are damaged, or that the model cannot run on.
+"""Catch bad data before it fails obscurely or trains silently: a missing data set, before the
+Runner looks for it; images given to ``tools/infer.py`` that are damaged or too thin to run on.
 """
 import os.path as osp
 from typing import Iterator, List, Sequence, Tuple
@@ -13,41 +10,30 @@ from mmdet.utils import get_test_pipeline_cfg
 from mmengine import fileio
 from mmengine.config import Config, ConfigDict
 
-from ..utils.config import task_of
+from ..utils.config import evaluators, task_of
 from ..utils.errors import InputNotFoundError, InvalidInputError
 from .loading import check_file_bytes
 
 DATA_LOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
 
 
-def config_datasets(cfg: Config, loaders=DATA_LOADERS) -> Iterator[ConfigDict]:
-    """Leaf dataset configs, looking through wrappers (RepeatDataset, ConcatDataset...)."""
+def config_datasets(cfg: Config, loaders=DATA_LOADERS, leaves: bool = True
+                    ) -> Iterator[ConfigDict]:
+    """The dataset configs of the data loaders: the leaves inside wrappers (RepeatDataset,
+    ConcatDataset...), or with ``leaves=False`` the wrappers too."""
     def walk(dataset):
-        if dataset is None:
-            return
         if isinstance(dataset, (list, tuple)):
             for d in dataset:
                 yield from walk(d)
-        elif 'dataset' in dataset:
-            yield from walk(dataset['dataset'])
-        elif 'datasets' in dataset:
-            yield from walk(dataset['datasets'])
-        else:
-            yield dataset
+        elif isinstance(dataset, dict):
+            if not leaves or not {'dataset', 'datasets'} & set(dataset):
+                yield dataset
+            yield from walk(dataset.get('dataset', dataset.get('datasets')))
 
     for name in loaders:
         loader = cfg.get(name)
         if loader:
             yield from walk(loader.get('dataset'))
-
-
-def _evaluators(cfg: Config):
-    for name in ('val_evaluator', 'test_evaluator'):
-        evaluator = cfg.get(name)
-        if isinstance(evaluator, (list, tuple)):
-            yield from evaluator
-        elif evaluator:
-            yield evaluator
 
 
 def override_data_root(cfg: Config, data_root: str) -> None:
@@ -58,11 +44,12 @@ def override_data_root(cfg: Config, data_root: str) -> None:
         if dataset.get('data_root'):
             old_roots.add(dataset['data_root'].rstrip('/') + '/')
         dataset['data_root'] = data_root
-    for evaluator in _evaluators(cfg):
-        ann_file = evaluator.get('ann_file')
-        for old in old_roots:
-            if ann_file and ann_file.startswith(old):
-                evaluator['ann_file'] = data_root + ann_file[len(old):]
+    for name in ('val_evaluator', 'test_evaluator'):
+        for evaluator in evaluators(cfg.get(name)):
+            ann_file = evaluator.get('ann_file')
+            for old in old_roots:
+                if ann_file and ann_file.startswith(old):
+                    evaluator['ann_file'] = data_root + ann_file[len(old):]
     cfg['data_root'] = data_root
 
 
@@ -79,16 +66,16 @@ def dataset_paths(dataset: ConfigDict) -> List[str]:
 
 def check_data_roots(cfg: Config, loaders=DATA_LOADERS) -> None:
     """Raise FileNotFoundError naming every missing file/folder the config's datasets need."""
-    missing, roots = [], []
+    missing, roots, empty = [], [], []
     for dataset in config_datasets(cfg, loaders):
-        root = dataset.get('data_root') or ''
+        root, paths = dataset.get('data_root') or '', dataset_paths(dataset)
         if root and not osp.isdir(root):
             roots.append(root)
-            missing.extend(dataset_paths(dataset))
+            missing.extend(paths)
             continue
-        missing.extend(p for p in dataset_paths(dataset) if not osp.exists(p))
-    empty = [p for dataset in config_datasets(cfg, loaders) for p in dataset_paths(dataset)[:1]
-             if dataset.get('ann_file') and osp.isfile(p) and osp.getsize(p) == 0]
+        missing.extend(p for p in paths if not osp.exists(p))
+        if dataset.get('ann_file') and osp.isfile(paths[0]) and osp.getsize(paths[0]) == 0:
+            empty.append(paths[0])
     if empty:
         raise InvalidInputError(f"annotation file '{empty[0]}' is empty (0 bytes); regenerate or "
                                 're-download it')
@@ -109,11 +96,8 @@ MIN_MODEL_INPUT_SIDE = 32
 
 
 def read_image_for_inference(path: str) -> np.ndarray:
-    """Decode an image file as the test pipeline does (OpenCV, 3 channels) and return it as RGB.
-
-    Raises:
-        ValueError: naming the file, if it is empty, truncated or cannot be decoded.
-    """
+    """Decode an image file as the test pipeline does (OpenCV, 3 channels) and return it as RGB;
+    an empty, truncated or undecodable file raises an error naming it."""
     data = fileio.get(path)
     check_file_bytes(data, path, 'image', 'Fetch or export it again, or leave it out of the '
                      'inputs.')
@@ -124,12 +108,6 @@ def read_image_for_inference(path: str) -> np.ndarray:
             'OpenCV reads (JPEG, PNG, BMP, TIFF, WebP). Convert it to PNG or JPEG, '
             'or leave it out of the inputs.')
     return mmcv.bgr2rgb(image)
-
-
-def _type_name(transform: dict) -> str:
-    kind = transform.get('type')
-    name = kind if isinstance(kind, str) else getattr(kind, '__name__', '')
-    return name.split('.')[-1]
 
 
 def _resized(transform: dict, size: Tuple[int, int]) -> Tuple[int, int]:
@@ -144,13 +122,6 @@ def _resized(transform: dict, size: Tuple[int, int]) -> Tuple[int, int]:
     return size
 
 
-def _inference_pipeline(cfg: Config) -> Sequence[dict]:
-    # The pipelines mmdet's inference_detector and mmseg's inference_model run.
-    if task_of(cfg) == 'mmdet':
-        return get_test_pipeline_cfg(cfg)
-    return cfg.get('test_pipeline') or []
-
-
 def check_image_fits_model(path: str, image_shape: Sequence[int], cfg: Config) -> None:
     """Refuse an image that the config's test resize squeezes thinner than the model can see.
 
@@ -158,14 +129,16 @@ def check_image_fits_model(path: str, image_shape: Sequence[int], cfg: Config) -
     of none, where OpenCV fails with "inv_scale_x > 0". Small images (even 1x1) are scaled up,
     and thin ones the resize does not shrink are seen at their own size: both work. Only
     ``Resize`` steps are followed; other resizing steps are taken as keeping the size.
-
-    Raises:
-        ValueError: naming the file, its size and what to do.
     """
     width, height = image_shape[1], image_shape[0]
     size, resize = (width, height), None
-    for transform in _inference_pipeline(cfg):
-        if isinstance(transform, dict) and _type_name(transform) == 'Resize':
+    # the pipeline that mmdet's inference_detector or mmseg's inference_model runs
+    pipeline = (get_test_pipeline_cfg(cfg) if task_of(cfg) == 'mmdet'
+                else cfg.get('test_pipeline') or [])
+    for transform in pipeline:
+        kind = transform.get('type') if isinstance(transform, dict) else None
+        name = kind if isinstance(kind, str) else getattr(kind, '__name__', '')
+        if name.split('.')[-1] == 'Resize':
             size, resize = _resized(transform, size), transform
     # Each side must reach the backbone's coarsest stride, unless the image itself is smaller
     # there and the resize does not shrink it.

@@ -1,12 +1,8 @@
 """An image loader that names the file it cannot read, for training and testing.
 
 mmcv's ``LoadImageFromFile`` fails on a damaged image without naming it ("!buf.empty()" from
-OpenCV for a 0-byte file) or with a bare ``AssertionError`` (a truncated or undecodable one).
-:class:`LoadCheckedImageFromFile` raises an ``InputNotFoundError`` or ``InvalidInputError``
-instead, whose message names the file and says what to do; the tools print it as one line. It
-is registered as ``LoadImageFromFile`` in mmdet's and mmseg's registries, so configs keep the
-upstream name (mmdet's and mmseg's inferencers look for it), and
-:func:`poolformer_mm.engine.add_data_checks` imports this module in every config's runs.
+OpenCV, or a bare ``AssertionError``). :class:`LoadCheckedImageFromFile` is registered under
+that name in mmdet's and mmseg's registries (their inferencers look for it), so configs keep it.
 """
 import io
 
@@ -49,9 +45,8 @@ class LoadCheckedImageFromFile(LoadImageFromFile):
     """mmcv's ``LoadImageFromFile``, refusing a missing, empty, truncated or undecodable image
     with an error that names it (unless ``ignore_empty``, which skips such images as upstream).
 
-    A local file is checked before it is decoded (its bytes read twice, from the page cache the
-    second time: under 1 % of the decoding time), so a truncated PNG fails before OpenCV's
-    decoder prints its own lines to stderr.
+    A local file's bytes are checked before decoding (read twice, the second time from the page
+    cache), so a truncated PNG fails before OpenCV prints its own lines to stderr.
     """
 
     def transform(self, results: dict):

@@ -102,12 +102,8 @@ def _draw_coco_split(root: str, split: str, num_images: int, size: int,
 
 def make_toy_coco(root: str, num_train: int = 320, num_val: int = 16, image_size: int = 128,
                   seed: int = 0) -> str:
-    """Write a COCO-format instance segmentation set of circles, squares and triangles.
-
-    Layout: ``root/{train,val}/*.png`` and ``root/annotations/instances_{train,val}.json``.
-
-    Returns:
-        str: ``root``.
+    """Write a COCO-format instance segmentation set of circles, squares and triangles to
+    ``root/{train,val}/*.png`` and ``root/annotations/instances_{train,val}.json``; return root.
     """
     rng = np.random.default_rng(seed)
     os.makedirs(osp.join(root, 'annotations'), exist_ok=True)
@@ -126,10 +122,9 @@ TOY_ADE_PALETTE = [[int(c) for c in colour[::-1]] for colour in _TOY_ADE_COLOURS
 def _draw_ade_split(root: str, split: str, num_images: int, size: Tuple[int, int],
                     rng: np.random.Generator) -> None:
     height, width = size
-    image_dir = osp.join(root, 'images', split)
-    label_dir = osp.join(root, 'annotations', split)
-    os.makedirs(image_dir, exist_ok=True)
-    os.makedirs(label_dir, exist_ok=True)
+    image_dir, label_dir = osp.join(root, 'images', split), osp.join(root, 'annotations', split)
+    for folder in (image_dir, label_dir):
+        os.makedirs(folder, exist_ok=True)
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
     for index in range(1, num_images + 1):
         # Voronoi regions around a few seeds, each seed with a class.
@@ -152,14 +147,9 @@ def _draw_ade_split(root: str, split: str, num_images: int, size: Tuple[int, int
 
 def make_toy_ade(root: str, num_train: int = 48, num_val: int = 16,
                  image_size: Tuple[int, int] = (128, 160), seed: int = 0) -> str:
-    """Write an ADE20K-layout semantic segmentation set of textured regions of five classes.
-
-    Layout as mmseg expects for ADE20K: ``root/images/{training,validation}/*.jpg`` and
-    ``root/annotations/{training,validation}/*.png`` (uint8, 0 = unlabelled, 1..5 = classes,
-    to be read with ``reduce_zero_label=True``).
-
-    Returns:
-        str: ``root``.
+    """Write an ADE20K-layout semantic segmentation set of textured regions of five classes to
+    ``root/images/{training,validation}/*.jpg`` and ``root/annotations/{training,validation}/*.png``
+    (0 = unlabelled, 1..5 = classes: read with ``reduce_zero_label=True``); return root.
     """
     rng = np.random.default_rng(seed)
     _draw_ade_split(root, 'training', num_train, image_size, rng)

@@ -1,20 +1,9 @@
 """A segmentation label loader that refuses labels mmseg would misread, naming the file.
 
-mmseg 1.2's ``LoadAnnotations`` decodes a label and casts it to ``uint8`` without looking at it,
-so bad labels either pass silently or fail far away from their file:
-
-* an RGB (colour-coded) label becomes an ``HxWx3`` map, and the loss fails with "only batches of
-  spatial targets supported" or "stack expects each tensor to be equal size";
-* a label of another size than its image is cropped and flipped along with it, and a later
-  batch fails with "stack expects each tensor to be equal size" (or, worse, trains);
-* a 16-bit label with class ids of 256 or more wraps around (300 becomes 44) silently;
-* a missing, empty or truncated label fails with a raw ``FileNotFoundError``, an OpenCV
-  assertion or Pillow's "image file is truncated".
-
-:class:`LoadCheckedAnnotations` is mmseg's loader with these checks on the array it has just
-decoded. The checks only read shapes and, for labels that are not 8-bit, the value range, so they
-cost nothing measurable next to the PNG decoding. :func:`poolformer_mm.engine.add_data_checks`
-puts it in place of ``LoadAnnotations`` in every pipeline of a segmentation config.
+mmseg 1.2's ``LoadAnnotations`` casts a decoded label to ``uint8`` without looking at it: an RGB
+label or one of another size than its image fails far from its file ("stack expects each tensor
+to be equal size") or trains, and a 16-bit label's class ids >= 256 wrap around silently.
+:func:`poolformer_mm.engine.add_data_checks` puts :class:`LoadCheckedAnnotations` in its place.
 """
 import mmcv
 import mmengine.fileio as fileio
@@ -32,13 +21,8 @@ def _size(shape) -> str:
 
 @TRANSFORMS.register_module()
 class LoadCheckedAnnotations(LoadAnnotations):
-    """mmseg's ``LoadAnnotations``, refusing a label that is not one class index per pixel.
-
-    A label must be a single-channel image of the size of its image (``ori_shape``, as read by
-    ``LoadImageFromFile``, so a ``Resize`` placed before this step in a test pipeline does not
-    matter), with values 0..255 (255 being ``ignore_index``). Anything else raises a
-    ``ValueError`` that names the label file and says how to fix it (a missing label, a
-    ``FileNotFoundError``); with data loader workers too, the message stays one line.
+    """mmseg's ``LoadAnnotations``, refusing a label that is not one class index (0..255) per
+    pixel of its image (``ori_shape``) with an error that names the file and says how to fix it.
 
     Args: as mmseg's ``LoadAnnotations``.
     """

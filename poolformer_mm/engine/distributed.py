@@ -1,19 +1,10 @@
-"""PyTorch DDP on CPU-only nodes through mmengine's Runner.
+"""PyTorch DDP on CPU-only nodes through mmengine's Runner; with a GPU nothing here runs.
 
-mmengine 0.10.7 initialises the process group with ``torch.cuda.set_device(local_rank)`` for every
-launcher, and wraps the model with ``device_ids=[local_rank]``; both fail without CUDA
-("'torch._C' has no attribute '_cuda_setDevice'"). On CPU we start the gloo process group
-ourselves (the Runner then skips its own init) and wrap without device ids.
-
-SyncBN: the mmseg heads (``norm_cfg=dict(type='SyncBN')``) cannot run in a CPU DDP model (torch's
-DDP refuses it: "SyncBatchNorm layers only work with GPU modules"; gloo has no synchronised batch
-norm). mmengine converts them back to BN only when training without a launcher. Our CPU wrapper,
-:class:`CPUDistributedDataParallel`, converts them in the built model right before DDP wraps it,
-whichever config field or code made them (backbone, neck, decode and auxiliary heads,
-``cfg.sync_bn``), for any number of processes, and logs what it converted. The config is left
-as it is, so the same config (and its copy in the work dir) still gives SyncBN on GPUs.
-
-With a GPU nothing here runs and behaviour is upstream's.
+mmengine 0.10.7 calls ``torch.cuda.set_device(local_rank)`` for every launcher and wraps the
+model with ``device_ids=[local_rank]``; both fail without CUDA. On CPU we start the gloo process
+group ourselves (the Runner then skips its own init) and wrap without device ids, converting
+SyncBN to BN (torch's DDP refuses SyncBN on CPU, and gloo has none) in the built model only, so
+the same config still gives SyncBN on GPUs.
 """
 import inspect
 import os
@@ -38,29 +29,16 @@ _NO_FORWARD_BUFFER_SYNC = ('forward_sync_buffers' if 'forward_sync_buffers' in
                            else 'broadcast_buffers')
 
 
-def _sync_bn_types() -> tuple:
-    """torch's SyncBatchNorm and, where mmcv has its ops, mmcv's (the types mmengine's
-    ``revert_sync_batchnorm`` converts)."""
-    types = [nn.SyncBatchNorm]
-    try:
-        from mmcv.ops import SyncBatchNorm as MMSyncBN
-        types.append(MMSyncBN)
-    except ImportError:  # mmcv lite: no compiled ops
-        pass
-    return tuple(types)
-
-
 def _sync_bn_names(module: nn.Module) -> List[str]:
-    return [name for name, m in module.named_modules() if isinstance(m, _sync_bn_types())]
+    # torch's SyncBatchNorm and mmcv's (where it has compiled ops), which revert_sync_batchnorm
+    # converts
+    return [name for name, m in module.named_modules()
+            if isinstance(m, nn.SyncBatchNorm) or type(m).__name__ == 'SyncBatchNorm']
 
 
 def revert_sync_bn_for_cpu(module: nn.Module) -> nn.Module:
-    """Convert the SyncBN layers of ``module`` to BN, saying which in the log.
-
-    The parameters and running statistics are kept (same state-dict keys, so checkpoints load
-    either way). Each process then normalises over its own images only: with 2 processes of 2
-    images, BN statistics come from 2 images where SyncBN on GPUs would use 4.
-    """
+    """Convert the SyncBN layers of ``module`` to BN (same state-dict keys), saying which in
+    the log. Each process then normalises over its own images only."""
     names = _sync_bn_names(module)
     if not names:
         return module
@@ -84,13 +62,8 @@ def revert_sync_bn_for_cpu(module: nn.Module) -> nn.Module:
 
 @MODEL_WRAPPERS.register_module()
 class CPUDistributedDataParallel(MMDistributedDataParallel):
-    """:class:`~mmengine.model.MMDistributedDataParallel` for CPU processes (gloo): converts
-    SyncBN to BN (see :func:`revert_sync_bn_for_cpu`) before torch's DDP inspects the model.
-
-    ``prepare_cpu_distributed`` puts it in ``model_wrapper_cfg`` on machines without CUDA, in
-    place of ``MMDistributedDataParallel`` (whose arguments it takes); a wrapper of another type
-    in the config is kept as it is.
-    """
+    """``MMDistributedDataParallel`` for CPU processes (gloo), converting SyncBN to BN before
+    torch's DDP inspects the model; ``prepare_cpu_distributed`` puts it in its place."""
 
     def __init__(self, module: nn.Module, **kwargs):
         # A config dumped by a CPU run names this wrapper; used on GPUs, it keeps SyncBN.
@@ -99,28 +72,24 @@ class CPUDistributedDataParallel(MMDistributedDataParallel):
         super().__init__(module=module, **kwargs)
 
 
-def _export_slurm_env() -> None:
-    """Translate slurm's task variables to the ones torch's env:// rendezvous reads."""
-    missing = [v for v in ('SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_LOCALID')
-               if v not in os.environ]
-    if missing:
-        raise RuntimeError(f'--launcher slurm outside a slurm task ({", ".join(missing)} unset)')
-    os.environ['RANK'] = os.environ['SLURM_PROCID']
-    os.environ['WORLD_SIZE'] = os.environ['SLURM_NTASKS']
-    os.environ['LOCAL_RANK'] = os.environ['SLURM_LOCALID']
-    if 'MASTER_ADDR' not in os.environ:
-        raise RuntimeError('--launcher slurm on CPU needs MASTER_ADDR (tools/slurm_train.sh '
-                           'sets it to the first node of the job)')
-    os.environ.setdefault('MASTER_PORT', '29500')
-
-
 def prepare_cpu_distributed(cfg: Config) -> None:
     """Make ``cfg.launcher`` in {'pytorch', 'slurm'} work on machines without CUDA."""
     launcher = cfg.get('launcher', 'none')
     if launcher == 'none' or torch.cuda.is_available():
         return
-    if launcher == 'slurm':
-        _export_slurm_env()
+    if launcher == 'slurm':  # slurm's task variables as torch's env:// rendezvous reads them
+        missing = [v for v in ('SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_LOCALID')
+                   if v not in os.environ]
+        if missing:
+            raise RuntimeError(f'--launcher slurm outside a slurm task ({", ".join(missing)} '
+                               'unset)')
+        os.environ['RANK'] = os.environ['SLURM_PROCID']
+        os.environ['WORLD_SIZE'] = os.environ['SLURM_NTASKS']
+        os.environ['LOCAL_RANK'] = os.environ['SLURM_LOCALID']
+        if 'MASTER_ADDR' not in os.environ:
+            raise RuntimeError('--launcher slurm on CPU needs MASTER_ADDR (tools/slurm_train.sh '
+                               'sets it to the first node of the job)')
+        os.environ.setdefault('MASTER_PORT', '29500')
     elif launcher != 'pytorch':
         raise RuntimeError(f"--launcher {launcher} needs CUDA here; on CPU-only nodes use "
                            "--launcher pytorch (tools/dist_train.sh) or slurm")
@@ -146,11 +115,9 @@ def closing_process_group():
     """Around a whole run: if the run starts a process group, wait for every rank and destroy
     the group when the run has finished.
 
-    Left to interpreter exit, gloo's worker threads can still hold work whose tensors need the
-    GIL during finalisation; the process then aborts ("terminate called without an active
-    exception", SIGABRT) after a run that succeeded, and torchrun reports the run as failed.
-    A group that existed before (the caller's own) is left as it is, and so is everything
-    after an error: the other ranks may never reach the barrier.
+    Left to interpreter exit, gloo's threads can abort the process (SIGABRT) after a run that
+    succeeded. A group that existed before is left as it is, and so is everything after an
+    error: the other ranks may never reach the barrier.
     """
     started_before = dist.is_available() and dist.is_initialized()
     yield

@@ -10,7 +10,7 @@ import re
 import stat
 import tempfile
 import time
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional
 
 from mmengine.dist import master_only
 from mmengine.logging import print_log
@@ -26,10 +26,9 @@ LOCK_NAME = '.train.lock'
 class WorkDirLock:
     """An exclusive lock on ``<work_dir>/.train.lock`` for the life of the process.
 
-    A POSIX record lock (``fcntl.lockf``): the kernel drops it when its process exits, however it
-    exits (``kill -9`` included), and forked children such as data loader workers do not inherit
-    it, so neither a dead job nor its orphaned workers block the next one. A second job on the
-    same work dir stops at once instead of writing into the same ``iter_*.pth`` files.
+    A POSIX record lock (``fcntl.lockf``): the kernel drops it when its process exits (``kill
+    -9`` included), and forked data loader workers do not inherit it, so neither a dead job nor
+    its orphaned workers block the next one.
     """
 
     def __init__(self, work_dir: str):
@@ -74,23 +73,18 @@ class WorkDirLock:
             self._fd = None
 
 
-# The variable each launcher sets to a process's global rank.
-_RANK_VARIABLES = {'pytorch': 'RANK', 'slurm': 'SLURM_PROCID', 'mpi': 'OMPI_COMM_WORLD_RANK'}
-
-
 def process_rank(launcher: str = 'none') -> int:
     """This process's global rank under ``launcher`` (the tools' ``--launcher``). Without a
     launcher a process is rank 0 of 1, whatever ``RANK`` or ``SLURM_PROCID`` say: those may be
     left over from a shell inside a job."""
-    name = _RANK_VARIABLES.get(launcher)
+    name = {'pytorch': 'RANK', 'slurm': 'SLURM_PROCID', 'mpi': 'OMPI_COMM_WORLD_RANK'}.get(launcher)
     return int(os.environ.get(name, 0)) if name else 0
 
 
 def lock_work_dir(work_dir: str, launcher: str = 'none',
                   checkpoint_dir: Optional[str] = None) -> List[WorkDirLock]:
-    """Lock ``work_dir`` for this training, and ``checkpoint_dir`` (the checkpoint hook's
-    ``<out_dir>/<work dir name>``) too when it is another folder: two trainings that would
-    write the same checkpoints stop at the second. In a distributed job only rank 0 locks."""
+    """Lock ``work_dir`` for this training, and ``checkpoint_dir`` too when it is another folder
+    (on rank 0 only): two trainings that would write the same checkpoints stop at the second."""
     if process_rank(launcher) != 0:
         return []
     folders = [work_dir] + ([checkpoint_dir] if checkpoint_dir else [])
@@ -141,9 +135,8 @@ def refuse_premade_run_folders(work_dir: str) -> None:
 
 class ConfigCopyRunner(Runner):
     """mmengine's Runner, whose copy of the config in the work dir replaces the file of that name
-    (through :class:`~poolformer_mm.checkpoint_io.AtomicLocalBackend`) instead of writing into
-    it: a link there keeps its target, and a config run from its own work dir (a saved config,
-    run again) stays as the user wrote it."""
+    instead of writing into it: a link there keeps its target, and a config run from its own
+    work dir stays as the user wrote it."""
 
     @master_only
     def dump_config(self) -> None:
@@ -156,8 +149,8 @@ class ConfigCopyRunner(Runner):
 
 
 def checkpoint_dir(work_dir: str, out_dir: Optional[str]) -> Optional[str]:
-    """Where the checkpoint hook writes when its ``out_dir`` is a local folder:
-    ``<out_dir>/<work dir name>`` (mmengine's rule); None without one."""
+    """``<out_dir>/<work dir name>``, where the checkpoint hook writes (mmengine's rule), when
+    ``out_dir`` is a local folder; else None."""
     if not out_dir or is_remote_checkpoint(out_dir):
         return None
     return osp.join(out_dir, osp.basename(osp.abspath(work_dir)))
@@ -193,20 +186,28 @@ def refuse_output_over_inputs(output: str, inputs: Iterable[str], flag: str) -> 
                 f'could replace it. Give {flag} another path, apart from the inputs.')
 
 
-def _periodic_name(filename_tmpl: Optional[str]) -> re.Pattern:
-    """The names CheckpointHook gives periodic checkpoints: its ``filename_tmpl`` with the step
-    as a number, by default ``epoch_N.pth`` or ``iter_N.pth``."""
-    if not filename_tmpl:
-        return re.compile(r'^(?:epoch|iter)_(\d+)\.pth$')
-    return re.compile('^' + re.escape(filename_tmpl).replace(r'\{\}', r'(\d+)') + '$')
+def has_training_state(checkpoint) -> bool:
+    """Whether ``checkpoint`` holds what mmengine's resume reads: ``meta`` with the epoch and
+    iteration, and the message hub."""
+    meta = checkpoint.get('meta') if isinstance(checkpoint, dict) else None
+    return isinstance(meta, dict) and {'epoch', 'iter'} <= set(meta) and 'message_hub' in checkpoint
 
 
-def _candidates(work_dir: str, folders: Sequence[str], filename_tmpl: Optional[str]) -> List[str]:
-    """Checkpoints to resume from, newest first: the periodic files of ``folders`` by decreasing
-    step, after the file ``last_checkpoint`` names if that is not one of them."""
-    name = _periodic_name(filename_tmpl)
+def find_resumable_checkpoint(work_dir: str, out_dir: Optional[str] = None,
+                              filename_tmpl: Optional[str] = None) -> Optional[str]:
+    """The newest checkpoint of a training that loads, or None when there is none.
+
+    mmengine reads only ``last_checkpoint`` and, without it, starts again from iteration 1 over
+    the checkpoints there. Here the periodic checkpoints (the hook's ``filename_tmpl``, in the
+    work dir and its ``out_dir``) count too, and an unreadable newest file falls back to the next
+    one, with a warning naming both.
+    """
+    # newest first: the file last_checkpoint names, then the periodic ones (CheckpointHook's
+    # filename_tmpl with the step as a number) by decreasing step
+    name = re.compile('^' + re.escape(filename_tmpl).replace(r'\{\}', r'(\d+)') + '$'
+                      if filename_tmpl else r'^(?:epoch|iter)_(\d+)\.pth$')
     periodic = []
-    for folder in dict.fromkeys(folders):
+    for folder in dict.fromkeys([work_dir, checkpoint_dir(work_dir, out_dir) or work_dir]):
         for path in glob.glob(osp.join(glob.escape(folder), '*')):
             match = name.match(osp.basename(path))
             if match and osp.isfile(path):
@@ -223,46 +224,22 @@ def _candidates(work_dir: str, folders: Sequence[str], filename_tmpl: Optional[s
             named = named if is_remote_checkpoint(named) else osp.abspath(named)
             if named not in found:
                 found.insert(0, named)
-    return found
-
-
-def has_training_state(checkpoint) -> bool:
-    """Whether ``checkpoint`` holds what mmengine's resume reads: ``meta`` with the epoch and
-    iteration, and the message hub."""
-    meta = checkpoint.get('meta') if isinstance(checkpoint, dict) else None
-    return isinstance(meta, dict) and {'epoch', 'iter'} <= set(meta) and 'message_hub' in checkpoint
-
-
-def find_resumable_checkpoint(work_dir: str, out_dir: Optional[str] = None,
-                              filename_tmpl: Optional[str] = None) -> Optional[str]:
-    """The newest checkpoint of a training that loads, or None when there is none.
-
-    mmengine reads only ``last_checkpoint``; when that file is missing or empty it starts again
-    from iteration 1 and overwrites the checkpoints there. Here a missing or empty pointer falls
-    back to the periodic checkpoints (named by the checkpoint hook's ``filename_tmpl``, in the
-    work dir and in its ``out_dir``), and an unreadable (e.g. truncated) newest file falls back
-    to the next one, with a warning naming both.
-    """
-    folders = [work_dir, checkpoint_dir(work_dir, out_dir) or work_dir]
-    candidates = _candidates(work_dir, folders, filename_tmpl)
-    unreadable = []
-    for path in candidates:
+    unreadable = []  # why each newer one cannot be resumed from
+    for path in found:
         try:
             state = CheckpointLoader.load_checkpoint(path, map_location='cpu', logger='silent')
         except ValueError as err:
-            unreadable.append((path, err))
+            unreadable.append(str(err))
             continue
         if not has_training_state(state):
-            unreadable.append((path, f"'{path}' holds weights but no training state"))
+            unreadable.append(f"'{path}' holds weights but no training state")
             continue
         if unreadable:
-            reasons = '; '.join(str(err) for _, err in unreadable)
-            print_log(f"{reasons}. Resuming from the newest readable checkpoint '{path}' instead.",
-                      logger='current', level=logging.WARNING)
+            print_log(f"{'; '.join(unreadable)}. Resuming from the newest readable checkpoint "
+                      f"'{path}' instead.", logger='current', level=logging.WARNING)
         return path
     if unreadable:
-        reasons = '; '.join(str(err) for _, err in unreadable)
         raise InvalidInputError(
-            f'no checkpoint to resume from in {work_dir}: {reasons}. Remove them to start from '
-            'scratch, or resume from another file with --resume PATH.')
+            f'no checkpoint to resume from in {work_dir}: {"; ".join(unreadable)}. Remove them '
+            'to start from scratch, or resume from another file with --resume PATH.')
     return None

@@ -1,5 +1,5 @@
-"""A config file read, its task, and the old ``--eval bbox segm`` / ``--eval mIoU`` flags of
-mmdet 2.x / mmseg 0.x test scripts."""
+"""A config file read, its task, hooks added to it, and the old ``--eval bbox segm`` /
+``--eval mIoU`` flags of mmdet 2.x / mmseg 0.x test scripts."""
 import os.path as osp
 from typing import Sequence
 
@@ -27,8 +27,20 @@ def task_of(cfg: Config) -> str:
     return scope
 
 
-def _evaluators(evaluator):
-    return evaluator if isinstance(evaluator, (list, tuple)) else [evaluator]
+def add_hooks(cfg: Config, *hooks) -> None:
+    """Append ``hooks`` (dicts, or types) to ``cfg.custom_hooks``; a type given alone is not
+    added when the config already has a hook of that type."""
+    present = {hook.get('type') for hook in cfg.get('custom_hooks', [])}
+    cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [
+        hook if isinstance(hook, dict) else dict(type=hook)
+        for hook in hooks if isinstance(hook, dict) or hook not in present]
+
+
+def evaluators(evaluator) -> list:
+    """The metrics of an evaluator config (one, a list, or None)."""
+    if evaluator is None:
+        return []
+    return list(evaluator) if isinstance(evaluator, (list, tuple)) else [evaluator]
 
 
 def set_eval_metrics(cfg: Config, metrics: Sequence[str]) -> None:
@@ -39,17 +51,10 @@ def set_eval_metrics(cfg: Config, metrics: Sequence[str]) -> None:
     if unknown:
         raise InvalidInputError(f'unknown --eval metric(s) {unknown} for a {task} config; valid: '
                                 f'{", ".join(valid)}')
-    metrics = list(dict.fromkeys(metrics))
-    if task == 'mmdet':
-        targets = [e for e in _evaluators(cfg.test_evaluator) if e.get('type') == 'CocoMetric']
-        if not targets:
-            raise InvalidInputError(
-                '--eval bbox/segm needs a CocoMetric test_evaluator in the config')
-        for evaluator in targets:
-            evaluator['metric'] = metrics
-    else:
-        targets = [e for e in _evaluators(cfg.test_evaluator) if e.get('type') == 'IoUMetric']
-        if not targets:
-            raise InvalidInputError('--eval mIoU/mDice/mFscore needs an IoUMetric test_evaluator')
-        for evaluator in targets:
-            evaluator['iou_metrics'] = metrics
+    kind, key = ('CocoMetric', 'metric') if task == 'mmdet' else ('IoUMetric', 'iou_metrics')
+    targets = [e for e in evaluators(cfg.test_evaluator) if e.get('type') == kind]
+    if not targets:
+        raise InvalidInputError(f'--eval {"/".join(valid)} needs a {kind} test_evaluator in the '
+                                'config')
+    for evaluator in targets:
+        evaluator[key] = list(dict.fromkeys(metrics))

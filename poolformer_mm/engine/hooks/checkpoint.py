@@ -11,19 +11,14 @@ from ...checkpoint_io import remove_incomplete_writes
 
 @HOOKS.register_module()
 class CrashSafeCheckpointHook(CheckpointHook):
-    """:class:`~mmengine.hooks.CheckpointHook` that deletes outdated checkpoints last.
+    """:class:`~mmengine.hooks.CheckpointHook` (same arguments) that deletes outdated checkpoints
+    last.
 
     Upstream removes the checkpoint that ``max_keep_ckpts`` (or a new best score) pushes out
-    *before* it writes the new one, so a job killed during the write can be left with no
-    checkpoint at all. Here the removals are held back until the new file has been renamed into
-    place and ``last_checkpoint`` points at it. A kill between the two leaves one checkpoint too
-    many, never one too few.
-
-    At the start of training it also deletes the temporary files that writes killed before their
-    rename left behind (``tools/train.py`` holds the work-dir lock, so no other job owns them).
-
-    Takes exactly the arguments of ``CheckpointHook``; ``tools/train.py`` puts it in place of
-    the config's ``CheckpointHook``.
+    *before* it writes the new one, so a job killed during the write can be left with none. Here
+    the removals wait until the new file is in place and ``last_checkpoint`` points at it. At the
+    start of training it deletes the temporary files of writes killed before their rename
+    (``tools/train.py`` holds the work-dir lock, so no other job owns them).
     """
 
     def before_train(self, runner) -> None:

@@ -1,17 +1,8 @@
-"""Hooks that report data a run would otherwise train on, or skip, without a word.
-
-* :class:`IgnoredLabelBatchHook` (segmentation): a training batch whose labels are
-  ``ignore_index`` everywhere has loss 0 and accuracy 100 and teaches the model nothing.
-* :class:`CocoAnnotationCheckHook` (detection): mmdet's ``CocoDataset`` drops annotations with
-  unknown category ids, zero-area boxes and polygons of fewer than three points silently.
-
-Neither writes a line per iteration: the first hook warns about the first such batch and then
-logs a count per epoch, the second writes one line per annotation file.
-:func:`add_data_checks` adds them, and the data loaders' checks, to a config.
-"""
+"""Hooks that report data a run would otherwise train on, or skip, without a word, and
+:func:`add_data_checks`, which adds them and the data loaders' checks to a config."""
 import json
 from collections import Counter
-from typing import Dict, Iterator, List, Optional
+from typing import List, Optional
 
 from mmdet.datasets import CocoDataset
 from mmengine.config import Config
@@ -24,18 +15,16 @@ from mmengine.runner import EpochBasedTrainLoop
 from mmseg.datasets.transforms import LoadAnnotations
 from torch import nn
 
-from ...datasets.checks import DATA_LOADERS
+from ...datasets.checks import config_datasets
 from ...datasets.transforms import LoadCheckedAnnotations
-from ...utils.config import task_of
+from ...utils.config import add_hooks, task_of
 
 
 @HOOKS.register_module()
 class IgnoredLabelBatchHook(Hook):
-    """Warn about training batches whose labels are ``ignore_index`` at every pixel.
-
-    The first such batch is reported with its label files; later ones are only counted, and the
-    count is logged at the end of each epoch (of training, for iteration-based loops). The check is
-    one comparison per label pixel on the batch already in memory.
+    """Warn about training batches whose labels are ``ignore_index`` at every pixel (loss 0,
+    accuracy 100, nothing learnt): the first with its label files, then a count per epoch (of
+    training, for iteration-based loops).
 
     Args:
         ignore_index (int, optional): The ignored label value. Defaults to the decode head's
@@ -100,23 +89,18 @@ class IgnoredLabelBatchHook(Hook):
         self._reset()
 
 
-def coco_annotation_problems(ann_file: str) -> Dict[str, object]:
-    """Count the annotations of a COCO file that mmdet's ``CocoDataset`` drops silently.
-
-    Returns a dict with ``annotations`` (the total), ``unknown_category`` (a Counter of category
-    ids not defined in the file's ``categories``), ``unknown_image`` (annotations of image ids not
-    in ``images``), ``zero_area`` (boxes under 1 pixel wide or high, or of area 0) and
-    ``short_polygons`` (polygons of fewer than three points).
-    """
+def coco_annotation_summary(ann_file: str) -> Optional[str]:
+    """One line naming the annotations of a COCO file that mmdet's ``CocoDataset`` drops
+    silently (unknown category or image ids, zero-area boxes, polygons of < 3 points), or None."""
     with get_local_path(ann_file) as local_path, open(local_path) as f:
         content = json.load(f)
     categories = {category['id'] for category in content.get('categories', [])}
     images = {image['id'] for image in content.get('images', [])}
     annotations = content.get('annotations', [])
-    unknown_category, unknown_image, zero_area, short_polygons = Counter(), 0, 0, 0
+    unknown, unknown_image, zero_area, short_polygons = Counter(), 0, 0, 0
     for ann in annotations:
         if ann.get('category_id') not in categories:
-            unknown_category[ann.get('category_id')] += 1
+            unknown[ann.get('category_id')] += 1
         if ann.get('image_id') not in images:
             unknown_image += 1
         bbox = ann.get('bbox')
@@ -130,37 +114,28 @@ def coco_annotation_problems(ann_file: str) -> Dict[str, object]:
             # mmdet's rule for dropping a polygon (LoadAnnotations._process_masks)
             short_polygons += sum(1 for polygon in segmentation
                                   if len(polygon) < 6 or len(polygon) % 2)
-    return dict(annotations=len(annotations), unknown_category=unknown_category,
-                unknown_image=unknown_image, zero_area=zero_area, short_polygons=short_polygons)
-
-
-def _plural(count: int, word: str) -> str:
-    return f'{count} {word}' + ('' if count == 1 else 's')
-
-
-def coco_annotation_summary(ann_file: str) -> Optional[str]:
-    """One line describing what :func:`coco_annotation_problems` found, or None if nothing."""
-    found = coco_annotation_problems(ann_file)
     parts: List[str] = []
-    unknown = found['unknown_category']
     if unknown:
         ids = sorted(unknown, key=str)
         shown = ', '.join(map(str, ids[:10])) + (', ...' if len(ids) > 10 else '')
         parts.append(f'{_plural(sum(unknown.values()), "annotation")} with category ids not in '
                      f'its categories (ids {shown})')
-    if found['unknown_image']:
-        parts.append(f'{_plural(found["unknown_image"], "annotation")} of image ids not in its '
-                     'images')
-    if found['zero_area']:
-        parts.append(f'{_plural(found["zero_area"], "box")} of zero area (under 1 pixel wide or '
-                     'high, or area 0)')
-    if found['short_polygons']:
-        parts.append(f'{_plural(found["short_polygons"], "polygon")} of fewer than 3 points')
+    if unknown_image:
+        parts.append(f'{_plural(unknown_image, "annotation")} of image ids not in its images')
+    if zero_area:
+        parts.append(f'{_plural(zero_area, "box")} of zero area (under 1 pixel wide or high, or '
+                     'area 0)')
+    if short_polygons:
+        parts.append(f'{_plural(short_polygons, "polygon")} of fewer than 3 points')
     if not parts:
         return None
-    return (f"annotation file '{ann_file}' ({_plural(found['annotations'], 'annotation')}): "
+    return (f"annotation file '{ann_file}' ({_plural(len(annotations), 'annotation')}): "
             f'{", ".join(parts)}. mmdet skips these without a word (they are neither trained on '
             'nor evaluated); fix or remove them in the file if they should count.')
+
+
+def _plural(count: int, word: str) -> str:
+    return f'{count} {word}' + ('' if count == 1 else 's')
 
 
 def _leaf_datasets(dataset):
@@ -176,12 +151,8 @@ def _leaf_datasets(dataset):
 
 @HOOKS.register_module()
 class CocoAnnotationCheckHook(Hook):
-    """Log one warning line per COCO annotation file with the annotations mmdet drops silently.
-
-    Runs when the data sets of a run are built (before training, validation or testing), once per
-    file, on the main process. It reads the annotation file once more with ``json``: seconds for
-    COCO's 860k training annotations, once per run.
-    """
+    """Log one warning line per COCO annotation file with the annotations mmdet drops silently,
+    once per file, on the main process (reading the file again: seconds for COCO train)."""
     priority = 'NORMAL'
 
     def __init__(self) -> None:
@@ -211,27 +182,6 @@ class CocoAnnotationCheckHook(Hook):
         self._check(runner, runner.test_dataloader)
 
 
-_LABEL_LOADERS = ('LoadAnnotations', 'mmseg.LoadAnnotations')
-
-
-def _pipelines(cfg: Config) -> Iterator[list]:
-    """Every pipeline of the config's data loaders, data set wrappers included."""
-    def walk(dataset):
-        if isinstance(dataset, (list, tuple)):
-            for d in dataset:
-                yield from walk(d)
-        elif isinstance(dataset, dict):
-            if isinstance(dataset.get('pipeline'), (list, tuple)):
-                yield dataset['pipeline']
-            for key in ('dataset', 'datasets'):
-                yield from walk(dataset.get(key))
-
-    for name in DATA_LOADERS:
-        loader = cfg.get(name)
-        if loader:
-            yield from walk(loader.get('dataset'))
-
-
 def _check_label_loaders(transforms) -> None:
     """Swap mmseg's ``LoadAnnotations`` for the checking one, also inside TestTimeAug & co."""
     for transform in transforms:
@@ -239,7 +189,7 @@ def _check_label_loaders(transforms) -> None:
             _check_label_loaders(transform)
         elif isinstance(transform, dict):
             kind = transform.get('type')
-            if kind in _LABEL_LOADERS:
+            if kind in ('LoadAnnotations', 'mmseg.LoadAnnotations'):
                 transform['type'] = kind.replace('LoadAnnotations', 'LoadCheckedAnnotations')
             elif kind is LoadAnnotations:  # a pure-Python config names the class itself
                 transform['type'] = LoadCheckedAnnotations
@@ -251,26 +201,20 @@ def add_data_checks(cfg: Config) -> None:
     """Make a config's runs refuse or report bad data, naming the files.
 
     Segmentation: every ``LoadAnnotations`` of the data loaders' pipelines becomes
-    ``LoadCheckedAnnotations`` (an RGB label, a label of another size than its image, or a 16-bit
-    label with class ids >= 256 raise a ValueError naming the file), and
-    ``IgnoredLabelBatchHook`` warns about training batches whose labels are all ignore_index.
-    Detection: ``CocoAnnotationCheckHook`` logs one line per COCO annotation file with the
-    annotations mmdet drops silently. Both: ``LoadImageFromFile`` becomes mmcv's loader with
-    checks (a missing, empty, truncated or undecodable image raises an error naming the file;
-    registered under the upstream name, so the config is unchanged). The modules are added to
-    ``custom_imports``, so the config dumped to the work dir runs with the same checks.
+    ``LoadCheckedAnnotations``, and ``IgnoredLabelBatchHook`` is added. Detection:
+    ``CocoAnnotationCheckHook``. Both: ``LoadImageFromFile`` becomes the checked loader
+    (registered under the upstream name). The modules go into ``custom_imports``, so the config
+    dumped to the work dir runs with the same checks.
     """
     modules = ['poolformer_mm.engine.hooks.data_checks', 'poolformer_mm.datasets.loading']
     if task_of(cfg) == 'mmseg':
         modules.append('poolformer_mm.datasets.transforms')
-        for pipeline in _pipelines(cfg):
-            _check_label_loaders(pipeline)
-        hooks = ['IgnoredLabelBatchHook']
+        for dataset in config_datasets(cfg, leaves=False):
+            if isinstance(dataset.get('pipeline'), (list, tuple)):
+                _check_label_loaders(dataset['pipeline'])
+        add_hooks(cfg, 'IgnoredLabelBatchHook')
     else:
-        hooks = ['CocoAnnotationCheckHook']
-    present = {hook.get('type') for hook in cfg.get('custom_hooks', [])}
-    cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [
-        dict(type=hook) for hook in hooks if hook not in present]
+        add_hooks(cfg, 'CocoAnnotationCheckHook')
     imports = dict(cfg.get('custom_imports') or dict(imports=[], allow_failed_imports=False))
     known = imports.get('imports', [])
     known = [known] if isinstance(known, str) else list(known)

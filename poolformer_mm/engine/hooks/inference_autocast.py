@@ -1,4 +1,5 @@
-"""Mixed precision in the test loop (``tools/test.py --amp``)."""
+"""Mixed precision in the test loop (``tools/test.py --amp``): autocast in the backbone, neck
+and heads, post-processing in fp32."""
 from typing import Optional
 
 import torch
@@ -7,17 +8,10 @@ from mmengine.registry import HOOKS
 
 from ...deploy.precision import amp_dtype, enable_inference_autocast
 
-"""Mixed precision at test time (``tools/test.py --amp``, ``tools/infer.py --amp``): autocast
-in the backbone, neck and heads, post-processing in fp32. Which precision ``--amp`` runs is
-:mod:`poolformer_mm.deploy.precision`'s decision.
-"""
-
-
-
 
 @HOOKS.register_module()
 class InferenceAutocastHook(Hook):
-    """``tools/test.py --amp``: the network parts of the model under autocast in the test loop
+    """The network parts of the model under autocast in the test loop
     (:func:`enable_inference_autocast`), in ``dtype`` (default: fp16 on a GPU, bf16 on a CPU).
 
     mmengine's ``TestLoop(fp16=True)`` would wrap the whole ``test_step``, post-processing

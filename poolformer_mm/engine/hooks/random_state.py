@@ -1,15 +1,8 @@
 """Checkpoints that carry the random number generators, so a resumed run continues exactly.
 
-mmengine 0.10.7 saves weights, optimizer, schedulers and the message hub, but no random state: a
-resumed run re-seeds from ``randomness.seed`` and then draws dropout masks (torch) and, with data
-loader workers 0, the random resize/crop/flip of the pipeline (numpy, python ``random``) from the
-start of the sequence again. With ``randomness.deterministic=True`` the run is then reproducible
-but not the one that was interrupted.
-
-:class:`RandomStateHook` stores torch's CPU (and current CUDA device's) generator, numpy's legacy
-global generator and python's ``random`` in every checkpoint, for each process of a distributed
-run, and puts them back when training resumes, at the point of the loop where the uninterrupted
-run stood when it wrote the checkpoint.
+mmengine 0.10.7 saves no random state: a resumed run re-seeds from ``randomness.seed`` and draws
+dropout masks (torch) and, with data loader workers 0, the random resize/crop/flip of the
+pipeline (numpy, python ``random``) from the start of the sequence again.
 """
 import random
 from typing import Callable, Optional
@@ -25,11 +18,8 @@ CHECKPOINT_KEY = 'random_state'
 
 
 def get_random_state() -> dict:
-    """This process's generator states, as types ``torch.load(weights_only=True)`` accepts.
-
-    Tensors, ints, floats, strings and lists only, so the weights-only allow-list of
-    :mod:`poolformer_mm.checkpoint_io` needs no new entry.
-    """
+    """This process's generator states as tensors, numbers, strings and lists only, which
+    ``torch.load(weights_only=True)`` accepts without a new allow-list entry."""
     name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     version, py_state, gauss_next = random.getstate()
     state = dict(
@@ -57,11 +47,8 @@ def set_random_state(state: dict) -> None:
 
 class _RestoreAfterFastForward:
     """Stands in for ``IterBasedTrainLoop.dataloader_iterator`` while a resumed loop skips the
-    batches it has already trained on, and restores the random state right after the skip.
-
-    The skip runs the data pipeline ``iter`` times (its random draws included), so the state must
-    be put back after it, just before the first new batch is loaded; no hook runs in between.
-    """
+    batches it has already trained on (running the pipeline and its random draws), and restores
+    the random state right after the skip: no hook runs in between."""
 
     def __init__(self, loop: IterBasedTrainLoop, skip: int, restore: Callable[[], None]):
         self._loop, self._iterator = loop, loop.dataloader_iterator
@@ -81,26 +68,16 @@ class _RestoreAfterFastForward:
 
 @HOOKS.register_module()
 class RandomStateHook(Hook):
-    """Save the random generators with each checkpoint and restore them on ``--resume``.
+    """Save the random generators of every process with each checkpoint
+    (``random_state=dict(world_size=N, ranks=[...])``) and restore each rank's on ``--resume``.
 
-    * Saving: the checkpoint gets ``random_state=dict(world_size=N, ranks=[state of rank 0,
-      ...])``. mmengine builds and writes checkpoints on rank 0 only (``Runner.save_checkpoint``
-      is ``master_only``), so in a distributed run the ranks' states are gathered beforehand, by
-      all ranks, when a :class:`~mmengine.hooks.CheckpointHook` is due to save (this hook runs
-      just before it) and before each validation (for ``save_best``).
-    * Restoring: each rank its own state. Epoch-based loops at ``before_train`` (the next epoch's
-      sampler, data loader and workers are all set up after it); iteration-based loops right
-      after mmengine has advanced the data loader past the trained batches (see
-      :class:`_RestoreAfterFastForward`).
-    * Validation leaves the training random state as it found it. Otherwise the data loader of a
-      validation run right after a checkpoint (the usual ``val_interval`` equal to the checkpoint
-      interval) would move torch's generator in the uninterrupted run only.
-
-    Exact for the random state of the training processes. Not covered: persistent data loader
-    workers of epoch-based loops (their state lives in the worker processes; a warning says so),
-    checkpoints written in the middle of an epoch of an epoch-based loop (mmengine restarts that
-    epoch from its first batch) and resuming with another number of processes (a warning says
-    the state is not restored).
+    Only rank 0 writes checkpoints, so the ranks' states are gathered, by all ranks, when a
+    ``CheckpointHook`` is due to save and before each validation (for ``save_best``). They are
+    restored at ``before_train`` for epoch-based loops, and right after mmengine has skipped the
+    trained batches for iteration-based ones. Validation leaves the training random state as it
+    found it (one right after a checkpoint runs in the uninterrupted run only). Not covered (a
+    warning says so where it can): persistent workers of epoch-based loops, checkpoints in the
+    middle of an epoch, and resuming with another number of processes.
     """
     # Just before CheckpointHook (VERY_LOW, 90) so the states are gathered before it saves, and
     # after all hooks of higher priority in ``before_train``, so that what they draw does not
@@ -116,8 +93,7 @@ class RandomStateHook(Hook):
     # -- saving ------------------------------------------------------------------------------
     @staticmethod
     def _checkpoint_due(runner, by_epoch: bool) -> bool:
-        """Whether a CheckpointHook saves at this point (its own schedule, evaluated alike on all
-        ranks, so all of them enter the gather or none)."""
+        """Whether a CheckpointHook saves now (alike on all ranks: all gather, or none)."""
         for hook in runner.hooks:
             if not isinstance(hook, CheckpointHook) or hook.by_epoch != by_epoch:
                 continue
@@ -171,24 +147,19 @@ class RandomStateHook(Hook):
         where = f'iteration {loop.iter}' if isinstance(loop, IterBasedTrainLoop) \
             else f'epoch {loop.epoch}'
         rank, world_size = get_dist_info()
+        why = None
         if saved is None:
+            why = f'the checkpoint has no random state (written without {type(self).__name__})'
+        elif saved['world_size'] != world_size:
+            why = (f"the checkpoint's random state is that of {saved['world_size']} processes and "
+                   f'this run has {world_size} (resume with as many for an exact continuation)')
+        elif len(saved['ranks']) != world_size:
+            why = ('the checkpoint holds the random state of rank 0 only (it was saved outside '
+                   'the CheckpointHook schedule)')
+        if why:
             runner.logger.warning(
-                f'the checkpoint has no random state (written without {type(self).__name__}): '
-                'dropout and data augmentation of the resumed run start over from '
-                "randomness.seed and differ from those of an uninterrupted run")
-            return
-        if saved['world_size'] != world_size:
-            runner.logger.warning(
-                f"the checkpoint's random state is that of {saved['world_size']} processes and "
-                f'this run has {world_size}: random state not restored, the resumed run differs '
-                'from an uninterrupted one (resume with the number of processes it was written '
-                'with for an exact continuation)')
-            return
-        if len(saved['ranks']) != world_size:
-            runner.logger.warning(
-                'the checkpoint holds the random state of rank 0 only (it was saved outside the '
-                'CheckpointHook schedule): random state not restored, the resumed run differs '
-                'from an uninterrupted one')
+                f'{why}: random state not restored, so dropout and data augmentation of the '
+                'resumed run start over from randomness.seed and differ from an uninterrupted run')
             return
         state = saved['ranks'][rank]
 

@@ -11,14 +11,9 @@ from mmengine.registry import HOOKS
 
 @HOOKS.register_module()
 class SegPicturesHook(Hook):
-    """Draw every test image's prediction (next to its ground truth, as mmseg draws them) into
-    ``out_dir`` as ``<image name>.png`` (lossless, so the class colours stay exact), as
-    ``tools/infer.py`` names its pictures.
-
-    mmseg's ``SegVisualizationHook`` writes through the visualiser's storage backends, which nest
-    the files under ``<save_dir>/vis_data/vis_image/`` and rename them ``test_<name>_<step>.png``;
-    mmdet's hook writes ``<test_out_dir>/<image name>``. This hook gives segmentation the mmdet
-    behaviour, so ``--show-dir`` means the same folder for both tasks.
+    """Draw every test image's prediction (next to its ground truth) into ``out_dir`` as
+    ``<image name>.png`` (lossless), as mmdet's hook and ``tools/infer.py`` do; mmseg's nests
+    them under ``<save_dir>/vis_data/vis_image/`` as ``test_<name>_<step>.png``.
 
     Args:
         out_dir (str): Folder for the pictures (created when missing).
