@@ -1,14 +1,6 @@
-"""The PoolFormer implementations a user would pick instead of this one, with the same weights.
-
-* ``timm``: ``timm.create_model('poolformer_<arch>', features_only=True)`` (the stages' outputs,
-  without the output norms of the detection and segmentation models);
-* ``mmpretrain``: ``mmpretrain.models.PoolFormer`` with the output norms of the four stages.
-
-Neither is a dependency: :func:`peer_backbone` returns None and the reason when one is not
-installed or does not import. The weights are copied from this project's backbone by matching
-tensors, after reading the peer's own random weights through this project's checkpoint
-conversion, so no layout table is written twice.
-"""
+"""The PoolFormers a user would pick instead of this one, with the same weights: timm's
+(``features_only``: the stages' outputs without output norms) and mmpretrain's. Neither is a
+dependency: :func:`peer_backbone` says why one is missing."""
 import importlib
 import re
 from typing import Dict, Optional, Tuple
@@ -23,12 +15,9 @@ PEERS = {'timm': ('timm', '1.0.31'), 'mmpretrain': ('mmpretrain.models', '1.2.0'
 
 
 def install_hint(name: str) -> str:
-    """The command that installs peer ``name`` beside this environment's torch. Both peers
-    need torchvision; with torch left free, pip takes the newest torchvision and the newer torch
-    it requires, which the installed mmcv was not built against (seen: torch 2.13 replaced by
-    2.14, a CUDA build of several GB). A torch with a local build tag (``2.13.0+cpu``) comes
-    from PyTorch's own index, where the torchvision of that build is too; PyPI's is built for
-    PyPI's torch and does not import beside it."""
+    """The command that installs peer ``name`` (and torchvision) keeping this torch, which pip
+    would replace by a newer one the installed mmcv was not built for; a ``+cpu`` torch takes
+    torchvision from PyTorch's index (PyPI's is built for PyPI's torch)."""
     version, _, build = torch.__version__.partition('+')
     if build and not re.fullmatch(r'cpu|cu\d+|rocm[\d.]+|xpu', build):
         return (f'build torchvision against this torch {torch.__version__} (a local build, '
@@ -80,10 +69,8 @@ def _fingerprint(tensor: torch.Tensor) -> tuple:
 
 
 def copy_weights_by_value(peer: nn.Module, backbone: nn.Module) -> None:
-    """Load ``backbone``'s weights into ``peer``: the peer's state dict, converted to this
-    project's names, pairs each peer tensor with one of ``backbone``'s (by its values, which
-    the conversion keeps); every backbone weight but the output norms (timm's features have
-    none) must find its peer tensor."""
+    """Load ``backbone``'s weights into ``peer``, pairing tensors by value through this project's
+    checkpoint conversion of the peer's own (random) weights: no layout table written twice."""
     with torch.no_grad():
         generator = torch.Generator().manual_seed(0)
         for tensor in peer.state_dict().values():  # distinct values to pair by

@@ -253,22 +253,19 @@ def test_ort_infer_draws_without_torch(segmentor, detector, toy_images, tmp_path
 
 
 def test_benchmark_times_onnx_runtime_against_pytorch(segmentor):
-    from poolformer_mm.analysis.benchmark import (
-        float_output_differences,
-        inference_step,
-        measure,
-        onnx_variants,
-    )
+    import runpy
+
+    from poolformer_mm.analysis import benchmark
     _, _, path, checkpoint = segmentor
-    variants = onnx_variants(SEG_CONFIG, path, checkpoint, threads=1)
-    assert list(variants) == ['eager', 'deploy', 'onnxruntime']
-    inputs = torch.randn(1, 3, *SHAPE)
-    results = measure(variants, inference_step(inputs), warmup=0, repeat=1, memory=False)
+    args = runpy.run_path('tools/analysis/benchmark.py')['parse_args'](
+        ['--config', SEG_CONFIG, '--onnx', path, '--checkpoint', checkpoint, '--threads', '1'])
+    variants, steps, compared, size = benchmark.build(args, [])
+    assert list(variants) == ['eager', 'deploy', 'onnxruntime'] and size == SHAPE
+    results = benchmark.measure(variants, steps, warmup=0, repeat=1)
     assert all(len(m.latency_ms) == 1 and m.latency_ms[0] > 0 for m in results.values())
-    float_output_differences(variants, inputs, results)
+    benchmark.compare(args, variants, compared, results)
     assert results['eager'].max_abs_diff == 0
     assert 0 < results['onnxruntime'].max_rel_diff < 1e-4  # the logits of another runtime
-
 
 
 def test_benchmark_refuses_an_export_of_the_other_task(segmentor):
@@ -352,8 +349,8 @@ def test_benchmark_times_a_dynamic_export_at_its_size_and_compares_only_the_same
     assert row.split()[-2:] == ['-', '-']
     assert ('onnxruntime: outputs not compared: without --checkpoint (the weights it was '
             'exported with) the PyTorch variants have random weights') in random_weights.stdout
-    # ONNX Runtime's arena keeps its memory: no peak of its own to show
-    assert row.split()[5] == '-' and 'peak memory not measured' in random_weights.stdout
+    # each variant's peak, ONNX Runtime's too, in a process of its own
+    assert float(row.split()[5]) >= 0
 
     odd = _benchmark('--config', SEG_CONFIG, '--onnx', path, '--shape', '100', '70')
     assert odd.returncode == 1
@@ -413,9 +410,6 @@ def test_int8_quantisation_keeps_metadata_and_most_pixels(segmentor, quantize_to
     agreement = (fp32.run(['output'], {'input': inputs})[0]
                  == int8.run(['output'], {'input': inputs})[0]).mean()
     assert agreement >= 0.9  # int8 changes a few pixels, no more
-    # the benchmark says that its differences from fp32 are those of quantisation
-    from poolformer_mm.analysis.benchmark import _is_quantized
-    assert _is_quantized(out) and not _is_quantized(segmentor[2])
 
 
 @pytest.mark.parametrize('flags, choice, expected', [

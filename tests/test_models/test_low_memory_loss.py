@@ -1,6 +1,7 @@
 """The low-memory segmentation loss computes mmseg's cross-entropy exactly, without keeping
 full-resolution tensors for the backward pass. Memory is measured by
 tools/analysis/benchmark.py, not asserted here."""
+import copy
 import importlib
 import re
 import subprocess
@@ -124,19 +125,14 @@ def _build(cfg):
 
 
 def test_low_memory_head_gives_fpn_head_loss_and_gradients():
-    from poolformer_mm.analysis.benchmark import (
-        segmentation_batch,
-        segmentor_variants,
-        upstream_model,
-    )
+    from poolformer_mm.analysis.benchmark import model_variants, training_batch
     config = 'configs/segmentation/toy/fpn_poolformer_s12_toy.py'
-    ours = segmentor_variants(config, ['fast'])['fast']
-    mmseg_head = upstream_model(config)
-    mmseg_head.load_state_dict(ours.state_dict())
-    mmseg_head.backbone.set_fast_path(True)
+    # the benchmark's 'reference' is the paper's model: mmseg's heads, the same weights
+    ours, mmseg_head = model_variants(config, ['fast', 'reference']).values()
+    mmseg_head.backbone = copy.deepcopy(ours.backbone)  # only the heads differ
     assert type(ours.decode_head).__name__ == 'LowMemoryFPNHead'
     assert type(mmseg_head.decode_head).__name__ == 'FPNHead'
-    data = segmentation_batch(ours, 80, 96, batch=2, num_classes=4)
+    data = training_batch(ours, 80, 96, batch=2)
     grads, losses = [], []
     for model in (mmseg_head, ours):
         model.train()
