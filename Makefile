@@ -12,12 +12,13 @@ install:
 demo: install
 	$(PY) tools/demo.py
 
+# Two workers (pytest-xdist); the tests of a file share a worker and its module fixtures.
 test: install
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -n 2 --dist loadfile
 
-# Skips the end-to-end and training runs marked slow (CI runs everything).
+# Skips the tests marked slow: training runs, tool runs in a subprocess (CI runs everything).
 test-fast: install
-	$(PY) -m pytest tests -m "not slow"
+	$(PY) -m pytest tests -m "not slow" -n 2 --dist loadfile
 
 # Lint and import order (configuration in pyproject.toml); CI runs it before the tests.
 lint: install

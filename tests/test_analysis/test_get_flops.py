@@ -23,6 +23,7 @@ def backbones_at_224():
     return {arch: backbone_complexity(arch, 224) for arch in PAPER_MACS_G}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('arch, macs_g', PAPER_MACS_G.items())
 def test_backbone_macs_at_224_round_to_the_paper(backbones_at_224, arch, macs_g):
     assert round(backbones_at_224[arch].macs_g, 1) == macs_g
@@ -63,6 +64,7 @@ def test_classifier_and_dense_backbone_differ_by_far_less_than_the_rounding(back
     ('configs/detection/retinanet_poolformer_s12.py', 21_653_044),
     ('configs/segmentation/fpn_poolformer_s12.py', 15_669_846),
 ])
+@pytest.mark.slow
 def test_whole_model_parameters_match_the_paper_and_macs_exceed_the_backbone(
         backbones_at_224, config, params):
     # Parameters do not depend on the input; a small image keeps the trace quick.

@@ -81,6 +81,7 @@ def test_tools_test_refuses_an_s24_checkpoint_on_the_s12_config(tmp_path, toy_co
     assert 'Test metrics' not in message
 
 
+@pytest.mark.slow
 def test_tools_test_refuses_a_segmentor_checkpoint_on_a_detector_config(tmp_path, toy_coco,
                                                                         build_model):
     checkpoint = _saved_model(build_model, TOY_FPN, tmp_path / 'fpn.pth')
@@ -90,6 +91,7 @@ def test_tools_test_refuses_a_segmentor_checkpoint_on_a_detector_config(tmp_path
                      '--work-dir', str(tmp_path / 'w')])
 
 
+@pytest.mark.slow
 def test_tools_test_accepts_its_own_checkpoint_with_an_ema_copy(tmp_path, toy_coco, build_model):
     checkpoint = _saved_model(build_model, TOY_RETINANET, tmp_path / 's12.pth')
     metrics = run_testing([TOY_RETINANET, checkpoint, '--data-root', toy_coco,
@@ -97,6 +99,7 @@ def test_tools_test_accepts_its_own_checkpoint_with_an_ema_copy(tmp_path, toy_co
     assert 'coco/bbox_mAP' in metrics
 
 
+@pytest.mark.slow
 def test_infer_refuses_a_checkpoint_of_another_arch(tmp_path, build_model):
     ade = make_toy_ade(str(tmp_path / 'ade'), num_train=1, num_val=1)
     checkpoint = _saved_model(build_model, TOY_FPN, tmp_path / 'fpn_s24.pth',

@@ -98,6 +98,7 @@ def det_results(checkpoints, images, tmp_path_factory):
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('config', DETECTORS)
 def test_det_inferencer_reads_the_classes_saved_with_the_weights(det_results, config):
     inferencer, _, _ = det_results[config]
@@ -141,6 +142,7 @@ def test_det_inferencer_draws_every_image_into_out_dir(det_results, images, conf
         assert (picture != cv2.imread(image)).any()  # something is drawn on it
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('config', DETECTORS)
 def test_det_inferencer_predicts_what_inference_detector_predicts(
         det_results, checkpoints, images, config):
@@ -166,6 +168,7 @@ def seg_results(checkpoints, images, tmp_path_factory):
     return inferencer, inferencer(images['mmseg'], out_dir=str(out_dir)), out_dir
 
 
+@pytest.mark.slow
 def test_seg_inferencer_reads_the_classes_saved_with_the_weights(seg_results):
     inferencer, _, _ = seg_results
     assert inferencer.model.dataset_meta['classes'] == ('sky', 'tree', 'grass', 'water', 'road')
@@ -272,6 +275,7 @@ def _folded_blocks(model):
     return sum(isinstance(module, DeployPoolFormerBlock) for module in model.backbone.modules())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('config', [TOY_RETINANET, TOY_FPN])
 def test_deploy_inferencer_folds_the_backbone_and_predicts_the_same(checkpoints, images, config):
     task = Config.fromfile(config).default_scope
@@ -291,6 +295,7 @@ def test_deploy_inferencer_folds_the_backbone_and_predicts_the_same(checkpoints,
                                    atol=1e-2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('config', [TOY_MASK_RCNN, TOY_FPN])
 def test_pictures_land_in_out_dir_as_png_named_after_the_image(tmp_path, checkpoints, images,
                                                                 config):
@@ -304,6 +309,7 @@ def test_pictures_land_in_out_dir_as_png_named_after_the_image(tmp_path, checkpo
     assert cv2.imread(written).shape == cv2.imread(image).shape
 
 
+@pytest.mark.slow
 def test_picture_is_the_one_the_inferencer_draws(tmp_path, checkpoints, images):
     # boxes only: mmdet jitters mask colours at random on every drawing
     image = images['mmdet'][0]

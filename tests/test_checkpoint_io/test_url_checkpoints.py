@@ -221,6 +221,7 @@ def _toy_fpn_training(work_dir, toy_ade, max_iters, *options):
             'train_dataloader.batch_size=2', *options]
 
 
+@pytest.mark.slow
 def test_load_from_url_with_payload_stops_training_before_the_code_runs(served, tmp_path,
                                                                       toy_ade):
     folder, base = served

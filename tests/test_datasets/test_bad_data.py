@@ -195,6 +195,7 @@ def test_batches_of_labels_ignored_everywhere_warn_once_then_count(tmp_path, ade
 # COCO annotations
 
 
+@pytest.mark.slow
 def test_coco_annotations_mmdet_drops_are_summarised_in_one_line(tmp_path, checkpoints):
     coco = make_toy_coco(str(tmp_path / 'coco'), num_train=1, num_val=2)
     path = osp.join(coco, 'annotations', 'instances_val.json')

@@ -87,6 +87,7 @@ def test_missing_segmentation_label_is_one_line_naming_it_through_workers(tmp_pa
     _error_line(_train_in_a_process(tmp_path, SEG, root), label, 'not found')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('config', [DET, SEG])
 def test_empty_or_truncated_training_image_is_named(tmp_path, config):
     root, image = _data_set(tmp_path, config)
@@ -103,6 +104,7 @@ def test_image_missing_from_the_annotation_file_is_named(tmp_path):
     _refused(tmp_path, DET, root, image, 'not found', 'remove its entry from the annotation file')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('damage', ['empty', 'truncated'])
 def test_damaged_segmentation_label_is_named(tmp_path, damage):
     root, _ = _data_set(tmp_path, SEG)

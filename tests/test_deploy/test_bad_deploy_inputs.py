@@ -138,6 +138,7 @@ def test_quantize_names_a_model_file_it_cannot_use(exports, name, content, messa
 
 
 # --------------------------------------------------------------------------- benchmark.py
+@pytest.mark.slow
 @needs_onnx
 def test_benchmark_refuses_an_export_with_metadata_removed(exports):
     path = edited(exports, 'seg', 'no_dynamic', dict(dynamic=None))
@@ -166,6 +167,7 @@ class RunsCode:
     ('class', 'refused to load'), ('reduce', 'refused to load'),
     ('truncated', 'is not a readable PyTorch checkpoint'), ('empty', 'not a readable'),
     ('folder', 'is a folder'), ('missing', 'not found')])
+@pytest.mark.slow
 def test_convert_names_a_checkpoint_it_cannot_use(tmp_path, kind, message):
     path, marker = tmp_path / f'{kind}.pth', tmp_path / 'code_ran'
     if kind == 'class':

@@ -92,6 +92,7 @@ def test_export_block_matches_the_folded_deploy_block():
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_exported_graphs_use_standard_onnx_ops_only(segmentor, detector):
     import onnx
     for path in (segmentor[2], detector[2]):
@@ -252,6 +253,7 @@ def test_ort_infer_draws_without_torch(segmentor, detector, toy_images, tmp_path
     assert expected in result.stdout
 
 
+@pytest.mark.slow
 def test_benchmark_times_onnx_runtime_against_pytorch(segmentor):
     import runpy
 
@@ -320,6 +322,7 @@ def _benchmark(*argv):
                        '--batch 1'),
     (['--shape', '96'], 'was exported for 64x64 inputs only; leave out --shape, or export '
                         'with --dynamic')])
+@pytest.mark.slow
 def test_benchmark_refuses_what_a_static_export_cannot_take(segmentor, tmp_path, argv, message):
     """A static export takes the batch and size it was exported with, and nothing is timed."""
     static = str(tmp_path / 'seg_static.onnx')
@@ -330,6 +333,7 @@ def test_benchmark_refuses_what_a_static_export_cannot_take(segmentor, tmp_path,
     assert 'median' not in result.stdout
 
 
+@pytest.mark.slow
 def test_benchmark_times_a_dynamic_export_at_its_size_and_compares_only_the_same_weights(
         segmentor):
     _, _, path, checkpoint = segmentor
@@ -372,6 +376,7 @@ def test_dynamic_export_of_pyramid_pooling_is_refused():
         export_onnx(model, cfg, 'unused.onnx', SHAPE, dynamic=True)
 
 
+@pytest.mark.slow
 def test_pytorch2onnx_exits_1_over_tolerance(segmentor, toy_images, tmp_path, capsys,
                                              monkeypatch):
     from poolformer_mm.deploy.onnx.verify import TOLERANCES
@@ -388,6 +393,7 @@ def quantize_tool():
     return runpy.run_path('tools/deployment/quantize_onnx.py')
 
 
+@pytest.mark.slow
 def test_int8_quantisation_keeps_metadata_and_most_pixels(segmentor, quantize_tool, tmp_path,
                                                           capsys):
     import onnx

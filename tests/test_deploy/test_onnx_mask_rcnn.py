@@ -52,6 +52,7 @@ def mask_rcnn(tmp_path_factory):
     return model, path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('shape', [SHAPE, SECOND_SHAPE], ids=['export_size', 'second_size'])
 def test_mask_rcnn_agrees_with_mmdet_in_onnx_runtime(mask_rcnn, image, shape):
     model, path = mask_rcnn
@@ -171,6 +172,7 @@ def test_compare_fails_when_a_pasted_mask_differs():
     assert result['mask_iou'] == pytest.approx(460 / 500) and not result['ok']
 
 
+@pytest.mark.slow
 def test_cascade_export_module_computes_mmdet_predict():
     """The cascade's export form in PyTorch: the same boxes, scores, labels and masks as mmdet
     (the ONNX file of the full-size cascade takes too long to export for this suite; the README

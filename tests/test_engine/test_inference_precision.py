@@ -569,6 +569,7 @@ def test_benchmark_times_whole_models_with_precisions_and_notes_missing_peers(tm
     assert 'pip install timm' in result.stdout
 
 
+@pytest.mark.slow
 def test_benchmark_refuses_an_unknown_precision_or_variant_in_one_line():
     import subprocess
     import sys
@@ -644,6 +645,7 @@ def test_benchmark_refuses_settings_it_cannot_run_before_anything_runs(
     assert f'error: {message}' in err.strip().splitlines()[-1] and err.count('error:') == 1
 
 
+@pytest.mark.slow
 def test_benchmark_refuses_what_it_cannot_time_with_the_reason():
     from poolformer_mm.analysis import benchmark
     resnet = Config(dict(model=dict(type='EncoderDecoder', backbone=dict(
@@ -675,6 +677,7 @@ def test_benchmark_refuses_what_it_cannot_time_with_the_reason():
             arch_variants()
 
 
+@pytest.mark.slow
 def test_benchmark_times_detector_training_with_checkpointing_and_leaves_out_what_cannot_run():
     from poolformer_mm.analysis import benchmark
     variants = benchmark.model_variants(TOY_RETINANET, ['fast', 'cp'], train=True)
@@ -689,6 +692,7 @@ def test_benchmark_times_detector_training_with_checkpointing_and_leaves_out_wha
         benchmark.onnx_variants(TOY_FPN, 'README.md')
 
 
+@pytest.mark.slow
 def test_benchmark_training_batch_has_the_asked_size_not_the_configs_crop():
     from poolformer_mm.analysis.benchmark import training_batch
     model = _model('configs/segmentation/fpn_poolformer_s12.py')
@@ -699,6 +703,7 @@ def test_benchmark_training_batch_has_the_asked_size_not_the_configs_crop():
     assert tuple(model.data_preprocessor.size) == (512, 512)  # given back
 
 
+@pytest.mark.slow
 def test_benchmark_differences_are_against_the_baseline_in_fp32_and_rows_name_precisions():
     from poolformer_mm.analysis import benchmark
     parse_args = _benchmark_tool()['parse_args']
@@ -773,6 +778,7 @@ def test_benchmark_says_bf16_is_emulated_on_a_cpu_without_bf16_units(monkeypatch
     assert benchmark.emulated_bf16_note(rates) is None
 
 
+@pytest.mark.slow
 def test_benchmark_says_to_train_upernet_with_a_batch_of_two():
     import subprocess
     import sys

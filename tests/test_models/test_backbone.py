@@ -108,6 +108,7 @@ def test_norm_eval_keeps_batchnorm_in_eval_mode():
     assert all(m.training for m in model.modules() if isinstance(m, nn.BatchNorm2d))
 
 
+@pytest.mark.slow
 def test_with_cp_gives_identical_outputs_and_gradients():
     torch.manual_seed(0)
     plain = PoolFormer('s12', drop_path_rate=0.0)

@@ -135,6 +135,7 @@ def toy_coco(tmp_path_factory):
     return make_toy_coco(str(tmp_path_factory.mktemp('data') / 'coco'), num_train=1, num_val=1)
 
 
+@pytest.mark.slow
 def test_tools_test_gives_the_same_metrics_and_predictions(released, toy_coco, tmp_path):
     results = {}
     for layout in ('ours', 'paper'):
@@ -164,6 +165,7 @@ def _predict(inferencer, image):
             if field in sample.pred_instances}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('config', [TOY_MASK_RCNN, TOY_FPN])
 def test_inferencers_predict_the_same_and_read_the_classes(released, config, tmp_path):
     """tools/infer.py's inferencer, on the paper's file; then the same inferencer with this
