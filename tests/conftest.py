@@ -4,6 +4,7 @@ Configs are named as users name them, relative to the repository (``configs/...`
 run with the repository as their working directory; anchoring the session there lets the suite
 start from any folder (``pytest /path/to/poolformer-mm/tests``).
 """
+import collections
 import contextlib
 import copy
 import os
@@ -15,6 +16,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(items):
+    """The files with the most slow tests first: under ``make test`` (two workers, a file's tests
+    on one) they then start early instead of running alone at the end."""
+    slow = collections.Counter(item.path for item in items if item.get_closest_marker('slow'))
+    items.sort(key=lambda item: -slow[item.path])
 
 
 @pytest.fixture(scope='session', autouse=True)
