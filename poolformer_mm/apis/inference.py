@@ -21,6 +21,7 @@ from ..models import check_neck_in_channels
 from ..models.checkpoint_fit import check_checkpoint_fits
 from ..utils.config import read_config, task_of
 from ..utils.errors import InputNotFoundError, InvalidInputError
+from ..visualization import keep_labels_apart
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
@@ -90,6 +91,7 @@ def init_inferencer(config: Union[str, Config], checkpoint: str, device: str = '
     # would only warn that it cannot save them.
     cfg.visualizer = dict(cfg.visualizer, vis_backends=[])
     if task_of(cfg) == 'mmdet':
+        keep_labels_apart(cfg)
         inferencer = DetInferencer(model=cfg, weights=checkpoint, device=device,
                                    show_progress=False)
     else:

@@ -67,7 +67,7 @@ def toy_image(task: str, folder: str) -> str:
         make_toy_ade(folder, num_train=0, num_val=1)
         return sorted(glob.glob(osp.join(folder, 'images', 'validation', '*')))[0]
     make_toy_coco(folder, num_train=0, num_val=1)
-    return sorted(glob.glob(osp.join(folder, 'val', '*')))[0]
+    return sorted(glob.glob(osp.join(folder, 'val2017', '*')))[0]
 
 
 # each figure of verify_onnx's result in the report's words, with its tolerance

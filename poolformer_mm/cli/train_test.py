@@ -27,7 +27,7 @@ from ..checkpoint_io import check_checkpoint_path
 from ..datasets.checks import check_data_roots, config_datasets, dataset_paths, override_data_root
 from ..deploy.precision import log_amp_dtype
 from ..engine.distributed import closing_process_group, prepare_cpu_distributed
-from ..engine.hooks.data_checks import add_data_checks
+from ..engine.hooks.data_checks import add_data_checks, check_coco_classes
 from ..engine.work_dir import (
     ConfigCopyRunner,
     check_writable,
@@ -51,6 +51,7 @@ from ..utils.config import (
     task_of,
 )
 from ..utils.errors import InvalidInputError
+from ..visualization import keep_labels_apart
 from .options import CheckedDictAction, add_amp_option
 
 
@@ -209,6 +210,7 @@ def _enable_visualization(cfg: Config, args) -> None:
         show_dir = osp.abspath(args.show_dir)
         if task_of(cfg) == 'mmdet':
             hook['test_out_dir'] = show_dir
+            keep_labels_apart(cfg)
         else:
             # mmseg's hook would nest them under vis_data/vis_image/ with changed names
             add_hooks(cfg, dict(type='SegPicturesHook', out_dir=show_dir))
@@ -334,6 +336,7 @@ def _refuse_empty_datasets(runner) -> None:
             while 'dataset' in dataset:
                 dataset = dataset['dataset']
             source = osp.join(dataset.get('data_root') or '', dataset.get('ann_file') or '')
+            check_coco_classes(dataset)  # raises when the file names none of the classes
             raise InvalidInputError(
                 f"the data set '{source}' has no usable samples: its annotation file lists no "
                 'images, or (training with filter_empty_gt=True) no image has an annotation. '

@@ -103,12 +103,13 @@ def _draw_coco_split(root: str, split: str, num_images: int, size: int,
 def make_toy_coco(root: str, num_train: int = 320, num_val: int = 16, image_size: int = 128,
                   seed: int = 0) -> str:
     """Write a COCO-format instance segmentation set of circles, squares and triangles to
-    ``root/{train,val}/*.png`` and ``root/annotations/instances_{train,val}.json``; return root.
+    ``root/{train2017,val2017}/*.png`` and ``root/annotations/instances_{train2017,val2017}.json``
+    (COCO 2017's names, so that ``--data-root`` points a stock COCO config at it); return root.
     """
     rng = np.random.default_rng(seed)
     os.makedirs(osp.join(root, 'annotations'), exist_ok=True)
-    _draw_coco_split(root, 'train', num_train, image_size, rng)
-    _draw_coco_split(root, 'val', num_val, image_size, rng)
+    _draw_coco_split(root, 'train2017', num_train, image_size, rng)
+    _draw_coco_split(root, 'val2017', num_val, image_size, rng)
     return root
 
 

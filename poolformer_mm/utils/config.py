@@ -12,10 +12,20 @@ SEGMENTATION_METRICS = ('mIoU', 'mDice', 'mFscore')
 
 
 def read_config(path: str) -> Config:
-    """``Config.fromfile(path)``, with one line for a path that is not a file."""
+    """``Config.fromfile(path)``, with one line for a path that is not a file.
+
+    A config whose ``model`` comes from an ``mmdet::`` or ``mmseg::`` base that sets no
+    ``default_scope`` (mmseg's ``_base_/models/*.py`` hold only the model) gets that scope, as
+    the whole upstream configs set it in their ``default_runtime.py``."""
     if not osp.isfile(path):
         raise InputNotFoundError(f"config file '{path}' not found: check the path")
-    return Config.fromfile(path)
+    cfg = Config.fromfile(path)
+    if cfg.get('default_scope') is None and isinstance(cfg.get('model'), dict):
+        # mmengine marks a dict read from a package's base with that package's _scope_
+        inherited = cfg.model.get('_scope_')
+        if inherited in ('mmdet', 'mmseg'):
+            cfg.default_scope = inherited
+    return cfg
 
 
 def task_of(cfg: Config) -> str:
@@ -23,7 +33,8 @@ def task_of(cfg: Config) -> str:
     scope = cfg.get('default_scope')
     if scope not in ('mmdet', 'mmseg'):
         raise InvalidInputError(f"config has default_scope={scope!r}; expected 'mmdet' or 'mmseg' "
-                                '(inherit an mmdet:: or mmseg:: base config)')
+                                "(inherit an mmdet:: or mmseg:: base config, or set "
+                                "default_scope='mmdet' / 'mmseg')")
     return scope
 
 

@@ -42,7 +42,7 @@ def _train_cfg(*argv):
 def test_eval_bbox_segm_sets_the_coco_metrics(checkpoint, toy_coco):
     cfg = _test_cfg(MASK_RCNN, checkpoint, '--eval', 'bbox', 'segm', '--data-root', toy_coco,
                     '--cfg-options', 'test_dataloader.dataset.ann_file=annotations/'
-                    'instances_val.json', 'test_dataloader.dataset.data_prefix.img=val/')
+                    'instances_val2017.json', 'test_dataloader.dataset.data_prefix.img=val2017/')
     assert cfg.test_evaluator.metric == ['bbox', 'segm']
     assert cfg.load_from == checkpoint
 
@@ -85,7 +85,7 @@ def test_data_root_override_moves_datasets_and_evaluator(toy_coco):
     cfg = _train_cfg(TOY_RETINANET, '--data-root', toy_coco)
     for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
         assert cfg[loader].dataset.data_root == toy_coco + '/'
-    assert cfg.val_evaluator.ann_file == toy_coco + '/annotations/instances_val.json'
+    assert cfg.val_evaluator.ann_file == toy_coco + '/annotations/instances_val2017.json'
     check_data_roots(cfg)  # complete now
 
 
@@ -177,7 +177,7 @@ def test_deploy_of_a_backbone_that_cannot_fold_is_a_clear_error():
 def test_tta_wraps_the_detector(toy_coco, checkpoint):
     cfg = _test_cfg(MASK_RCNN, checkpoint, '--tta', '--data-root', toy_coco,
                     '--cfg-options', 'test_dataloader.dataset.ann_file=annotations/'
-                    'instances_val.json', 'test_dataloader.dataset.data_prefix.img=val/')
+                    'instances_val2017.json', 'test_dataloader.dataset.data_prefix.img=val2017/')
     assert cfg.model.type == 'DetTTAModel' and cfg.model.module.type == 'MaskRCNN'
     assert cfg.test_dataloader.dataset.pipeline[-1].type == 'TestTimeAug'
 

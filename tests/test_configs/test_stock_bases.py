@@ -5,7 +5,11 @@ is told when a part of them is missing.
 Only the ``_base_`` line of a snippet changes. The backbone's ``init_cfg`` (the official release
 URL, whose loading ``test_official_weights.py`` covers) is dropped so that nothing downloads.
 """
+import hashlib
+import os
 import re
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -13,7 +17,9 @@ import pytest
 import torch
 from mmengine.config import Config
 
+from poolformer_mm.datasets import make_toy_ade, make_toy_coco
 from poolformer_mm.models import InChannelsError, MetaFormer, PoolFormer, check_neck_in_channels
+from poolformer_mm.utils.config import read_config
 from poolformer_mm.utils.errors import InvalidInputError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,10 +60,8 @@ def on_base(snippet: str, base: str) -> str:
 def load_config(tmp_path, text: str) -> Config:
     path = tmp_path / 'config.py'
     path.write_text(text)
-    cfg = Config.fromfile(str(path))
-    # mmseg's model bases carry no default_scope; a whole config gets it from default_runtime.py
-    cfg.setdefault('default_scope', 'mmseg' if 'mmseg::' in text else 'mmdet')
-    return cfg
+    # (mmseg's model bases set no default_scope: read_config takes it from the base)
+    return read_config(str(path))
 
 
 def _fewer_rois(cfg: Config) -> None:
@@ -151,6 +155,100 @@ def test_readme_snippet_trains_one_step_on_the_stock_base(snippet, base, tmp_pat
         else:
             assert param.grad is not None and torch.isfinite(param.grad).all(), name
     assert any(param.grad.abs().sum() > 0 for param in model.backbone.stem.parameters())
+
+
+# ------------------------------------------------------------------------- as written, by the tool
+def readme_block(marker: str) -> str:
+    found = re.findall(rf'<!-- {re.escape(marker)} -->\n```python\n(.*?)```', SNIPPET_PAGES, re.S)
+    assert len(found) == 1, marker
+    return found[0]
+
+
+# The shortest run of each kind of whole config on the toy sets (two iterations and a validation
+# of one image), as docs/user_guides/configs.md shows them.
+SHORT_RUN = {
+    'mmdet': ['train_cfg.max_epochs=1', 'train_dataloader.dataset.indices=4',
+              'train_dataloader.batch_size=2', 'val_dataloader.dataset.indices=1'],
+    'mmseg': ['train_cfg.max_iters=2', 'train_cfg.val_interval=2', 'train_dataloader.batch_size=2',
+              'val_dataloader.dataset.indices=1', 'default_hooks.checkpoint.interval=2'],
+}
+
+
+@pytest.fixture(scope='module')
+def toy_sets(tmp_path_factory):
+    root = tmp_path_factory.mktemp('toy')
+    return dict(mmdet=make_toy_coco(str(root / 'coco'), num_train=4, num_val=1),
+                mmseg=make_toy_ade(str(root / 'ade'), num_train=4, num_val=1))
+
+
+@pytest.fixture
+def cached_release_weights(tmp_path):
+    """The file the snippets' init_cfg URL names, in the torch hub cache of a TORCH_HOME of the
+    test's own, where a user who has run a config before has it (nothing downloads in tests)."""
+    url = 'https://github.com/sail-sg/poolformer/releases/download/v1.0/poolformer_s12.pth.tar'
+    cache = tmp_path / 'torch_home' / 'hub' / 'checkpoints'
+    cache.mkdir(parents=True)
+    name = f'{hashlib.sha256(url.encode()).hexdigest()[:8]}-{url.rsplit("/", 1)[1]}'
+    torch.manual_seed(0)
+    torch.save(PoolFormer('s12').state_dict(), cache / name)
+    return dict(os.environ, TORCH_HOME=str(tmp_path / 'torch_home'))
+
+
+def train_tool(config, data_root, options, env):
+    return subprocess.run(
+        [sys.executable, str(REPO / 'tools' / 'train.py'), str(config), '--data-root', data_root,
+         '--work-dir', str(config.parent / 'work'), '--cfg-options', *options],
+        cwd=config.parent, env=env, capture_output=True, text=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['intro', 'mmdet', 'mmseg', 'mmseg-no-neck'])
+def test_snippet_trains_as_written_through_the_training_tool(name, tmp_path, toy_sets,
+                                                             cached_release_weights):
+    """Each snippet as written in a file of its own, trained by tools/train.py on the toy sets
+    the way docs/user_guides/configs.md says (for the COCO bases: with its override config
+    naming the toy classes), with no scope or setting added by the test."""
+    task = 'mmseg' if name.startswith('mmseg') else 'mmdet'
+    config = tmp_path / ('my_fpn.py' if task == 'mmseg' else 'my_faster_rcnn.py')
+    config.write_text(readme_snippet(name))
+    if task == 'mmdet':
+        override = readme_block('toy override: coco')
+        assert "_base_ = './my_faster_rcnn.py'" in override
+        config = tmp_path / 'toy.py'
+        config.write_text(override)
+    result = train_tool(config, toy_sets[task], SHORT_RUN[task], cached_release_weights)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    work = tmp_path / 'work'
+    assert sorted(p.name for p in work.glob('*.pth')) == (
+        ['epoch_1.pth'] if task == 'mmdet' else ['iter_2.pth'])
+    assert re.search(r'\((train)\) .*? loss: \d+\.\d+', output), output[-3000:]
+    # the backbone started from the cached release file (the intro snippet names none)
+    if name != 'intro':
+        assert 'poolformer_s12.pth.tar' in output
+
+
+@pytest.mark.slow
+def test_coco_config_on_a_set_of_other_classes_says_to_name_them(tmp_path, toy_sets,
+                                                                 cached_release_weights):
+    config = tmp_path / 'my_faster_rcnn.py'
+    config.write_text(readme_snippet('mmdet'))
+    result = train_tool(config, toy_sets['mmdet'], SHORT_RUN['mmdet'], cached_release_weights)
+    assert result.returncode != 0
+    assert ("instances_train2017.json' has the categories ('circle', 'square', 'triangle'), none "
+            "of which is among the classes of the config's data set ('person', 'bicycle', 'car', "
+            "'motorcycle', 'airplane', ... 80 in all): mmdet would use none of its annotations. "
+            'Name them in each data set of the config: '
+            "metainfo=dict(classes=('circle', 'square', 'triangle'))") in result.stderr, \
+        result.stderr[-3000:]
+
+
+def test_model_only_base_gets_the_scope_of_the_package_it_comes_from(tmp_path):
+    snippet = on_base(readme_snippet('mmseg'), 'mmseg::_base_/models/fpn_r50.py')
+    path = tmp_path / 'config.py'
+    path.write_text(snippet)
+    assert Config.fromfile(str(path)).get('default_scope') is None  # as mmengine reads it
+    assert read_config(str(path)).default_scope == 'mmseg'
 
 
 # ------------------------------------------------------------------------- what users are told

@@ -198,7 +198,7 @@ def test_batches_of_labels_ignored_everywhere_warn_once_then_count(tmp_path, ade
 @pytest.mark.slow
 def test_coco_annotations_mmdet_drops_are_summarised_in_one_line(tmp_path, checkpoints):
     coco = make_toy_coco(str(tmp_path / 'coco'), num_train=1, num_val=2)
-    path = osp.join(coco, 'annotations', 'instances_val.json')
+    path = osp.join(coco, 'annotations', 'instances_val2017.json')
     with open(path) as f:
         content = json.load(f)
     good = content['annotations'][0]

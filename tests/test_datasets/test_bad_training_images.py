@@ -26,7 +26,7 @@ QUIET = ['train_dataloader.batch_size=2', 'train_dataloader.persistent_workers=F
 def _data_set(tmp_path, config):
     if config == DET:  # PNG images listed by a COCO annotation file
         root = make_toy_coco(str(tmp_path / 'coco'), num_train=4, num_val=1)
-        return root, os.path.join(root, 'train', '000002.png')
+        return root, os.path.join(root, 'train2017', '000002.png')
     root = make_toy_ade(str(tmp_path / 'ade'), num_train=4, num_val=1)  # JPEG images, PNG labels
     return root, os.path.join(root, 'images', 'training', 'ADE_training_00000003.jpg')
 

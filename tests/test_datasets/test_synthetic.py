@@ -26,7 +26,7 @@ def test_toy_coco_is_deterministic(tmp_path):
 
 def test_toy_coco_is_valid_coco_with_masks_matching_boxes(tmp_path):
     root = Path(make_toy_coco(str(tmp_path / 'coco'), num_train=6, num_val=2, image_size=96))
-    coco = COCO(str(root / 'annotations/instances_train.json'))
+    coco = COCO(str(root / 'annotations/instances_train2017.json'))
     assert [c['name'] for c in coco.loadCats(coco.getCatIds())] == list(TOY_COCO_CLASSES)
     assert len(coco.getImgIds()) == 6 and len(coco.getAnnIds()) >= 6
     for ann in coco.loadAnns(coco.getAnnIds()):
@@ -36,7 +36,7 @@ def test_toy_coco_is_valid_coco_with_masks_matching_boxes(tmp_path):
         assert abs(xs.min() - x) <= 1 and abs(ys.min() - y) <= 1
         assert abs(xs.max() + 1 - (x + w)) <= 1 and abs(ys.max() + 1 - (y + h)) <= 1
         assert mask.sum() == ann["area"]
-    image = cv2.imread(str(root / 'train' / coco.loadImgs(1)[0]['file_name']))
+    image = cv2.imread(str(root / 'train2017' / coco.loadImgs(1)[0]['file_name']))
     assert image.shape == (96, 96, 3)
 
 
@@ -44,9 +44,9 @@ def test_toy_coco_shapes_are_large_and_stand_out_from_their_background(tmp_path)
     """What makes the toy detection demo work from scratch in minutes: no box smaller than a
     fifth of the image side, and no shape in a colour close to the background around it."""
     root = Path(make_toy_coco(str(tmp_path / 'coco'), num_train=24, num_val=2))
-    coco = COCO(str(root / 'annotations/instances_train.json'))
+    coco = COCO(str(root / 'annotations/instances_train2017.json'))
     for image_info in coco.loadImgs(coco.getImgIds()):
-        image = cv2.imread(str(root / 'train' / image_info['file_name'])).astype(np.float32)
+        image = cv2.imread(str(root / 'train2017' / image_info['file_name'])).astype(np.float32)
         anns = coco.loadAnns(coco.getAnnIds(imgIds=image_info['id']))
         masks = [coco.annToMask(ann) for ann in anns]
         shapes = np.any(masks, axis=0)

@@ -174,7 +174,7 @@ def test_inferencers_predict_the_same_and_read_the_classes(released, config, tmp
         image = f"{make_toy_ade(str(tmp_path / 'ade'), 1, 1)}/images/validation/" \
                 'ADE_validation_00000001.jpg'
     else:
-        image = f"{make_toy_coco(str(tmp_path / 'coco'), 1, 1)}/val/000001.png"
+        image = f"{make_toy_coco(str(tmp_path / 'coco'), 1, 1)}/val2017/000001.png"
     inferencer = init_inferencer(config, released[config]['paper'])
     # the classes of the mmdet 2.x / mmseg 0.x meta (CLASSES, PALETTE)
     assert tuple(inferencer.model.dataset_meta['classes']) == released[config]['classes']

@@ -34,36 +34,36 @@ def _rewrite_annotations(root, split, **changes):
 
 
 def test_annotation_file_without_images_is_refused(tmp_path, coco):
-    _rewrite_annotations(coco, 'train', images=[], annotations=[])
-    with pytest.raises(ValueError, match=r"data set '.*annotations/instances_train.json' has no "
+    _rewrite_annotations(coco, 'train2017', images=[], annotations=[])
+    with pytest.raises(ValueError, match=r"data set '.*annotations/instances_train2017.json' has no "
                        'usable samples'):
         run_training([TOY_RETINANET, '--data-root', coco, '--work-dir', str(tmp_path / 'w'),
                       *ONE_EPOCH])
 
 
 def test_annotation_file_without_annotations_is_refused_for_training(tmp_path, coco):
-    _rewrite_annotations(coco, 'train', annotations=[])
+    _rewrite_annotations(coco, 'train2017', annotations=[])
     with pytest.raises(ValueError, match='no image has an annotation'):
         run_training([TOY_RETINANET, '--data-root', coco, '--work-dir', str(tmp_path / 'w'),
                       *ONE_EPOCH])
 
 
 def test_empty_annotation_file_is_refused(tmp_path, coco):
-    open(osp.join(coco, 'annotations', 'instances_train.json'), 'w').close()
-    with pytest.raises(ValueError, match=r"annotation file '.*instances_train.json' is empty"):
+    open(osp.join(coco, 'annotations', 'instances_train2017.json'), 'w').close()
+    with pytest.raises(ValueError, match=r"annotation file '.*instances_train2017.json' is empty"):
         run_training([TOY_RETINANET, '--data-root', coco, '--work-dir', str(tmp_path / 'w'),
                       *ONE_EPOCH])
 
 
 def test_missing_image_names_the_file(tmp_path, coco):
-    os.remove(osp.join(coco, 'train', '000002.png'))
+    os.remove(osp.join(coco, 'train2017', '000002.png'))
     with pytest.raises(FileNotFoundError, match='000002.png'):
         run_training([TOY_RETINANET, '--data-root', coco, '--work-dir', str(tmp_path / 'w'),
                       *ONE_EPOCH])
 
 
 def test_file_that_is_not_an_image_names_the_file(tmp_path, coco):
-    with open(osp.join(coco, 'train', '000003.png'), 'wb') as f:
+    with open(osp.join(coco, 'train2017', '000003.png'), 'wb') as f:
         f.write(b'this is not a png')
     with pytest.raises(Exception, match='failed to load image: .*000003.png'):
         run_training([TOY_RETINANET, '--data-root', coco, '--work-dir', str(tmp_path / 'w'),

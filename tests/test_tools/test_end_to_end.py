@@ -157,7 +157,7 @@ def test_inference_tool_writes_pictures_for_detection_and_segmentation(tmp_path)
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
     written = {}
-    for config, make, images in [(TOY_MASK_RCNN, make_toy_coco, 'val'),
+    for config, make, images in [(TOY_MASK_RCNN, make_toy_coco, 'val2017'),
                                  (TOY_FPN, make_toy_ade, 'images/validation')]:
         cfg = Config.fromfile(str(REPO / config))
         init_default_scope(cfg.default_scope)

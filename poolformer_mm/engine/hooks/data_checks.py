@@ -1,10 +1,12 @@
 """Hooks that report data a run would otherwise train on, or skip, without a word, and
 :func:`add_data_checks`, which adds them and the data loaders' checks to a config."""
 import json
+import os.path as osp
 from collections import Counter
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from mmdet.datasets import CocoDataset
+from mmdet.registry import DATASETS
 from mmengine.config import Config
 from mmengine.dist import is_main_process
 from mmengine.fileio import get_local_path
@@ -18,6 +20,7 @@ from torch import nn
 from ...datasets.checks import config_datasets
 from ...datasets.transforms import LoadCheckedAnnotations
 from ...utils.config import add_hooks, task_of
+from ...utils.errors import InvalidInputError
 
 
 @HOOKS.register_module()
@@ -89,11 +92,22 @@ class IgnoredLabelBatchHook(Hook):
         self._reset()
 
 
-def coco_annotation_summary(ann_file: str) -> Optional[str]:
+def coco_annotation_summary(ann_file: str, classes: Optional[Sequence[str]] = None
+                            ) -> Optional[str]:
     """One line naming the annotations of a COCO file that mmdet's ``CocoDataset`` drops
-    silently (unknown category or image ids, zero-area boxes, polygons of < 3 points), or None."""
+    silently (unknown category or image ids, categories not among ``classes``, zero-area boxes,
+    polygons of < 3 points), or None. A file none of whose categories is among ``classes``
+    raises: every annotation would be dropped."""
     with get_local_path(ann_file) as local_path, open(local_path) as f:
         content = json.load(f)
+    names = [category.get('name') for category in content.get('categories', [])]
+    unnamed = [name for name in names if classes is not None and name not in classes]
+    if names and len(unnamed) == len(names):
+        raise InvalidInputError(
+            f"annotation file '{ann_file}' has the categories {tuple(names)}, none of which is "
+            f'among the classes of the config\'s data set ({_shortened(classes)}): mmdet would '
+            'use none of its annotations. Name them in each data set of the config: '
+            f'metainfo=dict(classes={tuple(names)}) (docs/user_guides/configs.md)')
     categories = {category['id'] for category in content.get('categories', [])}
     images = {image['id'] for image in content.get('images', [])}
     annotations = content.get('annotations', [])
@@ -120,6 +134,11 @@ def coco_annotation_summary(ann_file: str) -> Optional[str]:
         shown = ', '.join(map(str, ids[:10])) + (', ...' if len(ids) > 10 else '')
         parts.append(f'{_plural(sum(unknown.values()), "annotation")} with category ids not in '
                      f'its categories (ids {shown})')
+    if unnamed:
+        named = {c['id'] for c in content['categories'] if c.get('name') not in unnamed}
+        skipped = sum(1 for ann in annotations if ann.get('category_id') in categories - named)
+        parts.append(f'{_plural(skipped, "annotation")} of categories the config\'s classes do not '
+                     f'name ({", ".join(map(str, unnamed[:10]))})')
     if unknown_image:
         parts.append(f'{_plural(unknown_image, "annotation")} of image ids not in its images')
     if zero_area:
@@ -132,6 +151,21 @@ def coco_annotation_summary(ann_file: str) -> Optional[str]:
     return (f"annotation file '{ann_file}' ({_plural(len(annotations), 'annotation')}): "
             f'{", ".join(parts)}. mmdet skips these without a word (they are neither trained on '
             'nor evaluated); fix or remove them in the file if they should count.')
+
+
+def check_coco_classes(dataset: dict) -> None:
+    """Raise when the local COCO annotation file of data set config ``dataset`` names none of
+    the classes of the data set (its ``metainfo``, or its type's): mmdet would find no sample."""
+    source = osp.join(dataset.get('data_root') or '', dataset.get('ann_file') or '')
+    classes = (dataset.get('metainfo') or {}).get('classes') or getattr(
+        DATASETS.get(dataset.get('type', '')), 'METAINFO', {}).get('classes')
+    if source.endswith('.json') and osp.isfile(source) and classes:
+        coco_annotation_summary(source, classes)
+
+
+def _shortened(names: Sequence[str]) -> str:
+    shown = ', '.join(map(repr, names[:5]))
+    return shown + (f', ... {len(names)} in all' if len(names) > 5 else '')
 
 
 def _plural(count: int, word: str) -> str:
@@ -166,7 +200,7 @@ class CocoAnnotationCheckHook(Hook):
             if not isinstance(dataset, CocoDataset) or not ann_file or ann_file in self._checked:
                 continue
             self._checked.add(ann_file)
-            summary = coco_annotation_summary(ann_file)
+            summary = coco_annotation_summary(ann_file, dataset.metainfo.get('classes'))
             if summary:
                 runner.logger.warning(summary)
 

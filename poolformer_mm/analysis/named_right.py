@@ -1,0 +1,46 @@
+"""Whether the boxes drawn on a detection picture name the shapes right: what a user sees in the
+pictures ``tools/test.py --show-dir`` draws, as one number."""
+from typing import List, Sequence
+
+import numpy as np
+from pycocotools.coco import COCO
+
+
+def _iou(boxes: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """IoU of every box in ``boxes`` (N, 4, x1y1x2y2) with every box in ``other`` (M, 4)."""
+    top_left = np.maximum(boxes[:, None, :2], other[None, :, :2])
+    bottom_right = np.minimum(boxes[:, None, 2:], other[None, :, 2:])
+    overlap = np.clip(bottom_right - top_left, 0, None).prod(axis=2)
+    area = (boxes[:, 2:] - boxes[:, :2]).prod(axis=1)
+    area_other = (other[:, 2:] - other[:, :2]).prod(axis=1)
+    return overlap / (area[:, None] + area_other[None, :] - overlap)
+
+
+def pictures_named_right(results: Sequence[dict], ann_file: str, score_thr: float,
+                         iou_thr: float = 0.5) -> List[bool]:
+    """For each result of ``tools/test.py --out`` (mmdet's dumped ``pred_instances``, boxes in
+    the original image), whether the picture drawn at ``score_thr`` is right: its drawn boxes and
+    the annotated objects pair one to one, each pair of the same class with IoU >= ``iou_thr``.
+    A missed object, a box on the background, a second box on one object or a wrong class each
+    make the picture wrong. Labels are the dataset's class indices (category order of the file).
+    """
+    coco = COCO(ann_file)
+    label_of = {cat_id: index for index, cat_id in enumerate(sorted(coco.getCatIds()))}
+    verdicts = []
+    for result in results:
+        annotations = coco.loadAnns(coco.getAnnIds(imgIds=[result['img_id']], iscrowd=False))
+        truth = np.array([[x, y, x + w, y + h] for x, y, w, h in
+                          (a['bbox'] for a in annotations)], np.float64).reshape(-1, 4)
+        truth_labels = np.array([label_of[a['category_id']] for a in annotations])
+        predicted = result['pred_instances']
+        drawn = np.asarray(predicted['scores']) >= score_thr
+        boxes = np.asarray(predicted['bboxes'], np.float64)[drawn].reshape(-1, 4)
+        labels = np.asarray(predicted['labels'])[drawn]
+        if len(boxes) != len(truth):
+            verdicts.append(False)
+            continue
+        matches = _iou(boxes, truth) >= iou_thr
+        matches &= labels[:, None] == truth_labels[None, :]
+        # one to one: each drawn box matches exactly one object and each object exactly one box
+        verdicts.append(bool((matches.sum(axis=0) == 1).all() and (matches.sum(axis=1) == 1).all()))
+    return verdicts
