@@ -18,6 +18,41 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+# The device the tests marked cuda run on: 'cuda', or 'cpu' to check their assertions on a
+# machine without a GPU (POOLFORMER_MM_TEST_DEVICE=cpu); they skip where it is 'cuda' and none is.
+TEST_DEVICE = os.environ.get('POOLFORMER_MM_TEST_DEVICE', 'cuda')
+GPU_REPORT = []  # (check, figure) lines that make test-gpu prints at the end
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker('cuda') and TEST_DEVICE == 'cuda':
+        import torch
+        if not torch.cuda.is_available():
+            pytest.skip('needs a CUDA GPU: torch.cuda.is_available() is False')
+
+
+@pytest.fixture(scope='session')
+def test_device():
+    """The device of the tests marked cuda (see TEST_DEVICE)."""
+    return TEST_DEVICE
+
+
+@pytest.fixture
+def gpu_report(request):
+    """``gpu_report(figure)``: one line of make test-gpu's report, under the test's name."""
+    return lambda figure: GPU_REPORT.append((request.node.name, figure))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not GPU_REPORT:
+        return
+    import torch
+    name = torch.cuda.get_device_name() if TEST_DEVICE.startswith('cuda') else 'CPU (forced)'
+    terminalreporter.section(f'CUDA paths on {name}, torch {torch.__version__}')
+    for check, figure in GPU_REPORT:
+        terminalreporter.write_line(f'{check}: {figure}')
+
+
 def pytest_collection_modifyitems(items):
     """The files with the most slow tests first: under ``make test`` (two workers, a file's tests
     on one) they then start early instead of running alone at the end."""

@@ -6,7 +6,8 @@ segmentors from scratch on the synthetic toy sets, through tools/train.py and to
 
 Writes the toy data, trains the toy RetinaNet (and Semantic FPN), tests each with the old-style
 --eval flag, draws the predictions with --show-dir, plots the training curves, and prints the
-metrics, how many pictures show boxes, and where the pictures and curves are. The training log
+metrics, how many detection pictures name every shape right, and where the pictures and
+curves are. The training log
 streams to the terminal as it is written (mmengine's lines carry an ETA).
 """
 import argparse
@@ -105,19 +106,23 @@ def run_job(task, work_root):
     where = osp.relpath(osp.dirname(pictures[0]), REPO) if pictures else show_dir
     if task == 'det':
         from mmengine.config import Config
+
+        from poolformer_mm.analysis.named_right import pictures_named_right
         cfg = Config.fromfile(osp.join(REPO, job['config']), import_custom_modules=False)
         threshold = cfg.default_hooks.visualization.score_thr  # that of the pictures
         with open(osp.join(REPO, predictions), 'rb') as f:
             results = pickle.load(f)
-        with_boxes = sum(bool((r['pred_instances']['scores'] >= threshold).any())
-                         for r in results)
+        right = sum(pictures_named_right(
+            results, osp.join(REPO, job['data_root'], 'annotations', 'instances_val2017.json'),
+            threshold))
         result = (f"bbox mAP {metrics['coco/bbox_mAP']:.3f}, "
-                  f"mAP50 {metrics['coco/bbox_mAP_50']:.3f}; {with_boxes} of {len(results)} "
-                  f'pictures show boxes (score >= {threshold})')
+                  f"mAP50 {metrics['coco/bbox_mAP_50']:.3f}; {right} of {len(results)} "
+                  f'pictures name every shape right (one box per shape, of its class, score >= '
+                  f'{threshold})')
     else:
         result = f"mIoU {metrics['mIoU']:.2f}, aAcc {metrics['aAcc']:.2f}"
     return [f"{job['config']}:", f'  {result}',
-            f'  {len(pictures)} pictures in {where}/',
+            f'  {len(pictures)} pictures in {where}/ (left: ground truth, right: prediction)',
             f'  training curves in {curves}']
 
 

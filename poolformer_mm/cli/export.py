@@ -37,6 +37,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         'PyTorch; exit code 1 over tolerance')
     parser.add_argument('--image', help='image for --verify (default: one of a toy set '
                         'written to a temporary folder)')
+    parser.add_argument('--device', default='cpu', help="trace the model on this device, e.g. "
+                        "'cuda:0' (--verify runs it in ONNX Runtime on the CPU, against the model "
+                        'on the CPU)')
     parser.add_argument('--cfg-options', nargs='+', action=CheckedDictAction,
                         help='override config settings, e.g. model.test_cfg.score_thr=0.3')
     return parser.parse_args(argv)
@@ -96,7 +99,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     refuse_symlinks([args.out], '--out')
     model, cfg = build_model(args.config, args.checkpoint, args.cfg_options)
     shape = tuple(args.shape) if args.shape else default_shape(cfg)
-    info = export_onnx(copy.deepcopy(model), cfg, args.out, shape, args.dynamic, args.logits)
+    info = export_onnx(copy.deepcopy(model).to(args.device), cfg, args.out, shape, args.dynamic,
+                       args.logits)
     print(f"wrote {args.out}: {info['task']}, input {shape[0]}x{shape[1]}"
           f"{' (dynamic)' if args.dynamic else ''}, outputs {', '.join(info['outputs'])}, "
           f"backbone {'folded' if info['backbone_folded'] else 'as trained (no folded form)'}")

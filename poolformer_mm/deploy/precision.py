@@ -18,6 +18,7 @@ values up to rounding.
 """
 import functools
 import logging
+from contextlib import contextmanager
 from typing import Optional, Tuple
 
 import torch
@@ -95,6 +96,19 @@ def _to_float(outputs):
     if isinstance(outputs, dict):
         return type(outputs)((k, _to_float(v)) for k, v in outputs.items())
     return outputs
+
+
+@contextmanager
+def float_outputs(*modules: Optional[torch.nn.Module]):
+    """Within the block, the outputs of ``modules`` (None skipped) come back in fp32: under a
+    whole-forward autocast, what mmcv's NMS and RoIAlign read (fp32 only) stays fp32."""
+    handles = [module.register_forward_hook(lambda _module, _args, outputs: _to_float(outputs))
+               for module in modules if module is not None]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _autocast_forward(self, *args, **kwargs):

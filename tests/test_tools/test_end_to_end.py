@@ -82,23 +82,37 @@ def test_detector_trains_resumes_and_tests(tmp_path, small_coco, config, metrics
 
 
 def test_toy_retinanet_learns(tmp_path):
-    """The demo's detection job as it runs (the toy set and recipe, about 8 minutes on 2 cores):
-    boxes on at least 14 of the 16 pictures at the score the pictures are drawn with (16 on
-    the machine it was tuned on), and a box mAP50 of at least 0.45 (0.55 there; an untrained
-    model has no box above mmdet's threshold at all). The margins allow for other CPUs and
-    thread counts, which sum in another order."""
+    """The demo's detection job as it runs (the toy set and recipe, about 5 minutes on 2 cores)
+    keeps the demo's promise on every CPU type: box mAP >= 0.5 and mAP50 >= 0.7, and at least
+    14 of the 16 pictures name every shape right (one box per shape, of its class, scoring at
+    least the pictures' 0.5). The recipe reaches more (docs/get_started.md): the margins allow
+    for other CPUs and thread counts, whose kernels sum in another order."""
     from mmengine.config import Config
+
+    from poolformer_mm.analysis.named_right import pictures_named_right
     cfg = Config.fromfile(str(REPO / TOY_RETINANET))
     data = make_toy_coco(str(tmp_path / 'coco'))
     work_dir = tmp_path / 'work'
     run_tool('tools/train.py', TOY_RETINANET, '--work-dir', work_dir, '--data-root', data)
+    # validated during training, so that the curves show progress
+    validations = [json.loads(line) for line in
+                   next(work_dir.glob('*/vis_data/scalars.json')).read_text().splitlines()
+                   if 'coco/bbox_mAP' in line]
+    assert len(validations) == cfg.train_cfg.max_epochs // cfg.train_cfg.val_interval >= 4
+    assert validations[-1]['coco/bbox_mAP'] > validations[0]['coco/bbox_mAP']
     checkpoint = work_dir / f'epoch_{cfg.train_cfg.max_epochs}.pth'
     predictions = tmp_path / 'predictions.pkl'
     trained = parse_test_metrics(run_tool('tools/test.py', TOY_RETINANET, checkpoint,
                                           '--data-root', data, '--eval', 'bbox', '--work-dir',
                                           work_dir, '--out', predictions))
-    assert trained['coco/bbox_mAP_50'] >= 0.45, trained
-    assert trained['coco/bbox_mAP'] >= 0.33, trained
+    assert trained['coco/bbox_mAP'] >= 0.5 and trained['coco/bbox_mAP_50'] >= 0.7, trained
+    with open(predictions, 'rb') as f:
+        results = pickle.load(f)
+    assert len(results) == 16
+    threshold = cfg.default_hooks.visualization.score_thr  # that of the pictures
+    assert threshold == 0.5
+    right = pictures_named_right(results, f'{data}/annotations/instances_val2017.json', threshold)
+    assert sum(right) >= 14, right
     # the fastest inference (folded backbone, channels-last neck and head, bf16 forced so
     # that CPUs without bf16 units test it too) keeps the box mAP within 0.5 points
     out = run_tool('tools/test.py', TOY_RETINANET, checkpoint, '--data-root', data, '--eval',
@@ -107,12 +121,6 @@ def test_toy_retinanet_learns(tmp_path):
     fast = parse_test_metrics(out)
     for metric in ('coco/bbox_mAP', 'coco/bbox_mAP_50'):
         assert fast[metric] == pytest.approx(trained[metric], abs=0.005), (metric, fast)
-    with open(predictions, 'rb') as f:
-        results = pickle.load(f)
-    assert len(results) == 16
-    threshold = cfg.default_hooks.visualization.score_thr  # that of the pictures
-    drawn = [(r['pred_instances']['scores'] >= threshold).any().item() for r in results]
-    assert sum(drawn) >= 14, [r['pred_instances']['scores'].max().item() for r in results]
 
 
 def test_semantic_fpn_trains_on_one_cpu_process_and_learns(tmp_path):

@@ -71,7 +71,7 @@ def parse_args(argv=None):
                         f"{', '.join(bench.MODEL_VARIANTS)}; optionally with a precision, "
                         'deploy:bf16 (default: reference fast deploy; in training reference '
                         'fast cp)')
-    parser.add_argument('--dtype', choices=['fp32', 'bf16'], default='fp32',
+    parser.add_argument('--dtype', choices=['fp32', 'bf16', 'fp16'], default='fp32',
                         help='the precision of variants named without one')
     side = at_least(SIDE, f' pixels (the backbone reduces its input {SIDE} times)')
     parser.add_argument('--shape', type=side, nargs='+', help='H [W] (default: 512; with '

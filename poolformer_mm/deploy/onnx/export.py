@@ -316,7 +316,7 @@ def export_onnx(model: nn.Module, cfg: Config, out: str, shape: Sequence[int] = 
     # The project's CPU fast paths (fused oneDNN kernels, in-place accumulation, one-pass
     # GroupNorm statistics) only run without autograd; tracing with an input that requires
     # grad keeps the whole graph on plain ops, which check_plain_ops then confirms.
-    dummy = torch.zeros(1, 3, *shape, requires_grad=True)
+    dummy = torch.zeros(1, 3, *shape, device=next(model.parameters()).device, requires_grad=True)
     # keep_initializers_as_inputs=True skips the exporter's deduplication of equal-valued
     # initializers, which in torch 2.13 leaves nodes reading a removed one (e.g. the equal folded
     # mixer scales of fresh blocks); they are taken out of the graph inputs afterwards.
