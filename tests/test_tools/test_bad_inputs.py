@@ -35,8 +35,8 @@ def _rewrite_annotations(root, split, **changes):
 
 def test_annotation_file_without_images_is_refused(tmp_path, coco):
     _rewrite_annotations(coco, 'train2017', images=[], annotations=[])
-    with pytest.raises(ValueError, match=r"data set '.*annotations/instances_train2017.json' has no "
-                       'usable samples'):
+    with pytest.raises(ValueError, match=r"data set '.*annotations/instances_train2017.json' has "
+                       'no usable samples'):
         run_training([TOY_RETINANET, '--data-root', coco, '--work-dir', str(tmp_path / 'w'),
                       *ONE_EPOCH])
 

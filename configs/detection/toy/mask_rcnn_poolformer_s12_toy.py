@@ -34,13 +34,15 @@ test_pipeline = [
 train_dataloader = dict(
     batch_size=2, num_workers=0, persistent_workers=False,
     dataset=dict(data_root=data_root, metainfo=metainfo, pipeline=train_pipeline,
-                 ann_file='annotations/instances_train2017.json', data_prefix=dict(img='train2017/')))
+                 ann_file='annotations/instances_train2017.json',
+                 data_prefix=dict(img='train2017/')))
 val_dataloader = dict(
     batch_size=4, num_workers=0, persistent_workers=False,
     dataset=dict(data_root=data_root, metainfo=metainfo, pipeline=test_pipeline,
                  ann_file='annotations/instances_val2017.json', data_prefix=dict(img='val2017/')))
 test_dataloader = val_dataloader
-val_evaluator = dict(ann_file=data_root + 'annotations/instances_val2017.json', metric=['bbox', 'segm'])
+val_evaluator = dict(ann_file=data_root + 'annotations/instances_val2017.json',
+                     metric=['bbox', 'segm'])
 test_evaluator = val_evaluator
 
 # From scratch on 48 images: batch 2 (more updates per minute), higher lr, short warm-up,

@@ -33,7 +33,8 @@ test_pipeline = [
 train_dataloader = dict(
     batch_size=4, num_workers=0, persistent_workers=False,
     dataset=dict(data_root=data_root, metainfo=metainfo, pipeline=train_pipeline,
-                 ann_file='annotations/instances_train2017.json', data_prefix=dict(img='train2017/')))
+                 ann_file='annotations/instances_train2017.json',
+                 data_prefix=dict(img='train2017/')))
 val_dataloader = dict(
     batch_size=4, num_workers=0, persistent_workers=False,
     dataset=dict(data_root=data_root, metainfo=metainfo, pipeline=test_pipeline,
