@@ -49,6 +49,6 @@ param_scheduler = [
     dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=20),
     dict(type='PolyLR', power=0.9, eta_min=0.0, begin=20, end=max_iters, by_epoch=False)
 ]
-train_cfg = dict(max_iters=max_iters, val_interval=max_iters)
+train_cfg = dict(max_iters=max_iters, val_interval=30)  # curves with four validations
 default_hooks = dict(logger=dict(interval=20), checkpoint=dict(interval=max_iters // 2))
 randomness = dict(seed=0)
