@@ -3,7 +3,8 @@
 mmdet's ``DetLocalVisualizer`` writes each box's label at the box's top-left corner, so two boxes
 that start near one another print their labels on top of each other ("circle: 44.3" and
 "triangle: 37.1" read as "44.3..7"). The tools draw detection pictures with the subclass here,
-which moves such a label down below the one drawn before it; everything else is mmdet's.
+which moves such a label down below the one drawn before it (and one that would run off the
+right edge to the left); everything else is mmdet's.
 """
 from mmdet.visualization import DetLocalVisualizer
 from mmengine.registry import VISUALIZERS
@@ -11,7 +12,8 @@ from mmengine.registry import VISUALIZERS
 
 @VISUALIZERS.register_module()
 class DetLabelsApartVisualizer(DetLocalVisualizer):
-    """``DetLocalVisualizer`` (same arguments) whose box labels never cover one another."""
+    """``DetLocalVisualizer`` (same arguments) whose box labels never cover one another and
+    stay inside the picture's right edge."""
 
     def set_image(self, image):
         super().set_image(image)
@@ -27,6 +29,9 @@ class DetLabelsApartVisualizer(DetLocalVisualizer):
         (x0, y1), (x1, y0) = to_pixels.transform(text.get_window_extent(renderer).get_points())
         x0, y0, x1, y1 = min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)
         gap = 2  # the label's background box is padded beyond the text
+        # a label that would run off the right edge moves left (a box near it cuts it short)
+        shift = min(max(x1 + gap - self.width, 0), x0)
+        x0, x1 = x0 - shift, x1 - shift
         top, moved = y0, True
         while moved:
             moved = False
@@ -34,7 +39,8 @@ class DetLabelsApartVisualizer(DetLocalVisualizer):
                 if x0 < a1 + gap and a0 < x1 + gap and y0 < b1 + gap and b0 < y1 + gap:
                     y0, y1 = b1 + 2 * gap, b1 + 2 * gap + (y1 - y0)
                     moved = True
-        text.set_y(text.get_position()[1] + y0 - top)
+        x, y = text.get_position()
+        text.set_position((x - shift, y + y0 - top))
         self._label_boxes.append((x0, y0, x1, y1))
         return self
 

@@ -106,6 +106,33 @@ def build_model():
     return _build_model_of
 
 
+def _detection_samples(size, labels=(0, 2)):
+    """Two mmdet training samples of ``size`` x ``size``, each with two boxes of ``labels`` and
+    their box-shaped masks."""
+    import torch
+    from mmdet.structures import DetDataSample
+    from mmdet.structures.mask import BitmapMasks
+    from mmengine.structures import InstanceData
+    samples = []
+    for shift in (0, size // 8):
+        boxes = torch.tensor([[0.06, 0.1, 0.56, 0.62], [0.32, 0.25, 0.94, 0.88]]) * size + shift / 2
+        masks = torch.zeros(2, size, size, dtype=torch.uint8)
+        for mask, (x1, y1, x2, y2) in zip(masks, boxes.int().tolist()):
+            mask[y1:y2, x1:x2] = 1
+        sample = DetDataSample(metainfo=dict(img_shape=(size, size), ori_shape=(size, size),
+                                             pad_shape=(size, size), scale_factor=(1., 1.)))
+        sample.gt_instances = InstanceData(bboxes=boxes, labels=torch.tensor(labels),
+                                           masks=BitmapMasks(masks.numpy(), size, size))
+        samples.append(sample)
+    return samples
+
+
+@pytest.fixture(scope='session')
+def detection_samples():
+    """:func:`_detection_samples`, for tests: ``detection_samples(64, labels=(1, 5))``."""
+    return _detection_samples
+
+
 @pytest.fixture(scope='session')
 def tta_wrapped():
     """:func:`_tta_wrapped`, for tests: ``tta_wrapped(model)``."""

@@ -87,24 +87,6 @@ def snippet_config(tmp_path, name: str, base: str) -> Config:
 
 
 # ------------------------------------------------------------------------- one training step
-def _detection_batch():
-    from mmdet.structures import DetDataSample
-    from mmdet.structures.mask import BitmapMasks
-    from mmengine.structures import InstanceData
-    samples = []
-    for shift in (0, 8):
-        boxes = torch.tensor([[4., 6., 36., 40.], [20., 16., 60., 56.]]) + shift / 2
-        masks = torch.zeros(2, SIZE, SIZE, dtype=torch.uint8)
-        for mask, (x1, y1, x2, y2) in zip(masks, boxes.int().tolist()):
-            mask[y1:y2, x1:x2] = 1
-        sample = DetDataSample(metainfo=dict(img_shape=(SIZE, SIZE), ori_shape=(SIZE, SIZE),
-                                             pad_shape=(SIZE, SIZE), scale_factor=(1., 1.)))
-        sample.gt_instances = InstanceData(bboxes=boxes, labels=torch.tensor([1, 5]),
-                                           masks=BitmapMasks(masks.numpy(), SIZE, SIZE))
-        samples.append(sample)
-    return samples
-
-
 def _segmentation_batch():
     from mmengine.structures import PixelData
     from mmseg.structures import SegDataSample
@@ -125,7 +107,8 @@ def _unread_output_norms(model) -> set:
 @pytest.mark.slow
 @pytest.mark.parametrize('snippet, base', [(name, base) for name, bases in STOCK_BASES.items()
                                            for base in bases])
-def test_readme_snippet_trains_one_step_on_the_stock_base(snippet, base, tmp_path, build_model):
+def test_readme_snippet_trains_one_step_on_the_stock_base(snippet, base, tmp_path, build_model,
+                                                          detection_samples):
     torch.manual_seed(0)
     cfg = snippet_config(tmp_path, snippet, base)
     _fewer_rois(cfg)
@@ -142,7 +125,8 @@ def test_readme_snippet_trains_one_step_on_the_stock_base(snippet, base, tmp_pat
     model.backbone.init_weights()
     model.train()  # the mmseg heads' SyncBN runs as BN in one process, as for one GPU
 
-    samples = _segmentation_batch() if snippet.startswith('mmseg') else _detection_batch()
+    samples = (_segmentation_batch() if snippet.startswith('mmseg') else
+               detection_samples(SIZE, labels=(1, 5)))
     images = [torch.randint(0, 256, (3, SIZE, SIZE), dtype=torch.uint8) for _ in samples]
     data = model.data_preprocessor(dict(inputs=images, data_samples=samples), True)
     loss, _ = model.parse_losses(model(**data, mode='loss'))

@@ -9,27 +9,10 @@ from poolformer_mm.engine.optim_wrapper import BF16AutocastOptimWrapper
 SIZE = 128
 
 
-def _detection_samples():
-    from mmdet.structures import DetDataSample
-    from mmdet.structures.mask import BitmapMasks
-    from mmengine.structures import InstanceData
-    samples = []
-    for shift in (0, 16):
-        boxes = torch.tensor([[8., 12., 72., 80.], [40., 32., 120., 112.]]) + shift / 4
-        masks = torch.zeros(2, SIZE, SIZE, dtype=torch.uint8)
-        for mask, (x1, y1, x2, y2) in zip(masks, boxes.int().tolist()):
-            mask[y1:y2, x1:x2] = 1
-        sample = DetDataSample(metainfo=dict(img_shape=(SIZE, SIZE), ori_shape=(SIZE, SIZE),
-                                             pad_shape=(SIZE, SIZE), scale_factor=(1., 1.)))
-        sample.gt_instances = InstanceData(bboxes=boxes, labels=torch.tensor([0, 2]),
-                                           masks=BitmapMasks(masks.numpy(), SIZE, SIZE))
-        samples.append(sample)
-    return samples
-
-
 @pytest.mark.parametrize('config', ['configs/detection/toy/mask_rcnn_poolformer_s12_toy.py',
                                     'configs/detection/toy/retinanet_poolformer_s12_toy.py'])
-def test_bf16_training_step_of_a_detector_runs_and_matches_fp32(config, build_model):
+def test_bf16_training_step_of_a_detector_runs_and_matches_fp32(config, build_model,
+                                                                detection_samples):
     torch.manual_seed(0)
     model = build_model(Config.fromfile(config))
     model.init_weights()
@@ -39,7 +22,7 @@ def test_bf16_training_step_of_a_detector_runs_and_matches_fp32(config, build_mo
     for name, wrapper in (('fp32', None), ('bf16', BF16AutocastOptimWrapper(
             torch.optim.SGD(model.parameters(), lr=0.0)))):
         torch.manual_seed(1)  # the same proposals sampled
-        data = model.data_preprocessor(dict(inputs=images, data_samples=_detection_samples()),
+        data = model.data_preprocessor(dict(inputs=images, data_samples=detection_samples(SIZE)),
                                        True)
         if wrapper is None:
             losses[name] = model.parse_losses(model(**data, mode='loss'))[1]

@@ -64,3 +64,13 @@ def test_only_mmdets_own_visualiser_is_swapped(given, used):
     cfg = Config(dict(visualizer=dict(type=given, name='visualizer', alpha=0.5)))
     keep_labels_apart(cfg)
     assert cfg.visualizer == dict(type=used, name='visualizer', alpha=0.5)
+
+
+def test_a_label_at_the_right_edge_moves_inside_the_picture():
+    visualizer = DetLabelsApartVisualizer(name='labels_edge')
+    instances = InstanceData(bboxes=torch.tensor([[100., 20., 127., 60.]]),
+                             labels=torch.tensor([1]), scores=torch.tensor([0.793]))
+    visualizer._draw_instances(np.full((128, 128, 3), 120, np.uint8), instances,
+                               ('circle', 'square', 'triangle'), None)
+    (x0, _, x1, _), = _label_boxes(visualizer)
+    assert x1 <= 128 and x0 >= 0
