@@ -9,6 +9,8 @@ right edge to the left); everything else is mmdet's.
 from mmdet.visualization import DetLocalVisualizer
 from mmengine.registry import VISUALIZERS
 
+from .utils.config import add_custom_imports
+
 
 @VISUALIZERS.register_module()
 class DetLabelsApartVisualizer(DetLocalVisualizer):
@@ -51,3 +53,4 @@ def keep_labels_apart(cfg) -> None:
     visualizer = cfg.get('visualizer')
     if visualizer and visualizer.get('type') in ('DetLocalVisualizer', 'mmdet.DetLocalVisualizer'):
         visualizer['type'] = 'DetLabelsApartVisualizer'
+        add_custom_imports(cfg, __name__)  # the config dumped to the work dir finds it

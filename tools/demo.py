@@ -114,7 +114,7 @@ def run_job(task, work_root):
             results = pickle.load(f)
         right = sum(pictures_named_right(
             results, osp.join(REPO, job['data_root'], 'annotations', 'instances_val2017.json'),
-            threshold))
+            threshold, cfg.test_dataloader.dataset.metainfo['classes']))
         result = (f"bbox mAP {metrics['coco/bbox_mAP']:.3f}, "
                   f"mAP50 {metrics['coco/bbox_mAP_50']:.3f}; {right} of {len(results)} "
                   f'pictures name every shape right (one box per shape, of its class, score >= '

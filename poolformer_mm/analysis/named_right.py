@@ -1,9 +1,10 @@
 """Whether the boxes drawn on a detection picture name the shapes right: what a user sees in the
 pictures ``tools/test.py --show-dir`` draws, as one number."""
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 from pycocotools.coco import COCO
+from scipy.optimize import linear_sum_assignment
 
 
 def _iou(boxes: np.ndarray, other: np.ndarray) -> np.ndarray:
@@ -17,18 +18,23 @@ def _iou(boxes: np.ndarray, other: np.ndarray) -> np.ndarray:
 
 
 def pictures_named_right(results: Sequence[dict], ann_file: str, score_thr: float,
+                         classes: Optional[Sequence[str]] = None,
                          iou_thr: float = 0.5) -> List[bool]:
     """For each result of ``tools/test.py --out`` (mmdet's dumped ``pred_instances``, boxes in
     the original image), whether the picture drawn at ``score_thr`` is right: its drawn boxes and
     the annotated objects pair one to one, each pair of the same class with IoU >= ``iou_thr``.
     A missed object, a box on the background, a second box on one object or a wrong class each
-    make the picture wrong. Labels are the dataset's class indices (category order of the file).
+    make the picture wrong. Labels index ``classes`` (the data set's, default: every category)
+    in the file's category order, as mmdet's ``CocoDataset`` numbers them.
     """
     coco = COCO(ann_file)
-    label_of = {cat_id: index for index, cat_id in enumerate(sorted(coco.getCatIds()))}
+    label_of = {cat_id: index
+                for index, cat_id in enumerate(coco.getCatIds(catNms=list(classes or [])))}
     verdicts = []
     for result in results:
-        annotations = coco.loadAnns(coco.getAnnIds(imgIds=[result['img_id']], iscrowd=False))
+        annotations = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=[result['img_id']],
+                                                                iscrowd=False))
+                       if a['category_id'] in label_of]
         truth = np.array([[x, y, x + w, y + h] for x, y, w, h in
                           (a['bbox'] for a in annotations)], np.float64).reshape(-1, 4)
         truth_labels = np.array([label_of[a['category_id']] for a in annotations])
@@ -41,6 +47,6 @@ def pictures_named_right(results: Sequence[dict], ann_file: str, score_thr: floa
             continue
         matches = _iou(boxes, truth) >= iou_thr
         matches &= labels[:, None] == truth_labels[None, :]
-        # one to one: each drawn box matches exactly one object and each object exactly one box
-        verdicts.append(bool((matches.sum(axis=0) == 1).all() and (matches.sum(axis=1) == 1).all()))
+        rows, columns = linear_sum_assignment(matches, maximize=True)  # the most pairs
+        verdicts.append(bool(matches[rows, columns].all()))
     return verdicts

@@ -19,7 +19,7 @@ from ..deploy.precision import enable_inference_autocast, log_amp_dtype
 from ..engine.work_dir import check_writable, refuse_output_over_inputs
 from ..models import check_neck_in_channels
 from ..models.checkpoint_fit import check_checkpoint_fits
-from ..utils.config import read_config, task_of
+from ..utils.config import inherit_default_scope, read_config, task_of
 from ..utils.errors import InputNotFoundError, InvalidInputError
 from ..visualization import keep_labels_apart
 
@@ -84,7 +84,8 @@ def init_inferencer(config: Union[str, Config], checkpoint: str, device: str = '
     Weights that do not fit the config's model (another arch or task) raise an error naming
     each part that does not fit.
     """
-    cfg = read_config(config) if isinstance(config, str) else copy.deepcopy(config)
+    cfg = read_config(config) if isinstance(config, str) else inherit_default_scope(
+        copy.deepcopy(config))
     name = f"'{cfg.filename}'" if cfg.filename else 'the config'
     check_checkpoint_path(checkpoint)
     # The inferencers return the pictures they draw; a visualiser backend without a save_dir

@@ -37,9 +37,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         'PyTorch; exit code 1 over tolerance')
     parser.add_argument('--image', help='image for --verify (default: one of a toy set '
                         'written to a temporary folder)')
-    parser.add_argument('--device', default='cpu', help="trace the model on this device, e.g. "
-                        "'cuda:0' (--verify runs it in ONNX Runtime on the CPU, against the model "
-                        'on the CPU)')
+    parser.add_argument('--device', default='cpu', help="load the model on this device, e.g. "
+                        "'cuda:0' (it is traced on the CPU; --verify runs the export in ONNX "
+                        'Runtime on the CPU, against the model on the CPU)')
     parser.add_argument('--cfg-options', nargs='+', action=CheckedDictAction,
                         help='override config settings, e.g. model.test_cfg.score_thr=0.3')
     return parser.parse_args(argv)

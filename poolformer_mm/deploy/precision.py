@@ -99,11 +99,17 @@ def _to_float(outputs):
 
 
 @contextmanager
-def float_outputs(*modules: Optional[torch.nn.Module]):
-    """Within the block, the outputs of ``modules`` (None skipped) come back in fp32: under a
-    whole-forward autocast, what mmcv's NMS and RoIAlign read (fp32 only) stays fp32."""
-    handles = [module.register_forward_hook(lambda _module, _args, outputs: _to_float(outputs))
-               for module in modules if module is not None]
+def fp32_for_mmcv_ops(model: torch.nn.Module):
+    """Within the block, under a whole-forward autocast, mmcv's CPU ops that take fp32 only get
+    fp32: the outputs of RPN heads (their proposals go through NMS) and the feature maps RoI
+    extractors read (RoIAlign)."""
+    handles = []
+    for module in model.modules():
+        kind = type(module).__name__
+        if kind.endswith('RPNHead'):
+            handles.append(module.register_forward_hook(lambda _m, _args, out: _to_float(out)))
+        elif kind.endswith('RoIExtractor'):
+            handles.append(module.register_forward_pre_hook(lambda _m, args: _to_float(args)))
     try:
         yield
     finally:

@@ -3,11 +3,10 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
-from mmengine.model import is_model_wrapper
 from mmengine.optim import OptimWrapper
 from mmengine.registry import OPTIM_WRAPPERS
 
-from ..deploy.precision import float_outputs
+from ..deploy.precision import fp32_for_mmcv_ops
 
 
 @OPTIM_WRAPPERS.register_module()
@@ -21,11 +20,7 @@ class BF16AutocastOptimWrapper(OptimWrapper):
 
     @contextmanager
     def optim_context(self, model: nn.Module):
-        # mmcv's CPU NMS and RoIAlign take fp32 only: a two-stage detector's proposals (from its
-        # RPN head) and the feature maps its RoI extractors read (from its neck) stay fp32
-        detector = model.module if is_model_wrapper(model) else model
-        fp32_parts = ([getattr(detector, 'neck', None), getattr(detector, 'rpn_head', None)]
-                      if hasattr(detector, 'roi_head') else [])
+        # mmcv's CPU NMS and RoIAlign take fp32 only: proposals and RoI features stay fp32
         with super().optim_context(model), torch.autocast('cpu', dtype=torch.bfloat16), \
-                float_outputs(*fp32_parts):
+                fp32_for_mmcv_ops(model):
             yield

@@ -19,7 +19,12 @@ def read_config(path: str) -> Config:
     the whole upstream configs set it in their ``default_runtime.py``."""
     if not osp.isfile(path):
         raise InputNotFoundError(f"config file '{path}' not found: check the path")
-    cfg = Config.fromfile(path)
+    return inherit_default_scope(Config.fromfile(path))
+
+
+def inherit_default_scope(cfg: Config) -> Config:
+    """Give ``cfg`` the scope of the ``mmdet::`` / ``mmseg::`` base its model comes from, where
+    it sets no ``default_scope`` itself; returns ``cfg``."""
     if cfg.get('default_scope') is None and isinstance(cfg.get('model'), dict):
         # mmengine marks a dict read from a package's base with that package's _scope_
         inherited = cfg.model.get('_scope_')
@@ -45,6 +50,16 @@ def add_hooks(cfg: Config, *hooks) -> None:
     cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [
         hook if isinstance(hook, dict) else dict(type=hook)
         for hook in hooks if isinstance(hook, dict) or hook not in present]
+
+
+def add_custom_imports(cfg: Config, *modules: str) -> None:
+    """Add ``modules`` to ``cfg.custom_imports``, so that the config the runner dumps to the work
+    dir finds what the tools registered for it."""
+    imports = dict(cfg.get('custom_imports') or dict(imports=[], allow_failed_imports=False))
+    known = imports.get('imports', [])
+    known = [known] if isinstance(known, str) else list(known)
+    imports['imports'] = known + [m for m in modules if m not in known]
+    cfg.custom_imports = imports
 
 
 def evaluators(evaluator) -> list:

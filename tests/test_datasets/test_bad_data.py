@@ -300,3 +300,21 @@ def test_good_cfg_options_parse_as_before():
     args = train_parser().parse_args([TOY_FPN, '--cfg-options', 'a=1', 'b.c=[1,(2,3)]',
                                       'd=None', 'e=x=y'])
     assert args.cfg_options == {'a': 1, 'b.c': [1, (2, 3)], 'd': None, 'e': 'x=y'}
+
+
+def test_coco_file_of_other_classes_is_refused_and_one_of_some_other_classes_warned(tmp_path):
+    from poolformer_mm.engine.hooks.data_checks import coco_annotation_summary
+    from poolformer_mm.utils.errors import InvalidInputError
+    coco = make_toy_coco(str(tmp_path / 'coco'), num_train=0, num_val=4)
+    ann_file = osp.join(coco, 'annotations', 'instances_val2017.json')
+    with pytest.raises(InvalidInputError, match=r"has the categories \('circle', 'square', "
+                       r"'triangle'\), none of which is among the classes of the config's data set "
+                       r"\('person', 'car'\).*metainfo=dict\(classes=\('circle', 'square', "
+                       r"'triangle'\)\)"):
+        coco_annotation_summary(ann_file, ['person', 'car'])
+    with open(ann_file) as f:
+        squares = sum(a['category_id'] == 2 for a in json.load(f)['annotations'])
+    summary = coco_annotation_summary(ann_file, ('circle', 'triangle'))
+    assert f"{squares} annotation{'s' if squares != 1 else ''} of categories the config's " \
+        'classes do not name (square)' in summary
+    assert coco_annotation_summary(ann_file, ('circle', 'square', 'triangle')) is None

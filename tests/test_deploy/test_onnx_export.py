@@ -120,7 +120,8 @@ def test_metadata_holds_what_the_runtime_needs(segmentor, detector):
     det = read_deploy_info(ort_session(detector[2]).get_modelmeta().custom_metadata_map)
     assert det['classes'] == ['circle', 'square', 'triangle']
     assert det['detection']['test_cfg'] == dict(score_thr=0.05, nms_pre=1000, min_bbox_size=0,
-                                                iou_threshold=0.5, max_per_img=100)
+                                                iou_threshold=0.5, class_agnostic=True,
+                                                max_per_img=100)
     assert det['outputs'] == ['dets', 'labels']
 
 
@@ -437,3 +438,19 @@ def test_int8_weights_are_7_bit_by_default_where_the_cpu_has_no_vnni(quantize_to
     assert tool['reduce_range_choice']('auto', str(tmp_path / 'missing')) == (
         False, 'no x86 CPU flags to read (not Linux, or not x86); --reduce-range yes for an x86 '
         'CPU without VNNI')
+
+
+@pytest.mark.parametrize('class_agnostic, kept', [(False, [0, 1]), (True, [0])])
+def test_exported_nms_suppresses_across_classes_where_the_config_says_so(class_agnostic, kept):
+    from mmcv.ops import batched_nms
+
+    from poolformer_mm.deploy.onnx.ops import nms_by_class
+    boxes = torch.tensor([[[10., 10., 50., 50.], [12., 11., 51., 52.], [80., 80., 120., 120.]]])
+    scores, labels = torch.tensor([[0.9, 0.8, 0.1]]), torch.tensor([[0, 1, 1]])
+    valid = scores > 0.3
+    selected = nms_by_class(boxes, scores, labels, valid, 0.5, 10, class_agnostic)
+    assert selected[:, 1].tolist() == kept
+    # as mmcv's batched_nms, which the PyTorch model runs
+    _, upstream = batched_nms(boxes[0][valid[0]], scores[0][valid[0]], labels[0][valid[0]],
+                              dict(type='nms', iou_threshold=0.5, class_agnostic=class_agnostic))
+    assert upstream.tolist() == kept

@@ -64,6 +64,9 @@ def test_only_mmdets_own_visualiser_is_swapped(given, used):
     cfg = Config(dict(visualizer=dict(type=given, name='visualizer', alpha=0.5)))
     keep_labels_apart(cfg)
     assert cfg.visualizer == dict(type=used, name='visualizer', alpha=0.5)
+    # and the config the runner dumps imports what registers it
+    assert ('poolformer_mm.visualization' in cfg.get('custom_imports', {}).get('imports', [])) \
+        == (used != given)
 
 
 def test_a_label_at_the_right_edge_moves_inside_the_picture():

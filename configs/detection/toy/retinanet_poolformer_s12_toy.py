@@ -12,7 +12,8 @@ model = dict(
     backbone=dict(init_cfg=None),
     # A 128-channel neck and head (256 on COCO): the head's convolutions are most of the compute
     # at this image size. GroupNorm in the head (as FCOS and ATSS have it) is what makes a
-    # detector trained from scratch learn in minutes: mAP 0.36 -> 0.62-0.75 in the same 12 epochs.
+    # detector trained from scratch learn in minutes (on shapes turned at random, as the toy set
+    # had them before: mAP 0.36 -> 0.62-0.75 in the same 12 epochs).
     neck=dict(out_channels=128),
     bbox_head=dict(num_classes=3, in_channels=128, feat_channels=128,
                    norm_cfg=dict(type='GN', num_groups=32, requires_grad=True)),

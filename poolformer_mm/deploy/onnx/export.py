@@ -22,7 +22,7 @@ from mmseg.registry import MODELS as SEG_MODELS
 
 from ...models.checkpoint_fit import check_checkpoint_fits
 from ...models.layers.blocks import DeployPoolFormerBlock, PositionEmbedding
-from ...utils.config import task_of
+from ...utils.config import read_config, task_of
 from ...utils.errors import InvalidInputError
 from ...utils.model_parts import find_backbone
 from ..fold import switch_backbone_to_deploy
@@ -37,7 +37,7 @@ DEFAULT_SIZE_DIVISOR = 32
 def build_model(config: str, checkpoint: Optional[str] = None,
                 cfg_options: Optional[dict] = None) -> tuple:
     """The config's model in eval mode with the checkpoint's weights; returns (model, cfg)."""
-    cfg = Config.fromfile(config)
+    cfg = read_config(config)
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
     scope = task_of(cfg)
@@ -194,7 +194,8 @@ class SingleStageDetectorExport(nn.Module):
         cfg = head.test_cfg
         found = dense_head_candidates(head, *head(self.detector.extract_feat(input)), input, cfg)
         selected = nms_by_class(found['boxes'], found['scores'], found['labels'],
-                                found['valid'], cfg.nms.iou_threshold, cfg.max_per_img)
+                                found['valid'], cfg.nms.iou_threshold, cfg.max_per_img,
+                                cfg.nms.get('class_agnostic', False))
         return padded_detections(found['boxes'], found['scores'], found['labels'], selected,
                                  cfg.max_per_img)
 
@@ -222,6 +223,7 @@ def _detection_info(detector: nn.Module) -> dict:
                               nms_pre=int(cfg.get('nms_pre', -1)),
                               min_bbox_size=float(cfg.get('min_bbox_size', -1)),
                               iou_threshold=float(cfg.nms.iou_threshold),
+                              class_agnostic=bool(cfg.nms.get('class_agnostic', False)),
                               max_per_img=int(cfg.max_per_img)))
 
 
@@ -287,8 +289,11 @@ def model_digest(model: nn.Module) -> str:
 def export_onnx(model: nn.Module, cfg: Config, out: str, shape: Sequence[int] = (512, 512),
                 dynamic: bool = False, with_logits: bool = False) -> dict:
     """Fold ``model``'s backbone (in place), export it to ``out`` and return the stored deploy
-    information."""
+    information. A model on a GPU is moved to the CPU (in place) and traced there: the graph is
+    the same, and the post-processing makes its index tensors on the CPU."""
     import onnx  # the optional deploy extra
+
+    model.cpu()
 
     task = 'detection' if task_of(cfg) == 'mmdet' else 'segmentation'
     check_exportable(model, task, dynamic)
@@ -316,7 +321,7 @@ def export_onnx(model: nn.Module, cfg: Config, out: str, shape: Sequence[int] = 
     # The project's CPU fast paths (fused oneDNN kernels, in-place accumulation, one-pass
     # GroupNorm statistics) only run without autograd; tracing with an input that requires
     # grad keeps the whole graph on plain ops, which check_plain_ops then confirms.
-    dummy = torch.zeros(1, 3, *shape, device=next(model.parameters()).device, requires_grad=True)
+    dummy = torch.zeros(1, 3, *shape, requires_grad=True)
     # keep_initializers_as_inputs=True skips the exporter's deduplication of equal-valued
     # initializers, which in torch 2.13 leaves nodes reading a removed one (e.g. the equal folded
     # mixer scales of fresh blocks); they are taken out of the graph inputs afterwards.

@@ -122,13 +122,14 @@ def top_candidates(scores: Tensor, deltas: Tensor, anchors: Tensor, nms_pre: int
 
 
 def nms_by_class(boxes: Tensor, scores: Tensor, labels: Tensor, valid: Tensor,
-                 iou_threshold: float, max_num: int) -> Tensor:
+                 iou_threshold: float, max_num: int, class_agnostic: bool = False) -> Tensor:
     """Per-class NMS of each image's candidates as mmcv's ``batched_nms`` (classes moved apart
-    by the largest coordinate + 1): boxes (N, M, 4), scores, labels and valid (N, M) -> (S, 2)
-    rows (image, candidate index), per image best first, at most ``max_num`` each."""
+    by the largest coordinate + 1; with ``class_agnostic``, not): boxes (N, M, 4), scores,
+    labels and valid (N, M) -> (S, 2) rows (image, candidate index), per image best first, at
+    most ``max_num`` each."""
     # the largest coordinate among the image's own candidates, as batched_nms takes it
     largest = torch.where(valid[..., None], boxes, torch.zeros_like(boxes)).amax(dim=(1, 2))
-    offsets = labels.to(boxes.dtype) * (largest[:, None] + 1)
+    offsets = labels.to(boxes.dtype) * (0 if class_agnostic else largest[:, None] + 1)
     scores = torch.where(valid, scores, torch.full_like(scores, SKIP_SCORE))
     selected = NonMaxSuppression.apply(boxes + offsets[..., None], scores[:, None], max_num,
                                        iou_threshold, SKIP_THRESHOLD)

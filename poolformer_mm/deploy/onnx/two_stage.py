@@ -76,7 +76,8 @@ class MaskRCNNExport(nn.Module):
         boxes = boxes.expand(-1, num_classes, -1).reshape(1, -1, 4)
         scores, labels = scores.reshape(1, -1), labels.reshape(1, -1)
         selected = nms_by_class(boxes, scores, labels, scores > cfg.score_thr,
-                                cfg.nms.iou_threshold, cfg.max_per_img)
+                                cfg.nms.iou_threshold, cfg.max_per_img,
+                                cfg.nms.get('class_agnostic', False))
         dets, labels = padded_detections(boxes, scores, labels, selected, cfg.max_per_img)
         masks = self.mask_probabilities(feats, dets[0, :, :4], labels[0].clamp(min=0))
         masks = torch.where((labels[0] >= 0)[:, None, None], masks, torch.zeros_like(masks))

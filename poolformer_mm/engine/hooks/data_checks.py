@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence
 from mmdet.datasets import CocoDataset
 from mmdet.registry import DATASETS
 from mmengine.config import Config
-from mmengine.dist import is_main_process
+from mmengine.dist import broadcast_object_list, is_main_process
 from mmengine.fileio import get_local_path
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
@@ -19,7 +19,7 @@ from torch import nn
 
 from ...datasets.checks import config_datasets
 from ...datasets.transforms import LoadCheckedAnnotations
-from ...utils.config import add_hooks, task_of
+from ...utils.config import add_custom_imports, add_hooks, task_of
 from ...utils.errors import InvalidInputError
 
 
@@ -107,7 +107,8 @@ def coco_annotation_summary(ann_file: str, classes: Optional[Sequence[str]] = No
             f"annotation file '{ann_file}' has the categories {tuple(names)}, none of which is "
             f'among the classes of the config\'s data set ({_shortened(classes)}): mmdet would '
             'use none of its annotations. Name them in each data set of the config: '
-            f'metainfo=dict(classes={tuple(names)}) (docs/user_guides/configs.md)')
+            f'metainfo=dict(classes={tuple(names)}), and num_classes={len(names)} in the heads '
+            '(docs/user_guides/configs.md)')
     categories = {category['id'] for category in content.get('categories', [])}
     images = {image['id'] for image in content.get('images', [])}
     annotations = content.get('annotations', [])
@@ -157,8 +158,10 @@ def check_coco_classes(dataset: dict) -> None:
     """Raise when the local COCO annotation file of data set config ``dataset`` names none of
     the classes of the data set (its ``metainfo``, or its type's): mmdet would find no sample."""
     source = osp.join(dataset.get('data_root') or '', dataset.get('ann_file') or '')
-    classes = (dataset.get('metainfo') or {}).get('classes') or getattr(
-        DATASETS.get(dataset.get('type', '')), 'METAINFO', {}).get('classes')
+    kind = dataset.get('type')
+    kind = DATASETS.get(kind) if isinstance(kind, str) and kind else kind  # or a class itself
+    classes = ((dataset.get('metainfo') or {}).get('classes')
+               or getattr(kind, 'METAINFO', {}).get('classes'))
     if source.endswith('.json') and osp.isfile(source) and classes:
         coco_annotation_summary(source, classes)
 
@@ -193,16 +196,27 @@ class CocoAnnotationCheckHook(Hook):
         self._checked = set()
 
     def _check(self, runner, dataloader) -> None:
-        if dataloader is None or not is_main_process():
+        if dataloader is None:
             return
+        refusal = None
         for dataset in _leaf_datasets(dataloader.dataset):
             ann_file = getattr(dataset, 'ann_file', None)
             if not isinstance(dataset, CocoDataset) or not ann_file or ann_file in self._checked:
                 continue
             self._checked.add(ann_file)
-            summary = coco_annotation_summary(ann_file, dataset.metainfo.get('classes'))
+            if not is_main_process():
+                continue
+            try:
+                summary = coco_annotation_summary(ann_file, dataset.metainfo.get('classes'))
+            except InvalidInputError as error:
+                refusal = str(error)
+                break
             if summary:
                 runner.logger.warning(summary)
+        shared = [refusal]
+        broadcast_object_list(shared)  # every process stops, not only the one that read the file
+        if shared[0]:
+            raise InvalidInputError(shared[0])
 
     def before_train(self, runner) -> None:
         self._check(runner, runner.train_dataloader)
@@ -249,8 +263,4 @@ def add_data_checks(cfg: Config) -> None:
         add_hooks(cfg, 'IgnoredLabelBatchHook')
     else:
         add_hooks(cfg, 'CocoAnnotationCheckHook')
-    imports = dict(cfg.get('custom_imports') or dict(imports=[], allow_failed_imports=False))
-    known = imports.get('imports', [])
-    known = [known] if isinstance(known, str) else list(known)
-    imports['imports'] = known + [m for m in modules if m not in known]
-    cfg.custom_imports = imports
+    add_custom_imports(cfg, *modules)
