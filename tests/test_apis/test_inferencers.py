@@ -67,7 +67,7 @@ def images(tmp_path_factory):
     coco = make_toy_coco(str(folder / 'coco'), num_train=1, num_val=1)
     ade = make_toy_ade(str(folder / 'ade'), num_train=1, num_val=1)
     found = {}
-    for task, image in [('mmdet', f'{coco}/val/000001.png'),
+    for task, image in [('mmdet', f'{coco}/val2017/000001.png'),
                         ('mmseg', f'{ade}/images/validation/ADE_validation_00000001.jpg')]:
         large = cv2.resize(cv2.imread(image), None, fx=2.0, fy=1.5)
         large_path = str(folder / f'{task}_large.png')

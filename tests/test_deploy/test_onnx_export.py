@@ -43,7 +43,7 @@ def toy_images(tmp_path_factory):
     make_toy_ade(str(root / 'ade'), num_train=0, num_val=1)
     make_toy_coco(str(root / 'coco'), num_train=0, num_val=1)
     return dict(segmentation=glob.glob(str(root / 'ade/images/validation/*.jpg'))[0],
-                detection=glob.glob(str(root / 'coco/val/*.png'))[0])
+                detection=glob.glob(str(root / 'coco/val2017/*.png'))[0])
 
 
 @pytest.fixture(scope='module')
@@ -68,7 +68,7 @@ def detector(tmp_path_factory):
     # equal scores make the order of NMS arbitrary: spread them, around score_thr, so that an
     # image has some tens of detections at 64x64 (fewer than max_per_img, 100).
     with torch.no_grad():
-        model.bbox_head.retina_cls.weight.normal_(0, 0.01)
+        model.bbox_head.retina_cls.weight.normal_(0, 0.03)
         model.bbox_head.retina_cls.bias.fill_(-4.0)
     checkpoint = _save_checkpoint(model, folder / 'det.pth')
     model, cfg = build_model(DET_CONFIG, checkpoint)

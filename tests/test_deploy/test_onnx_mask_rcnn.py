@@ -32,7 +32,7 @@ SECOND_SHAPE = (128, 96)
 def image(tmp_path_factory):
     root = tmp_path_factory.mktemp('toy')
     make_toy_coco(str(root), num_train=0, num_val=1)
-    return glob.glob(str(root / 'val/*.png'))[0]
+    return glob.glob(str(root / 'val2017/*.png'))[0]
 
 
 @pytest.fixture(scope='module')
