@@ -162,6 +162,13 @@ def enable_training_amp(cfg: Config, choice: str = 'auto') -> None:
 
 def config_for_training(args) -> Config:
     cfg = _load_config(args)
+    missing = [key for key in ('train_dataloader', 'train_cfg', 'optim_wrapper')
+               if not cfg.get(key)]
+    if missing:
+        raise InvalidInputError(
+            f"config '{args.config}' has no {', '.join(missing)}: a model-only base (such as "
+            "mmseg::_base_/models/fpn_r50.py) holds no data set, schedule or runtime; inherit a "
+            "whole config (e.g. mmseg::sem_fpn/fpn_r50_4xb4-160k_ade20k-512x512.py) or add them")
     if args.amp:
         enable_training_amp(cfg, args.amp)
     if args.channels_last:

@@ -227,6 +227,15 @@ def test_coco_config_on_a_set_of_other_classes_says_to_name_them(tmp_path, toy_s
         result.stderr[-3000:]
 
 
+def test_model_only_base_is_refused_for_training_with_what_to_inherit(tmp_path):
+    from poolformer_mm.cli.train_test import run_training
+    path = tmp_path / 'config.py'
+    path.write_text(on_base(readme_snippet('mmseg'), 'mmseg::_base_/models/fpn_r50.py'))
+    with pytest.raises(InvalidInputError, match=r"has no train_dataloader, train_cfg, "
+                       r"optim_wrapper: a model-only base .* inherit a whole config"):
+        run_training([str(path), '--work-dir', str(tmp_path / 'work')])
+
+
 def test_model_only_base_gets_the_scope_of_the_package_it_comes_from(tmp_path):
     snippet = on_base(readme_snippet('mmseg'), 'mmseg::_base_/models/fpn_r50.py')
     path = tmp_path / 'config.py'
