@@ -7,8 +7,8 @@ segmentors from scratch on the synthetic toy sets, through tools/train.py and to
 Writes the toy data, trains the toy RetinaNet (and Semantic FPN), tests each with the old-style
 --eval flag, draws the predictions with --show-dir, plots the training curves, and prints the
 metrics, how many detection pictures name every shape right, and where the pictures and
-curves are. The training log
-streams to the terminal as it is written (mmengine's lines carry an ETA).
+curves are. The training log streams to the terminal as it is written (mmengine's lines carry
+an ETA).
 """
 import argparse
 import glob

@@ -3,18 +3,10 @@ pictures ``tools/test.py --show-dir`` draws, as one number."""
 from typing import List, Optional, Sequence
 
 import numpy as np
+import torch
+from mmdet.structures.bbox import bbox_overlaps
 from pycocotools.coco import COCO
 from scipy.optimize import linear_sum_assignment
-
-
-def _iou(boxes: np.ndarray, other: np.ndarray) -> np.ndarray:
-    """IoU of every box in ``boxes`` (N, 4, x1y1x2y2) with every box in ``other`` (M, 4)."""
-    top_left = np.maximum(boxes[:, None, :2], other[None, :, :2])
-    bottom_right = np.minimum(boxes[:, None, 2:], other[None, :, 2:])
-    overlap = np.clip(bottom_right - top_left, 0, None).prod(axis=2)
-    area = (boxes[:, 2:] - boxes[:, :2]).prod(axis=1)
-    area_other = (other[:, 2:] - other[:, :2]).prod(axis=1)
-    return overlap / (area[:, None] + area_other[None, :] - overlap)
 
 
 def pictures_named_right(results: Sequence[dict], ann_file: str, score_thr: float,
@@ -45,7 +37,7 @@ def pictures_named_right(results: Sequence[dict], ann_file: str, score_thr: floa
         if len(boxes) != len(truth):
             verdicts.append(False)
             continue
-        matches = _iou(boxes, truth) >= iou_thr
+        matches = bbox_overlaps(torch.from_numpy(boxes), torch.from_numpy(truth)).numpy() >= iou_thr
         matches &= labels[:, None] == truth_labels[None, :]
         rows, columns = linear_sum_assignment(matches, maximize=True)  # the most pairs
         verdicts.append(bool(matches[rows, columns].all()))

@@ -136,8 +136,8 @@ def coco_annotation_summary(ann_file: str, classes: Optional[Sequence[str]] = No
         parts.append(f'{_plural(sum(unknown.values()), "annotation")} with category ids not in '
                      f'its categories (ids {shown})')
     if unnamed:
-        named = {c['id'] for c in content['categories'] if c.get('name') not in unnamed}
-        skipped = sum(1 for ann in annotations if ann.get('category_id') in categories - named)
+        unnamed_ids = {c['id'] for c in content['categories'] if c.get('name') in unnamed}
+        skipped = sum(1 for ann in annotations if ann.get('category_id') in unnamed_ids)
         parts.append(f'{_plural(skipped, "annotation")} of categories the config\'s classes do not '
                      f'name ({", ".join(map(str, unnamed[:10]))})')
     if unknown_image:
