@@ -1,37 +1,27 @@
 """Safe checkpoint I/O: what importing ``poolformer_mm`` changes in torch and mmengine, and why.
 
-:func:`register_safe_checkpoint_io` (called when the package is imported) changes three things,
-for the whole process, because mmengine's Runner, its ``Pretrained`` initialiser and the upstream
-tools all load and save through mmengine's module-level registries, which cannot be configured
-per call:
+:func:`register_safe_checkpoint_io` (called on import) changes three things for the whole
+process, since mmengine's Runner, its ``Pretrained`` initialiser and the upstream tools all load
+and save through mmengine's module-level registries:
 
-1. **torch's weights-only allow-list** gains exactly the objects an mmengine 0.10.7 Runner
-   checkpoint holds besides tensors: the message hub's ``HistoryBuffer``, numpy arrays, dtypes and
-   scalars, and ``getattr`` only for ``HistoryBuffer``'s own methods; and ``argparse.Namespace``,
-   the ``args`` of a timm ``train.py`` checkpoint (a plain attribute holder; what it holds is
-   unpickled under the same rules). torch >= 2.6 loads with ``weights_only=True`` by default, so
-   without them ``--resume`` and ``tools/test.py`` fail with "Weights only load failed"
-   (open-mmlab/mmengine#1597); allowing these few globals instead of turning the check off keeps
-   a malicious checkpoint from running code. Another library can take an entry off that
-   process-wide list (leaving ``torch.serialization.safe_globals([argparse.Namespace])``, as
-   timm's loader does, removes ``Namespace``), so every load here also allows them for its own
-   call (:func:`allowed_checkpoint_globals`).
+1. **torch's weights-only allow-list** gains exactly what an mmengine 0.10.7 Runner checkpoint
+   holds besides tensors (``HistoryBuffer``, numpy arrays, dtypes and scalars, ``getattr`` only
+   for ``HistoryBuffer``'s own methods) and ``argparse.Namespace`` (the ``args`` of a timm
+   ``train.py`` checkpoint). torch >= 2.6 loads with ``weights_only=True``, so without them
+   ``--resume`` and ``tools/test.py`` fail (open-mmlab/mmengine#1597); allowing a few globals
+   instead of turning the check off keeps a malicious checkpoint from running code. Every load
+   here allows them again for its own call, as another library (timm) may take entries off.
 2. **mmengine's checkpoint loaders**, one per scheme (local paths, ``http(s)://``,
    ``torchvision://``, ``open-mmlab://``, ``mmcls://``, ``s3://``; ``pavi://`` is refused):
-   mmengine's own call a bare ``torch.load`` that unpickles arbitrary code (on torch < 2.6 for
-   local files, and for URLs through its ``load_url``). Ours fetch the bytes as mmengine does,
-   then always unpickle with ``weights_only=True``; ``.safetensors`` files (timm's weights on the
-   Hugging Face Hub) are read by ``safetensors``, which holds no code at all. A refused or
-   unreadable file gets one message that says what is wrong. A URL is looked for, without
-   network, first as ``checkpoints/<file name>`` (relative to the working directory, where the
-   docs tell users to put downloads), then in the torch hub cache
-   (``$TORCH_HOME/hub/checkpoints``), and only then downloaded into that cache, with a timeout,
-   so that a machine without network fails in seconds with one error naming the URL and both
-   places.
-3. **mmengine's local file backend** writes checkpoints in place, so a job killed during the
-   write leaves a truncated ``epoch_N.pth``. Ours writes to a temporary file in the same folder
-   and renames it over the target, which is atomic on POSIX file systems: a reader sees the old
-   file or the complete new one. The temporary file gets the mode the umask gives.
+   mmengine's own unpickle arbitrary code (a bare ``torch.load`` on torch < 2.6, and its
+   ``load_url``). Ours fetch the bytes as mmengine does and unpickle with ``weights_only=True``;
+   ``.safetensors`` files (timm's weights on the Hugging Face Hub) are read by ``safetensors``.
+   A URL is looked for in ``checkpoints/`` (in the working directory), then in the torch hub
+   cache, and only then downloaded into that cache with a timeout: without network, one error
+   names the URL and both places within seconds.
+3. **mmengine's local file backend** writes in place, so a killed job leaves a truncated
+   ``epoch_N.pth``. Ours writes a temporary file in the same folder (mode as the umask gives) and
+   renames it over the target, atomically on POSIX: a reader sees the old or the new file.
 """
 import argparse
 import contextlib
@@ -68,54 +58,41 @@ INCOMPLETE_MARK = '.incomplete-'
 
 # ------------------------------------------------------------------ 1. weights-only allow-list
 def _history_buffer_getattr(obj, name):
-    """Stand-in for ``builtins.getattr`` while unpickling.
-
-    ``HistoryBuffer`` keeps its statistics methods (``HistoryBuffer.min`` ...) in a dict, and pickle
-    stores such a method as ``getattr(HistoryBuffer, 'min')``. Only that lookup is allowed here; a
-    generic ``getattr`` would let a crafted pickle reach arbitrary attributes.
-    """
+    """Stand-in for ``builtins.getattr`` while unpickling: pickle stores ``HistoryBuffer``'s
+    statistics methods as ``getattr(HistoryBuffer, 'min')``; only such lookups are allowed."""
     if obj is HistoryBuffer and callable(vars(HistoryBuffer).get(name)):
         return getattr(obj, name)
     raise AttributeError(f'checkpoint asks for attribute {name!r} of {obj!r}; only methods of '
                          'mmengine HistoryBuffer may be looked up while loading a checkpoint')
 
 
-def _numpy_globals() -> list:
+def mmengine_checkpoint_globals() -> list:
+    """The globals an mmengine 0.10.7 Runner checkpoint needs under ``weights_only=True``."""
     core = getattr(np, '_core', None) or np.core  # numpy 2 renamed numpy.core to numpy._core
-    found = [core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype]
+    found = [HistoryBuffer, (_history_buffer_getattr, 'builtins.getattr'),
+             core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype]
     # checkpoints pickled under the other numpy major version name the functions the other way
     for module in ('numpy.core.multiarray', 'numpy._core.multiarray'):
         found += [(core.multiarray._reconstruct, f'{module}._reconstruct'),
                   (core.multiarray.scalar, f'{module}.scalar')]
-    # Every concrete dtype class (Float64DType, Int64DType, BoolDType, ...): a message hub can hold
-    # scalars of any of them, and they are plain type objects that run no code.
+    # every concrete dtype class (Float64DType ...): plain type objects that run no code
     dtype_classes = getattr(np, 'dtypes', None)
     if dtype_classes is not None:
         found += [getattr(dtype_classes, n) for n in dir(dtype_classes) if n.endswith('DType')]
     return found
 
 
-def mmengine_checkpoint_globals() -> list:
-    """The globals an mmengine 0.10.7 Runner checkpoint needs under ``weights_only=True``."""
-    return [HistoryBuffer, (_history_buffer_getattr, 'builtins.getattr')] + _numpy_globals()
-
-
 def timm_checkpoint_globals() -> list:
-    """The globals a timm ``train.py`` checkpoint needs besides tensors: its ``args``.
-
-    torch rebuilds an allow-listed class by ``__new__`` and fills its ``__dict__``; the values
-    are unpickled by the same restricted unpickler, so a Namespace that carries a function or any
-    other class that is not allow-listed is still refused.
-    """
+    """The globals a timm ``train.py`` checkpoint needs besides tensors: its ``args``. torch
+    fills an allow-listed class's ``__dict__`` through the same restricted unpickler, so a
+    Namespace carrying anything not allow-listed is still refused."""
     return [argparse.Namespace]
 
 
 @contextlib.contextmanager
 def allowed_checkpoint_globals():
-    """Allow the globals of :func:`mmengine_checkpoint_globals` and
-    :func:`timm_checkpoint_globals` for the loads inside this context, whatever another library
-    did to torch's process-wide allow-list; on exit the list is as it was (only the entries
-    this context added are taken off again)."""
+    """Allow both lists of globals for the loads inside this context, whatever another library
+    did to torch's process-wide allow-list; on exit only the entries added here are removed."""
     present = torch.serialization.get_safe_globals()
     missing = [entry for entry in mmengine_checkpoint_globals() + timm_checkpoint_globals()
                if entry not in present]
@@ -124,33 +101,27 @@ def allowed_checkpoint_globals():
 
 
 # ----------------------------------------------------------------------------- 2. the loaders
-def _refused(name: str, err: pickle.UnpicklingError) -> InvalidInputError:
-    lines = str(err).splitlines()
-    # torch's first line is generic; the one naming the refused object says what it was
-    named = next((line.strip() for line in lines[1:] if 'GLOBAL' in line or
-                  'Unsupported' in line), lines[0] if lines else '')
-    return InvalidInputError(
-        f"refused to load '{name}': its pickle asks for something other than tensors and the "
-        'allow-listed mmengine and timm objects, so it could run code when loaded (or it is not a '
-        'checkpoint). Only load it if you trust its source, and convert it to a plain state '
-        f'dict. Loader said: {named}')
-
-
 def _torch_load_weights_only(source: Union[str, BinaryIO], name: str, map_location=None):
     """``torch.load(source, weights_only=True)`` with one clear error for a refused file."""
     try:
         with warnings.catch_warnings():
-            # a file that is not a checkpoint at all reads as an odd pickle protocol; the error
-            # below says so, torch's warning about the protocol would only add noise
+            # bytes that are not a checkpoint read as an odd pickle protocol: the error says so
             warnings.filterwarnings('ignore', message='Detected pickle protocol')
             with allowed_checkpoint_globals():
                 return torch.load(source, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        raise _refused(name, err) from None
+        lines = str(err).splitlines()
+        # torch's first line is generic; the one naming the refused object says what it was
+        named = next((line.strip() for line in lines[1:] if 'GLOBAL' in line or
+                      'Unsupported' in line), lines[0] if lines else '')
+        raise InvalidInputError(
+            f"refused to load '{name}': its pickle asks for something other than tensors and the "
+            'allow-listed mmengine and timm objects, so it could run code when loaded (or it is '
+            'not a checkpoint). Only load it if you trust its source, and convert it to a plain '
+            f'state dict. Loader said: {named}') from None
     except Exception as err:
-        # Bytes that are not a checkpoint make the restricted unpickler fail in many ways
-        # (IndexError, KeyError, UnicodeDecodeError, EOFError, RuntimeError ... on a pop from
-        # an empty stack or a bad memo key); every one means the same thing to the user.
+        # bytes that are not a checkpoint fail the restricted unpickler in many ways (IndexError,
+        # KeyError, EOFError, RuntimeError ...); every one means the same to the user
         first_line = (str(err).splitlines() or [''])[0]
         raise InvalidInputError(f"'{name}' is not a readable PyTorch checkpoint (truncated, or "
                                 f'another kind of file): {type(err).__name__}: {first_line}'
@@ -158,9 +129,8 @@ def _torch_load_weights_only(source: Union[str, BinaryIO], name: str, map_locati
 
 
 def is_safetensors_file(path: str) -> bool:
-    """Whether ``path`` starts as a safetensors file does: the length of a JSON header (8 bytes,
-    little endian) that fits in the file, then ``{``. PyTorch files start with a zip or pickle
-    signature instead, so a ``.pth`` that is really safetensors is recognised too."""
+    """Whether ``path`` starts as a safetensors file does (an 8-byte little-endian header length
+    that fits in the file, then ``{``), so a ``.pth`` that is really safetensors is found too."""
     with open(path, 'rb') as f:
         head = f.read(9)
     if len(head) < 9 or head[8:9] != b'{':
@@ -168,8 +138,13 @@ def is_safetensors_file(path: str) -> bool:
     return int.from_bytes(head[:8], 'little') <= osp.getsize(path) - 8
 
 
-def _safetensors_load(path: str, name: str, map_location=None) -> dict:
-    """A safetensors file as a state dict: tensors only, nothing is unpickled."""
+def load_weights_only(path: str, name: Optional[str] = None, map_location=None):
+    """A local checkpoint file read without running code: safetensors (by extension or
+    header) through ``safetensors``, anything else through ``torch.load(weights_only=True)``.
+    ``name`` is what messages call the file (its URL, for a downloaded one)."""
+    name = name or path
+    if not (path.endswith('.safetensors') or is_safetensors_file(path)):
+        return _torch_load_weights_only(path, name, map_location)
     try:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -183,16 +158,6 @@ def _safetensors_load(path: str, name: str, map_location=None) -> dict:
         raise InvalidInputError(
             f"'{name}' is not a readable safetensors file (truncated or corrupt: "
             f'{str(err).splitlines()[0]}); download it again') from None
-
-
-def load_weights_only(path: str, name: Optional[str] = None, map_location=None):
-    """A local checkpoint file read without running code: safetensors (by extension or
-    header) through ``safetensors``, anything else through ``torch.load(weights_only=True)``.
-    ``name`` is what messages call the file (its URL, for a downloaded one)."""
-    name = name or path
-    if path.endswith('.safetensors') or is_safetensors_file(path):
-        return _safetensors_load(path, name, map_location)
-    return _torch_load_weights_only(path, name, map_location)
 
 
 def load_from_local_weights_only(filename: str, map_location=None):
@@ -220,12 +185,10 @@ def check_checkpoint_path(path: str, what: str = 'checkpoint') -> None:
 
 
 # ------------------------------------------------------------------- URLs: where they are kept
-# Folder, relative to the working directory, where a URL's file is looked for before the
-# torch hub cache: where the README (and OpenMMLab's own docs) tell users to download weights.
+# Where (relative to the working directory) the README tells users to download weights.
 LOCAL_CHECKPOINT_DIR = 'checkpoints'
-# Seconds one network operation (connect, each read) may block. A machine without network then
-# fails in seconds instead of waiting for TCP's retries (about two minutes on Linux); a slow
-# but live download keeps going, since the limit is per read, not for the whole file.
+# Seconds one network operation (connect, each read) may block: no network fails in seconds, a
+# slow but live download keeps going.
 DOWNLOAD_TIMEOUT_S = 20
 # Hugging Face Hub file URLs: <host>/<owner>/<repo>/resolve/<revision>/<file>; their file names
 # (model.safetensors, pytorch_model.bin) are the same for every model.
@@ -237,11 +200,10 @@ _HF_GENERIC_NAME = re.compile(r'^(?:pytorch_)?model(?P<ext>\.[A-Za-z]+)$')
 def checkpoint_file_name(url: str) -> str:
     """The file name ``url`` is kept under, in ``checkpoints/`` and in the torch hub cache.
 
-    That is the URL's own file name (as ``torch.hub`` and mmengine name it), except for the
-    Hugging Face Hub's per-model files: ``.../timm/convformer_s18.sail_in1k/resolve/main/
-    model.safetensors`` is kept as ``convformer_s18.sail_in1k.safetensors`` and the same file of
-    another owner or revision as ``<owner>--<repo>--<revision>.safetensors``, so that the
-    weights of two models do not take each other's place.
+    That is the URL's own file name, except for the Hugging Face Hub's per-model files:
+    ``.../timm/convformer_s18.sail_in1k/resolve/main/model.safetensors`` is kept as
+    ``convformer_s18.sail_in1k.safetensors``, another owner's or revision's as
+    ``<owner>--<repo>--<revision>.safetensors``, so that two models' weights never collide.
     """
     path = urlparse(url).path
     name = osp.basename(path)
@@ -267,10 +229,8 @@ def _hub_folder() -> str:
 
 
 def cached_checkpoint_path(url: str) -> str:
-    """Where :func:`download_checkpoint` keeps ``url`` in the torch hub cache:
-    ``<hash of the URL>-<file name>``, so that two URLs of one file name never share a file,
-    even while both download. A file kept by earlier versions under the plain
-    :func:`checkpoint_file_name` is still used."""
+    """Where ``url`` is kept in the torch hub cache: ``<hash of the URL>-<file name>`` (two URLs
+    of one file name never share a file), or the plain name earlier versions used, if present."""
     folder = _hub_folder()
     name = checkpoint_file_name(url)
     if osp.isfile(osp.join(folder, name)):
@@ -287,53 +247,49 @@ def _unavailable(url: str, reason: str) -> CheckpointUnavailableError:
         'of the URL')
 
 
-def _download(url: str, dst: str, timeout: float) -> None:
-    """Stream ``url`` to ``dst`` through a temporary file in the same folder, renamed into place
-    only once it is complete and opens as a checkpoint: an error, a timeout or a short body
-    leaves no file behind."""
-    folder = osp.dirname(dst)
+@contextlib.contextmanager
+def _replaced_atomically(target: Union[str, Path]):
+    """Yield a temporary path in ``target``'s folder, renamed over ``target`` when the block
+    succeeds and removed otherwise."""
+    folder = osp.dirname(osp.abspath(target))
     os.makedirs(folder, exist_ok=True)
-    tmp_path = osp.join(folder, f'.{osp.basename(dst)}{INCOMPLETE_MARK}{secrets.token_hex(4)}.tmp')
-    request = urllib.request.Request(url, headers={'User-Agent': 'poolformer-mm'})
+    tmp_path = osp.join(folder, f'.{osp.basename(target)}{INCOMPLETE_MARK}'
+                        f'{secrets.token_hex(4)}.tmp')
     try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    finally:
+        if osp.exists(tmp_path):
+            os.remove(tmp_path)
+
+
+def _download(url: str, dst: str, timeout: float) -> None:
+    """Stream ``url`` to ``dst``, kept only once complete and readable as a checkpoint."""
+    request = urllib.request.Request(url, headers={'User-Agent': 'poolformer-mm'})
+    with _replaced_atomically(dst) as tmp_path:
         with urllib.request.urlopen(request, timeout=timeout) as response, \
                 open(tmp_path, 'wb') as f:
             expected = response.headers.get('Content-Length')
             expected = int(expected) if expected and expected.isdigit() else None
             received = 0
-            with _progress_bar(expected) as progress:
-                while True:
-                    chunk = response.read(1 << 20)
-                    if not chunk:
-                        break
+            with tqdm(total=expected, unit='B', unit_scale=True, unit_divisor=1024,
+                      disable=not os.isatty(2)) as progress:
+                while chunk := response.read(1 << 20):
                     f.write(chunk)
                     received += len(chunk)
                     progress.update(len(chunk))
             # http.client returns a short body without an error when the connection drops
             if expected is not None and received != expected:
                 raise OSError(f'connection closed after {received} of {expected} bytes')
-        # A server that sends no length, or too small a one, ends a cut body without a sign:
-        # only a file that opens as a checkpoint is kept.
+        # a server that sends no length, or too small a one, ends a cut body without a sign
         load_weights_only(tmp_path, url, map_location='cpu')
-        os.replace(tmp_path, dst)
-    finally:
-        if osp.exists(tmp_path):
-            os.remove(tmp_path)
-
-
-def _progress_bar(total: Optional[int]):
-    return tqdm(total=total, unit='B', unit_scale=True, unit_divisor=1024,
-                disable=not os.isatty(2))
 
 
 def download_checkpoint(url: str) -> str:
     """Download ``url`` into the torch hub cache unless it is there already; return the path.
-
-    In a distributed job the first process of each machine downloads while the others wait.
-    Without network, a file already in the cache is used; otherwise
-    :class:`~poolformer_mm.utils.errors.CheckpointUnavailableError` names the URL and where to put
-    the file.
-    """
+    In a distributed job the first process of each machine downloads while the others wait;
+    failing, :class:`~poolformer_mm.utils.errors.CheckpointUnavailableError` names the URL and
+    where to put the file."""
     cached = cached_checkpoint_path(url)
     rank, world_size = get_dist_info()
     # (mmengine's get_local_rank needs a local process group, which its launchers do not make)
@@ -345,14 +301,13 @@ def download_checkpoint(url: str) -> str:
         except InvalidInputError as err:
             raise InvalidInputError(f'{err} (downloaded from the URL; nothing was kept)') from None
         except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as err:
-            # URLError wraps DNS and connection errors (its reason says which); socket timeouts
-            # are OSErrors; an HTTPError's own text has the status code; HTTPExceptions are a
-            # chunked body cut off (IncompleteRead) or a reply that is not HTTP (BadStatusLine)
+            # URLError wraps DNS and connection errors (its reason says which), socket timeouts
+            # are OSErrors, an HTTPError's text has the status code; HTTPExceptions are a cut
+            # chunked body (IncompleteRead) or a reply that is not HTTP (BadStatusLine)
             reason = err if isinstance(err, urllib.error.HTTPError) else (
                 getattr(err, 'reason', None) or err)
             if isinstance(err, http.client.HTTPException):
                 reason = f'the connection broke, or the reply is not HTTP: {err!r}'
-
             raise _unavailable(url, f'could not download it ({reason})') from None
     if world_size > 1:
         barrier()
@@ -362,20 +317,14 @@ def download_checkpoint(url: str) -> str:
     return cached
 
 
-def resolve_checkpoint_url(url: str) -> str:
-    """The local file for ``url``: ``checkpoints/<name>`` if the user put it there, else the
-    torch hub cache's copy, downloaded if missing."""
-    local = local_checkpoint_path(url)
-    if osp.isfile(local):
-        print_log(f"Using the local copy '{local}' of {url}", logger='current')
-        return local
-    return download_checkpoint(url)
-
-
 def load_from_http_weights_only(url: str, map_location=None):
-    """An ``http(s)://`` checkpoint, from ``checkpoints/``, the torch hub cache or the network
-    (:func:`resolve_checkpoint_url`), read weights-only."""
-    path = resolve_checkpoint_url(url)
+    """An ``http(s)://`` checkpoint, read weights-only from ``checkpoints/<name>`` if the user
+    put it there, else from the torch hub cache's copy, downloaded if missing."""
+    path = local_checkpoint_path(url)
+    if osp.isfile(path):
+        print_log(f"Using the local copy '{path}' of {url}", logger='current')
+    else:
+        path = download_checkpoint(url)
     try:
         return load_weights_only(path, url, map_location)
     except ValueError as err:
@@ -383,37 +332,26 @@ def load_from_http_weights_only(url: str, map_location=None):
                                 'again)') from None
 
 
-def load_from_torchvision_weights_only(filename: str, map_location=None):
-    """``torchvision://NAME`` (or the old ``modelzoo://NAME``): torchvision's URL for NAME."""
-    name = filename.split('://', 1)[1]
-    urls = mm_checkpoint.get_torchvision_models()
+def load_from_model_zoo_weights_only(filename: str, map_location=None):
+    """``torchvision://NAME`` (``modelzoo://``), ``open-mmlab://NAME`` (``openmmlab://``) or
+    ``mmcls://NAME`` (an mmcls classifier's backbone, as mmengine returns it): the file mmengine
+    lists for NAME, read weights-only."""
+    scheme, name = filename.split('://', 1)
+    if scheme in ('torchvision', 'modelzoo'):
+        urls, owner = mm_checkpoint.get_torchvision_models(), 'torchvision has'
+    elif scheme == 'mmcls':
+        urls, owner = mm_checkpoint.get_mmcls_models(), 'mmcls lists'
+    else:
+        name = mm_checkpoint.get_deprecated_model_names().get(name, name)
+        urls, owner = mm_checkpoint.get_external_models(), 'OpenMMLab lists'
     if name not in urls:
-        raise KeyError(f"'{filename}': torchvision has no model weights named '{name}'")
-    return load_from_http_weights_only(urls[name], map_location)
-
-
-def load_from_openmmlab_weights_only(filename: str, map_location=None):
-    """``open-mmlab://NAME`` / ``openmmlab://NAME``: the URL (or mmengine-home file) of NAME."""
-    name = filename.split('://', 1)[1]
-    name = mm_checkpoint.get_deprecated_model_names().get(name, name)
-    urls = mm_checkpoint.get_external_models()
-    if name not in urls:
-        raise KeyError(f"'{filename}': OpenMMLab lists no model weights named '{name}'")
-    url = urls[name]
-    if url.startswith(('http://', 'https://')):
-        return load_from_http_weights_only(url, map_location)
-    return load_from_local_weights_only(osp.join(mm_checkpoint._get_mmengine_home(), url),
-                                        map_location)
-
-
-def load_from_mmcls_weights_only(filename: str, map_location=None):
-    """``mmcls://NAME``: an mmcls classifier's backbone weights, as mmengine returns them."""
-    name = filename[len('mmcls://'):]
-    urls = mm_checkpoint.get_mmcls_models()
-    if name not in urls:
-        raise KeyError(f"'{filename}': mmcls lists no model weights named '{name}'")
-    checkpoint = load_from_http_weights_only(urls[name], map_location)
-    return mm_checkpoint._process_mmcls_checkpoint(checkpoint)
+        raise KeyError(f"'{filename}': {owner} no model weights named '{name}'")
+    if urls[name].startswith(('http://', 'https://')):
+        checkpoint = load_from_http_weights_only(urls[name], map_location)
+    else:  # open-mmlab:// names some files in mmengine's home
+        checkpoint = load_from_local_weights_only(
+            osp.join(mm_checkpoint._get_mmengine_home(), urls[name]), map_location)
+    return mm_checkpoint._process_mmcls_checkpoint(checkpoint) if scheme == 'mmcls' else checkpoint
 
 
 def refuse_pavi(filename: str, map_location=None):
@@ -434,9 +372,8 @@ def load_from_ceph_weights_only(filename: str, map_location=None, backend: str =
 SAFE_LOADERS = {
     '': load_from_local_weights_only,
     ('http://', 'https://'): load_from_http_weights_only,
-    ('modelzoo://', 'torchvision://'): load_from_torchvision_weights_only,
-    ('open-mmlab://', 'openmmlab://'): load_from_openmmlab_weights_only,
-    'mmcls://': load_from_mmcls_weights_only,
+    ('modelzoo://', 'torchvision://', 'open-mmlab://', 'openmmlab://', 'mmcls://'):
+        load_from_model_zoo_weights_only,
     'pavi://': refuse_pavi,
     (r'(\S+\:)?s3://', r'(\S+\:)?petrel://'): load_from_ceph_weights_only,
 }
@@ -454,22 +391,13 @@ class AtomicLocalBackend(LocalBackend):
 
     @staticmethod
     def _replace(filepath: Union[str, Path], data: bytes) -> None:
-        folder = osp.dirname(osp.abspath(filepath))
-        os.makedirs(folder, exist_ok=True)
-        tmp_path = osp.join(folder, f'.{osp.basename(filepath)}{INCOMPLETE_MARK}'
-                            f'{secrets.token_hex(4)}.tmp')
-        try:
+        with _replaced_atomically(filepath) as tmp_path:
             # 0o666 minus the umask, as open(..., 'wb') would give (mkstemp would force 0600)
             fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             with os.fdopen(fd, 'wb') as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp_path, filepath)
-        except BaseException:
-            if osp.exists(tmp_path):
-                os.remove(tmp_path)
-            raise
 
 
 def remove_incomplete_writes(folder: str) -> list:

@@ -1,11 +1,5 @@
-"""Detection pictures whose labels stay readable when boxes overlap.
-
-mmdet's ``DetLocalVisualizer`` writes each box's label at the box's top-left corner, so two boxes
-that start near one another print their labels on top of each other ("circle: 44.3" and
-"triangle: 37.1" read as "44.3..7"). The tools draw detection pictures with the subclass here,
-which moves such a label down below the one drawn before it (and one that would run off the
-right edge to the left); everything else is mmdet's.
-"""
+"""Detection pictures whose labels stay readable when boxes overlap (mmdet writes each label at
+its box's top-left corner, so labels of nearby boxes print over each other)."""
 from mmdet.visualization import DetLocalVisualizer
 from mmengine.registry import VISUALIZERS
 
@@ -14,8 +8,8 @@ from .utils.config import add_custom_imports
 
 @VISUALIZERS.register_module()
 class DetLabelsApartVisualizer(DetLocalVisualizer):
-    """``DetLocalVisualizer`` (same arguments) whose box labels never cover one another and
-    stay inside the picture's right edge."""
+    """``DetLocalVisualizer`` (same arguments) that moves a label covering one drawn before it
+    down below it, and one running off the right edge to the left."""
 
     def set_image(self, image):
         super().set_image(image)

@@ -4,11 +4,8 @@ segmentors from scratch on the synthetic toy sets, through tools/train.py and to
 
     python tools/demo.py [--task det seg] [--work-root work_dirs/demo]
 
-Writes the toy data, trains the toy RetinaNet (and Semantic FPN), tests each with the old-style
---eval flag, draws the predictions with --show-dir, plots the training curves, and prints the
-metrics, how many detection pictures name every shape right, and where the pictures and
-curves are. The training log streams to the terminal as it is written (mmengine's lines carry
-an ETA).
+Prints the metrics, how many detection pictures name every shape right, and where the pictures
+and training curves are.
 """
 import argparse
 import glob
@@ -33,10 +30,9 @@ JOBS = {
                 eval=['mIoU'], checkpoint_prefix='iter'),
 }
 
-# The first line of a message from mmengine's logger: "11/29 21:00:53 - mmengine - INFO - ...".
+# The first line of a message from mmengine's logger.
 LOG_LINE = re.compile(r'^\d\d/\d\d \d\d:\d\d:\d\d - mmengine - [A-Z]+ - (.*)$')
-# Multi-line log messages that repeat the config and the hooks, and the environment (the message
-# that starts with an empty line): hundreds of lines, which stay in the log file in the work dir.
+# Long log messages (and the environment: an empty first line), left in the work dir's log file.
 QUIET_BLOCKS = ('Config:', 'Hooks will be executed in the following order')
 
 
@@ -84,8 +80,7 @@ def minutes(seconds):
 
 def run_job(task, work_root):
     job = JOBS[task]
-    # The data take a second to write and are deterministic: writing them every time keeps a
-    # folder from an older version of the generator from being trained on.
+    # Written every time (it takes a second), so data of an older generator are not trained on.
     run(['tools/dataset_converters/make_toy_data.py', job['kind'], job['data_root']])
     work_dir = osp.join(work_root, task)
     run(['tools/train.py', job['config'], '--work-dir', work_dir])

@@ -1,10 +1,7 @@
 #!/usr/bin/env python
-"""Draw predictions on images: boxes (and masks) for detection configs, colour overlays for
-segmentation configs. Works on CPU.
+"""Draw predictions on images (boxes and masks, or colour overlays); works on CPU.
 
     python tools/infer.py CONFIG CHECKPOINT IMAGE_OR_FOLDER [...] --out-dir outputs/
-
-See ``python tools/infer.py --help``.
 """
 from poolformer_mm.cli.infer import main
 from poolformer_mm.utils.known_warnings import ignore_known_warnings

@@ -1,10 +1,8 @@
 #!/usr/bin/env python
-"""Test a detector or segmentor checkpoint; --eval takes the old metric names.
+"""Test a detector or segmentor checkpoint; the flags of mmdet 3.3's / mmseg 1.2's
+tools/test.py, plus --data-root and --eval with the old metric names.
 
-    python tools/test.py configs/detection/retinanet_poolformer_s12.py CKPT --eval bbox
     python tools/test.py configs/segmentation/fpn_poolformer_s12.py CKPT --eval mIoU
-
-Flags are those of mmdet 3.3's / mmseg 1.2's tools/test.py, plus --eval and --data-root.
 """
 import sys
 

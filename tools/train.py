@@ -1,10 +1,8 @@
 #!/usr/bin/env python
-"""Train a detector (mmdet config) or segmentor (mmseg config) with a PoolFormer backbone.
+"""Train a detector (mmdet config) or segmentor (mmseg config) with a PoolFormer backbone; the
+flags of mmdet 3.3's / mmseg 1.2's tools/train.py, plus --data-root.
 
-    python tools/train.py configs/detection/retinanet_poolformer_s12.py [--amp [auto|bf16|fp16]] \
-        [--resume]
-
-Flags are those of mmdet 3.3's / mmseg 1.2's tools/train.py, plus --data-root.
+    python tools/train.py configs/detection/retinanet_poolformer_s12.py [--amp] [--resume]
 """
 import sys
 

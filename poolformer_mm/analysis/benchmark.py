@@ -1,6 +1,5 @@
-"""Speed and memory of PoolFormer variants: one network with the same weights, run different ways
-(the forms this project runs, ``:bf16`` as ``--amp``; the paper's formulation, :mod:`.reference`;
-the peers', :mod:`.peers`; an ONNX export in ONNX Runtime), for tools/analysis/benchmark.py."""
+"""Speed and memory of one network run different ways, for tools/analysis/benchmark.py: this
+project's forms, the paper's (:mod:`.reference`), the peers' (:mod:`.peers`), an ONNX export."""
 import copy
 import ctypes
 import gc
@@ -15,35 +14,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 from mmdet.testing import demo_mm_inputs
 from mmengine.logging import MMLogger
 from mmengine.model import revert_sync_batchnorm
 from mmengine.structures import PixelData
 from mmseg.structures import SegDataSample
 
-from ..deploy.fold import prepare_for_inference, switch_backbone_to_deploy
-from ..deploy.onnx.export import (
-    MaskRCNNExport,
-    SegmentorExport,
-    SingleStageDetectorExport,
-    build_model,
-    model_digest,
-)
-from ..deploy.onnx.postprocess import session_deploy_info
-from ..deploy.onnx.verify import ort_session
-from ..deploy.precision import (
-    NO_BF16_UNITS,
-    cpu_bf16_units,
-    enable_inference_autocast,
-    to_channels_last,
-)
+from ..deploy import precision
+from ..deploy.fold import prepare_for_inference
+from ..deploy.onnx.verify import onnx_variants
+from ..deploy.precision import NO_BF16_UNITS, cpu_bf16_units, to_channels_last
 from ..models import PoolFormer
 from ..models.decode_heads import LowMemoryFPNHead
 from ..utils.known_warnings import ignore_known_warnings
 from .complexity import build_model_without_pretrained, load_config
 from .peers import PEERS, peer_backbone
-from .reference import ReferencePoolFormer
+from .reference import ReferencePoolFormer, why_no_reference
 
 VARIANTS = ('reference', 'plain', 'fast', 'deploy', 'cp') + tuple(PEERS)  # of a backbone
 MODEL_VARIANTS = ('reference', 'plain', 'fast', 'channels_last', 'deploy', 'cp')
@@ -67,63 +53,70 @@ class Measurement:
     def median_ms(self):
         return statistics.median(self.latency_ms)
 
-    def speedup_over(self, baseline):
-        """``baseline``'s median time over this one's: the ratio of the printed medians."""
+    def speedup_over(self, baseline):  # the ratio of the printed medians
         return baseline.median_ms / self.median_ms
 
 
 def parse_variant(spec, default_dtype='fp32'):
     """``'deploy:bf16'`` -> ``('deploy', 'bf16')``; without a precision, ``default_dtype``."""
     name, colon, dtype = spec.partition(':')
-    if colon and not dtype:
-        raise ValueError(f"variant '{spec}' names no precision after the ':'; write "
-                         f"{name}:bf16, or {name} for --dtype's precision")
-    if (dtype or default_dtype) not in PRECISIONS:
+    if (dtype if colon else default_dtype) not in PRECISIONS:
         raise ValueError(f"unknown precision '{dtype}' in variant '{spec}'; choose from "
                          f"{', '.join(PRECISIONS)}")
-    return name, dtype or default_dtype
+    return name, dtype if colon else default_dtype
 
 
-def machine_description(cpuinfo='/proc/cpuinfo'):
-    """The CPU model and its SIMD / matrix flags, as ``lscpu`` shows them (Linux)."""
-    text = Path(cpuinfo).read_text() if Path(cpuinfo).is_file() else ''
-    model = re.search(r'^model name\s*:\s*(.+)$', text, re.M)
-    flags = (re.search(r'^flags\s*:(.*)$', text, re.M) or ['', ''])[1].split()
-    shown = [f for f in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16', 'amx_tile') if f in flags]
-    return (f"{model[1] if model else 'unknown CPU'} "
-            f"({' '.join(shown) or 'no AVX2/AVX-512/AMX flags'})")
+def check_variants(specs, whole_model=False, train=False, dtype='fp32', backbone=None):
+    """Refuse (ValueError) unknown or repeated variants, 'deploy' in training, and the paper's
+    PoolFormer (reference, peers) where ``backbone`` computes something else."""
+    rows = [':'.join(parse_variant(spec, dtype)) for spec in specs]
+    names, known = [row.split(':')[0] for row in rows], MODEL_VARIANTS if whole_model else VARIANTS
+    unknown = [name for name in names if name not in known]
+    twice = sorted({row for row in rows if rows.count(row) > 1})
+    paper = [name for name in names if name == 'reference' or name in PEERS]
+    reason = paper and backbone is not None and why_no_reference(backbone)
+    if unknown:
+        raise ValueError(f"--variants: unknown variant {', '.join(unknown)} for "
+                         f"{'whole models' if whole_model else 'backbones'}; choose from "
+                         f"{', '.join(known)}")
+    if train and 'deploy' in names:
+        raise ValueError("'deploy' is an inference form; it does not train (leave it out of "
+                         '--variants with --mode train)')
+    if twice:
+        raise ValueError(f"--variants names {', '.join(twice)} more than once")
+    if reason:
+        raise ValueError(f"'{paper[0]}' is the paper's PoolFormer, which this backbone is not: "
+                         f"{reason}; leave '{paper[0]}' out of --variants (e.g. --variants plain "
+                         'fast deploy)')
+
+
+def _clock(device):  # time.perf_counter() once the GPU's queued work is done
+    if str(device).startswith('cuda'):
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def matmul_gflops(device='cpu', size=2048, repeat=10, dtype=torch.float32, seconds_per_call=1.):
-    """The large matrix-multiply rate in ``dtype`` (best of ``repeat``); ``size`` is halved (to
-    256) while a product would take over ``seconds_per_call`` (emulated bf16: ~1 GFLOP/s)."""
+    """The best matrix-multiply rate in ``dtype`` of ``repeat`` products of ``size`` (halved, to
+    256, while a product would take over ``seconds_per_call``: emulated bf16 is ~1 GFLOP/s)."""
+    def seconds(size, repeat):
+        a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+        times = []
+        for _ in range(repeat + 3):  # AMX and AVX-512 units reach full speed after a few calls
+            start = _clock(device)
+            torch.mm(a, b)
+            times.append(_clock(device) - start)
+        return max(min(times[3:]), 1e-9)
+
     smallest = min(size, 256)
-    rate = 2 * smallest**3 / _best_matmul_seconds(device, smallest, 3, dtype)
+    rate = 2 * smallest**3 / seconds(smallest, 3)
     while size > smallest and 2 * size**3 / rate > seconds_per_call:
         size = max(size // 2, smallest)
-    return 2 * size**3 / _best_matmul_seconds(device, size, max(repeat, 1), dtype) / 1e9
-
-
-def _best_matmul_seconds(device, size, repeat, dtype):
-    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
-    times = []
-    for _ in range(repeat + 3):  # AMX and AVX-512 units reach full speed after a few calls
-        _sync(device)
-        start = time.perf_counter()
-        torch.mm(a, b)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return max(min(times[3:]), 1e-9)
-
-
-def _sync(device):
-    if str(device).startswith('cuda'):
-        torch.cuda.synchronize()
+    return 2 * size**3 / seconds(size, max(repeat, 1)) / 1e9
 
 
 def emulated_bf16_note(rates, device='cpu'):
-    """A line saying that bf16 is emulated, and how much slower, where ``rates`` has a bf16 rate
-    of a CPU known to have no bf16 units; None otherwise."""
+    """A line saying how much slower bf16 is where a CPU emulates it (no bf16 units); else None."""
     if 'bf16' in rates and not str(device).startswith('cuda') and cpu_bf16_units() == ():
         return (f"note: {NO_BF16_UNITS}: bf16 is emulated here, its matmul {rates['bf16']:.3g} "
                 f"GFLOP/s against fp32's {rates['fp32']:.0f} ({rates['fp32'] / rates['bf16']:.0f}"
@@ -131,30 +124,9 @@ def emulated_bf16_note(rates, device='cpu'):
                 '(tools/train.py, test.py, infer.py): the fp32 rows')
 
 
-def why_no_reference(backbone):
-    """Why the paper's PoolFormer (the reference, the peers) cannot compute what ``backbone``
-    does, or None: pooling, one-group GroupNorm, layer scales and exact GELU everywhere."""
-    if not isinstance(backbone, PoolFormer):
-        return f'the backbone is a {type(backbone).__name__}, not a PoolFormer'
-    blocks = [block for stage in backbone.stages for block in stage.blocks]
-    if not all(getattr(block, 'supports_token_layout', False) for block in blocks):
-        mixers = ', '.join(sorted({type(block.token_mixer).__name__ for block in blocks}))
-        return (f'not every block is a PoolFormer block (token mixers {mixers}; norms and layer '
-                'scales as the paper has them)')
-    if any(type(b.mlp.act) is not nn.GELU or b.mlp.act.approximate != 'none' for b in blocks):
-        return 'its MLPs do not use (exact) GELU'
-    if len({b.mlp.fc1.out_channels / b.mlp.fc1.in_channels for b in blocks}) > 1:
-        return 'its stages have different MLP ratios'
-    if len({block.token_mixer.pool_size for block in blocks}) > 1:
-        return 'its stages pool with different window sizes'
-    if backbone.stem.conv.in_channels != 3 or any(s.pos_embed is not None
-                                                  for s in backbone.stages):
-        return 'it has other input channels or a position embedding'
-
-
 def backbone_settings(config):
-    """``(arch, kwargs)`` of a config's (a path's or a ``Config``'s) PoolFormer backbone,
-    without :data:`VARIANT_SETTINGS`; other backbones are refused."""
+    """``(arch, kwargs)`` of a config's (path or ``Config``) PoolFormer backbone, without
+    :data:`VARIANT_SETTINGS`; other backbones are refused."""
     backbone = dict(load_config(config).model.backbone)
     kind = getattr(backbone.get('type'), '__name__', str(backbone.get('type'))).split('.')[-1]
     if kind != PoolFormer.__name__:
@@ -163,19 +135,6 @@ def backbone_settings(config):
                          'one (its variants are forms of PoolFormer)')
     return backbone.pop('arch', 's12'), {k: v for k, v in backbone.items()
                                          if k not in VARIANT_SETTINGS}
-
-
-def _refuse(name, known, train, backbone):
-    if name not in known:
-        raise ValueError(f"unknown variant '{name}'; choose from {', '.join(known)}")
-    if train and name == 'deploy':
-        raise ValueError("'deploy' is an inference form; it does not train (leave it out of "
-                         '--variants with --mode train)')
-    reason = (name == 'reference' or name in PEERS) and why_no_reference(backbone)
-    if reason:
-        raise ValueError(f"'{name}' is the paper's PoolFormer, which this backbone is not: "
-                         f"{reason}; leave '{name}' out of --variants (e.g. --variants plain "
-                         'fast deploy)')
 
 
 def backbone_variants(arch, names, notes=None, train=False, **kwargs):
@@ -188,10 +147,10 @@ def backbone_variants(arch, names, notes=None, train=False, **kwargs):
         for key, param in base.named_parameters():
             if 'norm' in key or 'layer_scale' in key:
                 param.add_(torch.randn_like(param) * 0.1)
+    check_variants(names, train=train, backbone=base)
     variants = {}
     for spec in names:
         name = parse_variant(spec)[0]
-        _refuse(name, VARIANTS, train, base)
         if name in PEERS:
             peer, reason = peer_backbone(name, base)
             if peer is not None:
@@ -207,9 +166,7 @@ def backbone_variants(arch, names, notes=None, train=False, **kwargs):
 
 
 def _build(cfg, name='fast'):
-    """The config's model with random weights and SyncBN as BN (as the Runner in one process);
-    for 'reference' with mmseg's heads in place of this project's, for 'cp' with ``with_cp``
-    and :class:`LowMemoryFPNHead` in place of mmseg's ``FPNHead``."""
+    # random weights, SyncBN as BN; 'reference' with mmseg's heads, 'cp' with LowMemoryFPNHead
     cfg = copy.deepcopy(cfg)
     cfg.model.backbone.update(with_cp=name == 'cp', fast_path=True)
     for key in ('decode_head', 'auxiliary_head'):
@@ -232,15 +189,15 @@ def _build(cfg, name='fast'):
     return model
 
 
-def model_variants(config, names, default_dtype='fp32', train=False):
-    """The config's detector or segmentor with the same random weights, one per name; in
-    inference a precision (``deploy:bf16``) is set in the model as ``--amp`` does."""
+def model_variants(config, names, default_dtype='fp32', train=False, device='cpu'):
+    """The config's detector or segmentor on ``device`` with the same random weights, one per
+    name; in inference a precision (``deploy:bf16``) is set in the model as ``--amp`` does."""
     backbone_settings(config)  # a PoolFormer backbone, or a message saying it is not
     cfg = load_config(config)
     base, variants = _build(cfg), {}
+    check_variants(names, True, train, default_dtype, base.backbone)
     for spec in names:
         name, dtype = parse_variant(spec, default_dtype)
-        _refuse(name, MODEL_VARIANTS, train, base.backbone)
         model = _build(cfg, name) if name in ('reference', 'cp') else copy.deepcopy(base)
         model.load_state_dict(base.state_dict())
         if name == 'reference':
@@ -252,8 +209,8 @@ def model_variants(config, names, default_dtype='fp32', train=False):
         elif name == 'deploy':
             prepare_for_inference(model)
         if not train and dtype != 'fp32':
-            enable_inference_autocast(model, 'cpu', PRECISIONS[dtype])
-        variants[spec] = model.train(train)
+            precision.enable_inference_autocast(model, device.split(':')[0], PRECISIONS[dtype])
+        variants[spec] = model.to(device).train(train)
     return variants
 
 
@@ -281,112 +238,45 @@ def training_batch(model, height, width, batch):
         preprocessor.size = crop_size
 
 
-class OnnxRuntimeModel(nn.Module):
-    """An ONNX Runtime CPU session called like a module; returns its outputs as tensors."""
-
-    def __init__(self, path, threads=None):
-        super().__init__()
-        # no busy-waiting threads after a run, which would slow the variant timed next
-        self.session = ort_session(path, threads, spinning=False)
-
-    def forward(self, inputs):
-        return tuple(map(torch.from_numpy, self.session.run(None, {'input': inputs.numpy()})))
-
-
-def onnx_variants(config, onnx_path, checkpoint=None, threads=None):
-    """The export three ways, checked to be one network: 'eager' (the config's model), 'deploy'
-    (folded) and 'onnxruntime' (the file); without ``checkpoint`` the weights are random."""
-    try:
-        runtime = OnnxRuntimeModel(onnx_path, threads)
-    except Exception as error:  # onnxruntime's own classes: InvalidProtobuf, Fail, ...
-        raise ValueError(f"--onnx {onnx_path}: ONNX Runtime cannot load it ({error}); give a "
-                         'file written by tools/deployment/pytorch2onnx.py') from error
-    try:  # the timings rely on its task, outputs and sizes
-        runtime.info = info = session_deploy_info(runtime.session)
-    except ValueError as error:
-        raise ValueError(f'--onnx {onnx_path}: {error}') from error
-    model = build_model(config, checkpoint)[0]
-    task = 'segmentation' if hasattr(model, 'decode_head') else 'detection'
-    if info['task'] != task:
-        raise ValueError(f'--onnx {onnx_path} was exported from a {info["task"]} model, and '
-                         f'{config} builds a {task} model ({type(model).__name__}); give the '
-                         'config it was exported from')
-    if info.get('model_digest') != model_digest(model):
-        why = (f'and {config} builds a model with other layers (arch, classes or heads); give '
-               'the config it was exported from (and --checkpoint, the weights it was exported '
-               'with)' if 'model_digest' in info else 'before 0.2.0 (no digest of its layers '
-               'to check against the config); export it again')
-        raise ValueError(f"--onnx {onnx_path} was exported from {info.get('config', '?')}, {why}")
-    deploy = copy.deepcopy(model)
-    switch_backbone_to_deploy(deploy)
-    wrap = (SegmentorExport if task == 'segmentation' else MaskRCNNExport
-            if 'masks' in info['outputs'] else SingleStageDetectorExport)
-    logits = ('logits' in info['outputs'], ) if task == 'segmentation' else ()
-    return dict(eager=wrap(model, *logits).eval(), deploy=wrap(deploy, *logits).eval(),
-                onnxruntime=runtime)
-
-
-def _onnx_input_size(args, runtime):
-    """The input size an export takes: its own, or a dynamic one's at ``--shape`` if given."""
-    info, (batch, _, height, width) = runtime.info, runtime.session.get_inputs()[0].shape
-    if isinstance(batch, int) and batch != args.batch:
-        why = ('its export takes one image at a time, also with --dynamic' if info.get('dynamic')
-               else 'exported without a dynamic batch axis')
-        raise ValueError(f'--onnx {args.onnx} takes batches of {batch} ({why}); use --batch '
-                         f'{batch}')
-    if isinstance(height, int) and args.shape and [height, width] != (args.shape * 2)[:2]:
-        raise ValueError(f'--onnx {args.onnx} was exported for {height}x{width} inputs only; '
-                         'leave out --shape, or export with --dynamic')
-    if not isinstance(height, int):
-        height, width = (args.shape * 2)[:2] if args.shape else info['input_size']
-    if height % info['size_divisor'] or width % info['size_divisor']:
-        raise ValueError(f'--shape {height} {width}: --onnx {args.onnx} takes sides that are '
-                         f"multiples of {info['size_divisor']} (the size divisor of its config)")
-    return height, width
-
-
 def flat_float_outputs(outputs):
     """Every floating tensor of nested tuples / lists, in order, in fp32."""
-    if isinstance(outputs, torch.Tensor):
-        return [outputs.float()] if outputs.is_floating_point() else []
-    return [t for o in outputs for t in flat_float_outputs(o)] if isinstance(
-        outputs, (tuple, list)) else []
+    if isinstance(outputs, (tuple, list)):
+        return [t for o in outputs for t in flat_float_outputs(o)]
+    return [outputs.float()] if torch.is_tensor(outputs) and outputs.is_floating_point() else []
 
 
 def build(args, names, notes=None):
     """What ``args`` of tools/analysis/benchmark.py times: ``(variants, steps, compared, (height,
     width))``; ``steps[name](model)`` is timed, ``compared[name](model)`` gives what is compared
     (outputs in inference, of a whole model's network; in training the loss)."""
-    train, (height, width) = args.mode == 'train', ((args.shape or [512]) * 2)[:2]
-    dtypes = {name: PRECISIONS[parse_variant(name, args.dtype)[1]] for name in names}
-    random, samples, loss = torch.Generator().manual_seed(0), None, _backbone_loss
+    train, (height, width), samples = args.mode == 'train', ((args.shape or [512]) * 2)[:2], None
     if args.onnx:
-        variants = onnx_variants(args.config, args.onnx, args.checkpoint, torch.get_num_threads())
-        height, width = _onnx_input_size(args, variants['onnxruntime'])
-        dtypes = dict.fromkeys(variants, torch.float32)
-        inputs = torch.randn(args.batch, 3, height, width, generator=random)
+        variants = onnx_variants(args.config, args.onnx, args.checkpoint, torch.get_num_threads(),
+                                 args.batch, args.shape)
+        height, width = variants['onnxruntime'].input_size
     elif args.model:
-        variants = model_variants(args.model, names, args.dtype, train)
+        variants = model_variants(args.model, names, args.dtype, train, args.device)
         data = training_batch(next(iter(variants.values())), height, width, args.batch)
-        inputs, samples, loss = data['inputs'], data['data_samples'], _model_loss
-        if not train:  # the precision is set in the model
-            dtypes = dict.fromkeys(names, torch.float32)
+        inputs, samples = data['inputs'], data['data_samples']
     else:
         arch, kwargs = backbone_settings(args.config) if args.config else (args.arch, {})
         variants = backbone_variants(arch, names, notes, train, **kwargs)
-        inputs = torch.randn(args.batch, 3, height, width, generator=random).to(args.device)
+    if not args.model:
+        inputs = torch.randn(args.batch, 3, height, width,
+                             generator=torch.Generator().manual_seed(0)).to(args.device)
+    fp32 = args.onnx or args.model and not train  # else the precision is set in the model
+    dtypes = {n: PRECISIONS['fp32' if fp32 else parse_variant(n, args.dtype)[1]] for n in variants}
     for model in variants.values():
         model.to(args.device).train(train)
     mode = 'loss' if train else 'predict' if args.postprocess else 'tensor'
-    steps = {n: _step(inputs, dtypes[n], train, loss, samples, mode) for n in variants}
-    compared = {n: _step(inputs, dtypes[n], train, loss, samples, 'loss' if train else 'tensor')
+    steps = {n: _step(inputs, dtypes[n], train, samples, mode) for n in variants}
+    compared = {n: _step(inputs, dtypes[n], train, samples, 'loss' if train else 'tensor')
                 for n in variants if not n.startswith('timm')}  # timm: no output norms
     return variants, steps, compared, (height, width)
 
 
-def _step(inputs, dtype, train, loss, samples=None, mode='tensor'):
-    """A call of a variant, under autocast in a low ``dtype``; in training forward, loss and
-    backward (seeded: the same dropout masks in every variant), returning the loss."""
+def _step(inputs, dtype, train, samples, mode):
+    # under autocast in a low dtype; seeded: the same dropout masks in every variant
     def step(model):
         torch.manual_seed(0)
         with torch.autocast(inputs.device.type, dtype, enabled=dtype != torch.float32), \
@@ -395,19 +285,12 @@ def _step(inputs, dtype, train, loss, samples=None, mode='tensor'):
                                                               mode=mode)
             if not train:
                 return out
-            value = loss(model, out)
+            value = (sum(output.float().mean() for output in out) if samples is None else
+                     model.parse_losses(out)[0])
         value.backward()
         model.zero_grad(set_to_none=True)
         return value.detach()
     return step
-
-
-def _backbone_loss(model, outputs):
-    return sum(output.float().mean() for output in outputs)
-
-
-def _model_loss(model, losses):
-    return model.parse_losses(losses)[0]
 
 
 def measure(variants, steps, warmup=2, repeat=10, device='cpu'):
@@ -419,19 +302,15 @@ def measure(variants, steps, warmup=2, repeat=10, device='cpu'):
             steps[name](model)
     for _ in range(repeat):
         for name, model in variants.items():
-            _sync(device)
-            start = time.perf_counter()
+            start = _clock(device)
             steps[name](model)
-            _sync(device)
-            results[name].latency_ms.append((time.perf_counter() - start) * 1000)
+            results[name].latency_ms.append((_clock(device) - start) * 1000)
     return results
 
 
 def compare(args, variants, compared, results):
-    """Each variant's largest absolute difference of what ``compared`` gives from the first
-    variant's in fp32 (a model of its own where the first is in another precision), and that
-    over the largest value; nan where there is nothing to compare (class indices, timm, another
-    proposal count)."""
+    """Set each result's largest |difference| from the first variant in fp32, and relative to
+    that's largest value; nan with nothing to compare (class indices, timm, other proposals)."""
     first = next(iter(results))
     name, dtype = parse_variant(first)
     first = first if dtype == 'fp32' else f'{name}:fp32'
@@ -449,9 +328,8 @@ def compare(args, variants, compared, results):
 
 
 def peak_memory_mb(args, names):
-    """The memory one step of each variant needs: the rise of the resident set's high-water mark
-    (Linux; nan elsewhere), or of ``max_memory_allocated`` on a GPU, during the first step in a
-    fresh process per variant (none reuses what another freed; one-time allocations count)."""
+    """The rise of the resident set's high-water mark (Linux; else nan), or on a GPU of
+    ``max_memory_allocated``, in one step of each variant, each in a fresh process."""
     peaks, spawn = {}, multiprocessing.get_context('spawn')
     for name in names:  # an executor's process of its own (a dead one raises, never hangs)
         with ProcessPoolExecutor(1, mp_context=spawn) as pool:
@@ -460,6 +338,10 @@ def peak_memory_mb(args, names):
 
 
 def _peak_memory_mb(args, name):
+    def status_mb(key):
+        status = Path('/proc/self/status').read_text()
+        return int(re.search(rf'^{key}:\s*(\d+)', status, re.M)[1]) / 1024
+
     ignore_known_warnings()
     torch.set_num_threads(args.threads or torch.get_num_threads())
     variants, steps, _, _ = build(args, [name])
@@ -475,21 +357,19 @@ def _peak_memory_mb(args, name):
         return (torch.cuda.max_memory_allocated() - start) / 2**20
     try:  # not ru_maxrss: a spawned process starts with its parent's
         Path('/proc/self/clear_refs').write_text('5')  # VmHWM down to the resident set
-        start = _status_mb('VmRSS')
+        start = status_mb('VmRSS')
         step(model)
-        return _status_mb('VmHWM') - start
+        return status_mb('VmHWM') - start
     except OSError:
         return math.nan
-
-
-def _status_mb(key):
-    lines = Path('/proc/self/status').read_text().splitlines()
-    return next(int(line.split()[1]) for line in lines if line.startswith(key + ':')) / 1024
 
 
 def format_results(results, batch, baseline, gmacs=None, rates=None):
     """A table; '% matmul' is 2 * MACs / median as a share of ``rates[name]``, the machine's
     matrix-multiply rate in the variant's precision ('-' where None)."""
+    def cell(value, form):
+        return f'{"-":>{form.split(".")[0]}}' if math.isnan(value) else f'{value:{form}}'
+
     show_rate = bool(gmacs and rates and any(rates.values()))
     lines = [f'{"variant":18} {"median ms":>10} {"min-max ms":>16} {"img/s":>8} {"speed-up":>9} '
              f'{"peak MB":>9} {"max |diff|":>11} {"rel diff":>9}' + '  % matmul' * show_rate]
@@ -497,12 +377,8 @@ def format_results(results, batch, baseline, gmacs=None, rates=None):
         rate = show_rate and rates.get(name)  # GFLOP/s reached: 2 * GMACs * images / seconds
         lines.append(f'{name:18} {m.median_ms:10.1f} {min(m.latency_ms):7.1f}-'
                      f'{max(m.latency_ms):<8.1f} {batch * 1000 / m.median_ms:8.2f} '
-                     f'{m.speedup_over(results[baseline]):8.2f}x {_cell(m.peak_memory_mb, "9.0f")}'
-                     f' {_cell(m.max_abs_diff, "11.2e")} {_cell(m.max_rel_diff, "9.2e")}'
+                     f'{m.speedup_over(results[baseline]):8.2f}x {cell(m.peak_memory_mb, "9.0f")}'
+                     f' {cell(m.max_abs_diff, "11.2e")} {cell(m.max_rel_diff, "9.2e")}'
                      + (f' {2e3 * gmacs * batch / m.median_ms / rate:9.0%}' if rate else
                         f' {"-":>9}' if show_rate else ''))
     return '\n'.join(lines)
-
-
-def _cell(value, form):
-    return f'{"-":>{form.split(".")[0]}}' if math.isnan(value) else f'{value:{form}}'

@@ -1,19 +1,10 @@
 """Parameters and multiply-accumulates (MACs) of PoolFormer backbones and whole models.
 
-Counting is mmengine's port of fvcore's jit counters (:class:`mmengine.analysis.FlopAnalyzer`),
-which the paper used for its MAC column and which calls one multiply-add one "flop". It counts
-convolutions and linear / matmul layers (not their bias adds), normalisations such as GroupNorm
-(~5 ops per element) and the FPN's upsampling and pooling. It skips, and each run reports, the
-pooling token mixer (``aten::avg_pool2d``), GELU, the element-wise add / sub / mul of residuals,
-``pool(x) - x`` and layer scales, and ops without a handle (RoIAlign, NMS, sigmoid, ...); shape
-ops and ReLU are ignored by design. So the backbones at 224x224 match the paper's 1.8 / 3.4 /
-5.0 / 8.8 / 11.6 G for S12 / S24 / S36 / M36 / M48 (measured: 1.824 / 3.414 / 5.004 / 8.804 /
-11.593 G); the paper's ImageNet classifier (final norm, global mean, 1000-way head) differs from
-the dense backbone's four output GroupNorms by 0.0013 G (S) / 0.0019 G (M), far below its rounding.
-
-Whole detectors and segmentors are counted on their ``mode='tensor'`` forward (no
-post-processing). A two-stage detector's sends the RPN's proposals (up to 1000) through the box
-head and the first 100 through the mask head, so its head cost barely depends on the image size.
+Counted with :class:`mmengine.analysis.FlopAnalyzer` (fvcore's counters, as the paper; one
+multiply-add is one "flop"). The pooling mixer, GELU, element-wise ops, layer scales and ops
+without a counter are not counted and are reported; so the backbones at 224x224 give the paper's
+1.8 / 3.4 / 5.0 / 8.8 / 11.6 G for S12 / S24 / S36 / M36 / M48. Detectors and segmentors are
+counted on their ``mode='tensor'`` forward (no post-processing).
 """
 import copy
 import warnings
@@ -37,8 +28,7 @@ from ..utils.config import read_config, task_of
 
 ShapeLike = Union[int, Sequence[int]]
 
-#: Input size used when none is given: ImageNet's for a backbone, the COCO test scale of mmdet's
-#: own get_flops tool (height 1280, width 800) for detectors, the ADE20K crop for segmentors.
+#: (height, width) when none is given: ImageNet's, mmdet's get_flops default, the ADE20K crop.
 DEFAULT_SHAPES = {'backbone': (224, 224), 'mmdet': (1280, 800), 'mmseg': (512, 512)}
 
 UNCOUNTED_NOTE = ('Not counted (as in fvcore, which the paper used): the pooling token mixer '
@@ -49,16 +39,8 @@ UNCOUNTED_NOTE = ('Not counted (as in fvcore, which the paper used): the pooling
 
 @dataclass
 class Complexity:
-    """Result of one analysis.
-
-    Args:
-        params (int): Number of parameters of the analysed module.
-        macs (int): Multiply-accumulates of one forward pass at ``input_shape``, batch 1.
-        input_shape (tuple[int, int]): Image height and width that were analysed.
-        macs_by_operator (dict[str, int]): MACs per counted operator kind ('conv', ...).
-        uncounted_ops (dict[str, int]): Traced operators without a counter, with how often each
-            ran (most frequent first); their cost is not in ``macs``.
-    """
+    """Parameters, MACs of one image of ``input_shape`` (height, width), MACs per counted
+    operator kind, and the traced operators without a counter with how often each ran."""
 
     params: int
     macs: int
@@ -76,12 +58,7 @@ class Complexity:
 
 
 def image_shape(shape: Optional[ShapeLike], default: Tuple[int, int]) -> Tuple[int, int]:
-    """Turn ``None``, ``224``, ``(224,)`` or ``(1280, 800)`` into ``(height, width)``.
-
-    Args:
-        shape (int | Sequence[int] | None): One side for a square image, or height and width.
-        default (tuple[int, int]): Returned when ``shape`` is None.
-    """
+    """Turn ``224``, ``(224,)`` or ``(1280, 800)`` into ``(height, width)``; None: ``default``."""
     if shape is None:
         return tuple(default)
     sides = [shape] if isinstance(shape, int) else list(shape)
@@ -95,16 +72,12 @@ def _analyse(module: nn.Module, inputs: tuple, params_of: nn.Module,
              input_shape: Tuple[int, int]) -> Complexity:
     """Trace ``module(*inputs)`` once and collect its counts."""
     module.eval()
-    # Count the paper's formulation (1x1 convs, GroupNorm): PoolFormer's fast path computes the
-    # same function with other ops (matmuls, normalisation of a flat view), which the counters
-    # would tally slightly differently. The caller's setting is restored afterwards.
+    # Count the paper's formulation (1x1 convs, GroupNorm), not the fast path's other ops.
     fast = [m for m in module.modules() if isinstance(m, DenseBackbone) and m.fast_path]
     for backbone in fast:
         backbone.set_fast_path(False)
     try:
-        # The skipped ops are returned in the result instead of being logged one warning per
-        # op; the tracer's own warnings (data-dependent shapes in detector heads) do not affect
-        # counts.
+        # Skipped ops go into the result; the tracer's warnings do not affect counts.
         analyzer = FlopAnalyzer(module, inputs).unsupported_ops_warnings(False)
         analyzer.uncalled_modules_warnings(False)
         with torch.no_grad(), warnings.catch_warnings():
@@ -113,21 +86,13 @@ def _analyse(module: nn.Module, inputs: tuple, params_of: nn.Module,
     finally:
         for backbone in fast:
             backbone.set_fast_path(True)
-    return Complexity(
-        params=parameter_count(params_of)[''],
-        macs=int(macs),
-        input_shape=input_shape,
-        macs_by_operator={name: int(count) for name, count in analyzer.by_operator().items()},
-        uncounted_ops=dict(analyzer.unsupported_ops().most_common()))
+    return Complexity(parameter_count(params_of)[''], int(macs), input_shape,
+                      {name: int(count) for name, count in analyzer.by_operator().items()},
+                      dict(analyzer.unsupported_ops().most_common()))
 
 
 def build_backbone(backbone: Union[str, dict, nn.Module]) -> nn.Module:
-    """A PoolFormer to analyse, built with ``init_cfg=None`` (counting needs no weights).
-
-    Args:
-        backbone (str | dict | nn.Module): 's12', ..., a config dict such as a config's
-            ``model.backbone`` (``type`` must be PoolFormer), or a module, returned as is.
-    """
+    """A PoolFormer (arch name or config dict) built with ``init_cfg=None``; a module as is."""
     if isinstance(backbone, nn.Module):
         return backbone
     kwargs = dict(arch=backbone) if isinstance(backbone, str) else copy.deepcopy(dict(backbone))
@@ -142,13 +107,8 @@ def build_backbone(backbone: Union[str, dict, nn.Module]) -> nn.Module:
 
 def backbone_complexity(backbone: Union[str, dict, nn.Module],
                         shape: Optional[ShapeLike] = None) -> Complexity:
-    """Parameters and MACs of a backbone alone, for one 3-channel image.
-
-    Args:
-        backbone (str | dict | nn.Module): Arch name, backbone config dict, or any module that
-            takes an (N, 3, H, W) tensor.
-        shape (int | Sequence[int], optional): Image side or (height, width). Default: 224.
-    """
+    """Parameters and MACs of a backbone (see :func:`build_backbone`, or any module taking an
+    (N, 3, H, W) tensor) for one image of ``shape`` (side or height and width; default 224)."""
     height, width = image_shape(shape, DEFAULT_SHAPES['backbone'])
     module = build_backbone(backbone)
     image = torch.randn(1, 3, height, width, device=next(module.parameters()).device)
@@ -161,11 +121,7 @@ def load_config(config: Union[str, Path, Config]) -> Config:
 
 
 def build_model_without_pretrained(cfg: Config) -> nn.Module:
-    """The config's detector or segmentor, with no pretrained weights to load.
-
-    Args:
-        cfg (Config): An mmdet or mmseg config using this package's backbone.
-    """
+    """The mmdet / mmseg config's detector or segmentor, with no pretrained weights to load."""
     task = task_of(cfg)
     model_cfg = copy.deepcopy(cfg.model)
     model_cfg.backbone.init_cfg = None
@@ -189,18 +145,8 @@ class _TensorModeForward(nn.Module):
 
 
 def dummy_batch(model: nn.Module, task: str, height: int, width: int) -> Tuple[torch.Tensor, list]:
-    """A random image passed through the model's data preprocessor: ``(inputs, data_samples)``.
-
-    The metainfo is the subset of a test pipeline's the tensor-mode forward needs: mmdet's RPN
-    reads ``img_shape`` and ``batch_input_shape`` to clip proposals; the other keys describe an
-    unscaled, unpadded image for any head that reads them.
-
-    Args:
-        model (nn.Module): A detector or segmentor with a ``data_preprocessor``.
-        task (str): 'mmdet' or 'mmseg'.
-        height (int): Image height.
-        width (int): Image width.
-    """
+    """A random image of an unscaled, unpadded test batch (the metainfo mmdet's RPN and the
+    heads read) through the model's data preprocessor: ``(inputs, data_samples)``."""
     DataSample = DetDataSample if task == 'mmdet' else SegDataSample
     # A fixed seed keeps the RPN's proposals, and so a two-stage detector's count, repeatable.
     generator = torch.Generator().manual_seed(0)
@@ -216,15 +162,8 @@ def dummy_batch(model: nn.Module, task: str, height: int, width: int) -> Tuple[t
 def model_complexity(config: Union[str, Path, Config],
                      shape: Optional[ShapeLike] = None,
                      part: str = 'model') -> Complexity:
-    """Parameters and MACs of a config's whole detector / segmentor, or of its backbone.
-
-    Args:
-        config (str | Path | Config): Path of an mmdet / mmseg config, or a loaded Config.
-        shape (int | Sequence[int], optional): Image side or (height, width). Default: 224 for
-            ``part='backbone'``, (1280, 800) for detectors, (512, 512) for segmentors.
-        part (str): 'model' for the whole network, 'backbone' for ``PoolFormer`` from the
-            config's ``model.backbone`` alone. Default: 'model'.
-    """
+    """Parameters and MACs of a config's (path or Config) whole detector / segmentor, or with
+    ``part='backbone'`` of its ``model.backbone`` alone; ``shape`` defaults to DEFAULT_SHAPES."""
     if part not in ('model', 'backbone'):
         raise ValueError(f"part must be 'model' or 'backbone', got {part!r}")
     cfg = load_config(config)

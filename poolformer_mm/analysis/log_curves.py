@@ -1,10 +1,8 @@
 """Loss and metric curves from the json logs of mmengine's runner (``tools/analysis/plot_logs.py``).
 
-A training run writes ``<work_dir>/<timestamp>/vis_data/<timestamp>.json`` (and the same lines to
-``scalars.json``), one json object per line: training lines (``lr``, ``loss`` and its parts...)
-at the global ``iter``, drawn against the iteration; validation lines (``mIoU``, ``aAcc``... for
-mmseg, ``coco/bbox_mAP``... for mmdet) at ``step``, drawn against it: the epoch in epoch-based
-runs (mmdet), the iteration in iteration-based ones (mmseg's ``log_metric_by_epoch=False``).
+``<work_dir>/<timestamp>/vis_data/<timestamp>.json`` holds one json object per line: training
+lines at the global ``iter``, validation lines at ``step`` (the epoch, or the iteration in
+iteration-based runs).
 """
 import json
 import os
@@ -17,10 +15,8 @@ from typing import List, Optional, Sequence, Tuple
 
 from ..utils.errors import InputNotFoundError, InvalidInputError
 
-# Drawn when no keys are given, each where the log has it: the training loss and the main
-# metrics of mmseg and mmdet.
+# Drawn when no keys are given, each where the log has it.
 DEFAULT_KEYS = ('loss', 'mIoU', 'aAcc', 'coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/segm_mAP')
-# Positions on the x axis, not curves.
 _POSITION_KEYS = ('iter', 'epoch', 'step')
 _RUN_FOLDER = re.compile(r'^\d{8}_\d{6}$')
 
@@ -40,8 +36,7 @@ class TrainingLog:
 
     @property
     def by_epoch(self) -> bool:
-        """Whether the validation ``step`` counts epochs (epoch-based run, mmengine's default
-        ``log_metric_by_epoch=True``) rather than iterations."""
+        """Whether the validation ``step`` counts epochs rather than iterations."""
         epochs = [line['epoch'] for line in self.train if 'epoch' in line]
         steps = [line['step'] for line in self.val if 'step' in line]
         return bool(epochs) and (not steps or max(steps) <= max(epochs))
@@ -63,10 +58,8 @@ def _is_number(value) -> bool:
 
 
 def find_json_log(work_dir: str) -> str:
-    """The json log of the newest training run in ``work_dir`` (or ``work_dir`` itself, if it
-    is a json file); :class:`InputNotFoundError` if there is none. A newer run without training
-    lines (``tools/test.py`` writes to the work dir too) is passed over for the newest one that
-    trained."""
+    """The json log of the newest run in ``work_dir`` that trained (``work_dir`` itself if it
+    is a file); :class:`InputNotFoundError` if there is none."""
     if osp.isfile(work_dir):
         return work_dir
     if not osp.isdir(work_dir):
@@ -86,9 +79,8 @@ def find_json_log(work_dir: str) -> str:
 
 
 def read_json_log(path: str) -> TrainingLog:
-    """Split a json log into training lines (those with ``iter``) and validation lines. A last
-    line cut short (a run still writing) is left out; another line that is not json raises
-    :class:`InvalidInputError` naming the file and line."""
+    """Split a json log into training lines (those with ``iter``) and validation lines; a last
+    line cut short (a run still writing) is left out."""
     log = TrainingLog(path)
     with open(path, encoding='utf-8') as f:
         lines = [line for line in f.read().splitlines() if line.strip()]
@@ -102,15 +94,13 @@ def read_json_log(path: str) -> TrainingLog:
                                     'mmengine json log (vis_data/<timestamp>.json)?') from None
         if not isinstance(line, dict):
             continue
-        # the log processor gives every training line the global iteration; validation lines
-        # carry their position in ``step`` only
         (log.train if 'iter' in line else log.val).append(line)
     return log
 
 
 def _resolve_key(key: str, log: TrainingLog) -> Tuple[str, str]:
-    """``(phase, key as logged)``; a key also finds the one logged under a prefix, as mmdet's
-    tools call ``coco/bbox_mAP`` ``bbox_mAP`` (and ``loss_ce`` finds mmseg's ``decode.loss_ce``)."""
+    """``(phase, key as logged)``; ``bbox_mAP`` also finds ``coco/bbox_mAP``, ``loss_ce``
+    ``decode.loss_ce``."""
     for phase in ('train', 'val'):
         keys = log.keys(phase)
         if key in keys:
@@ -118,16 +108,15 @@ def _resolve_key(key: str, log: TrainingLog) -> Tuple[str, str]:
         suffixed = [k for k in keys if k.endswith(('/' + key, '.' + key))]
         if len(suffixed) == 1:
             return phase, suffixed[0]
-    train, val = log.keys('train'), log.keys('val')
     raise InvalidInputError(
         f"key '{key}' is not in the log '{log.path}'. Its keys are: training: "
-        f"{', '.join(train) or 'none'}; validation: {', '.join(val) or 'none (no validation yet)'}")
+        f"{', '.join(log.keys('train')) or 'none'}; validation: "
+        f"{', '.join(log.keys('val')) or 'none (no validation yet)'}")
 
 
 def extract_curves(log: TrainingLog, keys: Optional[Sequence[str]] = None,
                    run: str = '') -> List[Curve]:
-    """The curves of ``keys`` in ``log`` (default: those of :data:`DEFAULT_KEYS` it has); a key
-    the log does not have raises :class:`InvalidInputError` listing the keys it has."""
+    """The curves of ``keys`` in ``log`` (default: those of :data:`DEFAULT_KEYS` it has)."""
     if not log.train and not log.val:
         raise InvalidInputError(f"the log '{log.path}' has no lines yet: wait for the first "
                                 'logging interval of the run')
@@ -147,9 +136,8 @@ def extract_curves(log: TrainingLog, keys: Optional[Sequence[str]] = None,
 
 
 def plot_curves(curves: Sequence[Curve], out: str, title: Optional[str] = None) -> str:
-    """Draw ``curves`` to the image file ``out``, one panel per x axis: training keys against
-    the iteration, validation keys against the epoch or the iteration. Returns ``out``."""
-    # A Figure of its own, not pyplot: no window, no global backend switched for the caller.
+    """Draw ``curves`` to the image file ``out``, one panel per x axis; return ``out``."""
+    # A Figure of its own, not pyplot: no window, no global backend switched.
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
     # training ('train' < 'val') first, then validation by epoch, then by iteration
@@ -177,16 +165,9 @@ def plot_curves(curves: Sequence[Curve], out: str, title: Optional[str] = None) 
 def plot_work_dirs(work_dirs: Sequence[str], keys: Optional[Sequence[str]] = None,
                    out: Optional[str] = None, legend: Optional[Sequence[str]] = None,
                    title: Optional[str] = None) -> Tuple[str, List[Curve]]:
-    """Plot the newest run of each work dir (or json log) to one PNG; returns ``(out, curves)``.
-
-    Args:
-        work_dirs: work dirs of training runs, or their json log files.
-        keys: keys to draw (default: those of :data:`DEFAULT_KEYS` each log has).
-        out: the image file; default ``<first work dir>/curves.png``.
-        legend: one name per work dir, put in front of its keys (default: the work dir's name
-            when there are several, nothing for one).
-        title: the figure's title.
-    """
+    """Plot ``keys`` of the newest run of each work dir (or json log) to the PNG ``out``
+    (default ``<first work dir>/curves.png``), each run's keys named after its ``legend`` entry
+    (default: the work dir's name when there are several); returns ``(out, curves)``."""
     if legend is not None and len(legend) != len(work_dirs):
         raise InvalidInputError(f'--legend needs one name per work dir: got {len(legend)} '
                                 f'names for {len(work_dirs)} work dirs')

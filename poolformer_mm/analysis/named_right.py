@@ -12,11 +12,9 @@ from scipy.optimize import linear_sum_assignment
 def pictures_named_right(results: Sequence[dict], ann_file: str, score_thr: float,
                          classes: Optional[Sequence[str]] = None,
                          iou_thr: float = 0.5) -> List[bool]:
-    """For each result of ``tools/test.py --out`` (mmdet's dumped ``pred_instances``, boxes in
-    the original image), whether the picture drawn at ``score_thr`` is right: its drawn boxes and
-    the annotated objects pair one to one, each pair of the same class with IoU >= ``iou_thr``.
-    A missed object, a box on the background, a second box on one object or a wrong class each
-    make the picture wrong. Labels index ``classes`` (the data set's, default: every category)
+    """For each result of ``tools/test.py --out``, whether the picture drawn at ``score_thr`` is
+    right: its drawn boxes and the annotated objects pair one to one, each pair of the same class
+    with IoU >= ``iou_thr``. Labels index ``classes`` (the data set's, default: every category)
     in the file's category order, as mmdet's ``CocoDataset`` numbers them.
     """
     coco = COCO(ann_file)

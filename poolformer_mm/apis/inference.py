@@ -49,16 +49,14 @@ class SegInferencer(MMSegInferencer):
     the configs that tools/train.py saves in its work dirs."""
 
     def _init_pipeline(self, cfg):
-        # mmseg drops the label loading step by its name; a config that tools/train.py saved
-        # in its work dir loads labels with the checked loader, dropped here too
+        # mmseg drops its label loading step by name; the checked loader is dropped here
         pipeline = cfg.test_dataloader.dataset.pipeline
         cfg.test_dataloader.dataset.pipeline = [
             step for step in pipeline if step.get('type') != 'LoadCheckedAnnotations']
         return super()._init_pipeline(cfg)
 
     def visualize(self, inputs, preds, *args, **kwargs):
-        # mmseg's visualiser indexes the picture with the label tensor, which numpy takes as a
-        # scalar index on a 1x1 image; a numpy label map draws the same picture at every size
+        # a label tensor indexes a 1x1 picture as a scalar in mmseg's visualiser; numpy does not
         drawn = []
         for pred in preds:
             pred = pred.clone()
@@ -69,27 +67,18 @@ class SegInferencer(MMSegInferencer):
 
 def init_inferencer(config: Union[str, Config], checkpoint: str, device: str = 'cpu',
                     deploy: bool = False, amp: Optional[str] = None):
-    """mmdet's ``DetInferencer`` or mmseg's ``MMSegInferencer`` for ``config``, with its weights.
+    """mmdet's ``DetInferencer`` or mmseg's ``MMSegInferencer`` for ``config`` (file or loaded)
+    with the weights of ``checkpoint`` (path or URL), which must fit its model.
 
-    Args:
-        config (str | Config): an mmdet or mmseg config (file or loaded).
-        checkpoint (str): the weights, a path or URL (weights-only loading).
-        device (str): e.g. ``'cpu'`` or ``'cuda:0'``.
-        deploy (bool): fold the PoolFormer backbone once the weights are loaded and run the
-            neck and head channels-last (same predictions, faster).
-        amp (str, optional): mixed precision in the backbone, neck and heads: 'auto', 'bf16'
-            or 'fp16' (see :func:`~poolformer_mm.deploy.precision.amp_dtype`). Default: None
-            (fp32).
-
-    Weights that do not fit the config's model (another arch or task) raise an error naming
-    each part that does not fit.
+    ``deploy`` folds the PoolFormer backbone and runs the neck and head channels-last (same
+    predictions, faster); ``amp`` ('auto', 'bf16' or 'fp16') runs the backbone, neck and heads
+    in mixed precision (see :func:`~poolformer_mm.deploy.precision.amp_dtype`).
     """
     cfg = read_config(config) if isinstance(config, str) else inherit_default_scope(
         copy.deepcopy(config))
     name = f"'{cfg.filename}'" if cfg.filename else 'the config'
     check_checkpoint_path(checkpoint)
-    # The inferencers return the pictures they draw; a visualiser backend without a save_dir
-    # would only warn that it cannot save them.
+    # the inferencers return the pictures; a backend without a save_dir would only warn
     cfg.visualizer = dict(cfg.visualizer, vis_backends=[])
     if task_of(cfg) == 'mmdet':
         keep_labels_apart(cfg)
@@ -112,12 +101,11 @@ def init_inferencer(config: Union[str, Config], checkpoint: str, device: str = '
 def draw_predictions(config: str, checkpoint: str, inputs: Sequence[str], out_dir: str,
                      device: str = 'cpu', score_thr: float = 0.3,
                      deploy: bool = False, amp: Optional[str] = None) -> List[str]:
-    """Run the model on every image of ``inputs`` and write ``<image stem>.png`` to ``out_dir``.
+    """Draw the predictions on every image of ``inputs`` into ``out_dir/<image stem>.png``:
+    boxes (and masks) scoring at least ``score_thr``, or a colour overlay of the classes.
 
-    Detection configs get boxes (and masks) scoring at least ``score_thr``; segmentation
-    configs get a colour overlay of the predicted classes. ``deploy`` and ``amp`` are those of
-    :func:`init_inferencer`. Returns the written paths. Bad inputs or outputs (a damaged image,
-    two images of one name, an ``out_dir`` over an input) are refused before anything is written.
+    ``deploy`` and ``amp`` are those of :func:`init_inferencer`. Returns the written paths. Bad
+    inputs or outputs are refused before anything is written.
     """
     cfg = read_config(config)
     images = collect_images(inputs)
@@ -135,16 +123,13 @@ def draw_predictions(config: str, checkpoint: str, inputs: Sequence[str], out_di
     refuse_output_over_inputs(out_dir, [*inputs, *images], '--out-dir')
     check_writable(out_dir, '--out-dir')
     check_checkpoint_path(checkpoint)
-    # Every image is decoded and checked before the model is built, so a damaged file or one too
-    # thin for the test resize stops with its name at once, instead of an OpenCV assertion after
-    # the images before it.
+    # every image is checked before the model is built: a damaged or too thin one stops at once
     for path in images:
         check_image_fits_model(path, read_image_for_inference(path).shape, cfg)
     inferencer = init_inferencer(cfg, checkpoint, device, deploy, amp)
     os.makedirs(out_dir, exist_ok=True)
     kwargs = dict(pred_score_thr=score_thr) if task_of(cfg) == 'mmdet' else dict()
-    # The inferencers would write into out_dir/vis/ under the input's own name (a .jpg for a
-    # JPEG); the pictures go where the user asked, as lossless PNGs.
+    # lossless PNGs where the user asked, not the inferencers' out_dir/vis/<input name>
     for path, out_file in zip(images, out_files):
         pictures = inferencer([path], return_vis=True, **kwargs)['visualization']
         # MMSegInferencer unwraps the list of a single input

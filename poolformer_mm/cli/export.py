@@ -38,8 +38,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--image', help='image for --verify (default: one of a toy set '
                         'written to a temporary folder)')
     parser.add_argument('--device', default='cpu', help="load the model on this device, e.g. "
-                        "'cuda:0' (it is traced on the CPU; --verify runs the export in ONNX "
-                        'Runtime on the CPU, against the model on the CPU)')
+                        "'cuda:0' (tracing and --verify run on the CPU)")
     parser.add_argument('--cfg-options', nargs='+', action=CheckedDictAction,
                         help='override config settings, e.g. model.test_cfg.score_thr=0.3')
     return parser.parse_args(argv)

@@ -1,13 +1,6 @@
 """Draw predictions on images: boxes (and masks) for detection configs, colour overlays for
-segmentation configs. Works on CPU.
-
-    python tools/infer.py CONFIG CHECKPOINT IMAGE_OR_FOLDER [...] --out-dir outputs/
-
-The model runs through mmdet's DetInferencer or mmseg's MMSegInferencer; each picture is written
-to --out-dir as <image name>.png.
-"""
+segmentation configs. Works on CPU."""
 import argparse
-import logging
 import re
 
 from mmengine.logging import MMLogger
@@ -16,16 +9,10 @@ from ..apis.inference import draw_predictions
 from ..utils.errors import report_user_errors
 from .options import add_amp_option
 
-
-class HideFunctionScopeNotice(logging.Filter):
-    """Drop mmengine's notice, on every run, that the collate-function lookup falls back from
-    the mmdet or mmseg scope to mmengine's, where their collate functions are anyway."""
-
-    NOTICE = re.compile(r'Failed to search registry with scope "(mmdet|mmseg)" in the "function" '
-                        'registry tree')
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not self.NOTICE.match(record.getMessage())
+# mmengine's notice, on every run, that the collate-function lookup falls back from the mmdet or
+# mmseg scope to mmengine's, where their collate functions are anyway
+SCOPE_NOTICE = re.compile(r'Failed to search registry with scope "(mmdet|mmseg)" in the '
+                          '"function" registry tree')
 
 
 def parse_args(argv=None):
@@ -48,7 +35,8 @@ def parse_args(argv=None):
 @report_user_errors
 def main(argv=None):
     args = parse_args(argv)
-    MMLogger.get_current_instance().addFilter(HideFunctionScopeNotice())
+    MMLogger.get_current_instance().addFilter(
+        lambda record: not SCOPE_NOTICE.match(record.getMessage()))
     written = draw_predictions(args.config, args.checkpoint, args.inputs, args.out_dir,
                                args.device, args.score_thr, deploy=args.deploy,
                                amp=args.amp)

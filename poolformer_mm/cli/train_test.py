@@ -4,7 +4,6 @@ The flags are those of mmdet 3.3's and mmseg 1.2's scripts, plus ``--eval`` (the
 ``--data-root``. Which upstream behaviour applies is read from the config's ``default_scope``.
 """
 import argparse
-import contextlib
 import copy
 import json
 import logging
@@ -16,6 +15,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 from mmdet.evaluation import DumpDetResults
+from mmdet.registry import DATASETS
 from mmengine.config import Config
 from mmengine.dist import is_main_process
 from mmengine.hooks import CheckpointHook
@@ -27,7 +27,7 @@ from ..checkpoint_io import check_checkpoint_path
 from ..datasets.checks import check_data_roots, config_datasets, dataset_paths, override_data_root
 from ..deploy.precision import log_amp_dtype
 from ..engine.distributed import closing_process_group, prepare_cpu_distributed
-from ..engine.hooks.data_checks import add_data_checks, check_coco_classes
+from ..engine.hooks.data_checks import add_data_checks, coco_annotation_summary
 from ..engine.work_dir import (
     ConfigCopyRunner,
     check_writable,
@@ -35,6 +35,7 @@ from ..engine.work_dir import (
     find_resumable_checkpoint,
     has_training_state,
     lock_work_dir,
+    nearest_existing,
     process_rank,
     refuse_links_in,
     refuse_output_over_inputs,
@@ -129,9 +130,8 @@ def _load_config(args) -> Config:
 
 
 def enable_training_amp(cfg: Config, choice: str = 'auto') -> None:
-    """``--amp CHOICE`` in training: mmengine's ``AmpOptimWrapper`` on a GPU, and on a CPU
-    (where it asserts a GPU) :class:`~poolformer_mm.engine.BF16AutocastOptimWrapper`. A config
-    whose wrapper already runs mixed precision keeps it, and the log says so."""
+    """``--amp CHOICE`` in training: mmengine's ``AmpOptimWrapper`` on a GPU, else
+    :class:`~poolformer_mm.engine.BF16AutocastOptimWrapper`; a mixed-precision wrapper is kept."""
     optim_wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
     on_gpu = torch.cuda.is_available()  # where the Runner puts the model
     if optim_wrapper == 'AmpOptimWrapper' and not on_gpu:
@@ -178,8 +178,7 @@ def config_for_training(args) -> Config:
             raise RuntimeError('--auto-scale-lr needs auto_scale_lr=dict(base_batch_size=...) '
                                'in the config')
         cfg.auto_scale_lr.enable = True
-    if args.resume == 'auto':
-        # run_training picks the newest readable checkpoint once it holds the work dir
+    if args.resume == 'auto':  # run_training picks the checkpoint once it holds the work dir
         cfg.resume = True
     elif args.resume is not None:
         # weights without training state: mmengine's KeyError 'meta' once the model is built
@@ -195,8 +194,7 @@ def config_for_training(args) -> Config:
     check_data_roots(cfg, loaders=('train_dataloader', 'val_dataloader'))
     add_data_checks(cfg)
     add_hooks(cfg, 'FiniteLossHook', 'RandomStateHook')
-    # mmengine's CheckpointHook deletes outdated checkpoints before writing the new one; the
-    # subclass (same arguments) deletes them after
+    # deletes outdated checkpoints after writing the new one, not before as mmengine's
     hook = cfg.get('default_hooks', {}).get('checkpoint')
     if hook is not None and hook.get('type') in ('CheckpointHook', 'mmengine.CheckpointHook',
                                                  CheckpointHook):
@@ -288,7 +286,7 @@ def config_for_testing(args) -> Config:
 
 def check_test_out(out: str, task: str, launcher: str = 'none') -> None:
     """Refuse an ``--out`` that cannot be written (detection: one .pkl file, segmentation: a
-    folder of class maps) before the test runs: a file is made and removed where they write."""
+    folder of class maps) before the test runs; nothing is created for good."""
     if not out.strip():
         raise InvalidInputError("--out '': give a path, or leave --out out")
     pickle = out.endswith(('.pkl', '.pickle'))
@@ -304,33 +302,23 @@ def check_test_out(out: str, task: str, launcher: str = 'none') -> None:
         raise InvalidInputError(f'--out {out} is a file; segmentation writes a folder of class '
                                 'maps there')
     if process_rank(launcher) != 0:
-        return  # the write probe below on one process of a distributed run: no races
+        return  # rank 0 probes, and writes the detection dump
     folder = osp.dirname(osp.abspath(out)) if task == 'mmdet' else osp.abspath(out)
-    existing = folder
-    while not osp.lexists(existing):
-        existing = osp.dirname(existing)
+    existing = nearest_existing(folder)
     if not osp.isdir(existing):
         raise InvalidInputError(f'--out {out}: {existing} is a file, not a folder; give '
                                 'another path')
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
+    try:  # a probe in the nearest existing folder: the writers make the missing ones
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as error:
-        reason = error.strerror or str(error)
-        raise InvalidInputError(f'--out {out}: cannot write in {folder} ({reason}); give '
-                                'another path') from error
-    finally:
-        # the folders made for the probe: the writers make them again when they write
-        with contextlib.suppress(OSError):  # a folder someone else has just written into
-            while folder != existing and osp.isdir(folder):
-                os.rmdir(folder)
-                folder = osp.dirname(folder)
+        raise InvalidInputError(f'--out {out}: cannot write in {folder} '
+                                f'({error.strerror or error}); give another path') from error
 
 
 def _refuse_empty_datasets(runner) -> None:
-    """Say why a data set is empty where mmengine's ``np.concatenate`` of its samples fails
-    with "need at least one array to concatenate"."""
+    """Say why a data set is empty where mmengine fails with "need at least one array to
+    concatenate"."""
     build = runner.build_dataloader
 
     def build_checked(dataloader, *args, **kwargs):
@@ -343,7 +331,13 @@ def _refuse_empty_datasets(runner) -> None:
             while 'dataset' in dataset:
                 dataset = dataset['dataset']
             source = osp.join(dataset.get('data_root') or '', dataset.get('ann_file') or '')
-            check_coco_classes(dataset)  # raises when the file names none of the classes
+            kind = dataset.get('type')
+            kind = DATASETS.get(kind) if isinstance(kind, str) and kind else kind  # or a class
+            classes = ((dataset.get('metainfo') or {}).get('classes')
+                       or getattr(kind, 'METAINFO', {}).get('classes'))
+            if source.endswith('.json') and osp.isfile(source) and classes:
+                # raises when the file names none of the classes
+                coco_annotation_summary(source, classes)
             raise InvalidInputError(
                 f"the data set '{source}' has no usable samples: its annotation file lists no "
                 'images, or (training with filter_empty_gt=True) no image has an annotation. '
@@ -365,8 +359,7 @@ def build_runner(cfg: Config):
             backbone_class = None
         if hasattr(backbone_class, 'check_config_arguments'):
             backbone_class.check_config_arguments(backbone)
-    # checkpoints and last_checkpoint replace their files (AtomicLocalBackend), and so does the
-    # copy of the config with ConfigCopyRunner; logs go to a new <timestamp>/ folder
+    # files are replaced (AtomicLocalBackend, ConfigCopyRunner); logs go to a new folder
     runner = RUNNERS.build(cfg) if 'runner_type' in cfg else ConfigCopyRunner.from_cfg(cfg)
     # a stock base's ResNet in_channels would otherwise fail in the first forward pass
     check_neck_in_channels(runner.model)
@@ -377,8 +370,7 @@ def build_runner(cfg: Config):
 def run_training(argv: Optional[Sequence[str]] = None):
     args = train_parser().parse_args(argv)
     cfg = config_for_training(args)
-    # Held while training: a second training on this work dir, or writing into the same
-    # checkpoint folder, stops here.
+    # held while training: a second training into the same work dir or checkpoints stops here
     hook = cfg.get('default_hooks', {}).get('checkpoint') or {}
     locks = lock_work_dir(cfg.work_dir, args.launcher,
                           checkpoint_dir(cfg.work_dir, hook.get('out_dir')))

@@ -1,6 +1,5 @@
-"""Catch bad data before it fails obscurely or trains silently: a missing data set, before the
-Runner looks for it; images given to ``tools/infer.py`` that are damaged or too thin to run on.
-"""
+"""Catch a missing data set before the Runner looks for it, and inference images that are
+damaged or too thin to run on."""
 import os.path as osp
 from typing import Iterator, List, Sequence, Tuple
 
@@ -90,8 +89,7 @@ def check_data_roots(cfg: Config, loaders=DATA_LOADERS) -> None:
         'train_dataloader.dataset.data_root=DIR val_dataloader.dataset.data_root=DIR ...')
 
 
-# The backbones of this project reduce their input 32 times in their last stage: a thinner input
-# leaves that stage nothing to see (and a few pixels make the stem's convolution fail).
+# The backbones reduce their input 32 times: a thinner input leaves the last stage nothing.
 MIN_MODEL_INPUT_SIDE = 32
 
 
@@ -123,13 +121,8 @@ def _resized(transform: dict, size: Tuple[int, int]) -> Tuple[int, int]:
 
 
 def check_image_fits_model(path: str, image_shape: Sequence[int], cfg: Config) -> None:
-    """Refuse an image that the config's test resize squeezes thinner than the model can see.
-
-    A keep-ratio resize scales a long, thin image (10000x10) down to a strip of a pixel or two, or
-    of none, where OpenCV fails with "inv_scale_x > 0". Small images (even 1x1) are scaled up,
-    and thin ones the resize does not shrink are seen at their own size: both work. Only
-    ``Resize`` steps are followed; other resizing steps are taken as keeping the size.
-    """
+    """Refuse an image that the config's test ``Resize`` steps squeeze thinner than the model
+    can see (a keep-ratio resize of a 10000x10 image); small images are scaled up and work."""
     width, height = image_shape[1], image_shape[0]
     size, resize = (width, height), None
     # the pipeline that mmdet's inference_detector or mmseg's inference_model runs
@@ -140,8 +133,7 @@ def check_image_fits_model(path: str, image_shape: Sequence[int], cfg: Config) -
         name = kind if isinstance(kind, str) else getattr(kind, '__name__', '')
         if name.split('.')[-1] == 'Resize':
             size, resize = _resized(transform, size), transform
-    # Each side must reach the backbone's coarsest stride, unless the image itself is smaller
-    # there and the resize does not shrink it.
+    # Each side must reach the coarsest stride, unless the image is smaller and is not shrunk.
     if all(new >= min(MIN_MODEL_INPUT_SIDE, old) for new, old in zip(size, (width, height))):
         return
     ratio = max(width, height) / max(min(width, height), 1)

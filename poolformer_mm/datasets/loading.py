@@ -1,9 +1,5 @@
-"""An image loader that names the file it cannot read, for training and testing.
-
-mmcv's ``LoadImageFromFile`` fails on a damaged image without naming it ("!buf.empty()" from
-OpenCV, or a bare ``AssertionError``). :class:`LoadCheckedImageFromFile` is registered under
-that name in mmdet's and mmseg's registries (their inferencers look for it), so configs keep it.
-"""
+"""An image loader that names the file it cannot read, registered as ``LoadImageFromFile`` in
+mmdet's and mmseg's registries (their inferencers look for that name), so configs keep it."""
 import io
 
 from mmcv.transforms import LoadImageFromFile
@@ -21,9 +17,8 @@ def truncated(data: bytes) -> bool:
         return b'IEND' not in data[-16:]
     if data[:2] != b'\xff\xd8' or data.rstrip(b'\x00').endswith(b'\xff\xd9'):
         return False
-    # A JPEG without its end-of-image marker at the end: cut short, or some camera appended data
-    # after the image. Only a full decode tells; Pillow's raises on the first, where OpenCV 4
-    # returns the image with grey rows (and a warning on stderr).
+    # No end-of-image marker at the end: cut short, or data appended after the image. Only a
+    # full decode tells (Pillow's raises on the first; OpenCV returns grey rows).
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
@@ -43,11 +38,7 @@ def check_file_bytes(data: bytes, path: str, what: str, fix: str) -> None:
 
 class LoadCheckedImageFromFile(LoadImageFromFile):
     """mmcv's ``LoadImageFromFile``, refusing a missing, empty, truncated or undecodable image
-    with an error that names it (unless ``ignore_empty``, which skips such images as upstream).
-
-    A local file's bytes are checked before decoding (read twice, the second time from the page
-    cache), so a truncated PNG fails before OpenCV prints its own lines to stderr.
-    """
+    with an error that names it (unless ``ignore_empty``, which skips such images as upstream)."""
 
     def transform(self, results: dict):
         if self.ignore_empty:

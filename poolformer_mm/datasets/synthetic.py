@@ -1,7 +1,6 @@
 """Small synthetic data sets in the standard COCO and ADE20K layouts, for demos and tests.
 
-Images are textured backgrounds with a few solid shapes. Everything is drawn from one seeded
-random generator, so the same arguments always give byte-identical files.
+Everything is drawn from one seeded random generator: the same arguments give identical files.
 """
 import json
 import math
@@ -14,9 +13,8 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 TOY_COCO_CLASSES = ('circle', 'square', 'triangle')
-# Up to 3 shapes per image, of circumradius 15-27 % of the image side (boxes of 27 to 70
-# pixels in a 128 image: the sizes the toy RetinaNet's stride-8 and stride-16 anchors cover),
-# each in a colour that stands out from its background.
+# Up to 3 shapes per image, of circumradius 15-27 % of the image side (the sizes the toy
+# RetinaNet's stride-8 and stride-16 anchors cover), in colours that stand out.
 _MAX_SHAPES = 3
 _RADIUS = (0.15, 0.27)
 _MIN_CONTRAST = 180
@@ -36,25 +34,17 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-# Upright shapes: squares with level sides, triangles with a corner at the top. Turned at random,
-# a square reads as a diamond and a triangle as a wedge, which a detector trained from scratch for
-# a few minutes confuses with the circles.
-_UPRIGHT = {'circle': 0., 'square': math.pi / 4, 'triangle': -math.pi / 2}
+# Upright shapes (a turned square or triangle looks like a circle to a briefly trained detector):
+# (angle of the first corner, corners).
+_UPRIGHT = {'circle': (0., 24), 'square': (math.pi / 4, 4), 'triangle': (-math.pi / 2, 3)}
 
 
-def _shape_polygon(kind: str, cx: float, cy: float, radius: float) -> np.ndarray:
-    corners = {'circle': 24, 'square': 4, 'triangle': 3}[kind]
-    steps = _UPRIGHT[kind] + np.arange(corners) * 2 * math.pi / corners
-    return np.stack([cx + radius * np.cos(steps), cy + radius * np.sin(steps)], axis=1)
-
-
-def _place_shapes(rng: np.random.Generator, size: int, max_shapes: int,
-                  min_radius: float, max_radius: float) -> List[Tuple[str, np.ndarray]]:
+def _place_shapes(rng: np.random.Generator, size: int) -> List[Tuple[str, np.ndarray]]:
     """Non-overlapping shapes (so every instance mask is exactly what is visible)."""
     placed, circles = [], []
-    for _ in range(int(rng.integers(1, max_shapes + 1))):
+    for _ in range(int(rng.integers(1, _MAX_SHAPES + 1))):
         for _attempt in range(50):
-            radius = rng.uniform(min_radius, max_radius)
+            radius = rng.uniform(size * _RADIUS[0], size * _RADIUS[1])
             cx, cy = rng.uniform(radius + 2, size - radius - 2, 2)
             if all(math.hypot(cx - x, cy - y) > radius + r + 3 for x, y, r in circles):
                 break
@@ -62,15 +52,17 @@ def _place_shapes(rng: np.random.Generator, size: int, max_shapes: int,
             continue
         kind = TOY_COCO_CLASSES[int(rng.integers(len(TOY_COCO_CLASSES)))]
         circles.append((cx, cy, radius))
-        placed.append((kind, _shape_polygon(kind, cx, cy, radius)))
+        start, corners = _UPRIGHT[kind]
+        steps = start + np.arange(corners) * 2 * math.pi / corners
+        placed.append((kind, np.stack([cx + radius * np.cos(steps), cy + radius * np.sin(steps)],
+                                      axis=1)))
     return placed
 
 
 def _contrasting_colour(rng: np.random.Generator, image: np.ndarray,
                         polygon: np.ndarray) -> List[int]:
     """A random colour at least _MIN_CONTRAST (summed over the channels) away from the mean of
-    the background it covers: a shape in a colour close to its background would be a label the
-    image does not show."""
+    the background it covers."""
     mask = np.zeros(image.shape[:2], np.uint8)
     cv2.fillPoly(mask, [np.round(polygon).astype(np.int32)], 1)
     under = image[mask.astype(bool)].mean(axis=0)
@@ -86,8 +78,7 @@ def _draw_coco_split(root: str, split: str, num_images: int, size: int,
     images, annotations = [], []
     for image_id in range(1, num_images + 1):
         image = _background(rng, size)
-        for kind, polygon in _place_shapes(rng, size, _MAX_SHAPES, size * _RADIUS[0],
-                                           size * _RADIUS[1]):
+        for kind, polygon in _place_shapes(rng, size):
             colour = _contrasting_colour(rng, image, polygon)
             cv2.fillPoly(image, [np.round(polygon).astype(np.int32)], colour)
             segmentation = [np.round(polygon, 1).flatten().tolist()]

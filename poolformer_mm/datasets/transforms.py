@@ -1,10 +1,6 @@
-"""A segmentation label loader that refuses labels mmseg would misread, naming the file.
-
-mmseg 1.2's ``LoadAnnotations`` casts a decoded label to ``uint8`` without looking at it: an RGB
-label or one of another size than its image fails far from its file ("stack expects each tensor
-to be equal size") or trains, and a 16-bit label's class ids >= 256 wrap around silently.
-:func:`poolformer_mm.engine.add_data_checks` puts :class:`LoadCheckedAnnotations` in its place.
-"""
+"""A segmentation label loader that refuses labels mmseg would misread (RGB, of another size
+than the image, class ids >= 256 that ``uint8`` wraps), naming the file;
+:func:`poolformer_mm.engine.add_data_checks` puts it in place of mmseg's ``LoadAnnotations``."""
 import mmcv
 import mmengine.fileio as fileio
 import numpy as np
@@ -15,16 +11,10 @@ from ..utils.errors import InputNotFoundError, InvalidInputError
 from .loading import check_file_bytes
 
 
-def _size(shape) -> str:
-    return f'{shape[0]}x{shape[1]}'
-
-
 @TRANSFORMS.register_module()
 class LoadCheckedAnnotations(LoadAnnotations):
     """mmseg's ``LoadAnnotations``, refusing a label that is not one class index (0..255) per
     pixel of its image (``ori_shape``) with an error that names the file and says how to fix it.
-
-    Args: as mmseg's ``LoadAnnotations``.
     """
 
     def _load_seg_map(self, results: dict) -> None:
@@ -51,9 +41,7 @@ class LoadCheckedAnnotations(LoadAnnotations):
         self._check_channels(label, path)
         self._check_size(label, results)
         label = self._to_uint8(label, path)
-        # From here on exactly what mmseg 1.2's LoadAnnotations does with the decoded label (it
-        # decodes and post-processes in one method, so the checks above cannot be slotted in
-        # without repeating these lines).
+        # From here on exactly what mmseg 1.2's LoadAnnotations does with the decoded label.
         if self.reduce_zero_label is None:
             self.reduce_zero_label = results['reduce_zero_label']
         assert self.reduce_zero_label == results['reduce_zero_label'], \
@@ -106,8 +94,9 @@ class LoadCheckedAnnotations(LoadAnnotations):
                     'that rotates it when read; rotate the image pixels and drop the tag (or '
                     'rotate the label to match).')
         raise InvalidInputError(
-            f"segmentation label '{path}' is {_size(label.shape)} (height x width) but its image "
-            f"'{image}' is {_size(image_shape)}: expected one class index per image pixel. {hint}")
+            f"segmentation label '{path}' is {label.shape[0]}x{label.shape[1]} (height x width) "
+            f"but its image '{image}' is {image_shape[0]}x{image_shape[1]}: expected one class "
+            f'index per image pixel. {hint}')
 
     @staticmethod
     def _to_uint8(label: np.ndarray, path: str) -> np.ndarray:

@@ -1,10 +1,6 @@
-"""A trained model made ready to run: folded for inference (:func:`prepare_for_inference`), in
-mixed precision and channels-last (:mod:`.precision`); ONNX export in :mod:`.onnx`, which needs
-the optional ``deploy`` extra (``pip install -e .[deploy]``: onnx, onnxruntime).
-
-The folded modules themselves are the model's own: the blocks'
-``switch_to_deploy`` (:mod:`poolformer_mm.models.layers.blocks`), as RepVGG-style models keep
-theirs; this package holds the folded necks and the steps that fold a whole model.
+"""A trained model made ready to run: folded for inference (:func:`prepare_for_inference`; the
+blocks' own ``switch_to_deploy`` and the folded necks here), in mixed precision and channels-last
+(:mod:`.precision`); ONNX export in :mod:`.onnx`, which needs the optional ``deploy`` extra.
 """
 from .fold import InferenceForm, prepare_for_inference, switch_backbone_to_deploy
 from .precision import (

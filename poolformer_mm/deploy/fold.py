@@ -25,9 +25,8 @@ def switch_backbone_to_deploy(model) -> None:
 
 
 def fold_fpn_neck(model) -> Optional[str]:
-    """Replace the model's mmdet or mmseg ``FPN`` neck by its :class:`FoldedFPN` (same outputs
-    up to rounding, fewer multiply-adds at the finest level). Returns why it was left as it
-    is, or None when it was folded (or already was)."""
+    """Replace the model's mmdet or mmseg ``FPN`` neck by its :class:`FoldedFPN`. Returns why
+    it was left as it is, or None when it was folded (or already was)."""
     detector = unwrap_model(model)
     neck = getattr(detector, 'neck', None)
     if neck is None:
@@ -42,9 +41,8 @@ def fold_fpn_neck(model) -> Optional[str]:
 
 def merge_head_conv_into_neck(model) -> Optional[str]:
     """Replace a folded FPN neck by :class:`FoldedFPNWithHeadConv` when a Semantic FPN head
-    reads its finest level only through one 3x3 convolution (run after
-    :func:`fold_fpn_neck` and :func:`fold_batch_norms`): the same predictions up to rounding,
-    fewer multiply-adds. Returns why it was left as it is, or None when it was merged (or
+    reads its finest level only through one 3x3 convolution (after :func:`fold_fpn_neck` and
+    :func:`fold_batch_norms`). Returns why it was left as it is, or None when it was merged (or
     already was)."""
     segmentor = unwrap_model(model)
     neck, head = getattr(segmentor, 'neck', None), getattr(segmentor, 'decode_head', None)
@@ -57,10 +55,9 @@ def merge_head_conv_into_neck(model) -> Optional[str]:
         return reason
     # the neck's finest output becomes the head's convolution of it, and that convolution a
     # pass-through: both must have no other user
-    auxiliary = getattr(segmentor, 'auxiliary_head', None)
-    auxiliary = [] if auxiliary is None else (
-        list(auxiliary) if isinstance(auxiliary, nn.ModuleList) else [auxiliary])
-    if any(0 in levels_read(aux, neck.num_outs) for aux in auxiliary):
+    auxiliary = getattr(segmentor, 'auxiliary_head', None) or nn.ModuleList()
+    if any(0 in levels_read(aux, neck.num_outs)
+           for aux in (auxiliary if isinstance(auxiliary, nn.ModuleList) else [auxiliary])):
         return "an auxiliary head reads the FPN's finest level too"
     conv_module = head.scale_heads[0][0]
     uses = Counter(id(child) for module in segmentor.modules() for child in module.children())
@@ -71,11 +68,9 @@ def merge_head_conv_into_neck(model) -> Optional[str]:
 
 
 def _foldable_batch_norm(module, parts_in_use: Counter) -> bool:
-    """Whether ``module`` is an mmcv ``ConvModule`` whose BatchNorm can be folded into its
-    convolution: one that uses its weight as stored (:func:`weights_used_as_stored`), shared
-    with no other ConvModule (a shared convolution with a norm per level, as RTMDet's head),
-    then the norm straight after it (or no activation anywhere), with running statistics and
-    an affine transform."""
+    """Whether the BatchNorm of ConvModule ``module`` can be folded into its convolution: one
+    used as stored and shared with no other ConvModule (as RTMDet's head shares one), then the
+    norm straight after it (or no activation anywhere), with running statistics and affine."""
     norm = module.norm
     conv = weights_used_as_stored(module)
     if not (isinstance(norm, _BatchNorm) and norm.affine and norm.track_running_stats):
@@ -89,12 +84,9 @@ def _foldable_batch_norm(module, parts_in_use: Counter) -> bool:
 
 def fold_batch_norms(model) -> int:
     """Fold each BatchNorm of an mmcv ``ConvModule`` that runs right after its convolution into
-    that convolution, with mmcv's ``fuse_conv_bn`` (what mmdet 2.x's ``test.py --fuse-conv-bn``
-    did): the running statistics are used, so this is for inference only, and it saves one
-    pass over each normalised map (Semantic FPN's and UPerNet's heads). Only ConvModules, whose
-    order of operations is known (``fuse_conv_bn`` on a whole model pairs modules by the order
-    they were registered in, not the order they run in), and only where folding is exact
-    (:func:`_foldable_batch_norm`). Returns how many were folded."""
+    it with mmcv's ``fuse_conv_bn``, for inference: only in ConvModules, whose order of
+    operations is known (``fuse_conv_bn`` on a whole model pairs modules in the order they were
+    registered), and only where it is exact. Returns how many were folded."""
     conv_modules = [m for m in unwrap_model(model).modules()
                     if isinstance(m, ConvModule) and m.with_norm]
     in_use = Counter(id(part) for m in conv_modules for part in (m.conv, m.norm))
@@ -129,18 +121,11 @@ class InferenceForm(NamedTuple):
 
 
 def prepare_for_inference(model) -> InferenceForm:
-    """The fastest inference form of a detector or segmentor with a PoolFormer backbone: the
-    backbone folded (:func:`switch_backbone_to_deploy`), an ``FPN`` neck folded
-    (:func:`fold_fpn_neck`), BatchNorms folded into their convolutions
-    (:func:`fold_batch_norms`), a Semantic FPN head's first convolution merged into that neck
-    (:func:`merge_head_conv_into_neck`), and every convolution of the neck and head
-    channels-last, fed channels-last maps by the backbone, whose token-layout stages make them
-    that way. oneDNN's channels-last convolutions need no layout conversion per call: Semantic
-    FPN-S12 at 512x512 ran 1.2x faster in fp32 and 1.9x in bf16 (CPU, 1 thread). RoI
-    extractors get contiguous maps. Same predictions up to rounding; after the merge, the
-    neck's finest output (``extract_feat()``, hooks on the neck) is the head's convolution of
-    the FPN's, not the FPN's own. Afterwards ``load_state_dict`` refuses the unfolded model's
-    weights, which would leave the folded ones unchanged: load the checkpoint first."""
+    """The fastest inference form of a detector or segmentor with a PoolFormer backbone, same
+    predictions up to rounding: the backbone, an ``FPN`` neck and BatchNorms folded, a Semantic
+    FPN head's first convolution merged into that neck (then the neck's finest output is the
+    head's convolution of the FPN's), the neck and head channels-last (:func:`to_channels_last`).
+    Afterwards ``load_state_dict`` refuses the unfolded model's weights: load them first."""
     keys_before = list(unwrap_model(model).state_dict())
     switch_backbone_to_deploy(model)
     neck_left_because = fold_fpn_neck(model)

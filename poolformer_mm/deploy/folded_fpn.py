@@ -1,25 +1,19 @@
 """mmdet's and mmseg's ``FPN`` in an inference form with fewer multiply-adds.
 
-The finest level an FPN outputs is ``conv3x3(lateral1x1(x) + up2x(coarser))``, with no norm or
-activation in between: a linear map of two inputs, which can be computed more cheaply term by
-term.
+The finest level an FPN outputs is ``conv3x3(lateral1x1(x) + up2x(coarser))``, a linear map of
+two inputs, computed term by term:
 
-- ``conv3x3(lateral1x1(x))`` is one 3x3 convolution of ``x`` with the product of the two kernels.
-  A PoolFormer's finest stage has fewer channels than the FPN (64 against 256 in S12), so this
-  reads 64 channels per tap instead of 256. The lateral bias passes through the 3x3 kernel as a
-  constant, except on the one-pixel border where the zero padding drops taps; that border is
-  corrected separately.
-- ``conv3x3(up2x(coarser))`` of a nearest-upsampled map: an output pixel of a given row and column
-  parity sees only 2x2 distinct coarse pixels under its nine taps, so each of the four parities is
-  a 2x2 convolution at the coarse resolution, 4 taps per output pixel instead of 9. The four
-  parities run as one convolution with 4x the output channels and are added into the output
-  interleaved.
+- ``conv3x3(lateral1x1(x))`` is one 3x3 convolution of ``x`` with the product of the two kernels,
+  on the backbone's channels (64 in S12) instead of the FPN's (256). The lateral bias passes
+  through the 3x3 kernel as a constant, except on the border, where the zero padding drops taps.
+- ``conv3x3(up2x(coarser))``: an output pixel of a given row and column parity sees only 2x2
+  distinct coarse pixels under its nine taps, so each of the four parities is a 2x2 convolution
+  at the coarse resolution; the four run as one convolution and are added in interleaved.
 
-Semantic FPN-S12 at 512x512: 6.9 instead of 9.9 GMACs for this level, and 10.3 instead of 13.4
-for the whole neck.
+Semantic FPN-S12 at 512x512: 6.9 instead of 9.9 GMACs for this level (10.3 instead of 13.4).
 """
 import functools
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -28,17 +22,18 @@ from mmdet.models.necks import FPN as MMDetFPN
 from mmseg.models.necks import FPN as MMSegFPN
 from torch import Tensor
 
-# A dimension of n pixels splits into runs of pixels by which of a kernel's taps (-radius ...
-# +radius) fall inside it: (pixels, 1 for each tap inside and 0 for each outside).
-_Region = Tuple[slice, Tuple[int, ...]]
-
 # The attributes of an FPN that its folded forms keep (besides its modules)
 FPN_SETTINGS = ('in_channels', 'out_channels', 'num_outs', 'start_level', 'backbone_end_level',
                 'add_extra_convs', 'relu_before_extra_convs', 'upsample_cfg')
+# Row parity 0 of the upsampled map sees coarse rows (i-1, i, i) under a 3-tap kernel's taps (-1,
+# 0, +1), parity 1 sees (i, i, i+1): the taps that read the same coarse row add up
+_THREE_TAPS_ON_TWO_COARSE = ([[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]])
 
 
 @functools.lru_cache(maxsize=256)
-def _tap_regions(n: int, radius: int = 1) -> Tuple[_Region, ...]:
+def _tap_regions(n: int, radius: int = 1) -> tuple:
+    """The runs of a dimension of ``n`` pixels by which of a kernel's taps (-radius ... +radius)
+    fall inside it: (pixels, 1 for each tap inside and 0 for each outside)."""
     regions = []
     for i in range(n):
         taps = tuple(int(0 <= i + tap < n) for tap in range(-radius, radius + 1))
@@ -64,10 +59,9 @@ def drop_padded_taps(out: Tensor, bias_taps: Tensor) -> None:
 
 
 def add_parities(out: Tensor, parities: Tensor, shifted: bool) -> None:
-    """Add in place to each of the four row and column parities of ``out`` (N, C, 2h, 2w) its
-    block of C channels of ``parities`` (N, 4C, h, w), in the order (0, 0), (0, 1), (1, 0),
-    (1, 1); ``shifted``: ``parities`` is (h + 1, w + 1) and parity (row, col) starts at coarse
-    pixel (row, col)."""
+    """Add to each row and column parity of ``out`` (N, C, 2h, 2w), in the order (0, 0), (0, 1),
+    (1, 0), (1, 1), its C channels of ``parities`` (N, 4C, h, w); ``shifted``: ``parities`` is
+    (h + 1, w + 1) and parity (row, col) starts at coarse pixel (row, col)."""
     n, channels, height, width = out.shape
     coarse_height, coarse_width = height // 2, width // 2
     interleaved = out.view(n, channels, coarse_height, 2, coarse_width, 2)
@@ -80,9 +74,7 @@ def add_parities(out: Tensor, parities: Tensor, shifted: bool) -> None:
 
 def weights_used_as_stored(module: nn.Module) -> Optional[nn.Conv2d]:
     """The convolution of an mmcv ``ConvModule`` if it is a plain ``nn.Conv2d`` that convolves
-    with its ``weight`` as stored, or None: weight-standardised convolutions (``ConvWS``),
-    spectral norm and other hooks or parametrizations recompute the weight in forward, so
-    kernels derived from the stored weight would not match."""
+    with its ``weight`` as stored, or None (``ConvWS``, spectral norm, other hooks)."""
     conv = getattr(module, 'conv', None)
     if (type(conv) is not nn.Conv2d or getattr(module, 'with_spectral_norm', False)
             or conv._forward_pre_hooks or conv._forward_hooks
@@ -91,48 +83,46 @@ def weights_used_as_stored(module: nn.Module) -> Optional[nn.Conv2d]:
     return conv
 
 
+def plain_geometry(conv: nn.Conv2d, kernel_size: int, padding: int) -> bool:
+    """Whether ``conv`` is a square convolution of this size and zero padding, stride 1."""
+    return (conv.kernel_size == (kernel_size, ) * 2 and conv.stride == (1, 1)
+            and conv.padding == (padding, ) * 2 and conv.dilation == (1, 1) and conv.groups == 1
+            and conv.padding_mode == 'zeros')
+
+
 def _plain_conv(module: nn.Module, kernel_size: int, padding: int) -> Optional[nn.Conv2d]:
     """The ``nn.Conv2d`` of an mmcv ``ConvModule`` that is only that convolution (stride 1, no
     norm, activation or padding layer), or None."""
     conv = weights_used_as_stored(module)
     if (conv is None or getattr(module, 'with_norm', True)
             or getattr(module, 'with_activation', True)
-            or getattr(module, 'with_explicit_padding', True)):
-        return None
-    if (conv.kernel_size != (kernel_size, ) * 2 or conv.stride != (1, 1)
-            or conv.padding != (padding, ) * 2 or conv.dilation != (1, 1) or conv.groups != 1
-            or conv.padding_mode != 'zeros'):
+            or getattr(module, 'with_explicit_padding', True)
+            or not plain_geometry(conv, kernel_size, padding)):
         return None
     return conv
 
 
+def double_bias(conv: nn.Conv2d) -> Tensor:
+    return (conv.bias.double() if conv.bias is not None else
+            conv.weight.new_zeros(conv.out_channels, dtype=torch.float64))
+
+
 class FoldedFPN(nn.Module):
-    """The inference form of an mmdet or mmseg ``FPN``: the same outputs up to rounding, with
-    its finest level computed as the module docstring explains. The folded kernels are not
-    saved (the state dict is the FPN's own); they are computed again when the finest level's
-    convolution weights change (a state dict loaded, an in-place edit). Coarser levels, the
-    top-down path and the extra levels are computed as the FPN computes them. The finest level
-    is computed the plain way where it is not exactly twice the next one's size, and under
-    autograd when its convolutions' weights require gradients (so that they get them).
+    """The inference form of an mmdet or mmseg ``FPN`` (one :meth:`why_not_foldable` accepts):
+    the same outputs up to rounding and the same state dict; the folded kernels are computed
+    again when the finest level's weights change. The finest level is computed the plain way
+    where it is not twice the next one's size, or under autograd with weights that need grads."""
 
-    Args:
-        fpn (nn.Module): the ``FPN`` to fold; :meth:`why_not_foldable` must have said yes.
-
-    Example:
-        >>> from mmdet.models.necks import FPN
-        >>> fpn = FPN([64, 128, 320, 512], 256, num_outs=4).eval()
-        >>> folded = FoldedFPN.fold(fpn)
-        >>> feats = [torch.rand(1, c, 64 // 2**i, 64 // 2**i) for i, c in
-        ...          enumerate([64, 128, 320, 512])]
-        >>> max((a - b).abs().max().item() for a, b in zip(fpn(feats), folded(feats))) < 1e-4
-        True
-    """
+    _parity_taps = _THREE_TAPS_ON_TWO_COARSE
 
     def __init__(self, fpn: nn.Module):
         super().__init__()
         reason = self.why_not_foldable(fpn)
         if reason:
             raise ValueError(f'FoldedFPN cannot fold this {type(fpn).__name__}: {reason}')
+        self._take_over(fpn)
+
+    def _take_over(self, fpn: nn.Module) -> None:
         for name in FPN_SETTINGS:
             setattr(self, name, getattr(fpn, name))
         self.upsample_cfg = dict(fpn.upsample_cfg)
@@ -141,7 +131,6 @@ class FoldedFPN(nn.Module):
         self.fpn_convs = fpn.fpn_convs
         self._fold_finest_level()
 
-    # ------------------------------------------------------------------------------ building
     @classmethod
     def why_not_foldable(cls, fpn: nn.Module) -> Optional[str]:
         """Why ``fpn`` has no folded form (or gains nothing from it), or None if it has."""
@@ -170,9 +159,11 @@ class FoldedFPN(nn.Module):
         """``fpn`` folded, or None when :meth:`why_not_foldable` says it cannot be."""
         return None if cls.why_not_foldable(fpn) else cls(fpn)
 
+    def _finest_convs(self) -> List[nn.Conv2d]:
+        return [self.lateral_convs[0].conv, self.fpn_convs[0].conv]
+
     def _finest_level_parameters(self) -> List[Tensor]:
-        lateral, output = self.lateral_convs[0].conv, self.fpn_convs[0].conv
-        return [p for p in (lateral.weight, lateral.bias, output.weight, output.bias)
+        return [p for conv in self._finest_convs() for p in (conv.weight, conv.bias)
                 if p is not None]
 
     def _parameter_versions(self) -> tuple:
@@ -181,59 +172,52 @@ class FoldedFPN(nn.Module):
         return tuple((p._version, p.data_ptr(), p.dtype, p.device)
                      for p in self._finest_level_parameters())
 
+    def _kernel(self, output_weight: Tensor, output_bias: Tensor) -> tuple:
+        """The kernel and bias (float64) applied to ``lateral1x1(x) + up2x(coarser)``."""
+        return output_weight, output_bias
+
     # outside inference mode: buffers made in it could not be used where autograd records
     @torch.inference_mode(False)
     @torch.no_grad()
     def _fold_finest_level(self) -> None:
-        lateral = self.lateral_convs[0].conv
-        output = self.fpn_convs[0].conv
+        convs = self._finest_convs()
+        lateral, output = convs[:2]
         # in float64, so that folding adds no rounding of its own
         lateral_weight = lateral.weight.double()[:, :, 0, 0]
-        output_weight = output.weight.double()
-        lateral_bias = (lateral.bias.double() if lateral.bias is not None else
-                        lateral_weight.new_zeros(lateral.out_channels))
-        output_bias = (output.bias.double() if output.bias is not None else
-                       lateral_weight.new_zeros(output.out_channels))
-        dtype = output.weight.dtype
+        kernel, bias = self._kernel(output.weight.double(), double_bias(output))
+        dtype = convs[-1].weight.dtype
         # refolding keeps the layout the buffers were given (channels-last by --deploy)
         previous = self._buffers.get('folded_weight')
         layout = (torch.channels_last if previous is not None and not previous.is_contiguous()
                   else torch.contiguous_format)
-        # what the lateral bias contributes through each of the nine taps
-        bias_taps = torch.einsum('omyx,m->oyx', output_weight, lateral_bias)
+        # what the lateral bias contributes through each tap
+        bias_taps = torch.einsum('omyx,m->oyx', kernel, double_bias(lateral))
         # contiguous unless made channels-last: einsum's strides would make the output
         # channels-last, which mmcv's CPU RoIAlign misreads
         self.register_buffer(
             'folded_weight',
-            torch.einsum('omyx,mc->ocyx', output_weight,
-                         lateral_weight).to(dtype, memory_format=layout),
+            torch.einsum('omyx,mc->ocyx', kernel, lateral_weight).to(dtype, memory_format=layout),
             persistent=False)
-        self.register_buffer('folded_bias', (output_bias + bias_taps.sum((1, 2))).to(dtype),
+        self.register_buffer('folded_bias', (bias + bias_taps.sum((1, 2))).to(dtype),
                              persistent=False)
         self.register_buffer('bias_taps', bias_taps.to(dtype), persistent=False)
-        # Row parity 0 of the upsampled map sees coarse rows (i-1, i, i) under its taps (-1, 0,
-        # +1), parity 1 sees (i, i, i+1): the taps that read the same coarse row add up.
-        merge = (output_weight.new_tensor([[1, 0, 0], [0, 1, 1]]),
-                 output_weight.new_tensor([[1, 1, 0], [0, 0, 1]]))
+        merge = [kernel.new_tensor(rows) for rows in self._parity_taps]
         self.register_buffer(
             'parity_weight',
             torch.cat([
-                torch.einsum('ay,omyx,bx->omab', merge[row], output_weight, merge[col])
+                torch.einsum('ay,omyx,bx->omab', merge[row], kernel, merge[col])
                 for row in (0, 1) for col in (0, 1)
             ]).to(dtype, memory_format=layout),
             persistent=False)
         self._folded_from = self._parameter_versions()
 
-    # ------------------------------------------------------------------------------- forward
     def _upsample(self, x: Tensor, size: torch.Size) -> Tensor:
         if 'scale_factor' in self.upsample_cfg:
             return F.interpolate(x, **self.upsample_cfg)
         return F.interpolate(x, size=size, **self.upsample_cfg)
 
     def _computes_folded(self, x: Tensor, coarser: Tensor) -> bool:
-        """Whether the finest level is computed from the folded kernels (refolded first if the
-        weights changed): when it is exactly twice the coarser level's size, and not under
-        autograd with weights that need gradients."""
+        """Whether the finest level is computed from the folded kernels (refolded if need be)."""
         (height, width), (coarse_height, coarse_width) = x.shape[-2:], coarser.shape[-2:]
         if ((height, width) != (2 * coarse_height, 2 * coarse_width)
                 or torch.is_grad_enabled()
@@ -279,11 +263,9 @@ class FoldedFPN(nn.Module):
                 for _ in range(self.num_outs - used_levels):
                     outs.append(F.max_pool2d(outs[-1], 1, stride=2))
             else:
-                source = {
-                    'on_input': lambda: inputs[self.backbone_end_level - 1],
-                    'on_lateral': lambda: laterals[-1],
-                    'on_output': lambda: outs[-1],
-                }[self.add_extra_convs]()
+                extra = self.add_extra_convs
+                source = (inputs[self.backbone_end_level - 1] if extra == 'on_input' else
+                          laterals[-1] if extra == 'on_lateral' else outs[-1])
                 outs.append(self.fpn_convs[used_levels](source))
                 for i in range(used_levels + 1, self.num_outs):
                     last = F.relu(outs[-1]) if self.relu_before_extra_convs else outs[-1]

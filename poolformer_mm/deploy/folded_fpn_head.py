@@ -1,24 +1,10 @@
 """A folded FPN that also applies the Semantic FPN head's first convolution on its finest level.
 
-mmseg's ``FPNHead`` reads the FPN's finest output only through one 3x3 convolution (its batch
-norm folded into it by ``--deploy``), before its ReLU. The FPN's finest output is itself a 3x3
-convolution of ``lateral1x1(x) + up2x(coarser)``, so the two convolutions compose into one 5x5
-convolution of that sum, again computed term by term:
-
-- ``x`` (the backbone's finest stage, 64 channels in S12) through the composed 5x5 kernel,
-  straight to the head's 128 channels;
-- the nearest-upsampled coarser map through the composed 5x5 kernel: an output pixel of a given
-  row and column parity sees 3x3 distinct coarse pixels under its 25 taps, so each parity is a
-  3x3 convolution at the coarse resolution, and the four run as one;
-- the lateral bias through the 5x5 kernel, less the taps that fall on the zero padding.
-
-Composition is exact inside the map. On its one-pixel border the head's convolution reads zero
-padding, where the composed kernel reads what the FPN's convolution would give one pixel
-outside the map; that ring is computed from the map's outermost rows and columns (three-tap
-convolutions of one row or column) and taken off.
-
-Semantic FPN-S12 at 512x512: the FPN's finest level and the head's first convolution take 8.2
-instead of 11.7 GMACs (6.9 of them in the folded FPN; 9.9 + 4.8 in the plain model).
+mmseg's ``FPNHead`` reads the FPN's finest output, a 3x3 convolution of ``lateral1x1(x) +
+up2x(coarser)``, only through one 3x3 convolution (batch norm folded) before its ReLU: the two
+compose into one 5x5 convolution of that sum, computed term by term as in :mod:`.folded_fpn`,
+less what the FPN's output one pixel outside the map adds on the border. Semantic FPN-S12 at
+512x512: 8.2 instead of 11.7 GMACs for the finest level and the head's first convolution.
 """
 from typing import Optional
 
@@ -30,10 +16,11 @@ from torch import Tensor
 
 from ..models.decode_heads.low_memory_heads import LowMemoryFPNHead
 from .folded_fpn import (
-    FPN_SETTINGS,
     FoldedFPN,
     add_parities,
+    double_bias,
     drop_padded_taps,
+    plain_geometry,
     weights_used_as_stored,
 )
 
@@ -44,9 +31,8 @@ _FIVE_TAPS_ON_THREE_COARSE = ([[1, 1, 0, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 1]
 
 
 class ConvAppliedByNeck(nn.Conv2d):
-    """A 3x3 convolution of a head whose kernel the neck applies (:class:`FoldedFPNWithHeadConv`):
-    it passes its input through. Its parameters stay where they are, under the same names, so
-    the state dict, ``.to()`` and refolding after a state dict is loaded work as before."""
+    """A head's 3x3 convolution that the neck applies (:class:`FoldedFPNWithHeadConv`): it passes
+    its input through, and keeps its parameters, under the same names."""
 
     def forward(self, x: Tensor) -> Tensor:
         return x
@@ -71,11 +57,9 @@ def levels_read(head: nn.Module, num_outs: int) -> list:
 
 
 def why_head_conv_not_mergeable(fpn: nn.Module, head: nn.Module) -> Optional[str]:
-    """Why the first convolution of ``head`` cannot be merged into the folded ``fpn`` (None if
-    it can): ``head`` must be mmseg's ``FPNHead`` (or this project's ``LowMemoryFPNHead``) that
-    reads the FPN's finest output once, through a first scale head that is only a 3x3
-    convolution (its batch norm folded) and an activation; and merging must do fewer
-    multiply-adds."""
+    """Why the first convolution of ``head`` cannot be merged into the folded ``fpn``, or None
+    if it can (an ``FPNHead`` that reads the finest level once, through a first scale head that
+    is one 3x3 convolution, its norm folded, and an activation; and fewer multiply-adds)."""
     if isinstance(head, nn.ModuleList):
         return 'the model has several decode heads (a cascade)'
     if type(head) not in (FPNHead, LowMemoryFPNHead):  # a subclass may compute something else
@@ -90,9 +74,7 @@ def why_head_conv_not_mergeable(fpn: nn.Module, head: nn.Module) -> Optional[str
     norm = getattr(conv_module, 'norm', None)
     if (conv is None or getattr(conv_module, 'with_explicit_padding', True)
             or not (norm is None or isinstance(norm, nn.Identity))
-            or list(conv_module.order).index('conv') != 0
-            or conv.kernel_size != (3, 3) or conv.stride != (1, 1) or conv.padding != (1, 1)
-            or conv.dilation != (1, 1) or conv.groups != 1 or conv.padding_mode != 'zeros'):
+            or list(conv_module.order).index('conv') != 0 or not plain_geometry(conv, 3, 1)):
         return ("the head's first scale head is not one 3x3 convolution (norm folded) and an "
                 'activation')
     # multiply-adds per output pixel: 25 taps on the backbone's channels and 9 coarse taps,
@@ -104,76 +86,29 @@ def why_head_conv_not_mergeable(fpn: nn.Module, head: nn.Module) -> Optional[str
 
 
 class FoldedFPNWithHeadConv(FoldedFPN):
-    """A :class:`FoldedFPN` whose finest output is already the Semantic FPN head's first
-    convolution of it (before the activation); that convolution in the head passes its input
-    through (:class:`ConvAppliedByNeck`). The model's predictions are the same up to rounding;
-    the neck's finest output itself is not the FPN's but the head's convolution of it, so this
-    is for a model whose only reader of that level is the head (see
-    :func:`why_head_conv_not_mergeable`). Where :class:`FoldedFPN` computes the finest level the
-    plain way, this applies the head's convolution to it.
+    """A :class:`FoldedFPN` (its modules taken over) whose finest output is already the
+    Semantic FPN head's first convolution ``head_conv`` of it, which becomes a
+    :class:`ConvAppliedByNeck`: the same predictions up to rounding, for a model whose only
+    reader of that level is the head (:func:`why_head_conv_not_mergeable`)."""
 
-    Args:
-        folded_fpn (FoldedFPN): The folded neck; its modules are taken over.
-        head_conv (nn.Conv2d): The head's convolution; its class becomes
-            :class:`ConvAppliedByNeck`.
-    """
+    _parity_taps = _FIVE_TAPS_ON_THREE_COARSE
 
     def __init__(self, folded_fpn: FoldedFPN, head_conv: nn.Conv2d):
         # not FoldedFPN.__init__: it checks and folds an upstream FPN, which folded_fpn has been
         nn.Module.__init__(self)
-        for name in FPN_SETTINGS:
-            setattr(self, name, getattr(folded_fpn, name))
-        self.lateral_convs = folded_fpn.lateral_convs
-        self.fpn_convs = folded_fpn.fpn_convs
         # a plain attribute: the head owns the module, its parameters and their state dict keys
         self.__dict__['_head_conv'] = head_conv
         head_conv.__class__ = ConvAppliedByNeck
-        self._fold_finest_level()
+        self._take_over(folded_fpn)
 
-    def _finest_level_parameters(self):
-        conv = self._head_conv
-        return super()._finest_level_parameters() + [
-            p for p in (conv.weight, conv.bias) if p is not None]
+    def _finest_convs(self):
+        return super()._finest_convs() + [self._head_conv]
 
-    @torch.inference_mode(False)
-    @torch.no_grad()
-    def _fold_finest_level(self) -> None:
-        lateral, output, head = (self.lateral_convs[0].conv, self.fpn_convs[0].conv,
-                                 self._head_conv)
-        # in float64, so that folding adds no rounding of its own
-        lateral_weight = lateral.weight.double()[:, :, 0, 0]
-        output_weight, head_weight = output.weight.double(), head.weight.double()
-        zeros = lateral_weight.new_zeros
-        lateral_bias = (lateral.bias.double() if lateral.bias is not None else
-                        zeros(lateral.out_channels))
-        output_bias = (output.bias.double() if output.bias is not None else
-                       zeros(output.out_channels))
-        head_bias = head.bias.double() if head.bias is not None else zeros(head.out_channels)
-        dtype = head.weight.dtype
-        previous = self._buffers.get('folded_weight')
-        layout = (torch.channels_last if previous is not None and not previous.is_contiguous()
-                  else torch.contiguous_format)
-        composed = _compose(head_weight, output_weight)
-        self.register_buffer(
-            'folded_weight',
-            torch.einsum('omyx,mc->ocyx', composed, lateral_weight).to(
-                dtype, memory_format=layout), persistent=False)
-        # what the lateral bias contributes through each of the 25 taps
-        bias_taps = torch.einsum('omyx,m->oyx', composed, lateral_bias)
-        self.register_buffer('bias_taps', bias_taps.to(dtype), persistent=False)
-        # the FPN's bias is taken off with the rest of the ring outside the map (below)
-        self.register_buffer(
-            'folded_bias',
-            (head_bias + torch.einsum('omyx,m->o', head_weight, output_bias)
-             + bias_taps.sum((1, 2))).to(dtype), persistent=False)
-        merge = [output_weight.new_tensor(rows) for rows in _FIVE_TAPS_ON_THREE_COARSE]
-        self.register_buffer(
-            'parity_weight',
-            torch.cat([
-                torch.einsum('ay,omyx,bx->omab', merge[row], composed, merge[col])
-                for row in (0, 1) for col in (0, 1)
-            ]).to(dtype, memory_format=layout), persistent=False)
-        self._folded_from = self._parameter_versions()
+    def _kernel(self, output_weight: Tensor, output_bias: Tensor) -> tuple:
+        head_weight = self._head_conv.weight.double()
+        # the FPN's bias is taken off with the rest of the ring outside the map
+        return (_compose(head_weight, output_weight),
+                double_bias(self._head_conv) + torch.einsum('omyx,m->o', head_weight, output_bias))
 
     def _plain_finest_output(self, x: Tensor, coarser: Tensor) -> Tensor:
         head = self._head_conv
@@ -192,10 +127,9 @@ class FoldedFPNWithHeadConv(FoldedFPN):
         return out
 
     def _drop_ring_outside(self, out: Tensor, x: Tensor, coarser: Tensor) -> None:
-        """The composed kernel reads the FPN's convolution one pixel outside the map, where the
-        head's convolution reads zero padding: take what those pixels contribute off the
-        border. Each is a three-tap convolution of the sum's outermost row or column; the four
-        corners are counted with the rows."""
+        """Take off the border what the FPN's output one pixel outside the map contributes
+        (zero padding for the head's convolution): three-tap convolutions of the sum's outermost
+        rows and columns, the corners counted with the rows."""
         weight, bias = self.fpn_convs[0].conv.weight, self.fpn_convs[0].conv.bias
         head_weight = self._head_conv.weight
         lateral = self.lateral_convs[0]

@@ -1,20 +1,8 @@
-"""The precision that ``--amp`` runs, in every tool (``tools/train.py``, ``tools/test.py``,
-``tools/infer.py``).
-
-On a GPU it is fp16 (mmengine's AMP). On a CPU it is bf16 autocast, which pays only where the
-CPU has bf16 units (AVX-512 BF16 or AMX): there the matrix products run several times faster
-than in fp32. A CPU without them emulates bf16, slower than fp32 (large bf16 products ran at
-1.2-1.4 GFLOP/s against fp32's 176-188 on an AVX2-only AMD EPYC, about 140x slower), so there
-a bare ``--amp`` says so and runs fp32 instead: it is never silently slower. Where the CPU's
-flags cannot be read (not Linux, or not x86) it runs fp32 too, and says why. ``--amp bf16``
-forces bf16.
-
-The same module runs the network parts under autocast at test time
-(:func:`enable_inference_autocast`) and stores the necks and heads channels-last
-(:func:`to_channels_last`): oneDNN runs a convolution channels-last when its input or weight is,
-and converts the layout at every call when only one of them is. Semantic FPN-S12 at 512x512 ran
-1.9x faster in bf16 inference and 1.2x in a bf16 training step (CPU, 2 threads) with it. Same
-values up to rounding.
+"""The precision ``--amp`` runs in every tool, autocast at test time, and channels-last necks
+and heads. ``--amp`` is fp16 on a GPU; on a CPU, bf16 where it has bf16 units (AVX-512 BF16 or
+AMX): a CPU without them emulates bf16, about 140x slower than fp32 in matrix products, so there
+a bare ``--amp`` says so and runs fp32 (``--amp bf16`` forces bf16). oneDNN converts the layout at
+every call when only one of a convolution's input and weight is channels-last.
 """
 import functools
 import logging
@@ -48,12 +36,9 @@ AMP_CHOICES = ('auto', 'bf16', 'fp16')
 
 
 def amp_dtype(device: str, choice: str = 'auto') -> Tuple[Optional[torch.dtype], str]:
-    """The autocast dtype of ``--amp CHOICE`` (training or inference) on ``device`` and a line
-    saying what runs, or ``None`` and the reason it runs fp32.
-
-    ``choice`` is 'auto' (fp16 on a GPU; bf16 on a CPU with bf16 units, fp32 on one without),
-    'bf16' or 'fp16' (as asked; bf16 on a CPU without bf16 units is emulated, and slower than
-    fp32, which the line says; bf16 on a GPU without bf16 support is refused)."""
+    """The autocast dtype of ``--amp CHOICE`` on ``device`` and a line saying what runs, or
+    ``None`` and why it runs fp32. 'auto': fp16 on a GPU, bf16 on a CPU with bf16 units, fp32 on
+    one without; 'bf16' and 'fp16' as asked (bf16 on a GPU without bf16 support is refused)."""
     if choice not in AMP_CHOICES:
         raise InvalidInputError(f"--amp takes auto, bf16 or fp16, not '{choice}'")
     on_gpu = str(device).startswith('cuda')
@@ -65,9 +50,8 @@ def amp_dtype(device: str, choice: str = 'auto') -> Tuple[Optional[torch.dtype],
                 and not torch.cuda.is_bf16_supported(including_emulation=False)):
             raise InvalidInputError('--amp bf16: this GPU has no bf16 arithmetic; use --amp '
                                     '(fp16)')
-        name = 'bf16' if choice == 'bf16' else 'fp16'
-        return getattr(torch, 'bfloat16' if name == 'bf16' else 'float16'), (
-            f'mixed precision: {name} autocast on the GPU')
+        dtype, name = (torch.bfloat16, 'bf16') if choice == 'bf16' else (torch.float16, 'fp16')
+        return dtype, f'mixed precision: {name} autocast on the GPU'
     units = cpu_bf16_units()
     if units:
         return torch.bfloat16, f"mixed precision: bf16 autocast (this CPU has {', '.join(units)})"
@@ -138,15 +122,10 @@ def _wrap(module, device_type: str, dtype: torch.dtype, float_outputs: bool) -> 
 
 def enable_inference_autocast(model: torch.nn.Module, device_type: str,
                               dtype: torch.dtype) -> int:
-    """Run the network parts of an mmdet or mmseg model under autocast, the rest in fp32.
-
-    Autocast around a whole ``predict`` would hand mmcv's NMS and RoIAlign, which take fp32
-    only, low-precision boxes and maps (``expected scalar type Float but found BFloat16``), and
-    round the boxes, masks and score thresholds. So the forward passes of the backbone, neck and
-    heads run under autocast: the heads' outputs come back in fp32 for the post-processing,
-    and the neck's too where RoI extractors read them (two-stage detectors). Returns the number
-    of modules changed.
-    """
+    """Run the forward passes of an mmdet or mmseg model's backbone, neck and heads under
+    autocast, and the post-processing in fp32 (mmcv's NMS and RoIAlign take fp32 only, and boxes,
+    masks and thresholds would be rounded): the heads' outputs come back in fp32, and the neck's
+    too where RoI extractors read them. Returns the number of modules changed."""
     model = unwrap_model(model)  # DDP, test-time augmentation
     roi_head = getattr(model, 'roi_head', None)
     changed = _wrap(getattr(model, 'backbone', None), device_type, dtype, False)

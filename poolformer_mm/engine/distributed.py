@@ -1,16 +1,13 @@
 """PyTorch DDP on CPU-only nodes through mmengine's Runner; with a GPU nothing here runs.
 
-mmengine 0.10.7 calls ``torch.cuda.set_device(local_rank)`` for every launcher and wraps the
-model with ``device_ids=[local_rank]``; both fail without CUDA. On CPU we start the gloo process
-group ourselves (the Runner then skips its own init) and wrap without device ids, converting
-SyncBN to BN (torch's DDP refuses SyncBN on CPU, and gloo has none) in the built model only, so
-the same config still gives SyncBN on GPUs.
+mmengine 0.10.7 calls ``torch.cuda.set_device`` and wraps with ``device_ids=[local_rank]``; on
+CPU we start the gloo process group ourselves and wrap without device ids, converting SyncBN to
+BN in the built model only (the same config still gives SyncBN on GPUs).
 """
 import inspect
 import os
 from collections import Counter
 from contextlib import contextmanager
-from typing import List
 
 import torch
 import torch.distributed as dist
@@ -22,34 +19,21 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 # Unlike the old name, forward_sync_buffers=False still broadcasts rank 0's buffers once, when
-# DDP wraps the model (before a resume loads its checkpoint); the models here have no buffers
-# that must differ between ranks.
+# DDP wraps the model; no buffer here must differ between ranks.
 _NO_FORWARD_BUFFER_SYNC = ('forward_sync_buffers' if 'forward_sync_buffers' in
                            inspect.signature(DistributedDataParallel.__init__).parameters
                            else 'broadcast_buffers')
 
 
-def _sync_bn_names(module: nn.Module) -> List[str]:
-    # torch's SyncBatchNorm and mmcv's (where it has compiled ops), which revert_sync_batchnorm
-    # converts
-    return [name for name, m in module.named_modules()
-            if isinstance(m, nn.SyncBatchNorm) or type(m).__name__ == 'SyncBatchNorm']
-
-
 def revert_sync_bn_for_cpu(module: nn.Module) -> nn.Module:
-    """Convert the SyncBN layers of ``module`` to BN (same state-dict keys), saying which in
-    the log. Each process then normalises over its own images only."""
-    names = _sync_bn_names(module)
+    """Convert the SyncBN layers (torch's and mmcv's) of ``module`` to BN (same state-dict keys),
+    saying which in the log. Each process then normalises over its own images only."""
+    names = [name for name, m in module.named_modules()
+             if isinstance(m, nn.SyncBatchNorm) or type(m).__name__ == 'SyncBatchNorm']
     if not names:
         return module
     module = revert_sync_batchnorm(module)
-    left = _sync_bn_names(module)
-    if left:
-        raise RuntimeError(
-            f'CPU distributed run: could not convert the SyncBN layers {", ".join(left)} to BN '
-            '(their parent module refused the replacement); use norm_cfg=dict(type="BN") in the '
-            'config for them, or train on GPUs')
-    # One entry per top-level module, e.g. "decode_head: 7, auxiliary_head: 1"
+    # one entry per top-level module, e.g. "decode_head: 7, auxiliary_head: 1"
     where = Counter(name.split('.')[0] or 'model' for name in names)
     print_log(
         f'CPU distributed run: converted {len(names)} SyncBN layers '
@@ -63,10 +47,9 @@ def revert_sync_bn_for_cpu(module: nn.Module) -> nn.Module:
 @MODEL_WRAPPERS.register_module()
 class CPUDistributedDataParallel(MMDistributedDataParallel):
     """``MMDistributedDataParallel`` for CPU processes (gloo), converting SyncBN to BN before
-    torch's DDP inspects the model; ``prepare_cpu_distributed`` puts it in its place."""
+    torch's DDP inspects the model; on GPUs it keeps SyncBN."""
 
     def __init__(self, module: nn.Module, **kwargs):
-        # A config dumped by a CPU run names this wrapper; used on GPUs, it keeps SyncBN.
         if not any(p.is_cuda for p in module.parameters()):
             module = revert_sync_bn_for_cpu(module)
         super().__init__(module=module, **kwargs)
@@ -100,8 +83,7 @@ def prepare_cpu_distributed(cfg: Config) -> None:
         wrapper['type'] = 'CPUDistributedDataParallel'
     wrapper['device_ids'] = None
     if not {'broadcast_buffers', 'forward_sync_buffers'} & set(wrapper):
-        # no buffer broadcast before each forward pass, as mmengine's default GPU wrapping;
-        # newer torch renamed the setting and warns at every start under the old name
+        # no buffer broadcast before each forward pass, as mmengine's default GPU wrapping
         wrapper[_NO_FORWARD_BUFFER_SYNC] = False
     # mmengine reads a top-level find_unused_parameters only when it builds the wrapper itself
     wrapper.setdefault('find_unused_parameters', cfg.get('find_unused_parameters', False))
@@ -113,12 +95,8 @@ def prepare_cpu_distributed(cfg: Config) -> None:
 @contextmanager
 def closing_process_group():
     """Around a whole run: if the run starts a process group, wait for every rank and destroy
-    the group when the run has finished.
-
-    Left to interpreter exit, gloo's threads can abort the process (SIGABRT) after a run that
-    succeeded. A group that existed before is left as it is, and so is everything after an
-    error: the other ranks may never reach the barrier.
-    """
+    it when the run has succeeded (left to interpreter exit, gloo's threads can abort the process).
+    A group that existed before is left as it is, and so is everything after an error."""
     started_before = dist.is_available() and dist.is_initialized()
     yield
     if not started_before and dist.is_available() and dist.is_initialized():

@@ -11,12 +11,8 @@ from ..deploy.precision import fp32_for_mmcv_ops
 
 @OPTIM_WRAPPERS.register_module()
 class BF16AutocastOptimWrapper(OptimWrapper):
-    """Runs the forward pass under ``torch.autocast('cpu', dtype=torch.bfloat16)``.
-
-    mmengine's ``AmpOptimWrapper`` asserts a CUDA/NPU/MLU/MUSA device, so ``--amp`` would die on a
-    CPU-only machine. bf16 has fp32's exponent range, so no loss scaling is needed. On CPUs
-    without bf16 units this is for correctness checks, not speed.
-    """
+    """Runs the forward pass under ``torch.autocast('cpu', dtype=torch.bfloat16)``, where
+    mmengine's ``AmpOptimWrapper`` asserts a GPU; bf16 needs no loss scaling."""
 
     @contextmanager
     def optim_context(self, model: nn.Module):

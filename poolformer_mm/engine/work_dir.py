@@ -24,12 +24,9 @@ LOCK_NAME = '.train.lock'
 
 
 class WorkDirLock:
-    """An exclusive lock on ``<work_dir>/.train.lock`` for the life of the process.
-
-    A POSIX record lock (``fcntl.lockf``): the kernel drops it when its process exits (``kill
-    -9`` included), and forked data loader workers do not inherit it, so neither a dead job nor
-    its orphaned workers block the next one.
-    """
+    """An exclusive POSIX record lock (``fcntl.lockf``) on ``<work_dir>/.train.lock``: the
+    kernel drops it when its process exits (``kill -9`` included), and forked data loader
+    workers do not inherit it."""
 
     def __init__(self, work_dir: str):
         self._fd = None
@@ -37,8 +34,7 @@ class WorkDirLock:
         refuse_symlinks([self.path], "the work dir's lock")
         try:
             os.makedirs(work_dir, exist_ok=True)
-            # O_NOFOLLOW: a link put there after the check above fails here instead of being
-            # followed and its target truncated
+            # O_NOFOLLOW: a link put there after the check above fails instead of being followed
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
         except OSError as err:
             raise InvalidInputError(f"--work-dir '{work_dir}': cannot write there "
@@ -74,17 +70,16 @@ class WorkDirLock:
 
 
 def process_rank(launcher: str = 'none') -> int:
-    """This process's global rank under ``launcher`` (the tools' ``--launcher``). Without a
-    launcher a process is rank 0 of 1, whatever ``RANK`` or ``SLURM_PROCID`` say: those may be
-    left over from a shell inside a job."""
+    """This process's global rank under ``launcher``; without one it is 0, whatever ``RANK``
+    or ``SLURM_PROCID`` (left over from a shell inside a job) say."""
     name = {'pytorch': 'RANK', 'slurm': 'SLURM_PROCID', 'mpi': 'OMPI_COMM_WORLD_RANK'}.get(launcher)
     return int(os.environ.get(name, 0)) if name else 0
 
 
 def lock_work_dir(work_dir: str, launcher: str = 'none',
                   checkpoint_dir: Optional[str] = None) -> List[WorkDirLock]:
-    """Lock ``work_dir`` for this training, and ``checkpoint_dir`` too when it is another folder
-    (on rank 0 only): two trainings that would write the same checkpoints stop at the second."""
+    """On rank 0, lock ``work_dir`` and ``checkpoint_dir`` (when another folder) for this
+    training: a second one that would write the same checkpoints stops."""
     if process_rank(launcher) != 0:
         return []
     folders = [work_dir] + ([checkpoint_dir] if checkpoint_dir else [])
@@ -100,8 +95,7 @@ def lock_work_dir(work_dir: str, launcher: str = 'none',
 
 
 def refuse_symlinks(paths: Iterable[str], what: str) -> None:
-    """Refuse to write at ``paths`` when one is a symbolic link: a folder received from someone
-    else could point it at any file of the user's, which the write would replace."""
+    """Refuse to write at ``paths`` when one is a symbolic link (to any file of the user's)."""
     for path in paths:
         if osp.islink(path):
             raise InvalidInputError(
@@ -110,8 +104,8 @@ def refuse_symlinks(paths: Iterable[str], what: str) -> None:
 
 
 def refuse_links_in(folder: str, what: str) -> None:
-    """Refuse a folder whose files a writer that opens them in place would write through: a
-    symbolic link, or a hard link whose other name would change too."""
+    """Refuse a folder holding symbolic or hard links that an in-place writer would write
+    through."""
     if not osp.isdir(folder):
         return
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
@@ -123,8 +117,8 @@ def refuse_links_in(folder: str, what: str) -> None:
 
 
 def refuse_premade_run_folders(work_dir: str) -> None:
-    """mmengine logs into ``<work_dir>/<timestamp>/``, opening its files in place: a folder there
-    named for a time to come was made by hand, maybe holding links for the run to write through."""
+    """Refuse a ``<work_dir>/<timestamp>/`` log folder named for a time to come: made by hand,
+    maybe holding links for mmengine's in-place log writes to go through."""
     now = time.strftime('%Y%m%d_%H%M%S')
     for name in sorted(os.listdir(work_dir)) if osp.isdir(work_dir) else []:
         if re.fullmatch(r'\d{8}_\d{6}', name) and name >= now:
@@ -135,8 +129,7 @@ def refuse_premade_run_folders(work_dir: str) -> None:
 
 class ConfigCopyRunner(Runner):
     """mmengine's Runner, whose copy of the config in the work dir replaces the file of that name
-    instead of writing into it: a link there keeps its target, and a config run from its own
-    work dir stays as the user wrote it."""
+    instead of writing into it (a link's target, or the config run itself, stays as it was)."""
 
     @master_only
     def dump_config(self) -> None:
@@ -149,19 +142,24 @@ class ConfigCopyRunner(Runner):
 
 
 def checkpoint_dir(work_dir: str, out_dir: Optional[str]) -> Optional[str]:
-    """``<out_dir>/<work dir name>``, where the checkpoint hook writes (mmengine's rule), when
-    ``out_dir`` is a local folder; else None."""
+    """``<out_dir>/<work dir name>`` (where the checkpoint hook writes) for a local ``out_dir``."""
     if not out_dir or is_remote_checkpoint(out_dir):
         return None
     return osp.join(out_dir, osp.basename(osp.abspath(work_dir)))
 
 
+def nearest_existing(path: str) -> str:
+    """``path`` made absolute, or its nearest ancestor that exists."""
+    existing = osp.abspath(path)
+    while not osp.lexists(existing):
+        existing = osp.dirname(existing)
+    return existing
+
+
 def check_writable(folder: str, flag: str) -> None:
     """Say why files cannot be written in ``folder`` (or the folders that would hold it): a
     temporary file is made in its nearest existing ancestor; nothing is created for good."""
-    existing = osp.abspath(folder)
-    while not osp.lexists(existing):
-        existing = osp.dirname(existing)
+    existing = nearest_existing(folder)
     try:
         if not osp.isdir(existing):
             raise NotADirectoryError(errno.ENOTDIR, f"'{existing}' is a file")
@@ -173,8 +171,7 @@ def check_writable(folder: str, flag: str) -> None:
 
 
 def refuse_output_over_inputs(output: str, inputs: Iterable[str], flag: str) -> None:
-    """Refuse an output path that is, or contains, one of ``inputs`` (files or folders): the
-    tool would write its pictures or predictions over them."""
+    """Refuse an output path that is, or contains, one of ``inputs`` (files or folders)."""
     out = osp.realpath(output)
     for path in inputs:
         if not path:
@@ -187,8 +184,7 @@ def refuse_output_over_inputs(output: str, inputs: Iterable[str], flag: str) -> 
 
 
 def has_training_state(checkpoint) -> bool:
-    """Whether ``checkpoint`` holds what mmengine's resume reads: ``meta`` with the epoch and
-    iteration, and the message hub."""
+    """Whether ``checkpoint`` holds what mmengine's resume reads (meta, message hub)."""
     meta = checkpoint.get('meta') if isinstance(checkpoint, dict) else None
     return isinstance(meta, dict) and {'epoch', 'iter'} <= set(meta) and 'message_hub' in checkpoint
 
@@ -197,13 +193,11 @@ def find_resumable_checkpoint(work_dir: str, out_dir: Optional[str] = None,
                               filename_tmpl: Optional[str] = None) -> Optional[str]:
     """The newest checkpoint of a training that loads, or None when there is none.
 
-    mmengine reads only ``last_checkpoint`` and, without it, starts again from iteration 1 over
-    the checkpoints there. Here the periodic checkpoints (the hook's ``filename_tmpl``, in the
-    work dir and its ``out_dir``) count too, and an unreadable newest file falls back to the next
+    Unlike mmengine (``last_checkpoint`` only), the periodic checkpoints (``filename_tmpl``, in
+    the work dir and ``out_dir``) count too, and an unreadable newest file falls back to the next
     one, with a warning naming both.
     """
-    # newest first: the file last_checkpoint names, then the periodic ones (CheckpointHook's
-    # filename_tmpl with the step as a number) by decreasing step
+    # newest first: the file last_checkpoint names, then the periodic ones by decreasing step
     name = re.compile('^' + re.escape(filename_tmpl).replace(r'\{\}', r'(\d+)') + '$'
                       if filename_tmpl else r'^(?:epoch|iter)_(\d+)\.pth$')
     periodic = []

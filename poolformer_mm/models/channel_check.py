@@ -1,11 +1,6 @@
 """Check, once a detector or segmentor is built, that what reads the backbone's outputs expects
-their channels.
-
-A stock mmdet / mmseg base with our backbone swapped in keeps the ResNet's ``in_channels``
-(256, 512, 1024, 2048); the model builds, and the first forward pass dies with a convolution's
-channel mismatch deep inside the neck. :func:`check_neck_in_channels` says the same before any
-forward pass, with the values to set.
-"""
+their channels: a stock mmdet / mmseg base with our backbone swapped in keeps the ResNet's
+``in_channels``, and would otherwise die deep inside the neck at the first forward pass."""
 import warnings
 from typing import List, Optional, Sequence
 
@@ -20,25 +15,15 @@ class InChannelsError(InvalidInputError):
 
 
 def check_neck_in_channels(model: nn.Module) -> None:
-    """Raise :class:`InChannelsError` when the modules that read a PoolFormer / MetaFormer
-    backbone's outputs expect other channels.
-
-    What reads the backbone is the neck when there is one (``model.neck``; for a list of necks,
-    the first), otherwise the segmentor's ``decode_head`` and ``auxiliary_head`` through their
-    ``in_index``. A neck's ``in_channels`` lists every backbone output, in order (mmdet's and
-    mmseg's FPN assert that length even when ``start_level`` skips the first ones); entries a
-    neck never reads (before ``start_level``, after ``end_level``) are not compared. Models
-    whose backbone is not one of ours, and necks / heads without a list or int ``in_channels``,
-    are left alone.
-
-    A neck that starts after the first returned stage (``start_level=1`` of the stock RetinaNet
-    and FCOS bases) leaves that stage's output norm without gradient, which multi-GPU training
-    refuses (unused parameters): that gets a warning saying which stages to return instead.
-
-    Args:
-        model (nn.Module): A built mmdet detector or mmseg segmentor (or a wrapper with
-            ``.module``).
-    """
+    """Raise :class:`InChannelsError` when what reads a PoolFormer / MetaFormer backbone of
+    ``model`` (a built detector or segmentor, or a wrapper with ``.module``) expects other
+    channels: the neck (the first of a list), else the segmentor's ``decode_head`` and
+    ``auxiliary_head`` through their ``in_index``. A neck's ``in_channels`` lists every output
+    (mmdet's and mmseg's FPN assert that length); entries it never reads (before
+    ``start_level``, after ``end_level``) are not compared. Other backbones, and necks / heads
+    without a list or int ``in_channels``, are left alone. A neck with ``start_level`` > 0
+    leaves output norms without gradient, which multi-GPU training refuses: that gets a warning
+    saying which stages to return instead."""
     model = getattr(model, 'module', model)
     backbone = getattr(model, 'backbone', None)
     if not isinstance(backbone, DenseBackbone):

@@ -1,27 +1,18 @@
 """Refuse, before testing or drawing, a checkpoint that was not trained for the config's model.
 
 mmengine loads test checkpoints with ``strict=False`` and only logs the keys that do not fit, so
-the weights of another arch, or a segmentor's on a detector, used to give metrics of a model that
-is partly random. Here every parameter and buffer of the model must be in the checkpoint with
-its shape, and the checkpoint may hold nothing else, except:
-
-* BatchNorm's ``num_batches_tracked`` counters, which checkpoints of older PyTorch versions lack
-  and which do not change predictions;
-* everything outside ``state_dict``: optimizer, schedulers, message hub, and the averaged copy
-  that mmengine's ``EMAHook`` keeps in ``ema_state_dict``.
-
-Known layouts of other code are recognised first: a whole model whose PoolFormer backbone has
-the official names (the paper's released mmdet 2.19 / mmseg 0.19 checkpoints) is compared under
-the names it loads with (the backbone converts them when loading), and a file that holds a
-backbone alone (an ImageNet classifier: official, mmpretrain, timm, sail-sg/metaformer) is refused
-with what it is and where it belongs (``model.backbone.init_cfg``), not as another config's.
+another arch's weights gave metrics of a partly random model. Here every parameter and buffer of
+the model must be in the checkpoint with its shape, and the checkpoint may hold nothing else,
+except BatchNorm's ``num_batches_tracked`` (older PyTorch checkpoints lack it) and everything
+outside ``state_dict`` (optimizer, schedulers, message hub, ``EMAHook``'s ``ema_state_dict``).
+Whole models in the official mmdet / mmseg layout are compared under the names they load with;
+a backbone alone (an ImageNet classifier) is refused with where it belongs (``init_cfg``).
 """
 import re
 from collections import defaultdict
 from typing import Dict, List, Mapping
 
 import torch.nn as nn
-from mmengine.model import is_model_wrapper
 from mmengine.runner.checkpoint import CheckpointLoader
 
 from ..models.backbones.poolformer import PoolFormer
@@ -40,14 +31,10 @@ FOLDED_BLOCK_KEY = re.compile(r'\.blocks\.\d+\.(mixer_scale|fc1_weight)$')
 
 
 def _bare_model(model: nn.Module) -> nn.Module:
-    """The model inside DDP and test-time-augmentation wrappers."""
-    while True:
-        if is_model_wrapper(model):
-            model = model.module
-        elif hasattr(model, 'module') and isinstance(model.module, nn.Module):
-            model = model.module  # BaseTTAModel
-        else:
-            return model
+    """The model inside DDP and test-time-augmentation (``BaseTTAModel``) wrappers."""
+    while isinstance(getattr(model, 'module', None), nn.Module):
+        model = model.module
+    return model
 
 
 def _block_counts(keys) -> str:
@@ -106,9 +93,8 @@ def check_checkpoint_fits(model: nn.Module, checkpoint: str, config: str = 'the 
         raise InvalidInputError(f"checkpoint '{checkpoint}' holds no state dict")
     state = {re.sub(r'^module\.', '', key): value for key, value in state.items()
              if hasattr(value, 'shape')}
-    # checkpoints written before the parameter rename, and whole models in the official
-    # mmdet/mmseg layout, load through state-dict hooks of the backbone; compare them under the
-    # names they load with
+    # old names and the official mmdet/mmseg layout load through the backbone's state-dict
+    # hooks: compare them under the names they load with
     state = upgrade_legacy_keys(state)
     model_state = _bare_model(model).state_dict()
     backbone = getattr(_bare_model(model), 'backbone', None)

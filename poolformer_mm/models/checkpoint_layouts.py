@@ -4,46 +4,31 @@ Layouts are detected from the keys and renamed to this package's names by (patte
 rules. :class:`~poolformer_mm.models.PoolFormer` reads:
 
 * ``official`` - sail-sg/poolformer ImageNet files: ``patch_embed.proj``, ``network.{2k}.{j}``
-  (blocks of stage k), ``network.{2k-1}.proj`` (downsampling), ``layer_scale_{1,2}``, ``norm``
-  (final norm), ``head``;
-* ``official mmdet/mmseg`` - sail-sg/poolformer's detection and segmentation checkpoints (mmdet
-  2.19 / mmseg 0.19): the names of its dense-prediction class ``poolformer_*_feat`` under
-  ``backbone.``, with an output norm ``norm{2k}`` per returned stage (``norm0``, ``norm2``,
-  ``norm4``, ``norm6``; the RetinaNet models, trained with ``FORK_LAST3=1``, have no ``norm0``),
-  next to neck and head keys that mmdet 3.x and mmseg 1.x name alike. mmdet / mmseg models with
-  mmpretrain's PoolFormer backbone have the same names;
+  (blocks of stage k), ``network.{2k-1}.proj`` (downsampling), ``layer_scale_{1,2}``, ``norm``;
+* ``official mmdet/mmseg`` - sail-sg/poolformer's mmdet 2.19 / mmseg 0.19 checkpoints (and
+  mmdet / mmseg models with mmpretrain's PoolFormer): the names of ``poolformer_*_feat`` under
+  ``backbone.``, with an output norm ``norm{2k}`` per returned stage (the RetinaNet models,
+  trained with ``FORK_LAST3=1``, have no ``norm0``), next to neck and head keys;
 * ``mmpretrain`` - the official names under ``backbone.``, final norm ``norm6``, ``head.fc``;
 * ``timm`` - our names, ``layer_scale{1,2}.scale`` of shape [C, 1, 1], ``head.norm`` / ``head.fc``.
 
-:class:`~poolformer_mm.models.MetaFormer` reads:
+:class:`~poolformer_mm.models.MetaFormer` reads ``sail-sg/metaformer`` (``downsample_layers.{k}``,
+``stages.{k}.{j}``, channels-last Linear layers, ``norm``, ``head``) and ``timm``.
 
-* ``sail-sg/metaformer`` - ``downsample_layers.{k}`` (stem and downsampling), ``stages.{k}.{j}``,
-  channels-last MLPs and pointwise convolutions (Linear, [out, in]), ``norm``, ``head``;
-* ``timm`` - our names and ``head.norm`` / ``head.fc``.
+Both read ``poolformer_mm``, this package's own (timm's) names, bare or inside a whole model's
+mmengine checkpoint (``backbone.`` prefix). PoolFormer checkpoints from before the names were
+unified (``stem.proj``, ``downsample.proj``, ``layer_scale_1``), and whole models in the
+``official mmdet/mmseg`` layout, also load through any ``load_state_dict`` (``--resume``, test
+checkpoints, upstream tools) by hooks of the backbones (:func:`upgrade_legacy_keys_on_load`,
+:func:`convert_official_dense_keys_on_load`).
 
-Both read ``poolformer_mm``, this package's own names, bare or inside an mmengine checkpoint of a
-whole detector or segmentor (``state_dict`` with a ``backbone.`` prefix). They are timm's:
-``stem.conv``, ``stages.{k}.downsample.{norm,conv}``, ``stages.{k}.blocks.{j}`` with ``norm1``,
-``token_mixer``, ``layer_scale1`` / ``res_scale1``, ``norm2``, ``mlp``, ``layer_scale2`` /
-``res_scale2``, and ``output_norms.{k}``. Checkpoints of PoolFormer written before these names
-were unified (``stem.proj``, ``downsample.proj``, ``layer_scale_1``) load too: by the
-``poolformer_mm (old names)`` rules here, and through any ``load_state_dict`` (mmengine's
-``--resume`` and test checkpoints) by a hook the backbones register
-(:func:`upgrade_legacy_keys_on_load`). Whole models in the ``official mmdet/mmseg`` layout load
-through any ``load_state_dict`` too, so also in upstream mmdet / mmseg tools, by a hook of
-:class:`PoolFormer` (:func:`convert_official_dense_keys_on_load`).
-
-The final norm of an ImageNet classifier (official ``norm``, mmpretrain ``norm6``, timm
-``head.norm``, sail-sg/metaformer ``norm``) is the only output norm it has. Loaded with
-``init_cfg=dict(type='Pretrained', ...)``, an ``official`` file starts where the paper's code
-started fine-tuning: that code loaded it with ``strict=False`` into ``poolformer_*_feat``, which
-has no place for the classifier's ``norm``, so the last output norm (``norm6``) kept its initial
-weights. The other layouts initialise the last output norm from the classifier's final norm, as
-mmpretrain's own downstream models do (their ``norm6`` *is* that norm). ``final_norm`` in the
-``init_cfg`` chooses otherwise (:data:`FINAL_NORM_CHOICES`). Classifier weights are dropped.
-timm ``train.py`` checkpoints with averaged weights load those (``state_dict_ema``), as timm's
-own ``load_checkpoint`` does by default; ``use_ema=False`` in the ``init_cfg`` loads
-``state_dict``.
+An ImageNet classifier's final norm is the only output norm it has. An ``official`` file starts
+where the paper's code started fine-tuning (loaded with ``strict=False`` into
+``poolformer_*_feat``, whose last output norm kept its initial weights); the other layouts
+initialise the last output norm from the classifier's final norm, as mmpretrain's downstream
+models do. ``final_norm`` in the ``init_cfg`` chooses otherwise (:data:`FINAL_NORM_CHOICES`).
+Classifier weights are dropped. timm ``train.py`` checkpoints with averaged weights load those
+(``state_dict_ema``), as timm's ``load_checkpoint`` does; ``use_ema=False`` loads ``state_dict``.
 """
 import os.path as osp
 import re
@@ -58,9 +43,7 @@ from ..checkpoint_io import is_remote_checkpoint, load_from_local_weights_only
 from ..utils.errors import CheckpointUnavailableError, InvalidInputError
 
 # ------------------------------------------------------------------------------- rules
-# (pattern, replacement) per layout, applied to each key in order; the first match wins, a key
-# that matches no rule is kept as it is (it then shows up as unexpected), a None replacement
-# drops the key.
+# (pattern, replacement) per layout, applied as :func:`apply_layout_rules` says.
 _POOLFORMER_OFFICIAL_RULES = [
     # the attention hybrids' position embedding sits at the start of their first attention stage
     (r'^network\.(\d+)\.pos_embed$', lambda m: f'stages.{(int(m[1]) + 1) // 2}.pos_embed.weight'),
@@ -74,7 +57,7 @@ _POOLFORMER_OFFICIAL_RULES = [
     (r'^head\.', None),
 ]
 # sail-sg/metaformer works channels-last, so its MLP and SepConv pointwise layers are Linear
-# ([out, in]) where ours are 1x1 convs ([out, in, 1, 1]); ``fit_shapes`` reshapes those.
+# ([out, in]) where ours are 1x1 convs; :func:`load_converted_weights` reshapes those.
 _SAILSG_METAFORMER_RULES = [
     (r'^downsample_layers\.0\.conv\.', 'stem.conv.'),
     (r'^downsample_layers\.0\.post_norm\.', 'stem.norm.'),
@@ -109,35 +92,29 @@ _CLASSIFIER_FINAL_NORM = {'official': r'^norm\.', 'mmpretrain': r'^norm6\.',
 # What becomes of it: 'initial' leaves the last output norm at its initial weights (GroupNorm:
 # weight 1, bias 0), 'classifier' loads the classifier's final norm there.
 FINAL_NORM_CHOICES = ('initial', 'classifier')
-# Where each layout's own downstream code started: the paper's code ('official') loaded the
-# classifier into poolformer_*_feat with strict=False, which has no place for its final norm.
+# Where each layout's own downstream code started (the paper's code: see the module docstring).
 _DEFAULT_FINAL_NORM = {'official': 'initial'}
 # A key of our own layout that belongs to the backbone's structure (not an output norm).
 STRUCTURAL_KEY = re.compile(r'^(stem|stages)\.')
 
 
+def _rename(key: str, rules) -> Optional[str]:
+    for pattern, replacement in rules:
+        if re.match(pattern, key):
+            return None if replacement is None else re.sub(pattern, replacement, key)
+    return key
+
+
 def apply_layout_rules(state: Mapping[str, torch.Tensor], rules) -> Dict[str, torch.Tensor]:
     """Rename keys by (pattern, replacement) rules: the first matching rule wins, a None
     replacement drops the key, a key that matches no rule is kept as it is."""
-    converted = {}
-    for key, value in state.items():
-        for pattern, replacement in rules:
-            if re.match(pattern, key):
-                key = None if replacement is None else re.sub(pattern, replacement, key)
-                break
-        if key is not None:
-            converted[key] = value
-    return converted
+    renamed = ((_rename(key, rules), value) for key, value in state.items())
+    return {key: value for key, value in renamed if key is not None}
 
 
 # ------------------------------------------------------------------------------- old names
 def _upgrade_key(key: str, prefix: str = '') -> str:
-    if not key.startswith(prefix):
-        return key
-    for pattern, replacement in LEGACY_RULES:
-        if re.match(pattern, key[len(prefix):]):
-            return prefix + re.sub(pattern, replacement, key[len(prefix):])
-    return key
+    return prefix + _rename(key[len(prefix):], LEGACY_RULES) if key.startswith(prefix) else key
 
 
 # where a backbone's keys start: bare, in a detector / segmentor, in a wrapped one
@@ -168,17 +145,10 @@ _OFFICIAL_DENSE_KEY = re.compile(r'^(?:patch_embed|network|norm[0246])\.')
 
 def convert_official_dense_keys(state_dict: dict, prefix: str,
                                 output_norms) -> Tuple[int, List[str]]:
-    """Rename, in place, the keys under ``prefix`` that have the names of the official
-    dense-prediction backbone to this package's :class:`PoolFormer` names.
-
-    ``output_norms`` holds the stages (as str) whose output norm the model builds; an official
-    output norm of another stage is dropped (the paper's RetinaNet, whose FPN starts at stage 1,
-    built ``norm0`` without using it unless trained with ``FORK_LAST3=1``).
-
-    Returns:
-        tuple: how many tensors were converted and kept, and the official names of the output
-        norms dropped.
-    """
+    """Rename, in place, the keys under ``prefix`` named as the official dense-prediction
+    backbone's to :class:`PoolFormer` names. An output norm of a stage not in ``output_norms``
+    (stage numbers as str) is dropped (the paper's RetinaNet built ``norm0`` without using it).
+    Returns how many tensors were converted and kept, and the official names of those dropped."""
     keys = [k for k in state_dict
             if k.startswith(prefix) and _OFFICIAL_DENSE_KEY.match(k[len(prefix):])]
     converted = apply_layout_rules({k[len(prefix):]: state_dict.pop(k) for k in keys},
@@ -196,9 +166,8 @@ def convert_official_dense_keys(state_dict: dict, prefix: str,
 
 def convert_official_dense_keys_on_load(module: nn.Module, state_dict: dict, prefix: str,
                                         *args) -> None:
-    """``load_state_dict`` pre-hook of :class:`PoolFormer` (mmengine's ``load_checkpoint``, the
-    Runner's ``load_from`` and test checkpoints, the inferencers, upstream tools): converts a
-    backbone in the ``official mmdet/mmseg`` layout in place, and says so in one log line."""
+    """``load_state_dict`` pre-hook of :class:`PoolFormer`: converts a backbone in the
+    ``official mmdet/mmseg`` layout in place, and says so in one log line."""
     count, dropped = convert_official_dense_keys(state_dict, prefix, set(module.output_norms))
     if not count:
         return
@@ -214,10 +183,9 @@ def convert_official_dense_keys_on_load(module: nn.Module, state_dict: dict, pre
 
 # ------------------------------------------------------------------------------- detection
 def _pick_weights(checkpoint: Mapping, use_ema: bool) -> Mapping:
-    """The weights of a checkpoint, chosen as timm's ``load_checkpoint(use_ema=...)`` does:
-    the averaged ones (``state_dict_ema``, ``model_ema``) when asked for and present, then
-    ``state_dict`` (mmengine, timm's ``train.py``), ``model`` (DeiT-style scripts), else the
-    top level. The choice between averaged and plain weights is logged."""
+    """The weights of a checkpoint, chosen (and logged) as timm's ``load_checkpoint`` does: EMA
+    (``state_dict_ema``, ``model_ema``) if asked for and present, then ``state_dict``,
+    ``model`` (DeiT-style scripts), else the top level."""
     ema = next((k for k in ('state_dict_ema', 'model_ema')
                 if isinstance(checkpoint.get(k), Mapping)), None)
     plain = next((k for k in ('state_dict', 'model') if isinstance(checkpoint.get(k), Mapping)),
@@ -242,29 +210,13 @@ def _pick_weights(checkpoint: Mapping, use_ema: bool) -> Mapping:
     return checkpoint[chosen]
 
 
-def _flat_weights(checkpoint: Mapping, use_ema: bool = True) -> Dict[str, torch.Tensor]:
-    state = _pick_weights(checkpoint, use_ema)
+def _strip_module(state: Mapping) -> Dict[str, torch.Tensor]:
     return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
 
 
 def _split_backbone(state: Mapping) -> Tuple[Dict[str, torch.Tensor], bool]:
     backbone = {k[len('backbone.'):]: v for k, v in state.items() if k.startswith('backbone.')}
-    if backbone:
-        return backbone, True
-    return dict(state), False
-
-
-def unwrap_state_dict(checkpoint: Mapping,
-                      use_ema: bool = True) -> Tuple[Dict[str, torch.Tensor], bool]:
-    """Return the flat state dict and whether it came with a ``backbone.`` prefix.
-
-    The weights are under ``state_dict`` (mmengine, timm's ``train.py``), ``model`` (DeiT-style
-    training scripts) or at the top level. timm's ``train.py`` keeps the averaged weights of
-    ``--model-ema`` apart, in ``state_dict_ema``: as timm's own ``load_checkpoint`` does by
-    default, they are read when present (``use_ema=False``: ``state_dict``), and the log says
-    which were read.
-    """
-    return _split_backbone(_flat_weights(checkpoint, use_ema))
+    return (backbone, True) if backbone else (dict(state), False)
 
 
 def is_whole_model(state: Mapping) -> bool:
@@ -278,8 +230,7 @@ def holds_whole_model(checkpoint: Mapping) -> bool:
     """Whether a checkpoint (mmengine's, mmcv's, or a bare state dict) holds a whole detector or
     segmentor (:func:`is_whole_model`)."""
     state = checkpoint.get('state_dict', checkpoint)
-    return isinstance(state, Mapping) and is_whole_model(
-        {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()})
+    return isinstance(state, Mapping) and is_whole_model(_strip_module(state))
 
 
 def _has_output_norms(state: Mapping) -> bool:
@@ -301,10 +252,10 @@ def _detect_poolformer_layout(state: Mapping, had_backbone_prefix: bool,
             return 'official'
         # an mmpretrain classifier has a head; a detector or segmentor has a neck and heads
         return 'mmpretrain' if any(k.startswith('head.') for k in whole or {}) else OFFICIAL_DENSE
-    sample = ', '.join(list(state)[:5])
     raise InvalidInputError(
         'checkpoint is not a PoolFormer checkpoint in any known layout (official, '
-        f'{OFFICIAL_DENSE}, mmpretrain, timm, poolformer_mm); its first keys are: {sample}')
+        f"{OFFICIAL_DENSE}, mmpretrain, timm, poolformer_mm); its first keys are: "
+        f"{', '.join(list(state)[:5])}")
 
 
 def _detect_metaformer_layout(state: Mapping, *unused) -> str:
@@ -317,10 +268,9 @@ def _detect_metaformer_layout(state: Mapping, *unused) -> str:
         raise InvalidInputError(
             'checkpoint is a PoolFormer (v1) checkpoint, not a MetaFormer v2 one; '
             "load it with dict(type='PoolFormer', ...) instead")
-    sample = ', '.join(list(state)[:5])
     raise InvalidInputError(
-        'checkpoint is not a MetaFormer checkpoint in any known layout '
-        f'(sail-sg/metaformer, timm, poolformer_mm); its first keys are: {sample}')
+        'checkpoint is not a MetaFormer checkpoint in any known layout (sail-sg/metaformer, '
+        f"timm, poolformer_mm); its first keys are: {', '.join(list(state)[:5])}")
 
 
 def classifier_layout(state: Mapping) -> Optional[str]:
@@ -365,7 +315,7 @@ def _final_norm_rules(layout: str, state: Mapping, final_norm: Optional[str]) ->
 
 def _convert(checkpoint: Mapping, detect: Callable, table: dict, use_ema: bool,
              final_norm: Optional[str]) -> Tuple[Dict[str, torch.Tensor], str]:
-    whole = _flat_weights(checkpoint, use_ema)
+    whole = _strip_module(_pick_weights(checkpoint, use_ema))
     state, had_prefix = _split_backbone(whole)
     layout = detect(state, had_prefix, whole)
     rules = _final_norm_rules(layout, state, final_norm) + table[layout]
@@ -375,19 +325,13 @@ def _convert(checkpoint: Mapping, detect: Callable, table: dict, use_ema: bool,
 def convert_to_poolformer_layout(checkpoint: Mapping, use_ema: bool = True,
                                  final_norm: Optional[str] = None
                                  ) -> Tuple[Dict[str, torch.Tensor], str]:
-    """Rename a checkpoint's keys to this package's :class:`PoolFormer` names.
+    """Rename the keys of ``checkpoint`` (a state dict, or a checkpoint holding one) to this
+    package's :class:`PoolFormer` names; return the state dict and the detected layout's name.
 
-    Args:
-        checkpoint (Mapping): a state dict, or a checkpoint that holds one.
-        use_ema (bool): read the EMA weights of a timm ``train.py`` checkpoint that has them
-            (timm's default), else ``state_dict``. Default: True.
-        final_norm (str, optional): for an ImageNet classifier, 'initial' leaves the last output
-            norm out (it keeps its initial weights), 'classifier' converts the classifier's
-            final norm into it. Default: None, the layout's own start: 'initial' for the
-            official layout (the paper's code), 'classifier' for the others.
-
-    Returns:
-        tuple: the converted state dict and the name of the detected layout.
+    ``use_ema`` reads the EMA weights of a timm ``train.py`` checkpoint that has them (timm's
+    default), else ``state_dict``. For an ImageNet classifier, ``final_norm='initial'`` leaves
+    the last output norm out, 'classifier' converts the classifier's final norm into it; None
+    is the layout's own start ('initial' for the official layout, 'classifier' otherwise).
     """
     return _convert(checkpoint, _detect_poolformer_layout, _POOLFORMER_LAYOUT_RULES, use_ema,
                     final_norm)
@@ -396,27 +340,18 @@ def convert_to_poolformer_layout(checkpoint: Mapping, use_ema: bool = True,
 def convert_to_metaformer_layout(checkpoint: Mapping, use_ema: bool = True,
                                  final_norm: Optional[str] = None
                                  ) -> Tuple[Dict[str, torch.Tensor], str]:
-    """Rename a checkpoint's keys to this package's :class:`MetaFormer` names (arguments as
-    :func:`convert_to_poolformer_layout`; every layout's default is 'classifier').
-
-    Returns:
-        tuple: the converted state dict and the name of the detected layout.
-    """
+    """:func:`convert_to_poolformer_layout` for :class:`MetaFormer` names (every layout's
+    default ``final_norm`` is 'classifier')."""
     return _convert(checkpoint, _detect_metaformer_layout, _METAFORMER_LAYOUT_RULES, use_ema,
                     final_norm)
 
 
 def convert_dense_checkpoint(checkpoint: Mapping) -> Tuple[dict, str]:
-    """A whole detector's or segmentor's checkpoint with its PoolFormer backbone in this
-    package's names: ``dict(meta=..., state_dict=...)``, the neck and head tensors and the
-    ``meta`` kept. The class names (and palette) of an mmdet 2.x / mmseg 0.x ``meta``
-    (``CLASSES``, ``PALETTE``) are also given as mmengine's ``dataset_meta``, where the
-    inferencers of mmdet 3.x and mmseg 1.x look first.
-
-    Returns:
-        tuple: the converted checkpoint and the name of the backbone's detected layout.
-    """
-    whole = _flat_weights(checkpoint)
+    """A whole detector's or segmentor's checkpoint, ``dict(meta=..., state_dict=...)``, with
+    its PoolFormer backbone in this package's names (neck, heads and ``meta`` kept; an mmdet 2.x
+    / mmseg 0.x ``meta``'s ``CLASSES`` and ``PALETTE`` also as ``dataset_meta``, where mmdet 3.x
+    and mmseg 1.x inferencers look first), and the backbone's detected layout."""
+    whole = _strip_module(_pick_weights(checkpoint, True))
     if not is_whole_model(whole):
         raise InvalidInputError('checkpoint holds no whole detector or segmentor (keys outside '
                                 "'backbone.' and a classifier's 'head.')")
@@ -441,14 +376,8 @@ POOLFORMER_DOWNLOAD_HINT = (
 
 
 def read_checkpoint(path: str, download_hint: str = POOLFORMER_DOWNLOAD_HINT) -> dict:
-    """Read a pretrained file or URL without running code (``weights_only=True``, or
-    safetensors); say where to get it when missing.
-
-    A URL is read from ``checkpoints/<file name>`` or the torch hub cache when either has it,
-    and downloaded into the cache otherwise
-    (:func:`~poolformer_mm.checkpoint_io.resolve_checkpoint_url`); mmengine's other
-    schemes load through their safe loaders.
-    """
+    """Read a pretrained file, URL or other mmengine scheme without running code (through the
+    loaders of :mod:`poolformer_mm.checkpoint_io`); say where to get a missing file."""
     if is_remote_checkpoint(path):
         return CheckpointLoader.load_checkpoint(path, map_location='cpu')
     path = osp.expanduser(path)
@@ -459,9 +388,14 @@ def read_checkpoint(path: str, download_hint: str = POOLFORMER_DOWNLOAD_HINT) ->
     return load_from_local_weights_only(path, map_location='cpu')
 
 
-def fit_shapes(state: Dict[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> List[str]:
-    """Reshape tensors that only differ by singleton dims (timm's [C,1,1] scales, Linear vs 1x1
-    conv); return the keys whose shapes really differ."""
+def load_converted_weights(backbone: nn.Module, state: Dict[str, torch.Tensor],
+                           source: str) -> None:
+    """Load a state dict already in the backbone's own names (tensors that differ only by
+    singleton dims, e.g. timm's [C,1,1] scales or Linear vs 1x1 conv, are reshaped). Raises a
+    clear error for a checkpoint of another arch; logs the keys left at their initial values and
+    the unused checkpoint tensors."""
+    name = type(backbone).__name__
+    target = backbone.state_dict()
     mismatched = []
     for key, value in state.items():
         if key not in target or value.shape == target[key].shape:
@@ -471,25 +405,10 @@ def fit_shapes(state: Dict[str, torch.Tensor], target: Mapping[str, torch.Tensor
         else:
             mismatched.append(f'{key}: checkpoint {tuple(value.shape)} vs model '
                               f'{tuple(target[key].shape)}')
-    return mismatched
-
-
-def load_converted_weights(backbone: nn.Module, state: Dict[str, torch.Tensor],
-                           source: str) -> None:
-    """Load a state dict already in the backbone's own names.
-
-    Raises a clear error when a shape differs or the checkpoint's blocks do not match the model's
-    (a checkpoint of another arch); logs the keys that stay at their initial values and the
-    checkpoint tensors left unused, one line each.
-    """
-    name = type(backbone).__name__
-    target = backbone.state_dict()
-    mismatched = fit_shapes(state, target)
     if mismatched:
         raise InvalidInputError(
-            f'{source} does not fit this {name}: {len(mismatched)} shape '
-            f'mismatches, e.g. {"; ".join(mismatched[:3])}. Is it a checkpoint of '
-            'another arch?')
+            f'{source} does not fit this {name}: {len(mismatched)} shape mismatches, e.g. '
+            f'{"; ".join(mismatched[:3])}. Is it a checkpoint of another arch?')
     unexpected = sorted(k for k in state if k not in target)
     missing = sorted(k for k in target if k not in state)
     extra = [k for k in unexpected if STRUCTURAL_KEY.match(k)]
@@ -499,9 +418,7 @@ def load_converted_weights(backbone: nn.Module, state: Dict[str, torch.Tensor],
             f'{source} has a different block structure from this {name} ({len(extra)} extra '
             f'and {len(lacking)} missing backbone tensors, e.g. {(extra + lacking)[0]}). Is it '
             'a checkpoint of another arch?')
-
-    # What remains is benign: output norms the file lacks (ImageNet files have only the final
-    # norm) or output norms for stages this model does not return.
+    # what remains is benign: output norms the file lacks, or of stages this model does not return
     for key in unexpected:
         state.pop(key)
     backbone.load_state_dict(state, strict=False)
@@ -510,8 +427,7 @@ def load_converted_weights(backbone: nn.Module, state: Dict[str, torch.Tensor],
         print_log(f'{name}: left at initial values (not in checkpoint): {", ".join(missing)}',
                   logger='current')
     if unexpected:
-        print_log(f'{name}: unused checkpoint tensors: {", ".join(unexpected)}',
-                  logger='current')
+        print_log(f'{name}: unused checkpoint tensors: {", ".join(unexpected)}', logger='current')
 
 
 def pretrained_options(backbone: nn.Module) -> dict:

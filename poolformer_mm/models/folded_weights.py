@@ -1,18 +1,11 @@
 """A model folded for inference refuses the weights of its unfolded form.
 
 Folding (:meth:`PoolFormer.switch_to_deploy`,
-:func:`~poolformer_mm.engine.prepare_for_inference`) replaces parameters by folded buffers
-under other names: ``blocks.{j}.norm1.weight``, ``mlp.fc1.weight`` and the layer scales become
-``fc1_weight``, ``mixer_scale`` ...; folded batch norms disappear. A checkpoint of the trained
-(unfolded) model loaded afterwards would find none of its keys. mmengine's ``load_checkpoint``
-(``strict=False``) only logs them, and the model keeps computing with the weights it was folded
-from, silently wrong; torch's strict ``load_state_dict`` lists a few hundred keys. So the folded
-module checks first and says what to do.
-
-What is checked: loads into the module that was folded (the whole model, the backbone) with
-keys that folding removed. Not checked: loads into a part of it (a stage, a head), and keys that
-folding kept but changed (a convolution with a batch norm folded in): a folded model is for
-running, and weights belong in the model before it is folded.
+:func:`~poolformer_mm.engine.prepare_for_inference`) replaces parameters by buffers under other
+names (``fc1_weight``, ``mixer_scale`` ...). mmengine's ``load_checkpoint`` (``strict=False``)
+would only log the trained model's keys and keep the folded weights, silently wrong, so the
+folded module (the whole model, the backbone) refuses keys that folding removed, and says what
+to do. Loads into a part of it, and keys folding kept but changed, are not checked.
 """
 from typing import Iterable
 
@@ -26,14 +19,9 @@ class FoldedWeightsError(InvalidInputError):
 
 
 class RefuseUnfoldedWeights:
-    """``load_state_dict`` pre-hook of a folded module: refuses a state dict holding keys that
-    only its unfolded form has. A class rather than a closure, so the module still pickles.
-
-    Args:
-        unfolded_keys (Iterable[str]): State-dict keys, relative to the module, that folding
-            removed.
-        what (str): The folded module in a user's words, for the message.
-    """
+    """``load_state_dict`` pre-hook of a folded module: refuses a state dict holding any of
+    ``unfolded_keys`` (relative to the module; ``what`` names the module in the message). A class
+    rather than a closure, so the module still pickles."""
 
     def __init__(self, unfolded_keys: Iterable[str], what: str):
         self.unfolded_keys = frozenset(unfolded_keys)

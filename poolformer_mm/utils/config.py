@@ -12,11 +12,8 @@ SEGMENTATION_METRICS = ('mIoU', 'mDice', 'mFscore')
 
 
 def read_config(path: str) -> Config:
-    """``Config.fromfile(path)``, with one line for a path that is not a file.
-
-    A config whose ``model`` comes from an ``mmdet::`` or ``mmseg::`` base that sets no
-    ``default_scope`` (mmseg's ``_base_/models/*.py`` hold only the model) gets that scope, as
-    the whole upstream configs set it in their ``default_runtime.py``."""
+    """``Config.fromfile(path)`` with :func:`inherit_default_scope`, and one line for a path
+    that is not a file."""
     if not osp.isfile(path):
         raise InputNotFoundError(f"config file '{path}' not found: check the path")
     return inherit_default_scope(Config.fromfile(path))
@@ -24,7 +21,7 @@ def read_config(path: str) -> Config:
 
 def inherit_default_scope(cfg: Config) -> Config:
     """Give ``cfg`` the scope of the ``mmdet::`` / ``mmseg::`` base its model comes from, where
-    it sets no ``default_scope`` itself; returns ``cfg``."""
+    it sets no ``default_scope`` itself (mmseg's ``_base_/models/*.py``); returns ``cfg``."""
     if cfg.get('default_scope') is None and isinstance(cfg.get('model'), dict):
         # mmengine marks a dict read from a package's base with that package's _scope_
         inherited = cfg.model.get('_scope_')
@@ -53,8 +50,7 @@ def add_hooks(cfg: Config, *hooks) -> None:
 
 
 def add_custom_imports(cfg: Config, *modules: str) -> None:
-    """Add ``modules`` to ``cfg.custom_imports``, so that the config the runner dumps to the work
-    dir finds what the tools registered for it."""
+    """Add ``modules`` to ``cfg.custom_imports``, for the config the runner dumps."""
     imports = dict(cfg.get('custom_imports') or dict(imports=[], allow_failed_imports=False))
     known = imports.get('imports', [])
     known = [known] if isinstance(known, str) else list(known)

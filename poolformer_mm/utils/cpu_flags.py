@@ -20,3 +20,17 @@ def cpu_flags(cpuinfo: str = '/proc/cpuinfo') -> Optional[FrozenSet[str]]:
     except OSError:
         pass
     return None
+
+
+def machine_description(cpuinfo: str = '/proc/cpuinfo') -> str:
+    """The CPU model and its SIMD / matrix flags, as ``lscpu`` shows them: the machine a speed
+    figure was measured on."""
+    try:
+        with open(cpuinfo) as f:
+            model = next((line.split(':', 1)[1].strip() for line in f
+                          if line.startswith('model name')), 'unknown CPU')
+    except OSError:
+        model = 'unknown CPU'
+    flags = cpu_flags(cpuinfo) or ()
+    shown = [f for f in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16', 'amx_tile') if f in flags]
+    return f"{model} ({' '.join(shown) or 'no AVX2/AVX-512/AMX flags'})"

@@ -1,8 +1,5 @@
-"""Errors caused by the user's files or settings, and how the tools report them.
-
-Their messages already say what was wrong and what to do, so the command-line tools print the
-message alone instead of a traceback through mmengine's runner.
-"""
+"""Errors caused by the user's files or settings, whose messages the command-line tools print
+alone, without a traceback."""
 import functools
 import sys
 
@@ -12,8 +9,7 @@ class UserInputError(Exception):
 
 
 class CheckpointUnavailableError(UserInputError, FileNotFoundError):
-    """A checkpoint (file or URL) that cannot be read here, e.g. a URL without network access
-    and without a local copy."""
+    """A checkpoint (file or URL) that cannot be read here, e.g. a URL without network access."""
 
 
 def report_user_errors(main):
@@ -26,8 +22,7 @@ def report_user_errors(main):
             return main(*args, **kwargs)
         except UserInputError as err:
             message = str(err)
-            # torch re-raises a data loader worker's error as its type, with a text that holds
-            # the worker's traceback and ends in '<module>.<class>: <the message>'
+            # a data loader worker's error, re-raised by torch with the worker's traceback
             if '\nOriginal Traceback' in message:
                 message = message.rstrip().splitlines()[-1].partition(': ')[2]
             sys.exit(f'error: {message}')
@@ -49,5 +44,4 @@ class WorkDirInUseError(UserInputError, RuntimeError):
 
 
 class UnknownSettingError(UserInputError, TypeError):
-    """A setting that a config passes to a class that does not take it (a typo such as
-    ``out_indice``); a ``TypeError``, as Python's own for an unexpected keyword argument."""
+    """A setting that a config passes to a class that does not take it (e.g. ``out_indice``)."""

@@ -1,14 +1,8 @@
-"""Warnings of the OpenMMLab stack that every run prints and no user can act on.
-
-Each entry is ``(message regex, module regex)``: only that message from that library is
-ignored, so a new or different warning still shows. ``pkg_resources`` is deprecated by
-setuptools, but mmengine and the ``mmdet::`` config inheritance import it (the reason for
-``setuptools<82``); the mmseg notices announce API changes of mmseg itself.
-"""
+"""Warnings of the OpenMMLab stack that every run prints and no user can act on, as
+``(message regex, module regex)``: only that message from that library is ignored."""
 import warnings
 
-# Raised while mmengine, mmdet and mmseg are imported; importlib is where the warning is
-# attributed for modules that import pkg_resources at their top.
+# Raised while mmengine, mmdet and mmseg import pkg_resources (attributed to importlib for some)
 IMPORT_TIME_WARNINGS = [
     (r'pkg_resources is deprecated as an API', r'(mmengine|mmdet|mmseg|importlib)(\.|$)'),
 ]

@@ -272,7 +272,7 @@ def test_benchmark_times_onnx_runtime_against_pytorch(segmentor):
 
 
 def test_benchmark_refuses_an_export_of_the_other_task(segmentor):
-    from poolformer_mm.analysis.benchmark import onnx_variants
+    from poolformer_mm.deploy.onnx.verify import onnx_variants
     path = segmentor[2]
     with pytest.raises(ValueError) as error:
         onnx_variants(DET_CONFIG, path, threads=1)
@@ -285,7 +285,7 @@ def test_benchmark_takes_the_exported_model_under_any_config_name_and_no_other(s
                                                                                tmp_path):
     """The export stores a digest of its layers' names and shapes: a renamed copy of the config
     is accepted, a config of the same name with another arch is not."""
-    from poolformer_mm.analysis.benchmark import onnx_variants
+    from poolformer_mm.deploy.onnx.verify import onnx_variants
     path, toy = segmentor[2], str(Path(SEG_CONFIG).resolve())
     renamed = tmp_path / 'my_segmentor.py'
     renamed.write_text(f'_base_ = [{toy!r}]\n')

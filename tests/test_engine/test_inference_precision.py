@@ -20,12 +20,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from poolformer_mm.analysis.benchmark import flat_float_outputs
 from poolformer_mm.analysis.complexity import build_model_without_pretrained, dummy_batch
 from poolformer_mm.analysis.peers import copy_weights_by_value, peer_backbone
-from poolformer_mm.analysis.reference import ReferencePoolFormer
+from poolformer_mm.analysis.reference import ReferencePoolFormer, why_no_reference
 from poolformer_mm.cli.train_test import enable_test_amp
 from poolformer_mm.deploy import precision as amp_choice
 from poolformer_mm.deploy.fold import prepare_for_inference
 from poolformer_mm.deploy.folded_fpn import FoldedFPN
 from poolformer_mm.deploy.folded_fpn_head import FoldedFPNWithHeadConv
+from poolformer_mm.deploy.onnx.verify import onnx_variants
 from poolformer_mm.deploy.precision import amp_dtype, enable_inference_autocast
 from poolformer_mm.models import MetaFormer, PoolFormer
 from poolformer_mm.models.layers import PoolingMixer
@@ -624,7 +625,7 @@ def _benchmark_tool():
     (['--arch', 's12', '--variants', 'deploy', 'deploy:fp32'],
      '--variants names deploy:fp32 more than once'),
     (['--arch', 's12', '--variants', 'fast:'],
-     "argument --variants: variant 'fast:' names no precision"),
+     "argument --variants: unknown precision '' in variant 'fast:'"),
     (['--arch', 's12', '--variants', 'channels_last'],
      '--variants: unknown variant channels_last for backbones'),
     (['--arch', 's12', '--mode', 'train', '--variants', 'fast', 'deploy:bf16'],
@@ -668,8 +669,8 @@ def test_benchmark_refuses_what_it_cannot_time_with_the_reason():
     variants = benchmark.backbone_variants(arch, ['plain', 'deploy'], **settings)
     assert [type(b.token_mixer).__name__ for b in variants['plain'].stages[3].blocks] == [
         'Attention'] * 2
-    assert benchmark.why_no_reference(PoolFormer('s12')) is None
-    assert 'GELU' in benchmark.why_no_reference(PoolFormer('s12', act_cfg=dict(type='ReLU')))
+    assert why_no_reference(PoolFormer('s12')) is None
+    assert 'GELU' in why_no_reference(PoolFormer('s12', act_cfg=dict(type='ReLU')))
     for arch_variants in (lambda: benchmark.backbone_variants('s12', ['fast', 'deploy'],
                                                               train=True),
                           lambda: benchmark.model_variants(TOY_FPN, ['fast', 'deploy'],
@@ -690,7 +691,7 @@ def test_benchmark_times_detector_training_with_checkpointing_and_leaves_out_wha
     assert {'loss_rpn_cls', 'loss_bbox', 'loss_mask'} <= set(
         model(data['inputs'], data['data_samples'], mode='loss'))
     with pytest.raises(ValueError, match='ONNX Runtime cannot load it'):
-        benchmark.onnx_variants(TOY_FPN, 'README.md')
+        onnx_variants(TOY_FPN, 'README.md')
 
 
 @pytest.mark.slow

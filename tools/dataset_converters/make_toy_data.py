@@ -10,14 +10,14 @@ import time
 
 from poolformer_mm.datasets import make_toy_ade, make_toy_coco
 
+MAKERS = {'coco': make_toy_coco, 'ade': make_toy_ade}
 DEFAULTS = {kind: {name: p.default for name, p in inspect.signature(make).parameters.items()
-                   if name in ('num_train', 'num_val')}
-            for kind, make in (('coco', make_toy_coco), ('ade', make_toy_ade))}
+                   if name in ('num_train', 'num_val')} for kind, make in MAKERS.items()}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('kind', choices=['coco', 'ade'], help='which data set to write')
+    parser.add_argument('kind', choices=list(MAKERS), help='which data set to write')
     parser.add_argument('out', help='output folder (the data root of the toy configs)')
     parser.add_argument('--num-train', type=int,
                         help=f'default: {DEFAULTS["coco"]["num_train"]} (coco), '
@@ -30,14 +30,12 @@ def main():
     args = parser.parse_args()
     start = time.perf_counter()
     # what is not given comes from the generator's own defaults, those of the toy configs
-    kwargs = dict(DEFAULTS[args.kind], seed=args.seed)
-    for name in ('num_train', 'num_val'):
-        if getattr(args, name) is not None:
-            kwargs[name] = getattr(args, name)
+    given = dict(num_train=args.num_train, num_val=args.num_val)
+    kwargs = dict(DEFAULTS[args.kind], seed=args.seed,
+                  **{name: value for name, value in given.items() if value is not None})
     if args.size:
         kwargs['image_size'] = args.size[0] if args.kind == 'coco' else tuple(args.size)
-    make = make_toy_coco if args.kind == 'coco' else make_toy_ade
-    make(args.out, **kwargs)
+    MAKERS[args.kind](args.out, **kwargs)
     print(f'wrote toy {args.kind} data set to {args.out} '
           f'({kwargs["num_train"]} train + {kwargs["num_val"]} val images, '
           f'{time.perf_counter() - start:.1f} s)')

@@ -3,10 +3,8 @@
 
     python tools/deployment/ort_infer.py FILE.onnx IMAGE --out PIC.png [--score-thr 0.3]
 
-Segmentation: a colour overlay of the class map. Detection: boxes with class names and scores
-(Mask R-CNN: and masks). Normalisation, input size, class names and post-processing settings come
-from the ONNX file's metadata (written by tools/deployment/pytorch2onnx.py). Needs onnxruntime,
-numpy, opencv.
+Segmentation: a colour overlay of the class map; detection: boxes, class names, scores (and
+masks). The settings come from the file's metadata. Needs onnxruntime, numpy, opencv.
 """
 import argparse
 import importlib.util
@@ -21,8 +19,7 @@ AGAIN = 'export the model again with tools/deployment/pytorch2onnx.py'
 
 
 def load_torch_free_module(*path: str):
-    """A module of poolformer_mm that needs only the standard library, NumPy and OpenCV, loaded
-    by its path: importing the package would import torch and the OpenMMLab stack."""
+    """A torch-free module of poolformer_mm, loaded by its path (not importing the package)."""
     spec = importlib.util.spec_from_file_location(
         'poolformer_mm_' + osp.splitext(path[-1])[0], osp.join(_PACKAGE, *path))
     module = importlib.util.module_from_spec(spec)
@@ -52,8 +49,7 @@ def check_output(out: str, inputs, flag: str = '--out') -> None:
 
 
 def open_export(path: str, threads=None):
-    """An ONNX Runtime CPU session and the checked deploy information of an exported model; a
-    missing, damaged or foreign file, or edited metadata, is a UserInputError naming it."""
+    """An ONNX Runtime CPU session and the checked deploy information of an exported model."""
     check_file(path, 'ONNX model', 'the .onnx file')
     if not osp.getsize(path):
         raise errors.InvalidInputError(f"ONNX model '{path}' is empty; {AGAIN}")
@@ -84,7 +80,8 @@ def read_image(path: str) -> np.ndarray:
     return image
 
 
-def parse_args(argv=None):
+@errors.report_user_errors
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('model', help='the .onnx file')
     parser.add_argument('image')
@@ -92,12 +89,7 @@ def parse_args(argv=None):
     parser.add_argument('--score-thr', type=float, default=0.3,
                         help='detection: lowest score drawn')
     parser.add_argument('--threads', type=int, help='ONNX Runtime intra-op threads')
-    return parser.parse_args(argv)
-
-
-@errors.report_user_errors
-def main(argv=None):
-    args = parse_args(argv)
+    args = parser.parse_args(argv)
     check_output(args.out, [args.model, args.image])
     session, info = open_export(args.model, args.threads)
     image = read_image(args.image)

@@ -3,11 +3,9 @@
 
     python tools/deployment/quantize_onnx.py FILE.onnx CALIB_IMAGES_OR_FOLDER --out FILE_int8.onnx
 
-Weights int8 per output channel (7-bit with ``--reduce-range``, by default on an x86 CPU
-without VNNI), activations uint8 with ranges calibrated (min-max) on the images, in ONNX's QDQ
-format; the normalisation and post-processing metadata are kept, so tools/deployment/ort_infer.py
-runs the result as it runs the float model. Measured on the toy Semantic FPN only; check a
-detector's accuracy before using it. Needs onnxruntime (no torch).
+Weights int8 per output channel (7-bit with ``--reduce-range``), activations uint8 calibrated
+(min-max) on the images, in QDQ format; the metadata is kept for tools/deployment/ort_infer.py.
+Measured on the toy Semantic FPN only: check a detector's accuracy. Needs onnxruntime (no torch).
 """
 import argparse
 import glob
@@ -68,35 +66,26 @@ def calibration_images(inputs, limit):
     return paths[:limit]
 
 
-def parse_args(argv=None):
+@ort_infer.errors.report_user_errors
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('model', help='the float .onnx file (tools/deployment/pytorch2onnx.py)')
     parser.add_argument('calib', nargs='+', help='calibration images or folders of images')
     parser.add_argument('--out', required=True, help='the int8 .onnx file to write')
     parser.add_argument('--num', type=int, default=32, help='at most this many images')
     parser.add_argument('--reduce-range', choices=['auto', 'yes', 'no'], default='auto',
-                        help='7-bit weights, for CPUs without VNNI (AVX2, AVX-512 without '
-                        'avx512_vnni), where ONNX Runtime sums products of 8-bit weights in 16 '
-                        'bits, which saturate (86%% of the toy segmentor\'s pixels kept, against '
-                        'over 90%%). auto: yes when this CPU has no VNNI, for a model that runs '
-                        'where it is quantised; name the target CPU\'s choice otherwise')
-    return parser.parse_args(argv)
-
-
-@ort_infer.errors.report_user_errors
-def main(argv=None):
-    args = parse_args(argv)
+                        help='7-bit weights, for CPUs without VNNI, where ONNX Runtime sums '
+                        'products of 8-bit weights in 16 bits, which saturate. auto: yes when '
+                        'this CPU has no VNNI; name the target CPU\'s choice otherwise')
+    args = parser.parse_args(argv)
     info = ort_infer.open_export(args.model)[1]  # a missing, damaged or changed file: one line
     images = [osp.abspath(path) for path in calibration_images(args.calib, args.num)]
     ort_infer.check_output(args.out, [args.model, *images])
     reduce_range, why = reduce_range_choice(args.reduce_range)
     model_path, out_path, cwd = osp.abspath(args.model), osp.abspath(args.out), os.getcwd()
     with tempfile.TemporaryDirectory() as folder:
-        # ONNX Runtime's shape inference writes temporary files (sym_shape_infer_temp.onnx and
-        # its external data) into the working directory; keep them in the temporary folder
-        os.chdir(folder)
+        os.chdir(folder)  # ONNX Runtime's shape inference writes temporary files there
         try:
-            # shape inference and graph optimisation first, as ONNX Runtime recommends; its
             # symbolic shape inference gives up on dynamic height and width, ONNX's own does not
             prepared = osp.join(folder, 'prepared.onnx')
             quant_pre_process(model_path, prepared, skip_symbolic_shape=info['dynamic'])

@@ -14,9 +14,7 @@ a backbone state dict, for ``init_cfg``:
     python tools/model_converters/convert_poolformer.py \
         checkpoints/poolformer_s12.pth.tar checkpoints/poolformer_s12_mm.pth --arch s12
 
-``tools/test.py``, ``load_from`` and ``init_cfg=dict(type='Pretrained', checkpoint=...)`` read
-all these layouts directly; converting is only needed to ship a file in one layout or to inspect
-the keys.
+``tools/test.py``, ``load_from`` and ``init_cfg`` read all these layouts directly.
 """
 import argparse
 import os.path as osp
@@ -36,15 +34,12 @@ from poolformer_mm.models.checkpoint_layouts import (
 from poolformer_mm.utils.errors import InputNotFoundError, InvalidInputError, report_user_errors
 
 
-def _check_arch(arch: str, backbone_state: dict, source: str) -> None:
-    """The same checks as init_cfg loading: shapes and block structure must match ``arch``,
-    with the output norms the file has (a RetinaNet's start at stage 1)."""
-    stages = sorted({int(k.split('.')[1]) for k in backbone_state if k.startswith('output_norms.')})
+def _poolformer(arch: str, **kwargs) -> PoolFormer:
+    """``PoolFormer(arch, **kwargs)``; an arch it refuses is a user error."""
     try:
-        backbone = PoolFormer(arch, out_indices=stages or (0, 1, 2, 3))
+        return PoolFormer(arch, **kwargs)
     except ValueError as err:
         raise InvalidInputError(f'--arch {arch}: {err}') from None
-    load_converted_weights(backbone, dict(backbone_state), source)
 
 
 @report_user_errors
@@ -72,10 +67,7 @@ def main():
     if not osp.isdir(osp.dirname(osp.abspath(args.dst))):
         raise InputNotFoundError(f"cannot write '{args.dst}': its folder does not exist")
     if args.arch:
-        try:
-            PoolFormer(args.arch)
-        except ValueError as err:
-            raise InvalidInputError(f'--arch {args.arch}: {err}') from None
+        _poolformer(args.arch)
     checkpoint = read_checkpoint(args.src)  # refused, truncated or foreign files: one line
     if not isinstance(checkpoint, dict):
         raise InvalidInputError(f"'{args.src}' holds a {type(checkpoint).__name__}, not a "
@@ -96,8 +88,10 @@ def main():
             converted, backbone = state, state
     except InvalidInputError as err:  # its message does not name the file
         raise InvalidInputError(f'{args.src}: {err}') from None
-    if args.arch:
-        _check_arch(args.arch, backbone, f"'{args.src}' ({layout} layout)")
+    if args.arch:  # init_cfg's checks, with the file's output norms (a RetinaNet's from stage 1)
+        stages = sorted({int(k.split('.')[1]) for k in backbone if k.startswith('output_norms.')})
+        load_converted_weights(_poolformer(args.arch, out_indices=stages or (0, 1, 2, 3)),
+                               dict(backbone), f"'{args.src}' ({layout} layout)")
     torch.save(converted, args.dst)
     if whole:
         others = len(state) - len(backbone)

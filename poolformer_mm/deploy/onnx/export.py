@@ -1,7 +1,5 @@
-"""ONNX export of mmseg segmentors and mmdet detectors with a folded backbone, as mmdeploy's
-end-to-end models where ONNX allows it (inputs and outputs: docs/deployment.md), detection
-post-processing included (:mod:`.ops`, :mod:`.two_stage`). What the runtime side needs is stored
-as JSON in the model's ``metadata_props``, so running the file needs no config.
+"""ONNX export of mmseg segmentors and mmdet detectors with a folded backbone and detection
+post-processing (docs/deployment.md); what the runtime side needs is in ``metadata_props``.
 """
 import copy
 import hashlib
@@ -61,9 +59,8 @@ def _moments(tokens: torch.Tensor, eps: float) -> tuple:
 
 
 class ExportPoolFormerBlock(nn.Module):
-    """:class:`DeployPoolFormerBlock`'s folded computation in ops every ONNX runtime has: it
-    takes GroupNorm's statistics from ``torch.native_group_norm`` and, on a CPU, oneDNN's private
-    fused kernels, which have no ONNX form. Same buffers, same maths."""
+    """:class:`DeployPoolFormerBlock`'s computation (same buffers, same maths) in ops every ONNX
+    runtime has, not ``torch.native_group_norm`` and oneDNN's private fused kernels."""
 
     supports_token_layout = True
 
@@ -105,9 +102,8 @@ def fold_for_export(model: nn.Module) -> nn.Module:
 
 
 class ScaleUpsample(nn.Module):
-    """mmseg's ``Upsample`` by a scale factor, traced as a scale: mmseg's turns the size times
-    the factor into Python ints, which a trace records as constants (the export size). The same
-    output size (floor) and sampling positions."""
+    """mmseg's ``Upsample`` by a scale factor traced as a scale, not as the export size's
+    Python ints: the same output size (floor) and sampling positions."""
 
     def __init__(self, upsample: nn.Module):
         super().__init__()
@@ -121,9 +117,8 @@ class ScaleUpsample(nn.Module):
 
 
 class ExportPositionEmbedding(nn.Module):
-    """:class:`PositionEmbedding` that always resizes to the feature map: the backbone skips
-    the resize at the embedding's own grid, which a trace at that size would keep for every size
-    (bicubic resizing to the same size returns the embedding unchanged)."""
+    """:class:`PositionEmbedding` that always resizes (bicubic, unchanged at the embedding's own
+    grid, where the backbone skips it and a trace at that size would skip it at every size)."""
 
     def __init__(self, embedding: PositionEmbedding):
         super().__init__()
@@ -135,9 +130,8 @@ class ExportPositionEmbedding(nn.Module):
 
 
 class StaticAdaptiveAvgPool2d(nn.Module):
-    """``nn.AdaptiveAvgPool2d`` as explicit bins, each averaged (the same bin edges): ONNX has
-    adaptive pooling only as global pooling, or for output sizes that divide the input size. The
-    bins are fixed at the traced size: one input size only (:func:`check_exportable`)."""
+    """``nn.AdaptiveAvgPool2d`` as explicit bins (the same edges), each averaged, which ONNX
+    lacks; the bins are fixed at the traced size: one input size only."""
 
     def __init__(self, pool: nn.AdaptiveAvgPool2d):
         super().__init__()
@@ -288,13 +282,11 @@ def model_digest(model: nn.Module) -> str:
 
 def export_onnx(model: nn.Module, cfg: Config, out: str, shape: Sequence[int] = (512, 512),
                 dynamic: bool = False, with_logits: bool = False) -> dict:
-    """Fold ``model``'s backbone (in place), export it to ``out`` and return the stored deploy
-    information. A model on a GPU is moved to the CPU (in place) and traced there: the graph is
-    the same, and the post-processing makes its index tensors on the CPU."""
+    """Fold ``model``'s backbone and move it to the CPU (in place), export it to ``out`` and
+    return the stored deploy information."""
     import onnx  # the optional deploy extra
 
     model.cpu()
-
     task = 'detection' if task_of(cfg) == 'mmdet' else 'segmentation'
     check_exportable(model, task, dynamic)
     info = deploy_info(model, cfg, shape, dynamic, task)
@@ -312,21 +304,17 @@ def export_onnx(model: nn.Module, cfg: Config, out: str, shape: Sequence[int] = 
     info['outputs'] = outputs
     axes = None
     if dynamic:
-        # Mask R-CNN runs one image at a time (see two_stage.py); detections have
-        # K = max_per_img rows at every size
+        # Mask R-CNN runs one image at a time; detections have max_per_img rows at every size
         batch = {} if isinstance(wrapper, MaskRCNNExport) else {0: 'batch'}
         axes = {name: {**batch, 2: 'height', 3: 'width'}
                 if name == 'input' or task == 'segmentation' else batch
                 for name in ['input', *outputs]}
-    # The project's CPU fast paths (fused oneDNN kernels, in-place accumulation, one-pass
-    # GroupNorm statistics) only run without autograd; tracing with an input that requires
-    # grad keeps the whole graph on plain ops, which check_plain_ops then confirms.
+    # an input that requires grad keeps the CPU fast paths (fused oneDNN kernels, in-place
+    # accumulation), which run without autograd only, out of the graph
     dummy = torch.zeros(1, 3, *shape, requires_grad=True)
-    # keep_initializers_as_inputs=True skips the exporter's deduplication of equal-valued
-    # initializers, which in torch 2.13 leaves nodes reading a removed one (e.g. the equal folded
-    # mixer scales of fresh blocks); they are taken out of the graph inputs afterwards.
-    # The tracer warns at every shape turned into a number: noise, as the branches on sizes take
-    # the same plain path at every size (--dynamic --verify checks a second one).
+    # keep_initializers_as_inputs: torch 2.13's deduplication of equal initializers leaves nodes
+    # reading a removed one; they are taken out of the graph inputs afterwards. The tracer warns
+    # at every shape turned into a number: the branches on sizes take the same path at any size.
     with torch.enable_grad(), warnings.catch_warnings():
         warnings.simplefilter('ignore', torch.jit.TracerWarning)
         # indexing by the selected candidates: never negative indices, which it warns about

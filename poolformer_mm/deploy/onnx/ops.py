@@ -1,10 +1,8 @@
 """Detection post-processing written for an ONNX graph: anchors, box decoding, NMS, RoIAlign.
 
-Each function computes in eager PyTorch what mmdet computes and traces to standard ONNX ops that
-follow the input size (NMS and RoIAlign: ``autograd.Function`` s running mmcv's kernels, whose
-``symbolic`` writes the ONNX op; mmcv's own export as custom ops). Candidates that must not reach
-NMS keep their place with the score :data:`SKIP_SCORE`, which NMS ignores (real scores are
-probabilities): no tensor changes size before NMS.
+Each computes what mmdet computes and traces to standard ONNX ops that follow the input size
+(NMS, RoIAlign: mmcv's kernels, whose ``symbolic`` writes the standard op). Candidates that must
+not reach NMS keep their place with the score :data:`SKIP_SCORE`, which NMS ignores.
 """
 import math
 from typing import Sequence
@@ -58,8 +56,7 @@ class RoiAlign(torch.autograd.Function):
         if not len(rois):
             return feats.new_zeros((0, feats.shape[1], output_size, output_size))
         rois = torch.cat([image_index[:, None].to(rois.dtype), rois], dim=1)
-        # mmcv's CPU kernel reads the map as contiguous NCHW whatever its strides (a
-        # channels-last map, as the MetaFormer backbones give without autograd, reads wrong)
+        # mmcv's CPU kernel reads the map as contiguous NCHW whatever its strides
         return roi_align(feats.contiguous(), rois, output_size, spatial_scale, sampling_ratio,
                          'avg', True)
 
@@ -104,8 +101,7 @@ def decode_boxes(coder, priors: Tensor, deltas: Tensor, max_xyxy: Tensor) -> Ten
 
 def top_candidates(scores: Tensor, deltas: Tensor, anchors: Tensor, nms_pre: int) -> tuple:
     """The ``nms_pre`` best (anchor, class) pairs of one level (all if ``nms_pre`` <= 0) as
-    mmdet's dense heads pick them: scores, classes, deltas, anchors. Padded with
-    :data:`SKIP_SCORE` where the level has fewer: a fixed K keeps TopK's k a constant."""
+    mmdet's dense heads pick them: scores, classes, deltas, anchors (padded to a constant K)."""
     num_classes = scores.shape[2]
     if nms_pre > 0:
         padding = -(-nms_pre // num_classes)
@@ -123,11 +119,9 @@ def top_candidates(scores: Tensor, deltas: Tensor, anchors: Tensor, nms_pre: int
 
 def nms_by_class(boxes: Tensor, scores: Tensor, labels: Tensor, valid: Tensor,
                  iou_threshold: float, max_num: int, class_agnostic: bool = False) -> Tensor:
-    """Per-class NMS of each image's candidates as mmcv's ``batched_nms`` (classes moved apart
-    by the largest coordinate + 1; with ``class_agnostic``, not): boxes (N, M, 4), scores,
-    labels and valid (N, M) -> (S, 2) rows (image, candidate index), per image best first, at
-    most ``max_num`` each."""
-    # the largest coordinate among the image's own candidates, as batched_nms takes it
+    """Per-class NMS of each image's candidates as mmcv's ``batched_nms``: boxes (N, M, 4),
+    scores, labels and valid (N, M) -> (S, 2) rows (image, candidate index), per image best
+    first, at most ``max_num`` each."""
     largest = torch.where(valid[..., None], boxes, torch.zeros_like(boxes)).amax(dim=(1, 2))
     offsets = labels.to(boxes.dtype) * (0 if class_agnostic else largest[:, None] + 1)
     scores = torch.where(valid, scores, torch.full_like(scores, SKIP_SCORE))
@@ -145,8 +139,8 @@ def padded_detections(boxes: Tensor, scores: Tensor, labels: Tensor, selected: T
     images = torch.arange(boxes.shape[0])
     mine = (image[None] == images[:, None])  # (N, S)
     dets = torch.where(mine[..., None], kept[None], torch.zeros_like(kept[None]))
-    kept_labels = torch.where(mine, labels[image, index][None], torch.full_like(mine, -1,
-                                                                                 dtype=torch.long))
+    kept_labels = torch.where(mine, labels[image, index][None],
+                              torch.full_like(mine, -1, dtype=torch.long))
     # K padding rows, so that TopK always has K to pick from
     dets = torch.cat([dets, torch.zeros_like(boxes[:, :1, :1]).repeat(1, max_per_img, 5)], 1)
     kept_labels = torch.cat(
@@ -183,10 +177,9 @@ def multi_level_roi_align(extractor, feats: Sequence[Tensor], rois: Tensor) -> T
 
 def dense_head_candidates(head, cls_scores: Sequence[Tensor], bbox_preds: Sequence[Tensor],
                           image: Tensor, cfg) -> dict:
-    """An anchor-based dense head's candidates before NMS (mmdet's ``predict_by_feat`` of
-    RetinaNet and RPN heads, sigmoid scores): ``boxes`` (N, M, 4), ``scores``, ``labels``,
-    ``levels`` and ``valid`` (N, M: the ones NMS should see, over ``cfg.score_thr`` and larger
-    than ``cfg.min_bbox_size``)."""
+    """An anchor-based dense head's candidates before NMS (``predict_by_feat`` of RetinaNet and
+    RPN heads): ``boxes`` (N, M, 4), ``scores``, ``labels``, ``levels`` and ``valid`` (N, M: those
+    over ``cfg.score_thr`` and larger than ``cfg.min_bbox_size``)."""
     max_xyxy = image_size_xyxy(image)
     priors = head.prior_generator
     parts = dict(boxes=[], scores=[], labels=[], levels=[])

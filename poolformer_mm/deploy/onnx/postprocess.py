@@ -1,9 +1,6 @@
-"""What runs around an exported ONNX model: pre-processing, detection post-processing, drawing.
-
-NumPy and OpenCV only, no torch and no import from the rest of the package:
-``tools/deployment/ort_infer.py`` loads this file by its path, so that running an exported model
-needs ONNX Runtime, NumPy and OpenCV alone. Each step's settings come from the deploy information
-that :mod:`poolformer_mm.deploy.onnx.export` stores in the model's ``metadata_props``.
+"""What runs around an exported ONNX model: pre-processing, detection post-processing, drawing,
+set by the deploy information in the model's ``metadata_props``. NumPy and OpenCV only, no import
+from the rest of the package: ``tools/deployment/ort_infer.py`` loads this file by its path.
 """
 import json
 
@@ -14,10 +11,8 @@ METADATA_KEY = 'poolformer_mm.deploy'
 
 
 def read_deploy_info(metadata: dict, input_shape=None, outputs=None) -> dict:
-    """The deploy information of an ONNX model's custom metadata (str -> str, e.g.
-    ``InferenceSession.get_modelmeta().custom_metadata_map``); a ``ValueError`` names the first
-    key that is missing or does not fit the export, the other keys or, when given, the graph's
-    ``input_shape`` (N, C, H, W) and ``outputs`` (names) (:func:`deploy_info_problem`)."""
+    """The deploy information of an ONNX model's custom metadata (str -> str); a ``ValueError``
+    names what is wrong (:func:`deploy_info_problem`)."""
     if METADATA_KEY not in metadata:
         raise ValueError(f'the ONNX model has no {METADATA_KEY!r} metadata: export it with '
                          'tools/deployment/pytorch2onnx.py')
@@ -71,8 +66,8 @@ SCHEMA = dict(
 
 def deploy_info_problem(info, input_shape=None, outputs=None):
     """What is wrong with parsed deploy information, as "has ..." (None if nothing): the first
-    key the runtime side reads that is missing, holds what an export never writes, or disagrees
-    with another key or with the model's graph (``input_shape``, ``outputs``)."""
+    key that is missing, does not fit, or disagrees with another or with the graph's
+    ``input_shape`` (N, C, H, W) and ``outputs`` (names)."""
     if not isinstance(info, dict) or 'task' not in info:
         return 'has no task'
     task = info['task']
@@ -119,7 +114,7 @@ def deploy_info_problem(info, input_shape=None, outputs=None):
 def resize_for_model(image: np.ndarray, info: dict, shape=None):
     """The BGR ``image`` resized for the model, and its (h, w) scale: a static model's export
     size; for a dynamic one ``shape`` (H, W), or the image's aspect ratio within the export size
-    rounded up to the size divisor (as in the configs' test pipelines)."""
+    rounded up to the size divisor."""
     height, width = image.shape[:2]
     if not info['dynamic']:
         target = tuple(info['input_size'])
@@ -142,17 +137,9 @@ def normalize(image: np.ndarray, info: dict) -> np.ndarray:
 
 
 def detections_of(outputs: dict, info: dict, image_shape, scale=(1.0, 1.0)) -> dict:
-    """Image 0's detections from the model's named outputs, without the padding rows.
-
-    Args:
-        outputs (dict): the model's outputs by name.
-        info (dict): the deploy information (:func:`read_deploy_info`).
-        image_shape (tuple): (H, W) of the image the results are for.
-        scale (tuple): (h, w) scale of the model's input from that image; boxes are divided by it.
-
-    Returns:
-        dict: ``dets`` (K, 5), ``labels`` (K,) and, for Mask R-CNN, ``masks`` (K, H, W) bool.
-    """
+    """Image 0's detections from the model's outputs by name, without the padding rows, for an
+    image of ``image_shape`` (H, W) that the model's input is ``scale`` (h, w) times: ``dets``
+    (K, 5), ``labels`` (K,) and, for Mask R-CNN, ``masks`` (K, H, W) bool."""
     labels = outputs['labels'][0]
     kept = labels >= 0
     dets = outputs['dets'][0][kept].copy()

@@ -1,7 +1,5 @@
-"""ONNX export of Mask R-CNN and Cascade Mask R-CNN with RPN, RoI heads, NMS and mask heads in
-the graph: mmdet's ``TwoStageDetector.predict`` (``StandardRoIHead``, ``CascadeRoIHead``) up to the
-mask pasting (:func:`.postprocess.paste_masks`). One image per run: proposals differ in number
-between images, so a batch axis would need a per-image selection that ONNX has no op for.
+"""ONNX export of (Cascade) Mask R-CNN: mmdet's ``TwoStageDetector.predict`` up to the mask
+pasting (:func:`.postprocess.paste_masks`), one image per run (proposals differ in number).
 """
 import torch
 import torch.nn as nn
@@ -18,8 +16,7 @@ from .ops import (
 
 
 class MaskRCNNExport(nn.Module):
-    """input (1, 3, H, W) -> ``dets`` (1, K, 5), ``labels`` (1, K), ``masks`` (1, K, m, m), for
-    Mask R-CNN and Cascade Mask R-CNN."""
+    """input (1, 3, H, W) -> ``dets`` (1, K, 5), ``labels`` (1, K), ``masks`` (1, K, m, m)."""
 
     def __init__(self, detector: nn.Module):
         super().__init__()

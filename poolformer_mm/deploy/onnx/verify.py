@@ -1,16 +1,20 @@
-"""Run an exported model in ONNX Runtime and compare it, within :data:`TOLERANCES`, with the
-PyTorch model as mmseg / mmdet run it (``model.predict``, backbone not folded) on the same
-normalised input: the check covers the folding, the export and the NumPy post-processing.
+"""Compare an exported model in ONNX Runtime, within :data:`TOLERANCES`, with the PyTorch model's
+``predict`` (backbone not folded) on the same input: folding, export and post-processing; and
+:func:`onnx_variants`, an export checked against its config, to time beside PyTorch.
 """
+import copy
 from typing import Optional, Sequence
 
 import cv2
 import numpy as np
 import torch
 import torch.nn as nn
+from mmdet.evaluation.functional import bbox_overlaps
 from mmdet.structures import DetDataSample
 
 from ...utils.errors import InputNotFoundError
+from ..fold import switch_backbone_to_deploy
+from . import export as onnx_export
 from .postprocess import detections_of, normalize, resize_for_model, session_deploy_info
 
 TOLERANCES = dict(pixel_agreement=0.999, logits_rel=1e-4, box_rel=1e-3, score_abs=1e-4,
@@ -57,14 +61,6 @@ def run_torch(model: nn.Module, inputs: np.ndarray, task: str) -> dict:
     return out
 
 
-def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    top_left = np.maximum(a[:, None, :2], b[None, :, :2])
-    bottom_right = np.minimum(a[:, None, 2:4], b[None, :, 2:4])
-    inter = np.prod(np.clip(bottom_right - top_left, 0, None), axis=2)
-    area = lambda boxes: np.prod(boxes[:, 2:4] - boxes[:, :2], axis=1)  # noqa: E731
-    return inter / np.maximum(area(a)[:, None] + area(b)[None] - inter, 1e-9)
-
-
 def compare(onnx_out: dict, torch_out: dict, task: str) -> dict:
     """Agreement figures and whether they are within :data:`TOLERANCES` (key ``ok``)."""
     ok = True
@@ -81,7 +77,7 @@ def compare(onnx_out: dict, torch_out: dict, task: str) -> dict:
         match, matched = np.zeros(len(theirs), int), np.zeros(len(theirs), bool)
         if len(ours) and len(theirs):
             # pair each PyTorch detection with the best-overlapping ONNX one of the same class
-            iou = _box_iou(theirs, ours)
+            iou = bbox_overlaps(theirs[:, :4], ours[:, :4])
             iou[torch_out['labels'][:, None] != onnx_out['labels'][None]] = -1
             match = iou.argmax(axis=1)
             matched = iou[np.arange(len(theirs)), match] > 0.5
@@ -89,12 +85,10 @@ def compare(onnx_out: dict, torch_out: dict, task: str) -> dict:
         if matched.any():
             pairs_theirs, pairs_ours = theirs[matched], ours[match[matched]]
             box_diff = np.abs(pairs_ours[:, :4] - pairs_theirs[:, :4])
-            stats['box_rel'] = float(
-                (box_diff / np.maximum(np.abs(pairs_theirs[:, :4]), 1.0)).max())
+            stats['box_rel'] = float((box_diff / np.maximum(np.abs(pairs_theirs[:, :4]), 1)).max())
             stats['score_abs'] = float(np.abs(pairs_ours[:, 4] - pairs_theirs[:, 4]).max())
         if 'masks' in torch_out:
-            # over all matched detections: pixels both mark / pixels either marks (the
-            # background, which would dominate an agreement over the whole image, left out)
+            # pixels both mark / pixels either marks, over all matched detections
             mine, reference = onnx_out['masks'][match[matched]], torch_out['masks'][matched]
             union = np.logical_or(mine, reference).sum()
             stats['mask_iou'] = float(np.logical_and(mine, reference).sum() / union if union
@@ -108,15 +102,9 @@ def compare(onnx_out: dict, torch_out: dict, task: str) -> dict:
 
 def verify_onnx(onnx_path: str, model: nn.Module, image_path: str,
                 shape: Optional[Sequence[int]] = None) -> dict:
-    """Compare ``onnx_path`` in ONNX Runtime with ``model`` (PyTorch, not folded) on an image.
-
-    Args:
-        shape (Sequence[int], optional): (H, W) input size for a dynamic model; default: the
-            export size keeping the image's aspect ratio.
-
-    Returns:
-        dict: the figures of :func:`compare` and the input ``shape``.
-    """
+    """The figures of :func:`compare` of ``onnx_path`` in ONNX Runtime and ``model`` (PyTorch,
+    not folded) on an image, and the input ``shape`` (for a dynamic model: as given, or the
+    export size keeping the image's aspect ratio)."""
     session = ort_session(onnx_path)
     info = session_deploy_info(session)
     inputs = load_input(image_path, info, shape)
@@ -125,3 +113,64 @@ def verify_onnx(onnx_path: str, model: nn.Module, image_path: str,
         outputs = detections_of(outputs, info, inputs.shape[2:])
     result = compare(outputs, run_torch(model, inputs, info['task']), info['task'])
     return dict(result, shape=list(inputs.shape[2:]))
+
+
+class OnnxRuntimeModel(nn.Module):
+    """An ONNX Runtime CPU session called like a module, not busy-waiting (which would slow the
+    variant timed next) after a run; returns its outputs as tensors."""
+
+    def __init__(self, path, threads=None):
+        super().__init__()
+        self.session = ort_session(path, threads, spinning=False)
+
+    def forward(self, inputs):
+        return tuple(map(torch.from_numpy, self.session.run(None, {'input': inputs.numpy()})))
+
+
+def onnx_variants(config, onnx_path, checkpoint=None, threads=None, batch=1, shape=None):
+    """The export as 'eager' (the config's model), 'deploy' (folded) and 'onnxruntime' (the file,
+    its ``input_size`` its own or ``shape``), checked to be one network that takes ``batch``."""
+    try:
+        runtime = OnnxRuntimeModel(onnx_path, threads)
+    except Exception as error:  # onnxruntime's own classes: InvalidProtobuf, Fail, ...
+        raise ValueError(f"--onnx {onnx_path}: ONNX Runtime cannot load it ({error}); give a "
+                         'file written by tools/deployment/pytorch2onnx.py') from error
+    try:  # the timings rely on its task, outputs and sizes
+        runtime.info = info = session_deploy_info(runtime.session)
+    except ValueError as error:
+        raise ValueError(f'--onnx {onnx_path}: {error}') from error
+    model = onnx_export.build_model(config, checkpoint)[0]
+    task = 'segmentation' if hasattr(model, 'decode_head') else 'detection'
+    if info['task'] != task:
+        raise ValueError(f'--onnx {onnx_path} was exported from a {info["task"]} model, and '
+                         f'{config} builds a {task} model ({type(model).__name__}); give the '
+                         'config it was exported from')
+    if info.get('model_digest') != onnx_export.model_digest(model):
+        why = (f'and {config} builds a model with other layers (arch, classes or heads); give '
+               'the config it was exported from (and --checkpoint, the weights it was exported '
+               'with)' if 'model_digest' in info else 'before 0.2.0 (no digest of its layers '
+               'to check against the config); export it again')
+        raise ValueError(f"--onnx {onnx_path} was exported from {info.get('config', '?')}, {why}")
+    exported, _, height, width = runtime.session.get_inputs()[0].shape
+    if isinstance(exported, int) and exported != batch:
+        why = ('its export takes one image at a time, also with --dynamic' if info.get('dynamic')
+               else 'exported without a dynamic batch axis')
+        raise ValueError(f'--onnx {onnx_path} takes batches of {exported} ({why}); use --batch '
+                         f'{exported}')
+    if isinstance(height, int) and shape and [height, width] != (shape * 2)[:2]:
+        raise ValueError(f'--onnx {onnx_path} was exported for {height}x{width} inputs only; '
+                         'leave out --shape, or export with --dynamic')
+    if not isinstance(height, int):
+        height, width = (shape * 2)[:2] if shape else info['input_size']
+    if height % info['size_divisor'] or width % info['size_divisor']:
+        raise ValueError(f'--shape {height} {width}: --onnx {onnx_path} takes sides that are '
+                         f"multiples of {info['size_divisor']} (the size divisor of its config)")
+    runtime.input_size = height, width
+    deploy = copy.deepcopy(model)
+    switch_backbone_to_deploy(deploy)
+    wrap = (onnx_export.SegmentorExport if task == 'segmentation' else
+            onnx_export.MaskRCNNExport if 'masks' in info['outputs'] else
+            onnx_export.SingleStageDetectorExport)
+    logits = ('logits' in info['outputs'], ) if task == 'segmentation' else ()
+    return dict(eager=wrap(model, *logits).eval(), deploy=wrap(deploy, *logits).eval(),
+                onnxruntime=runtime)

@@ -12,13 +12,9 @@ from ...checkpoint_io import remove_incomplete_writes
 @HOOKS.register_module()
 class CrashSafeCheckpointHook(CheckpointHook):
     """:class:`~mmengine.hooks.CheckpointHook` (same arguments) that deletes outdated checkpoints
-    last.
-
-    Upstream removes the checkpoint that ``max_keep_ckpts`` (or a new best score) pushes out
-    *before* it writes the new one, so a job killed during the write can be left with none. Here
-    the removals wait until the new file is in place and ``last_checkpoint`` points at it. At the
-    start of training it deletes the temporary files of writes killed before their rename
-    (``tools/train.py`` holds the work-dir lock, so no other job owns them).
+    only once the new one is in place and ``last_checkpoint`` points at it (upstream deletes them
+    first, so a job killed during the write can be left with none). At the start of training it
+    deletes the temporary files of killed writes (the work-dir lock says no other job owns them).
     """
 
     def before_train(self, runner) -> None:
@@ -43,8 +39,7 @@ class CrashSafeCheckpointHook(CheckpointHook):
 
     @contextlib.contextmanager
     def _removals_deferred(self):
-        """Record instead of perform the file backend's removals inside the block; perform them
-        when the outermost block ends, after everything in it has been written."""
+        """Defer the file backend's removals inside the block to the end of the outermost one."""
         if getattr(self, '_deferred', None) is not None:
             yield
             return
@@ -57,9 +52,6 @@ class CrashSafeCheckpointHook(CheckpointHook):
         finally:
             del backend.remove, backend.rmtree  # the instance attributes shadowed the methods
             self._deferred = None
-        self._remove(deferred)
-
-    def _remove(self, deferred) -> None:
         current = [self.last_ckpt, getattr(self, 'best_ckpt_path', None),
                    *getattr(self, 'best_ckpt_path_dict', {}).values()]
         current = {osp.abspath(str(path)) for path in current if path}

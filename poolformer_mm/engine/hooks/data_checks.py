@@ -1,12 +1,10 @@
 """Hooks that report data a run would otherwise train on, or skip, without a word, and
 :func:`add_data_checks`, which adds them and the data loaders' checks to a config."""
 import json
-import os.path as osp
 from collections import Counter
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 from mmdet.datasets import CocoDataset
-from mmdet.registry import DATASETS
 from mmengine.config import Config
 from mmengine.dist import broadcast_object_list, is_main_process
 from mmengine.fileio import get_local_path
@@ -25,14 +23,9 @@ from ...utils.errors import InvalidInputError
 
 @HOOKS.register_module()
 class IgnoredLabelBatchHook(Hook):
-    """Warn about training batches whose labels are ``ignore_index`` at every pixel (loss 0,
-    accuracy 100, nothing learnt): the first with its label files, then a count per epoch (of
-    training, for iteration-based loops).
-
-    Args:
-        ignore_index (int, optional): The ignored label value. Defaults to the decode head's
-            ``ignore_index`` (255 if the model has none).
-    """
+    """Warn about training batches whose labels are ``ignore_index`` (default: the decode
+    head's, else 255) at every pixel: the first with its label files, then a count per epoch (of
+    training, for iteration-based loops)."""
     priority = 'NORMAL'
 
     def __init__(self, ignore_index: Optional[int] = None) -> None:
@@ -49,7 +42,7 @@ class IgnoredLabelBatchHook(Hook):
             model = runner.model.module if is_model_wrapper(runner.model) else runner.model
             head = getattr(model, 'decode_head', None)
             if isinstance(head, nn.ModuleList):
-                head = head[0]  # a cascade of heads (nn.ModuleList) shares the ignored value
+                head = head[0]  # a cascade of heads shares the ignored value
             self.ignore_index = int(getattr(head, 'ignore_index', 255))
 
     def before_train_epoch(self, runner) -> None:
@@ -103,9 +96,11 @@ def coco_annotation_summary(ann_file: str, classes: Optional[Sequence[str]] = No
     names = [category.get('name') for category in content.get('categories', [])]
     unnamed = [name for name in names if classes is not None and name not in classes]
     if names and len(unnamed) == len(names):
+        listed = ', '.join(map(repr, classes[:5])) + (
+            f', ... {len(classes)} in all' if len(classes) > 5 else '')
         raise InvalidInputError(
             f"annotation file '{ann_file}' has the categories {tuple(names)}, none of which is "
-            f'among the classes of the config\'s data set ({_shortened(classes)}): mmdet would '
+            f'among the classes of the config\'s data set ({listed}): mmdet would '
             'use none of its annotations. Name them in each data set of the config: '
             f'metainfo=dict(classes={tuple(names)}), and num_classes={len(names)} in the heads '
             '(docs/user_guides/configs.md)')
@@ -129,46 +124,25 @@ def coco_annotation_summary(ann_file: str, classes: Optional[Sequence[str]] = No
             # mmdet's rule for dropping a polygon (LoadAnnotations._process_masks)
             short_polygons += sum(1 for polygon in segmentation
                                   if len(polygon) < 6 or len(polygon) % 2)
-    parts: List[str] = []
-    if unknown:
-        ids = sorted(unknown, key=str)
-        shown = ', '.join(map(str, ids[:10])) + (', ...' if len(ids) > 10 else '')
-        parts.append(f'{_plural(sum(unknown.values()), "annotation")} with category ids not in '
-                     f'its categories (ids {shown})')
-    if unnamed:
-        unnamed_ids = {c['id'] for c in content['categories'] if c.get('name') in unnamed}
-        skipped = sum(1 for ann in annotations if ann.get('category_id') in unnamed_ids)
-        parts.append(f'{_plural(skipped, "annotation")} of categories the config\'s classes do not '
-                     f'name ({", ".join(map(str, unnamed[:10]))})')
-    if unknown_image:
-        parts.append(f'{_plural(unknown_image, "annotation")} of image ids not in its images')
-    if zero_area:
-        parts.append(f'{_plural(zero_area, "box")} of zero area (under 1 pixel wide or high, or '
-                     'area 0)')
-    if short_polygons:
-        parts.append(f'{_plural(short_polygons, "polygon")} of fewer than 3 points')
+    ids = sorted(unknown, key=str)
+    unnamed_ids = {c['id'] for c in content.get('categories', []) if c.get('name') in unnamed}
+    skipped = sum(1 for ann in annotations if ann.get('category_id') in unnamed_ids)
+    parts = [text for present, text in (
+        (unknown, f'{_plural(sum(unknown.values()), "annotation")} with category ids not in its '
+                  f'categories (ids {", ".join(map(str, ids[:10]))}'
+                  f'{", ..." if len(ids) > 10 else ""})'),
+        (unnamed, f'{_plural(skipped, "annotation")} of categories the config\'s classes do not '
+                  f'name ({", ".join(map(str, unnamed[:10]))})'),
+        (unknown_image, f'{_plural(unknown_image, "annotation")} of image ids not in its images'),
+        (zero_area, f'{_plural(zero_area, "box")} of zero area (under 1 pixel wide or high, or '
+                    'area 0)'),
+        (short_polygons, f'{_plural(short_polygons, "polygon")} of fewer than 3 points'),
+    ) if present]
     if not parts:
         return None
     return (f"annotation file '{ann_file}' ({_plural(len(annotations), 'annotation')}): "
             f'{", ".join(parts)}. mmdet skips these without a word (they are neither trained on '
             'nor evaluated); fix or remove them in the file if they should count.')
-
-
-def check_coco_classes(dataset: dict) -> None:
-    """Raise when the local COCO annotation file of data set config ``dataset`` names none of
-    the classes of the data set (its ``metainfo``, or its type's): mmdet would find no sample."""
-    source = osp.join(dataset.get('data_root') or '', dataset.get('ann_file') or '')
-    kind = dataset.get('type')
-    kind = DATASETS.get(kind) if isinstance(kind, str) and kind else kind  # or a class itself
-    classes = ((dataset.get('metainfo') or {}).get('classes')
-               or getattr(kind, 'METAINFO', {}).get('classes'))
-    if source.endswith('.json') and osp.isfile(source) and classes:
-        coco_annotation_summary(source, classes)
-
-
-def _shortened(names: Sequence[str]) -> str:
-    shown = ', '.join(map(repr, names[:5]))
-    return shown + (f', ... {len(names)} in all' if len(names) > 5 else '')
 
 
 def _plural(count: int, word: str) -> str:
@@ -188,8 +162,7 @@ def _leaf_datasets(dataset):
 
 @HOOKS.register_module()
 class CocoAnnotationCheckHook(Hook):
-    """Log one warning line per COCO annotation file with the annotations mmdet drops silently,
-    once per file, on the main process (reading the file again: seconds for COCO train)."""
+    """Log, once per COCO annotation file, one line with the annotations mmdet drops silently."""
     priority = 'NORMAL'
 
     def __init__(self) -> None:
@@ -246,14 +219,9 @@ def _check_label_loaders(transforms) -> None:
 
 
 def add_data_checks(cfg: Config) -> None:
-    """Make a config's runs refuse or report bad data, naming the files.
-
-    Segmentation: every ``LoadAnnotations`` of the data loaders' pipelines becomes
-    ``LoadCheckedAnnotations``, and ``IgnoredLabelBatchHook`` is added. Detection:
-    ``CocoAnnotationCheckHook``. Both: ``LoadImageFromFile`` becomes the checked loader
-    (registered under the upstream name). The modules go into ``custom_imports``, so the config
-    dumped to the work dir runs with the same checks.
-    """
+    """Make a config's runs refuse or report bad data, naming the files: checked label loaders
+    and ``IgnoredLabelBatchHook`` (segmentation) or ``CocoAnnotationCheckHook`` (detection), and
+    the checked image loader; the modules go into ``custom_imports`` for the dumped config."""
     modules = ['poolformer_mm.engine.hooks.data_checks', 'poolformer_mm.datasets.loading']
     if task_of(cfg) == 'mmseg':
         modules.append('poolformer_mm.datasets.transforms')

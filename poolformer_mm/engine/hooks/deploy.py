@@ -7,11 +7,8 @@ from ...deploy.fold import prepare_for_inference
 
 @HOOKS.register_module()
 class DeployBackboneHook(Hook):
-    """Switch the backbone to its inference form (:meth:`PoolFormer.switch_to_deploy`).
-
-    ``Runner.test`` loads the checkpoint before the test loop starts, so folding at
-    ``before_test`` uses the trained weights. Same predictions, faster backbone.
-    """
+    """Switch the backbone to its inference form (:meth:`PoolFormer.switch_to_deploy`) once
+    ``Runner.test`` has loaded the checkpoint: same predictions, faster backbone."""
 
     def before_test(self, runner) -> None:
         runner.logger.info(prepare_for_inference(runner.model).describe())

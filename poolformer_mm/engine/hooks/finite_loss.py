@@ -8,11 +8,8 @@ from mmengine.registry import HOOKS
 
 @HOOKS.register_module()
 class FiniteLossHook(Hook):
-    """Stop training at the first iteration whose loss is NaN or infinite.
-
-    It runs before the checkpoint hook, so no checkpoint with broken weights is written: the last
-    one on disk is the last good state, and ``--resume`` continues from it.
-    """
+    """Stop training at the first iteration whose loss is NaN or infinite, before the checkpoint
+    hook can write the broken weights."""
     priority = 'ABOVE_NORMAL'
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:

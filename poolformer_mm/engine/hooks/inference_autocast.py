@@ -11,12 +11,8 @@ from ...deploy.precision import amp_dtype, enable_inference_autocast
 
 @HOOKS.register_module()
 class InferenceAutocastHook(Hook):
-    """The network parts of the model under autocast in the test loop
-    (:func:`enable_inference_autocast`), in ``dtype`` (default: fp16 on a GPU, bf16 on a CPU).
-
-    mmengine's ``TestLoop(fp16=True)`` would wrap the whole ``test_step``, post-processing
-    included, which mmcv's fp32-only ops refuse on a CPU.
-    """
+    """The network parts of the model under autocast in ``dtype`` (default: fp16 on a GPU, bf16
+    on a CPU) in the test loop; unlike ``TestLoop(fp16=True)``, post-processing stays fp32."""
 
     priority = 'LOW'  # after DeployBackboneHook, whose folding replaces modules
 

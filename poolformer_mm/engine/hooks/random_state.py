@@ -5,7 +5,7 @@ dropout masks (torch) and, with data loader workers 0, the random resize/crop/fl
 pipeline (numpy, python ``random``) from the start of the sequence again.
 """
 import random
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -15,6 +15,18 @@ from mmengine.registry import HOOKS
 from mmengine.runner import EpochBasedTrainLoop, IterBasedTrainLoop, get_priority
 
 CHECKPOINT_KEY = 'random_state'
+
+
+def _restore_after_fast_forward(loop: IterBasedTrainLoop, iterator: Iterator, skip: int,
+                                restore: Callable[[], None]):
+    """Stands in for ``loop.dataloader_iterator`` (``iterator``) while a resumed loop skips the
+    ``skip`` batches it has trained on (running the pipeline and its random draws), and calls
+    ``restore`` right after the skip: no hook runs in between."""
+    for _ in range(skip):
+        yield next(iterator)
+    loop.dataloader_iterator = iterator  # out of the way from now on
+    restore()
+    yield next(iterator)
 
 
 def get_random_state() -> dict:
@@ -45,48 +57,23 @@ def set_random_state(state: dict) -> None:
     random.setstate((python['version'], tuple(python['state']), python['gauss_next']))
 
 
-class _RestoreAfterFastForward:
-    """Stands in for ``IterBasedTrainLoop.dataloader_iterator`` while a resumed loop skips the
-    batches it has already trained on (running the pipeline and its random draws), and restores
-    the random state right after the skip: no hook runs in between."""
-
-    def __init__(self, loop: IterBasedTrainLoop, skip: int, restore: Callable[[], None]):
-        self._loop, self._iterator = loop, loop.dataloader_iterator
-        self._skip, self._restore = skip, restore
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        if self._skip > 0:
-            self._skip -= 1
-            return next(self._iterator)
-        self._loop.dataloader_iterator = self._iterator  # out of the way from now on
-        self._restore()
-        return next(self._iterator)
-
-
 @HOOKS.register_module()
 class RandomStateHook(Hook):
     """Save the random generators of every process with each checkpoint
     (``random_state=dict(world_size=N, ranks=[...])``) and restore each rank's on ``--resume``.
 
-    Only rank 0 writes checkpoints, so the ranks' states are gathered, by all ranks, when a
-    ``CheckpointHook`` is due to save and before each validation (for ``save_best``). They are
-    restored at ``before_train`` for epoch-based loops, and right after mmengine has skipped the
-    trained batches for iteration-based ones. Validation leaves the training random state as it
-    found it (one right after a checkpoint runs in the uninterrupted run only). Not covered (a
-    warning says so where it can): persistent workers of epoch-based loops, checkpoints in the
-    middle of an epoch, and resuming with another number of processes.
+    The ranks' states are gathered when a ``CheckpointHook`` is due and before each validation
+    (for ``save_best``); they are restored at ``before_train`` (epoch-based loops) or right after
+    mmengine has skipped the trained batches (iteration-based). Validation leaves the random
+    state as it found it. Not covered (with a warning where it can): persistent workers of
+    epoch-based loops, mid-epoch checkpoints, resuming with another number of processes.
     """
-    # Just before CheckpointHook (VERY_LOW, 90) so the states are gathered before it saves, and
-    # after all hooks of higher priority in ``before_train``, so that what they draw does not
-    # shift the restored sequence.
+    # Just before CheckpointHook (VERY_LOW) so the states are gathered before it saves, and after
+    # the other hooks' ``before_train``, so that what they draw does not shift the sequence.
     priority = get_priority('VERY_LOW') - 1
 
     def __init__(self) -> None:
-        self._loaded = False  # a checkpoint was loaded (resume or load_from)
-        self._saved: Optional[dict] = None  # its random state, if it has one
+        self._saved: Optional[dict] = None  # the random state of a loaded checkpoint
         self._before_val: Optional[dict] = None
         self._gathered: Optional[tuple] = None  # (runner.iter, states of all ranks)
 
@@ -94,18 +81,12 @@ class RandomStateHook(Hook):
     @staticmethod
     def _checkpoint_due(runner, by_epoch: bool) -> bool:
         """Whether a CheckpointHook saves now (alike on all ranks: all gather, or none)."""
-        for hook in runner.hooks:
-            if not isinstance(hook, CheckpointHook) or hook.by_epoch != by_epoch:
-                continue
-            if by_epoch:
-                due = hook.every_n_epochs(runner, hook.interval, hook.save_begin) or (
-                    hook.save_last and hook.is_last_train_epoch(runner))
-            else:
-                due = hook.every_n_train_iters(runner, hook.interval, hook.save_begin) or (
-                    hook.save_last and hook.is_last_train_iter(runner))
-            if due:
-                return True
-        return False
+        every, last = ((Hook.every_n_epochs, Hook.is_last_train_epoch) if by_epoch
+                       else (Hook.every_n_train_iters, Hook.is_last_train_iter))
+        return any(every(hook, runner, hook.interval, hook.save_begin)
+                   or (hook.save_last and last(hook, runner))
+                   for hook in runner.hooks
+                   if isinstance(hook, CheckpointHook) and hook.by_epoch == by_epoch)
 
     def _gather(self, runner, state: Optional[dict] = None) -> None:
         if get_dist_info()[1] > 1:
@@ -133,16 +114,14 @@ class RandomStateHook(Hook):
 
     # -- restoring ---------------------------------------------------------------------------
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
-        # Also called for ``load_from`` (fine-tuning, testing): only kept here; ``before_train``
-        # applies it when the loop really resumes.
-        self._loaded, self._saved = True, checkpoint.get(CHECKPOINT_KEY)
+        # also called for ``load_from``: ``before_train`` applies it only when the loop resumes
+        self._saved = checkpoint.get(CHECKPOINT_KEY)
 
     def before_train(self, runner) -> None:
-        loaded, saved = self._loaded, self._saved
-        self._loaded, self._saved = False, None
+        saved, self._saved = self._saved, None
         loop = runner.train_loop
         # mmengine's resume sets the loop's iteration from the checkpoint, load_from does not
-        if not loaded or loop.iter == 0:
+        if loop.iter == 0:
             return
         where = f'iteration {loop.iter}' if isinstance(loop, IterBasedTrainLoop) \
             else f'epoch {loop.epoch}'
@@ -169,7 +148,8 @@ class RandomStateHook(Hook):
                                f'{world_size} process(es) as it was after {where}')
 
         if isinstance(loop, IterBasedTrainLoop):
-            loop.dataloader_iterator = _RestoreAfterFastForward(loop, loop.iter, restore)
+            loop.dataloader_iterator = _restore_after_fast_forward(
+                loop, loop.dataloader_iterator, loop.iter, restore)
         else:
             restore()
             dataloader = loop.dataloader

@@ -11,15 +11,9 @@ from mmengine.registry import HOOKS
 
 @HOOKS.register_module()
 class SegPicturesHook(Hook):
-    """Draw every test image's prediction (next to its ground truth) into ``out_dir`` as
-    ``<image name>.png`` (lossless), as mmdet's hook and ``tools/infer.py`` do; mmseg's nests
-    them under ``<save_dir>/vis_data/vis_image/`` as ``test_<name>_<step>.png``.
-
-    Args:
-        out_dir (str): Folder for the pictures (created when missing).
-        draw_gt (bool): Also draw the ground-truth labels, left of the prediction. Default: True.
-        backend_args (dict, optional): File backend arguments for reading the images.
-    """
+    """Draw every test image's prediction (right of its ground truth, with ``draw_gt``) into
+    ``out_dir`` as ``<image name>.png``, as mmdet's hook and ``tools/infer.py`` do (mmseg's nests
+    them under ``vis_data/vis_image/`` as ``test_<name>_<step>.png``)."""
 
     priority = 'NORMAL'
 
