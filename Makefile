@@ -12,13 +12,14 @@ install:
 demo: install
 	$(PY) tools/demo.py
 
-# Two workers (pytest-xdist); the tests of a file share a worker and its module fixtures.
+# Two workers (pytest-xdist) of one thread each (two of two would contend for the cores), that
+# take each other's pending tests when idle (worksteal).
 test: install
-	$(PY) -m pytest tests -n 2 --dist loadfile
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests -n 2 --dist worksteal
 
 # Skips the tests marked slow: training runs, tool runs in a subprocess (CI runs everything).
 test-fast: install
-	$(PY) -m pytest tests -m "not slow" -n 2 --dist loadfile
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests -m "not slow" -n 2 --dist worksteal
 
 # The CUDA paths (tests marked cuda; they skip without a GPU), then a report of each check's
 # figure and the GPU benchmark (docs/gpu.md).

@@ -4,7 +4,6 @@ Configs are named as users name them, relative to the repository (``configs/...`
 run with the repository as their working directory; anchoring the session there lets the suite
 start from any folder (``pytest /path/to/poolformer-mm/tests``).
 """
-import collections
 import contextlib
 import copy
 import os
@@ -54,10 +53,12 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def pytest_collection_modifyitems(items):
-    """The files with the most slow tests first: under ``make test`` (two workers, a file's tests
-    on one) they then start early instead of running alone at the end."""
-    slow = collections.Counter(item.path for item in items if item.get_closest_marker('slow'))
-    items.sort(key=lambda item: -slow[item.path])
+    """Training runs first, then the other slow tests: under ``make test`` (two workers that
+    steal each other's pending tests) the long ones then start early instead of running alone
+    at the end."""
+    def trains(item):
+        return any(word in item.name for word in ('trains', 'learns', 'resume'))
+    items.sort(key=lambda item: (not item.get_closest_marker('slow'), not trains(item)))
 
 
 @pytest.fixture(scope='session', autouse=True)
