@@ -53,12 +53,13 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def pytest_collection_modifyitems(items):
-    """Training runs first, then the other slow tests: under ``make test`` (two workers that
-    steal each other's pending tests) the long ones then start early instead of running alone
-    at the end."""
+    """Training runs first (those that learn, the longest, before the rest), then the other slow
+    tests: under ``make test`` (two workers that steal each other's pending tests) the long ones
+    then start early instead of running alone at the end."""
     def trains(item):
         return any(word in item.name for word in ('trains', 'learns', 'resume'))
-    items.sort(key=lambda item: (not item.get_closest_marker('slow'), not trains(item)))
+    items.sort(key=lambda item: (not item.get_closest_marker('slow'), 'learns' not in item.name,
+                                 not trains(item)))
 
 
 @pytest.fixture(scope='session', autouse=True)
